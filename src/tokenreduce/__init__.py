@@ -1,0 +1,16 @@
+"""tokenreduce: token reduction for vision, language and multimodal transformers.
+
+Every method is X' = P(X, E(X)) under a budget at an integration point (Kong et al. 2025):
+criteria (E) score tokens, strategies (P) reduce them, ``Keep`` budgets say how many survive, adapters
+place them in real model families. See DESIGN.md.
+"""
+
+from . import methods as _methods_pkg  # noqa: F401  (registers built-in methods; must precede the next line)
+from .adapters.base import Handle, Stats
+from .api import apply, methods  # `tr.methods` is the function; the package stays tokenreduce.methods
+from .core import Keep, Reducer, TokenState, criteria, strategies
+
+__version__ = "0.1.0"
+
+__all__ = ["apply", "methods", "TokenState", "Keep", "Reducer", "Handle", "Stats", "criteria", "strategies",
+           "__version__"]

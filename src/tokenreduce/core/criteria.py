@@ -1,0 +1,223 @@
+"""Criteria E(X): pure functions that score tokens (higher = more worth keeping) or give a metric to compare.
+
+Two kinds, declared by ``kind``:
+
+* ``"score"`` -> (B, N) float, used by pruning/selection strategies;
+* ``"metric"`` -> (B, N, C) float features, used by merging/clustering strategies (cosine similarity).
+
+Every criterion takes the :class:`TokenState` plus context tensors the integration point provides
+(``attn``, ``cls_attn``, ``metric``, ``keys``, ``query``, ``logprobs``); it never changes the state.
+Padding tokens get ``-inf`` scores so no budget can pick them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .state import TokenState
+
+__all__ = [
+    "Criterion", "Attention", "Similarity", "Diversity", "Norm", "Random", "QueryRelevance",
+    "SelfInformation", "CRITERIA", "get_criterion", "masked_scores",
+    "cls_attention", "mean_attention", "farthest_point_order",
+]
+
+
+class Criterion(Protocol):
+    kind: str
+
+    def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor: ...
+
+
+def masked_scores(scores: Tensor, state: TokenState) -> Tensor:
+    """Set scores of padding tokens to -inf (protected tokens are handled by strategies)."""
+    return scores.masked_fill(~state.mask, float("-inf"))
+
+
+def _need(ctx: dict, name: str, who: str) -> Tensor:
+    if ctx.get(name) is None:
+        raise ValueError(f"criterion {who!r} needs the context tensor {name!r}; got only {sorted(ctx)}")
+    return ctx[name]
+
+
+# ---------------------------------------------------------------------------- pure tensor functions
+def cls_attention(attn: Tensor, query: int = 0) -> Tensor:
+    """Attention paid by one query token (default CLS) averaged over heads: attn (B,H,Nq,N) -> (B,N).
+
+    EViT (Liang et al., ICLR 2022), Eq. 3: token attentiveness = mean_h A_h[cls, i].
+    """
+    return attn[:, :, query, :].float().mean(dim=1)
+
+
+def mean_attention(attn: Tensor, query_mask: Tensor | None = None) -> Tensor:
+    """Attention received by each key, averaged over heads and (valid) queries: (B,H,Nq,N) -> (B,N)."""
+    a = attn.float().mean(dim=1)  # (B, Nq, N)
+    if query_mask is None:
+        return a.mean(dim=1)
+    w = query_mask.float().unsqueeze(-1)
+    return (a * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
+
+
+def farthest_point_order(metric: Tensor, valid: Tensor) -> Tensor:
+    """Greedy max-min diversity order (DivPrune, Alvar et al., CVPR 2025, Alg. 1) as scores.
+
+    Starting from the token farthest (cosine) from the mean, repeatedly pick the token whose minimum
+    cosine distance to the picked set is largest. Returns (B, N) scores: the first pick scores N, the
+    next N-1, ... invalid tokens -inf. The order is prefix-consistent, so a top-k of these scores is
+    exactly DivPrune's greedy selection of k tokens for every k.
+    """
+    B, N, _ = metric.shape
+    m = F.normalize(metric.float(), dim=-1)
+    dist = 1.0 - m @ m.transpose(1, 2)  # (B, N, N) cosine distance
+    neg = torch.finfo(dist.dtype).min
+    center = F.normalize((m * valid.unsqueeze(-1)).sum(1), dim=-1)  # (B, C)
+    first = (1.0 - (m @ center.unsqueeze(-1)).squeeze(-1)).masked_fill(~valid, neg).argmax(dim=1)
+    scores = torch.full((B, N), float("-inf"), device=metric.device)
+    mind = torch.full((B, N), float("inf"), device=metric.device)
+    picked = torch.zeros(B, N, dtype=torch.bool, device=metric.device)
+    cur = first
+    n_valid = valid.sum(1)
+    ar = torch.arange(B, device=metric.device)
+    for step in range(int(n_valid.max())):
+        live = step < n_valid
+        scores[ar[live], cur[live]] = float(N - step)
+        picked[ar[live], cur[live]] = True
+        mind = torch.minimum(mind, dist[ar, cur])
+        cand = mind.masked_fill(picked | ~valid, neg)
+        cur = cand.argmax(dim=1)
+    return scores
+
+
+# ---------------------------------------------------------------------------- criterion objects
+@dataclass
+class Attention:
+    """Attention-based importance. ``query``: "cls" (EViT), "mean" (received attention), or an int index.
+
+    Uses ``cls_attn`` (B,N) from the context when the integration point computed only that row
+    (cheap under SDPA), else ``attn`` (B,H,Nq,N).
+    """
+
+    query: str | int = "cls"
+    kind: str = "score"
+
+    def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor:
+        if self.query == "cls" and ctx.get("cls_attn") is not None:
+            return masked_scores(ctx["cls_attn"].float(), state)
+        attn = _need(ctx, "attn", "attention")
+        if self.query == "cls":
+            s = cls_attention(attn, 0)
+        elif self.query == "mean":
+            s = mean_attention(attn, state.mask if attn.shape[2] == state.num_tokens else None)
+        elif isinstance(self.query, int):
+            s = cls_attention(attn, self.query)
+        else:
+            raise ValueError(f"Attention(query={self.query!r}): accepted 'cls', 'mean' or an int index")
+        return masked_scores(s, state)
+
+
+@dataclass
+class Similarity:
+    """Features for cosine-similarity matching (ToMe uses the attention keys averaged over heads, Sec. 3).
+
+    Returns ``metric`` from the context if present, else the token features ``state.x``.
+    """
+
+    kind: str = "metric"
+
+    def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor:
+        m = ctx.get("metric")
+        return state.x if m is None else m
+
+
+@dataclass
+class Diversity:
+    """Max-min diversity (DivPrune): see :func:`farthest_point_order`. Protected tokens are excluded."""
+
+    kind: str = "score"
+
+    def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor:
+        m = ctx.get("metric")
+        return farthest_point_order(state.x if m is None else m, state.reducible())
+
+
+@dataclass
+class Norm:
+    """L2 norm of token features (or of ``keys`` when ``of="keys"``). ``largest=False`` keeps small norms
+    (Knorm, Devoto et al. 2024: low key norm <-> high attention)."""
+
+    of: str = "x"
+    largest: bool = True
+    kind: str = "score"
+
+    def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor:
+        t = state.x if self.of == "x" else _need(ctx, self.of, "norm")
+        n = t.float().norm(dim=-1)
+        return masked_scores(n if self.largest else -n, state)
+
+
+@dataclass
+class Random:
+    """Uniform random scores from a seeded generator (the random baseline).
+
+    The scores depend only on (seed, token index), not on the batch: every sample sees the same random
+    draw, so a sample scores the same alone or inside a padded batch (DESIGN invariants 2 and 4).
+    """
+
+    seed: int = 0
+    kind: str = "score"
+
+    def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor:
+        g = torch.Generator(device="cpu").manual_seed(int(self.seed))
+        s = torch.rand(state.num_tokens, generator=g).to(state.x.device).expand(state.batch, -1)
+        return masked_scores(s, state)
+
+
+@dataclass
+class QueryRelevance:
+    """Cosine relevance of each token to query embeddings ``query`` (B,Q,D) (max over queries)."""
+
+    kind: str = "score"
+
+    def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor:
+        q = F.normalize(_need(ctx, "query", "query").float(), dim=-1)
+        x = F.normalize(state.x.float(), dim=-1)
+        return masked_scores((x @ q.transpose(1, 2)).amax(dim=-1), state)
+
+
+@dataclass
+class SelfInformation:
+    """Self-information I(x_t) = -log p(x_t | x_<t) from ``logprobs`` (B,N) (Selective Context, Li et al. 2023)."""
+
+    kind: str = "score"
+
+    def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor:
+        return masked_scores(-_need(ctx, "logprobs", "self-information").float(), state)
+
+
+CRITERIA: dict[str, Callable[..., Criterion]] = {
+    "attention": Attention,
+    "similarity": Similarity,
+    "diversity": Diversity,
+    "norm": Norm,
+    "random": Random,
+    "query": QueryRelevance,
+    "self-information": SelfInformation,
+}
+
+
+def get_criterion(spec: str | Criterion) -> Criterion:
+    """Resolve a criterion name (see ``CRITERIA``) or pass an object through."""
+    if isinstance(spec, str):
+        if spec not in CRITERIA:
+            from ..registry import suggest
+
+            raise ValueError(f"unknown criterion {spec!r}{suggest(spec, CRITERIA)}; accepted: {sorted(CRITERIA)}")
+        return CRITERIA[spec]()
+    if not callable(spec) or not hasattr(spec, "kind"):
+        raise TypeError(f"a criterion must be a name or a callable with a `kind`, got {spec!r}")
+    return spec

@@ -1,0 +1,421 @@
+"""Strategies P(X, E(X)): pure functions that reduce a :class:`TokenState`.
+
+Every strategy takes the state, the criterion output (scores (B,N) or metric (B,N,C)) and per-sample
+``counts`` (B,) of *reducible* tokens that survive, and returns a new state. Samples may keep different
+counts (ragged); the output is padded to the largest count and carried by ``mask``. Protected leading
+tokens (CLS) are always kept, first, untouched. Surviving tokens stay in their original order.
+
+Merging strategies average features weighted by token size, so the size-weighted mean of the tokens
+and the total size are conserved (ToMe, Bolya et al., ICLR 2023, Sec. 3 "merge_wavg").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .state import TokenState, _remap_origin
+
+__all__ = [
+    "prune", "prune_package", "merge_by_assignment", "bipartite_merge", "bipartite_assignment",
+    "cluster_merge", "dpc_knn_centers", "kmeans_assign", "pool", "grid_for_count", "transform",
+    "unmerge", "STRATEGIES", "get_strategy",
+]
+
+NEG = float("-inf")
+
+
+def _check_counts(state: TokenState, counts: Tensor) -> Tensor:
+    counts = counts.to(device=state.x.device, dtype=torch.long)
+    avail = state.reducible_counts()
+    if counts.shape != avail.shape:
+        raise ValueError(f"counts must have shape {tuple(avail.shape)} (one per sample), got {tuple(counts.shape)}")
+    if (counts < 0).any() or (counts > avail).any():
+        raise ValueError(
+            f"counts {counts.tolist()} out of range: each must be in [0, reducible tokens {avail.tolist()}]"
+        )
+    return counts
+
+
+def _protected_and(keep_red: Tensor, state: TokenState) -> Tensor:
+    keep = keep_red.clone()
+    keep[:, : state.protected] = state.mask[:, : state.protected]
+    return keep
+
+
+def _select_mask(state: TokenState, keep: Tensor, extra: int = 0) -> tuple[Tensor, Tensor]:
+    """Indices (B,K) of True entries of ``keep`` in order, padded; plus validity. ``extra`` spare slots."""
+    n = keep.sum(1)
+    K = int(n.max()) + extra if keep.numel() else extra
+    # stable order: kept tokens first in index order
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K] if K > 0 else keep.new_zeros(
+        (keep.shape[0], 0), dtype=torch.long)
+    if order.shape[1] < K:  # extra slots beyond N
+        order = torch.cat([order, order.new_zeros(order.shape[0], K - order.shape[1])], 1)
+    valid = torch.arange(K, device=keep.device).expand(keep.shape[0], K) < n.unsqueeze(1)
+    return order, valid
+
+
+# ---------------------------------------------------------------------------- pruning
+def topk_mask(state: TokenState, scores: Tensor, counts: Tensor) -> Tensor:
+    """(B,N) bool: the ``counts[b]`` best-scored reducible tokens of each sample."""
+    counts = _check_counts(state, counts)
+    red = state.reducible()
+    s = scores.float().masked_fill(~red, NEG)
+    rank = torch.empty_like(s, dtype=torch.long)
+    order = s.argsort(dim=1, descending=True, stable=True)
+    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    return (rank < counts.unsqueeze(1)) & red
+
+
+def prune(state: TokenState, scores: Tensor, counts: Tensor) -> TokenState:
+    """Top-k pruning: keep the ``counts`` highest-scoring reducible tokens per sample, in original order.
+
+    Threshold pruning is this with a ``Keep(threshold=...)`` budget (counts from the scores).
+    """
+    keep = _protected_and(topk_mask(state, scores, counts), state)
+    index, valid = _select_mask(state, keep)
+    return state.select(index, valid)
+
+
+def prune_package(state: TokenState, scores: Tensor, counts: Tensor, normalize: bool = False) -> TokenState:
+    """EViT (Liang et al., ICLR 2022), Sec. 3.2: keep the top-k attentive tokens and fuse the inattentive
+    ones into one "package" token appended at the end: x_fused = sum_{i in inattentive} a_i x_i (Eq. 4),
+    a_i = the CLS attention ``scores``. ``normalize=True`` divides by sum a_i (a weighted mean).
+    The fused token's size is the sum of the fused sizes; a sample that prunes nothing gets no package.
+    """
+    keep_red = topk_mask(state, scores, counts)
+    keep = _protected_and(keep_red, state)
+    fused = state.reducible() & ~keep_red
+    w = scores.float().masked_fill(~fused, 0.0).clamp(min=0).to(state.x.dtype)
+    pkg = (w.unsqueeze(-1) * state.x).sum(1)
+    if normalize:
+        pkg = pkg / w.sum(1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+    has_pkg = fused.any(1)
+    index, valid = _select_mask(state, keep)
+    out = state.select(index, valid)
+    B, K = valid.shape
+    n = valid.sum(1)
+    slot = torch.where(has_pkg, n, torch.full_like(n, K))  # K = new extra column
+    x = torch.cat([out.x, out.x.new_zeros(B, 1, out.x.shape[-1])], 1)
+    x[torch.arange(B), slot] = torch.where(has_pkg.unsqueeze(-1), pkg, x[torch.arange(B), slot])
+    size = torch.cat([out.size, out.size.new_zeros(B, 1)], 1)
+    size[torch.arange(B), slot] = torch.where(has_pkg, (state.size * fused).sum(1), size[torch.arange(B), slot])
+    mask = torch.cat([out.mask, out.mask.new_zeros(B, 1)], 1)
+    mask[torch.arange(B), slot] = has_pkg | mask[torch.arange(B), slot]
+    # package position/source: the first fused token (for plots); origin: fused tokens -> package slot
+    first = torch.where(fused, torch.arange(state.num_tokens, device=fused.device), state.num_tokens).amin(1)
+    first = first.clamp(max=state.num_tokens - 1)
+    src = torch.cat([out.source, out.source.new_zeros(B, 1)], 1)
+    src[torch.arange(B), slot] = torch.where(has_pkg, state.source.gather(1, first[:, None])[:, 0],
+                                             src[torch.arange(B), slot])
+    pos = torch.cat([out.pos, out.pos.new_zeros(B, 1)], 1)
+    pos[torch.arange(B), slot] = torch.where(has_pkg, state.pos.gather(1, first[:, None])[:, 0],
+                                             pos[torch.arange(B), slot])
+    fused_orig = (state.origin >= 0) & fused.gather(1, state.origin.clamp(min=0))
+    origin = torch.where(fused_orig, slot.unsqueeze(1).expand_as(out.origin), out.origin)
+    res = TokenState(x=x, mask=mask, size=size, source=src, pos=pos, origin=origin, protected=state.protected)
+    # drop the spare column when no sample uses it
+    if not (mask[:, -1]).any():
+        keepcols = torch.arange(K, device=x.device).expand(B, K)
+        res = res.select(keepcols, mask[:, :K])
+    return res
+
+
+# ---------------------------------------------------------------------------- merging
+def merge_by_assignment(state: TokenState, dst: Tensor) -> TokenState:
+    """Merge every token into the representative token ``dst[b, i]`` (an index into the current tokens;
+    representatives have ``dst[b, i] == i``; padding has -1). Features are size-weighted means:
+    x'_c = sum_{i in c} s_i x_i / sum_{i in c} s_i, s'_c = sum_{i in c} s_i. Output keeps the
+    representatives in their current order, so positions stay sorted.
+    """
+    B, N, D = state.x.shape
+    ar = torch.arange(N, device=dst.device).expand(B, N)
+    is_rep = (dst == ar) & state.mask
+    slot_of_rep = torch.cumsum(is_rep.long(), 1) - 1  # slot index for representatives
+    K = int(is_rep.sum(1).max()) if N else 0
+    valid_tok = state.mask & (dst >= 0)
+    new_idx = torch.where(valid_tok, slot_of_rep.gather(1, dst.clamp(min=0)), torch.full_like(dst, K))
+    s = (state.size * valid_tok).to(state.x.dtype)
+    num = state.x.new_zeros(B, K + 1, D).scatter_add_(1, new_idx.unsqueeze(-1).expand(B, N, D),
+                                                       state.x * s.unsqueeze(-1))
+    size = s.new_zeros(B, K + 1).scatter_add_(1, new_idx, s)
+    x = (num[:, :K] / size[:, :K].clamp(min=torch.finfo(s.dtype).tiny).unsqueeze(-1))
+    rep_index, valid = _select_mask(state, is_rep)
+    rep_index, valid = rep_index[:, :K], valid[:, :K]
+    origin = _remap_origin(state.origin, torch.where(valid_tok, new_idx, torch.full_like(new_idx, -1)))
+    return TokenState(
+        x=x.where(valid.unsqueeze(-1), torch.zeros((), dtype=x.dtype)),
+        mask=valid,
+        size=size[:, :K] * valid,
+        source=state.source.gather(1, rep_index),
+        pos=state.pos.gather(1, rep_index),
+        origin=origin,
+        protected=state.protected,
+    )
+
+
+def bipartite_assignment(state: TokenState, metric: Tensor, r: Tensor) -> Tensor:
+    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023, Sec. 3, Fig. 1), per sample ``r[b]``.
+
+    Alternate tokens into sets A (even) and B (odd); connect each A token to its most similar B token
+    (cosine of ``metric``); keep the ``r`` most similar edges; merge those A tokens into their B partner.
+    Protected and padding tokens are never merged, padding is never a destination.
+    Returns ``dst`` (B,N) for :func:`merge_by_assignment`.
+    """
+    B, N, _ = metric.shape
+    red = state.reducible()
+    m = F.normalize(metric.float(), dim=-1)
+    a_idx = torch.arange(0, N, 2, device=m.device)
+    b_idx = torch.arange(1, N, 2, device=m.device)
+    scores = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
+    scores = scores.masked_fill(~red[:, b_idx].unsqueeze(1), NEG)
+    node_max, node_arg = scores.max(dim=-1)  # best B for each A
+    node_max = node_max.masked_fill(~red[:, a_idx], NEG)
+    possible = torch.isfinite(node_max).sum(1)
+    if (r > possible).any():
+        raise ValueError(
+            f"bipartite merge can remove at most {possible.tolist()} tokens per step (one per A-token with a "
+            f"partner), asked for r={r.tolist()}"
+        )
+    order = node_max.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=m.device).expand_as(order))
+    merged = rank < r.unsqueeze(1)
+    ar = torch.arange(N, device=m.device).expand(B, N).clone()
+    dst = torch.where(state.mask, ar, torch.full_like(ar, -1))
+    dst[:, a_idx] = torch.where(merged, b_idx[node_arg], dst[:, a_idx])
+    return dst
+
+
+def bipartite_merge(state: TokenState, metric: Tensor, counts: Tensor) -> TokenState:
+    """ToMe merge: remove ``r = reducible - counts`` tokens per sample by bipartite soft matching."""
+    counts = _check_counts(state, counts)
+    r = state.reducible_counts() - counts
+    return merge_by_assignment(state, bipartite_assignment(state, metric, r))
+
+
+def _pairwise_dist(m: Tensor) -> Tensor:
+    return torch.cdist(m, m) / math.sqrt(m.shape[-1])
+
+
+def dpc_knn_centers(metric: Tensor, valid: Tensor, k: int = 5) -> Tensor:
+    """Density-peaks clustering with k-NN density (Du et al. 2016; TCFormer, Zeng et al., CVPR 2022, Eq. 1-3).
+
+    rho_i = exp(-mean_{j in kNN(i)} d_ij^2);  delta_i = min_{j: rho_j > rho_i} d_ij (max_j d_ij for the
+    densest token); center score = rho_i * delta_i. Returns (B,N) center scores (-inf for invalid).
+    """
+    B, N, _ = metric.shape
+    d = _pairwise_dist(metric.float())
+    big = torch.finfo(d.dtype).max
+    dv = d.masked_fill(~valid.unsqueeze(1), big).masked_fill(~valid.unsqueeze(2), big)
+    kk = max(1, min(k, N - 1)) if N > 1 else 1
+    knn = dv.topk(kk + 1 if N > kk else kk, dim=-1, largest=False).values[..., 1:] if N > 1 else dv.new_zeros(B, N, 1)
+    knn = torch.where(knn >= big, torch.zeros_like(knn), knn)
+    rho = torch.exp(-(knn ** 2).mean(-1))
+    # deterministic tie-break: tiny index-dependent offset (TCFormer adds random noise instead)
+    rho = rho + torch.arange(N, 0, -1, device=d.device, dtype=rho.dtype) * 1e-7
+    higher = (rho.unsqueeze(1) > rho.unsqueeze(2)) & valid.unsqueeze(1)  # [b,i,j]: rho_j > rho_i
+    dmax = d.masked_fill(~valid.unsqueeze(1), 0).amax(-1)
+    delta = d.masked_fill(~higher, big).amin(-1)
+    delta = torch.where(delta >= big, dmax, delta)
+    return (rho * delta).masked_fill(~valid, NEG)
+
+
+def kmeans_assign(metric: Tensor, valid: Tensor, center_mask: Tensor, weight: Tensor, iters: int = 10) -> Tensor:
+    """Weighted Lloyd k-means initialised at ``center_mask`` tokens; returns per-token cluster ids (B,N),
+    ids are indices of the initial center tokens (-1 for invalid)."""
+    B, N, C = metric.shape
+    x = metric.float()
+    cidx, cval = _select_mask_plain(center_mask)
+    cent = x.gather(1, cidx.unsqueeze(-1).expand(-1, -1, C))
+    w = (weight.float() * valid).unsqueeze(-1)
+    for _ in range(iters):
+        d = torch.cdist(x, cent).masked_fill(~cval.unsqueeze(1), float("inf"))
+        a = d.argmin(-1)
+        num = torch.zeros_like(cent).scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, C), x * w)
+        den = torch.zeros(B, cent.shape[1], 1, device=x.device).scatter_add_(1, a.unsqueeze(-1), w)
+        cent = torch.where(den > 0, num / den.clamp(min=1e-12), cent)
+    d = torch.cdist(x, cent).masked_fill(~cval.unsqueeze(1), float("inf"))
+    a = d.argmin(-1)
+    return torch.where(valid, cidx.gather(1, a), torch.full_like(a, -1))
+
+
+def _select_mask_plain(m: Tensor) -> tuple[Tensor, Tensor]:
+    n = m.sum(1)
+    K = max(int(n.max()), 1)
+    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)[:, :K]
+    return order, torch.arange(K, device=m.device).expand(m.shape[0], K) < n.unsqueeze(1)
+
+
+def cluster_merge(state: TokenState, metric: Tensor, counts: Tensor, algo: str = "dpc-knn", k: int = 5,
+                  iters: int = 10) -> TokenState:
+    """Cluster the reducible tokens into ``counts[b]`` clusters and merge each (size-weighted mean).
+
+    ``algo="dpc-knn"``: centers by density-peaks score, every token to its nearest center (TCFormer's
+    CTM). ``algo="kmeans"``: the same centers refined by weighted k-means. Each cluster is represented
+    by the position of its center token.
+    """
+    counts = _check_counts(state, counts)
+    if algo not in ("dpc-knn", "kmeans"):
+        raise ValueError(f"cluster algo {algo!r} not supported; accepted: 'dpc-knn', 'kmeans'")
+    red = state.reducible()
+    score = dpc_knn_centers(metric, red, k=k)
+    is_center = topk_mask(state, score, counts)
+    B, N, C = metric.shape
+    if algo == "kmeans":
+        cid = kmeans_assign(metric, red, is_center, state.size, iters=iters)
+    else:
+        d = torch.cdist(metric.float(), metric.float()).masked_fill(~is_center.unsqueeze(1), float("inf"))
+        cid = d.argmin(-1)
+    ar = torch.arange(N, device=metric.device).expand(B, N)
+    dst = torch.where(red, cid, torch.where(state.mask, ar, torch.full_like(ar, -1)))
+    # samples that keep 0 reducible tokens: drop their reducible tokens
+    dst = torch.where(red & (counts == 0).unsqueeze(1), torch.full_like(dst, -1), dst)
+    # make every cluster's representative its center (the center maps to itself)
+    dst = torch.where(is_center, ar, dst)
+    return merge_by_assignment(state, dst)
+
+
+# ---------------------------------------------------------------------------- pooling
+def grid_for_count(grid: tuple[int, int], count: int) -> tuple[int, int]:
+    """Output grid (h', w') for about ``count`` tokens, keeping the aspect ratio of ``grid``."""
+    h, w = grid
+    if not 1 <= count <= h * w:
+        raise ValueError(f"pool count {count} out of range: accepted 1..{h * w} for grid {grid}")
+    oh = max(1, min(h, round(math.sqrt(count * h / w))))
+    ow = max(1, min(w, round(count / oh)))
+    return oh, ow
+
+
+def pool(state: TokenState, counts: Tensor, scores: Tensor | None = None) -> TokenState:
+    """Spatial average pooling of the token grid to about ``counts`` cells (adaptive, non-overlapping
+    bins: cell (floor(i h'/h), floor(j w'/w))), size-weighted. Needs ``state.grid`` and the same count
+    for every sample (a grid cannot be ragged)."""
+    counts = _check_counts(state, counts)
+    if state.grid is None:
+        raise ValueError("pool needs tokens laid out on a grid (TokenState.grid); only pool may run before pool")
+    if (counts != counts[0]).any():
+        raise ValueError(f"pool needs the same count for every sample, got {counts.tolist()}")
+    h, w = state.grid
+    oh, ow = grid_for_count(state.grid, int(counts[0]))
+    B, N, _ = state.x.shape
+    P = state.protected
+    ii = torch.arange(h, device=state.x.device).repeat_interleave(w) * oh // h
+    jj = torch.arange(w, device=state.x.device).repeat(h) * ow // w
+    cell = ii * ow + jj  # (h*w,)
+    # representative of a cell: its first token; map cell id -> first token index
+    first = torch.full((oh * ow,), h * w, device=state.x.device, dtype=torch.long)
+    first = first.scatter_reduce(0, cell, torch.arange(h * w, device=state.x.device), reduce="amin")
+    dst_grid = first[cell] + P
+    ar = torch.arange(N, device=state.x.device)
+    dst = torch.cat([ar[:P], dst_grid]).expand(B, N)
+    dst = torch.where(state.mask, dst, torch.full_like(dst, -1))
+    out = merge_by_assignment(state, dst)
+    out.grid = (oh, ow)
+    return out
+
+
+# ---------------------------------------------------------------------------- many-to-many transform
+def transform(state: TokenState, metric: Tensor, counts: Tensor, scores: Tensor, topk: int = 4,
+              tau: float = 0.1) -> TokenState:
+    """Token Transforming (Zeng et al., 2025, arXiv:2506.05709): reduction as X' = T X with a many-to-many
+    matrix T (K x N). Targets: the ``counts`` most informative tokens by ``scores``; each target keeps
+    itself (T_jj = 1); every other token i spreads its mass over its ``topk`` most similar targets with
+    weights softmax_j(cos(m_i, m_j) / tau), so columns of T sum to 1. With token sizes s:
+    x'_j = sum_i T_ji s_i x_i / sum_i T_ji s_i and s'_j = sum_i T_ji s_i — total size and the
+    size-weighted mean are conserved. topk=1 reduces to a hard (many-to-one) merge.
+    """
+    counts = _check_counts(state, counts)
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    red = state.reducible()
+    is_tgt = topk_mask(state, scores, counts)
+    keep = _protected_and(is_tgt, state)
+    tidx, tval = _select_mask(state, keep)  # (B, K) targets incl. protected
+    B, N, D = state.x.shape
+    K = tidx.shape[1]
+    m = F.normalize(metric.float(), dim=-1)
+    mt = m.gather(1, tidx.unsqueeze(-1).expand(B, K, m.shape[-1]))
+    sim = (m @ mt.transpose(1, 2)) / tau  # (B, N, K)
+    tgt_ok = tval & (torch.arange(K, device=m.device).expand(B, K) >= state.protected)
+    sim = sim.masked_fill(~tgt_ok.unsqueeze(1), NEG)
+    t = min(topk, K)
+    val, arg = sim.topk(t, dim=-1)
+    wts = torch.softmax(val, dim=-1).nan_to_num(0.0)  # rows with no target -> 0
+    src = red & ~is_tgt  # tokens that are spread
+    # targets and protected tokens map to themselves with weight 1
+    slot_of = torch.full((B, N + 1), -1, dtype=torch.long, device=m.device)
+    slot_of.scatter_(1, torch.where(tval, tidx, torch.full_like(tidx, N)), torch.arange(K, device=m.device).expand(B, K))
+    slot_of = slot_of[:, :N]
+    self_slot = slot_of.unsqueeze(-1)  # (B, N, 1)
+    is_self = (slot_of >= 0) & state.mask
+    arg = torch.where(src.unsqueeze(-1), arg, torch.cat([self_slot.clamp(min=0), arg[..., 1:]], -1))
+    wts = torch.where(src.unsqueeze(-1), wts, torch.cat([is_self.float().unsqueeze(-1), torch.zeros_like(wts[..., 1:])], -1))
+    if (counts == 0).any():  # nothing to spread onto: those sources are dropped
+        wts = wts * ~(src & (counts == 0).unsqueeze(1)).unsqueeze(-1)
+    mass = (wts * state.size.unsqueeze(-1).float()).to(state.x.dtype)  # (B, N, t)
+    num = state.x.new_zeros(B, K, D).scatter_add_(
+        1, arg.reshape(B, N * t, 1).expand(B, N * t, D),
+        (mass.unsqueeze(-1) * state.x.unsqueeze(2)).reshape(B, N * t, D))
+    size = mass.new_zeros(B, K).scatter_add_(1, arg.reshape(B, N * t), mass.reshape(B, N * t))
+    x = num / size.clamp(min=torch.finfo(size.dtype).tiny).unsqueeze(-1)
+    # origin: each original token goes to its strongest target (for unmerge/visualisation)
+    best = torch.where(is_self, slot_of, arg[..., 0])
+    best = torch.where(state.mask & (wts.sum(-1) > 0), best, torch.full_like(best, -1))
+    origin = _remap_origin(state.origin, best)
+    return TokenState(x=x * tval.unsqueeze(-1), mask=tval, size=size * tval, source=state.source.gather(1, tidx),
+                      pos=state.pos.gather(1, tidx), origin=origin, protected=state.protected)
+
+
+# ---------------------------------------------------------------------------- unmerge
+def unmerge(state: TokenState, y: Tensor | None = None, fill: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Map reduced tokens ``y`` (B,K,D) (default ``state.x``) back to the original N0 tokens (dense outputs).
+
+    Merged tokens copy their cluster's value to all members; pruned tokens get ``fill``.
+    Returns (out (B,N0,D), present (B,N0) bool).
+    """
+    y = state.x if y is None else y
+    if y.shape[:2] != state.x.shape[:2]:
+        raise ValueError(f"y must have shape {tuple(state.x.shape[:2])} + (D,), got {tuple(y.shape)}")
+    present = state.origin >= 0
+    idx = state.origin.clamp(min=0)
+    out = y.gather(1, idx.unsqueeze(-1).expand(*idx.shape, y.shape[-1]))
+    return out.masked_fill(~present.unsqueeze(-1), fill), present
+
+
+# ---------------------------------------------------------------------------- registry of strategies
+def _needs_metric(fn: Callable) -> Callable:
+    fn.input_kind = "metric"  # type: ignore[attr-defined]
+    return fn
+
+
+STRATEGIES: dict[str, Callable[..., TokenState]] = {
+    "prune": prune,
+    "package": prune_package,
+    "merge": _needs_metric(bipartite_merge),
+    "cluster": _needs_metric(cluster_merge),
+    "pool": pool,
+    "transform": _needs_metric(transform),
+}
+prune.input_kind = "score"  # type: ignore[attr-defined]
+prune_package.input_kind = "score"  # type: ignore[attr-defined]
+pool.input_kind = "none"  # type: ignore[attr-defined]
+
+
+def get_strategy(spec: str | Callable[..., TokenState]) -> Callable[..., TokenState]:
+    """Resolve a strategy name (see ``STRATEGIES``) or pass a callable through."""
+    if isinstance(spec, str):
+        if spec not in STRATEGIES:
+            from ..registry import suggest
+
+            raise ValueError(f"unknown strategy {spec!r}{suggest(spec, STRATEGIES)}; accepted: {sorted(STRATEGIES)}")
+        return STRATEGIES[spec]
+    if not callable(spec):
+        raise TypeError(f"a strategy must be a name or a callable, got {spec!r}")
+    return spec
