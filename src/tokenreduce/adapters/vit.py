@@ -118,14 +118,16 @@ TIMM = VitFamily("timm VisionTransformer (vit_*, deit_*)", _timm_matches, _timm_
 # ---------------------------------------------------------------------------- transformers ViT / CLIP vision
 def _hf_encoder_layers(m: nn.Module, layer_cls_name: str) -> list[nn.Module] | None:
     for mod in m.modules():
-        layers = getattr(mod, "layer", None) if layer_cls_name == "ViTLayer" else getattr(mod, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) and type(layers[0]).__name__ == layer_cls_name:
-            return list(layers)
+        for attr in ("layers", "layer"):  # transformers 5 uses `layers`, older releases `encoder.layer`
+            layers = mod.__dict__.get("_modules", {}).get(attr)
+            if isinstance(layers, nn.ModuleList) and len(layers) and type(layers[0]).__name__ == layer_cls_name:
+                return list(layers)
     return None
 
 
 def _hf_vit_matches(m: nn.Module) -> bool:
-    return type(m).__name__ in ("ViTModel", "ViTForImageClassification") and _hf_encoder_layers(m, "ViTLayer")
+    return type(m).__name__ in ("ViTModel", "ViTForImageClassification") and \
+        _hf_encoder_layers(m, "ViTLayer") is not None
 
 
 def _hf_grid(m: nn.Module) -> tuple[int, int] | None:

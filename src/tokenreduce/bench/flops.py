@@ -20,12 +20,12 @@ from typing import Any
 
 __all__ = [
     "BLOCK_PARTS",
-    "block_flops",
-    "vit_flops",
-    "flops_speedup",
     "ViTDims",
-    "timm_vit_dims",
+    "block_flops",
+    "flops_speedup",
     "hf_vit_dims",
+    "timm_vit_dims",
+    "vit_flops",
 ]
 
 BLOCK_PARTS: tuple[str, ...] = ("qkv", "attn", "proj", "mlp")
@@ -88,9 +88,7 @@ def vit_flops(
     if tokens_kv is not None and len(tokens_kv) != len(tokens_attn):
         raise ValueError("tokens_kv must have one entry per layer")
     layers = [
-        block_flops(
-            tokens_attn[i], tokens_mlp[i], dim, mlp_hidden, None if tokens_kv is None else tokens_kv[i]
-        )
+        block_flops(tokens_attn[i], tokens_mlp[i], dim, mlp_hidden, None if tokens_kv is None else tokens_kv[i])
         for i in range(len(tokens_attn))
     ]
     out: dict[str, Any] = {"layers": layers}
@@ -134,9 +132,7 @@ class ViTDims:
         mlp = attn if tokens_mlp is None else list(tokens_mlp)
         if len(attn) != self.depth:
             raise ValueError(f"model has {self.depth} layers, got {len(attn)} token counts")
-        return vit_flops(
-            attn, mlp, self.dim, self.mlp_hidden, self.patch_embed_flops, self.head_flops, tokens_kv
-        )
+        return vit_flops(attn, mlp, self.dim, self.mlp_hidden, self.patch_embed_flops, self.head_flops, tokens_kv)
 
 
 def _conv_patch_flops(num_patches: int, in_chans: int, patch_hw: tuple[int, int], dim: int) -> float:
@@ -151,7 +147,7 @@ def timm_vit_dims(model: Any) -> ViTDims:
     head is an ``Identity``). Attention-pool heads (``global_pool='map'``) and
     ``fc_norm`` are not counted.
     """
-    import torch.nn as nn
+    from torch import nn
 
     dim = int(model.embed_dim)
     mlp_hidden = int(model.blocks[0].mlp.fc1.out_features)
@@ -172,11 +168,12 @@ def timm_vit_dims(model: Any) -> ViTDims:
     return ViTDims(dim, mlp_hidden, depth, num_patches + prefix, patch_flops, head_flops)
 
 
-def hf_vit_dims(config: Any, *, num_labels: int | None = None) -> ViTDims:
+def hf_vit_dims(config: Any, *, num_labels: int | None = None, prefix_tokens: int = 1) -> ViTDims:
     """Dims from a Hugging Face ``ViTConfig``/``CLIPVisionConfig``-like config.
 
-    A full ``CLIPConfig`` (with ``vision_config``) is accepted too. Assumes one
-    CLS token; the patch embedding is counted as a conv over the configured
+    A full ``CLIPConfig`` (with ``vision_config``) is accepted too. ``prefix_tokens``:
+    tokens besides the patches (1 CLS token for ViT/CLIP; pass 0 for SigLIP, which
+    has none, or 1 + registers for register models); the patch embedding is counted as a conv over the configured
     ``image_size``. ``num_labels``: add a linear classification head on the CLS
     token (HF configs always carry a ``num_labels``, even for headless models, so it
     is not read from the config).
@@ -193,4 +190,4 @@ def hf_vit_dims(config: Any, *, num_labels: int | None = None) -> ViTDims:
     in_chans = int(getattr(cfg, "num_channels", 3))
     patch_flops = _conv_patch_flops(num_patches, in_chans, (ph, pw), dim)
     head_flops = 2.0 * dim * num_labels if num_labels else 0.0
-    return ViTDims(dim, mlp_hidden, depth, num_patches + 1, patch_flops, head_flops)
+    return ViTDims(dim, mlp_hidden, depth, num_patches + prefix_tokens, patch_flops, head_flops)

@@ -27,6 +27,13 @@ from torch.utils._pytree import tree_leaves
 __all__ = ["MemoryTracker", "peak_memory"]
 
 
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse / exotic layouts
+        return 0
+
+
 class MemoryTracker(TorchDispatchMode):
     """Dispatch mode tracking live bytes of tensor storages created while it is active.
 
@@ -65,7 +72,7 @@ class MemoryTracker(TorchDispatchMode):
         known = self._live.get(key)
         if known == nbytes:
             return
-        if known is not None:  # storage resized in place (e.g. out= / resize_)
+        if known is not None:  # same address re-registered with a new size
             self.current -= known
         self._live[key] = nbytes
         self.current += nbytes
@@ -79,13 +86,17 @@ class MemoryTracker(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        # Outputs aliasing an input (in-place ops, views, out=) allocate nothing new:
+        # either the input is already tracked or it predates the tracker (baseline).
+        inputs = {p for p in (_storage_ptr(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)) if p}
+        out = func(*args, **kwargs)
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Tensor) and _storage_ptr(leaf) not in inputs:
                 self._track(leaf)
         return out
 
-    def __exit__(self, *exc: Any) -> Any:
+    def __exit__(self, *exc: object) -> Any:
         result = super().__exit__(*exc)
         # Storages that outlive the block no longer need callbacks into this tracker.
         for fin in self._finalizers:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment", "cpu_model", "git_commit", "package_version"]
+__all__ = ["cpu_model", "environment", "git_commit", "package_version"]
 
 _PACKAGES = ("tokenreduce", "torch", "transformers", "timm", "numpy")
 
@@ -84,7 +84,7 @@ def _memory_bytes() -> int | None:
         import psutil
 
         return int(psutil.virtual_memory().total)
-    except Exception:  # psutil missing or unsupported platform
+    except (ImportError, OSError, RuntimeError):  # psutil missing or unsupported platform
         try:
             return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         except (ValueError, OSError, AttributeError):
@@ -106,16 +106,16 @@ def environment(repo: str | Path | None = None) -> dict[str, Any]:
         load = [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         load = None
-    physical = None
+    physical: int | None
     try:
         import psutil
 
         physical = psutil.cpu_count(logical=False)
-    except Exception:
-        pass
+    except (ImportError, OSError, RuntimeError):
+        physical = None
     git = git_commit(repo)
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -127,9 +127,7 @@ def environment(repo: str | Path | None = None) -> dict[str, Any]:
         "memory_bytes": _memory_bytes(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "env_threads": {
-            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
-        },
+        "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
         "versions": {name: package_version(name) for name in _PACKAGES},
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],

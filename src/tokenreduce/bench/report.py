@@ -19,11 +19,11 @@ from typing import Any
 
 __all__ = [
     "BASELINE_NAMES",
-    "format_value",
     "format_table",
+    "format_value",
+    "html_report",
     "pareto_front",
     "pareto_plot",
-    "html_report",
 ]
 
 #: Values of the ``group`` column that mark the unreduced model.
@@ -50,7 +50,7 @@ def format_value(v: Any, digits: int = 4) -> str:
             return "0"
         if a >= 1e7 or a < 1e-3:
             return f"{v:.{max(digits - 1, 0)}e}"
-        if a >= 10 ** digits:
+        if a >= 10**digits:
             return f"{v:,.0f}"
         return f"{v:.{digits}g}"
     if isinstance(v, (list, tuple)):
@@ -78,6 +78,29 @@ def _is_numeric_column(rows: Sequence[dict[str, Any]], col: str) -> bool:
     return bool(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
 
 
+def _format_column(values: Sequence[Any], digits: int) -> list[str]:
+    """Format one column's cells. Numeric columns containing floats get a common number
+    of decimals (``digits`` significant digits for the largest magnitude) so that
+    they line up; everything else goes through :func:`format_value`."""
+    nums = [v for v in values if v is not None]
+    numeric = bool(nums) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in nums)
+    if not numeric or not any(isinstance(v, float) for v in nums):
+        return [format_value(v, digits) for v in values]
+    finite = [abs(float(v)) for v in nums if math.isfinite(v)]
+    top = max(finite, default=0.0)
+    if top == 0.0 or top >= 1e7 or top < 1e-3:
+        return [format_value(v, digits) for v in values]
+    decimals = min(max(digits - 1 - math.floor(math.log10(top)), 0), 8)
+    return [
+        "" if v is None else (str(float(v)) if not math.isfinite(v) else f"{float(v):,.{decimals}f}") for v in values
+    ]
+
+
+def _cells(rows: Sequence[dict[str, Any]], cols: Sequence[str], digits: int) -> list[list[str]]:
+    by_col = [_format_column([r.get(c) for r in rows], digits) for c in cols]
+    return [list(line) for line in zip(*by_col, strict=True)] if cols else [[] for _ in rows]
+
+
 def format_table(
     rows: Sequence[dict[str, Any]],
     columns: Sequence[str] | None = None,
@@ -86,7 +109,8 @@ def format_table(
     digits: int = 4,
     use_rich: bool = False,
 ) -> str:
-    """Render rows as an aligned text table (numbers right-aligned).
+    """Render rows as an aligned text table (numbers right-aligned, float columns with
+    a common number of decimals).
 
     ``columns`` defaults to the union of row keys in first-seen order; missing
     cells are blank. ``use_rich=True`` renders a box-drawn table with rich (if
@@ -94,7 +118,7 @@ def format_table(
     """
     cols = _columns(rows, columns)
     numeric = {c: _is_numeric_column(rows, c) for c in cols}
-    cells = [[format_value(r.get(c), digits) for c in cols] for r in rows]
+    cells = _cells(rows, cols, digits)
     if use_rich:
         try:
             from rich.console import Console
@@ -114,9 +138,7 @@ def format_table(
     widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(cols)]
 
     def fmt(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(w) if numeric[c] else v.ljust(w) for v, w, c in zip(values, widths, cols, strict=True)
-        ]
+        parts = [v.rjust(w) if numeric[c] else v.ljust(w) for v, w, c in zip(values, widths, cols, strict=True)]
         return "  ".join(parts).rstrip()
 
     out = [] if title is None else [title]
@@ -200,12 +222,24 @@ def pareto_plot(
     front = pareto_front(usable, x, y)
     if len(front) > 1:
         ax.plot(
-            [float(r[x]) for r in front], [float(r[y]) for r in front],
-            "-", color="0.55", lw=7, alpha=0.3, solid_capstyle="round", zorder=1, label="Pareto frontier",
+            [float(r[x]) for r in front],
+            [float(r[y]) for r in front],
+            "-",
+            color="0.55",
+            lw=7,
+            alpha=0.3,
+            solid_capstyle="round",
+            zorder=1,
+            label="Pareto frontier",
         )
     ax.scatter(
-        [float(r[x]) for r in front], [float(r[y]) for r in front],
-        s=150, facecolors="none", edgecolors="0.25", linewidths=1.2, zorder=4,
+        [float(r[x]) for r in front],
+        [float(r[y]) for r in front],
+        s=150,
+        facecolors="none",
+        edgecolors="0.25",
+        linewidths=1.2,
+        zorder=4,
         label=None if len(front) > 1 else "Pareto frontier",
     )
 
@@ -224,15 +258,34 @@ def pareto_plot(
         color = "black" if is_base else next(colors)
         xerr, yerr = _err(grp, x), _err(grp, y)
         if xerr is not None or yerr is not None:
-            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=1, capsize=3, alpha=0.7, zorder=2)
+            ax.errorbar(
+                xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=1, capsize=3, alpha=0.7, zorder=2
+            )
         if is_base:
-            ax.scatter(xs, ys, marker="*", s=260, color="gold", edgecolors="black", linewidths=0.8, zorder=5, label=f"{name} (unreduced)")
+            ax.scatter(
+                xs,
+                ys,
+                marker="*",
+                s=260,
+                color="gold",
+                edgecolors="black",
+                linewidths=0.8,
+                zorder=5,
+                label=f"{name} (unreduced)",
+            )
         else:
             ax.plot(xs, ys, "-o", color=color, ms=5, lw=1.5, zorder=3, label=name)
         if label and not is_base:
             for r, xv, yv in zip(grp, xs, ys, strict=True):
                 if _num(r.get(label)) is not None:
-                    ax.annotate(format_value(r[label], 3), (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+                    ax.annotate(
+                        format_value(r[label], 3),
+                        (xv, yv),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=color,
+                    )
 
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
@@ -283,11 +336,11 @@ def _html_table(rows: Sequence[dict[str, Any]], caption: str | None = None, digi
     if caption:
         out.append(f"<caption>{html.escape(caption)}</caption>")
     out.append("<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr></thead><tbody>")
-    for r in rows:
-        tds = []
-        for c in cols:
-            cls = ' class="num"' if numeric[c] else ""
-            tds.append(f"<td{cls}>{html.escape(format_value(r.get(c), digits))}</td>")
+    for line in _cells(rows, cols, digits):
+        tds = [
+            ('<td class="num">' if numeric[c] else "<td>") + html.escape(cell) + "</td>"
+            for c, cell in zip(cols, line, strict=True)
+        ]
         out.append("<tr>" + "".join(tds) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import uuid
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Self, TextIO
 
 from .meta import environment
 
@@ -78,7 +78,7 @@ class ResultWriter:
         if extra_meta:
             self.meta.update(extra_meta)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")
+        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._write_line({**self.meta, "type": "meta", "run_id": self.run_id})
 
     def _write_line(self, obj: dict[str, Any]) -> None:
@@ -102,10 +102,10 @@ class ResultWriter:
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> ResultWriter:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

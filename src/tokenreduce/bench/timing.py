@@ -26,13 +26,13 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = [
-    "Timing",
     "Speedup",
+    "Timing",
     "fixed_threads",
-    "measure",
     "interleaved",
-    "speedup",
+    "measure",
     "quantile",
+    "speedup",
 ]
 
 SyncArg = Callable[[], None] | str | None
@@ -166,14 +166,16 @@ def _resolve_sync(sync: SyncArg) -> Callable[[], None] | None:
     raise ValueError(f"sync must be a callable, 'auto' or None, got {sync!r}")
 
 
-def _time_once(fn: Callable[[], Any], sync: Callable[[], None] | None) -> float:
+def _time_once(fn: Callable[[], Any], sync: Callable[[], None] | None, number: int = 1) -> float:
+    """Seconds per call, averaged over ``number`` back-to-back calls."""
     if sync is not None:
         sync()
     start = time.perf_counter()
-    fn()
+    for _ in range(number):
+        fn()
     if sync is not None:
         sync()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / number
 
 
 @contextmanager
@@ -199,28 +201,31 @@ def measure(
     repeats: int = 7,
     min_time: float = 0.0,
     max_repeats: int = 10_000,
+    number: int = 1,
     sync: SyncArg = "auto",
     pause_gc: bool = True,
 ) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls.
 
     Sampling continues past ``repeats`` until the timed calls add up to at least
-    ``min_time`` seconds (capped at ``max_repeats`` samples). Each sample is one call.
+    ``min_time`` seconds (capped at ``max_repeats`` samples). Each sample is the mean
+    time per call over ``number`` back-to-back calls (default 1; raise it only for
+    sub-millisecond functions where timer overhead matters).
     ``sync`` is called before and after each call ("auto": ``torch.cuda.synchronize``
     if CUDA is initialised). Python's cyclic GC is paused while timing (like
     :mod:`timeit`) unless ``pause_gc=False``.
 
     Prefer :func:`interleaved` when comparing candidates on a shared machine.
     """
-    if warmup < 0 or repeats < 1:
-        raise ValueError("need warmup >= 0 and repeats >= 1")
+    if warmup < 0 or repeats < 1 or number < 1:
+        raise ValueError("need warmup >= 0, repeats >= 1 and number >= 1")
     sync_fn = _resolve_sync(sync)
     for _ in range(warmup):
         fn()
     times: list[float] = []
     with _gc_paused(pause_gc):
-        while len(times) < repeats or (sum(times) < min_time and len(times) < max_repeats):
-            times.append(_time_once(fn, sync_fn))
+        while len(times) < repeats or (sum(times) * number < min_time and len(times) < max_repeats):
+            times.append(_time_once(fn, sync_fn, number))
     return Timing(times)
 
 
@@ -230,6 +235,7 @@ def interleaved(
     repeats: int = 7,
     *,
     rotate: bool = False,
+    number: int = 1,
     sync: SyncArg = "auto",
     pause_gc: bool = True,
     on_round: Callable[[int], None] | None = None,
@@ -242,12 +248,13 @@ def interleaved(
     a candidate always running right after a cache-thrashing one). Sample ``i`` of
     every candidate comes from round ``i``, so samples are paired across candidates
     (see ``speedup(..., paired=True)``). ``on_round(i)`` is called after each timed
-    round (progress bars). Returns ``{name: Timing}`` in the order of ``fns``.
+    round (progress bars). ``number``: calls per sample, as in :func:`measure`.
+    Returns ``{name: Timing}`` in the order of ``fns``.
     """
     if not fns:
         raise ValueError("interleaved() needs at least one candidate")
-    if warmup < 0 or repeats < 1:
-        raise ValueError("need warmup >= 0 and repeats >= 1")
+    if warmup < 0 or repeats < 1 or number < 1:
+        raise ValueError("need warmup >= 0, repeats >= 1 and number >= 1")
     names = list(fns)
     sync_fn = _resolve_sync(sync)
 
@@ -264,7 +271,7 @@ def interleaved(
     with _gc_paused(pause_gc):
         for r in range(repeats):
             for name in order(r):
-                samples[name].append(_time_once(fns[name], sync_fn))
+                samples[name].append(_time_once(fns[name], sync_fn, number))
             if on_round is not None:
                 on_round(r)
     return {name: Timing(samples[name]) for name in names}

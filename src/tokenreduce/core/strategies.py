@@ -340,7 +340,7 @@ def transform(state: TokenState, metric: Tensor, counts: Tensor, scores: Tensor,
     tidx, tval = _select_mask(state, keep)  # (B, K) targets incl. protected
     B, N, D = state.x.shape
     K = tidx.shape[1]
-    m = F.normalize(metric.float(), dim=-1)
+    m = F.normalize(metric.to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
     mt = m.gather(1, tidx.unsqueeze(-1).expand(B, K, m.shape[-1]))
     sim = (m @ mt.transpose(1, 2)) / tau  # (B, N, K)
     tgt_ok = tval & (torch.arange(K, device=m.device).expand(B, K) >= state.protected)

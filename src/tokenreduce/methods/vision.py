@@ -88,6 +88,9 @@ class _StageMethod(VisionMethod):
         return not self.is_identity and layer in self._stage
 
     def counts(self, layer: int, state: TokenState, scores: Tensor | None = None) -> Tensor:
+        if self.budget.threshold is not None and scores is None:
+            raise ValueError(f"{type(self).__name__} has no token scores, so it cannot take a threshold budget; "
+                             f"use a ratio or a count")
         return self.budget.counts(state.reducible_counts(), scores=scores, valid=state.reducible(),
                                   stage=self._stage[layer] if self.budget.num_stages else 0)
 
@@ -232,7 +235,7 @@ class RandomPrune(_StageMethod):
 
     def reduce(self, layer: int, state: TokenState, ctx: dict[str, Tensor]) -> TokenState:
         scores = C.Random(seed=self.seed * 1000 + layer)(state)
-        return S.prune(state, scores, self.counts(layer, state))
+        return S.prune(state, scores, self.counts(layer, state, scores))
 
 
 # ---------------------------------------------------------------------------- registration

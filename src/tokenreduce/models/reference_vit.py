@@ -393,8 +393,7 @@ def load_reference_vit(
         FileNotFoundError: If the checkpoint is missing and ``train_if_missing`` is False.
     """
     config = config or TrainConfig()
-    root = Path(os.environ.get("TOKENREDUCE_CACHE", Path.home() / ".cache" / "tokenreduce"))
-    path = root / "reference_vit" / f"v{MODEL_VERSION}-{config.config_hash()}" / "model.pt"
+    path = checkpoint_dir(config) / "model.pt"
     if not path.is_file():
         if not train_if_missing:
             raise FileNotFoundError(

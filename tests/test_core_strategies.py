@@ -1,0 +1,214 @@
+"""Property tests of the model-free strategies (hypothesis): conservation, sizes, masks, unmerge, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenreduce as tr
+from tokenreduce.core import strategies as S
+from tokenreduce.core.criteria import Random, farthest_point_order
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+@st.composite
+def token_states(draw, grid: bool = False):
+    """A random TokenState: batch 1-3, protected 0-1, some samples padded (ragged)."""
+    B = draw(st.integers(1, 3))
+    P = draw(st.integers(0, 1))
+    if grid:
+        h, w = draw(st.integers(2, 6)), draw(st.integers(2, 6))
+        N = h * w + P
+    else:
+        N = draw(st.integers(4, 24)) + P
+    D = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 10_000))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    mask = None
+    if not grid and draw(st.booleans()):
+        lens = [draw(st.integers(P + 2, N)) for _ in range(B)]
+        mask = torch.arange(N).expand(B, N) < torch.tensor(lens).unsqueeze(1)
+    state = tr.TokenState.from_tensor(x, mask=mask, protected=P, grid=(h, w) if grid else None)
+    return state, g
+
+
+def _counts(state: tr.TokenState, frac: float) -> torch.Tensor:
+    return torch.clamp(torch.round(state.reducible_counts() * frac).long(), min=1)
+
+
+def _check_conservation(before: tr.TokenState, after: tr.TokenState) -> None:
+    after.validate()
+    # sizes sum to the number of original tokens (per sample)
+    torch.testing.assert_close(after.size.sum(1), before.size.sum(1).to(after.size.dtype))
+    # size-weighted mean is conserved
+    mb = (before.x * before.size.unsqueeze(-1)).sum(1) / before.size.sum(1, keepdim=True)
+    ma = (after.x * after.size.unsqueeze(-1)).sum(1) / after.size.sum(1, keepdim=True)
+    torch.testing.assert_close(ma, mb, rtol=1e-9, atol=1e-9)
+    # padding carries nothing
+    assert (after.size[~after.mask] == 0).all()
+
+
+def _check_protected(before: tr.TokenState, after: tr.TokenState) -> None:
+    P = before.protected
+    torch.testing.assert_close(after.x[:, :P], before.x[:, :P])
+    assert (after.source[:, :P] == before.source[:, :P]).all()
+
+
+@SETTINGS
+@given(token_states(), st.floats(0.2, 1.0))
+def test_bipartite_merge_conserves(data, frac):
+    state, _ = data
+    cap = (state.reducible_counts() + 1) // 2
+    counts = torch.maximum(_counts(state, frac), state.reducible_counts() - cap + 1)
+    counts = torch.minimum(counts, state.reducible_counts())
+    out = S.bipartite_merge(state, state.x, counts)
+    _check_conservation(state, out)
+    _check_protected(state, out)
+    assert (out.reducible_counts() == counts).all()
+    assert (out.counts() == counts + state.protected).all()
+
+
+@SETTINGS
+@given(token_states(), st.floats(0.05, 1.0), st.sampled_from(["dpc-knn", "kmeans"]))
+def test_cluster_merge_conserves(data, frac, algo):
+    state, _ = data
+    counts = _counts(state, frac)
+    out = S.cluster_merge(state, state.x, counts, algo=algo)
+    _check_conservation(state, out)
+    _check_protected(state, out)
+    assert (out.reducible_counts() == counts).all()
+
+
+@SETTINGS
+@given(token_states(), st.floats(0.05, 1.0), st.integers(1, 5))
+def test_transform_conserves(data, frac, topk):
+    state, g = data
+    counts = _counts(state, frac)
+    scores = torch.rand(state.mask.shape, generator=g, dtype=torch.float64)
+    out = S.transform(state, state.x, counts, scores, topk=topk, tau=0.5)
+    _check_conservation(state, out)
+    _check_protected(state, out)
+    assert (out.reducible_counts() == counts).all()
+
+
+@SETTINGS
+@given(token_states(grid=True), st.floats(0.05, 1.0))
+def test_pool_conserves(data, frac):
+    state, _ = data
+    counts = _counts(state, frac)
+    out = S.pool(state, counts)
+    _check_conservation(state, out)
+    _check_protected(state, out)
+    assert out.grid is not None and out.grid[0] * out.grid[1] == out.reducible_counts()[0]
+
+
+@SETTINGS
+@given(token_states(), st.floats(0.05, 1.0))
+def test_prune_keeps_topk_in_order(data, frac):
+    state, g = data
+    counts = _counts(state, frac)
+    scores = torch.rand(state.mask.shape, generator=g, dtype=torch.float64)
+    out = S.prune(state, scores, counts)
+    out.validate()
+    assert (out.reducible_counts() == counts).all()
+    for b in range(state.batch):
+        kept = out.source[b][out.mask[b]][state.protected:]
+        assert (kept[1:] > kept[:-1]).all(), "kept tokens must stay in original order"
+        red = state.reducible()[b]
+        best = scores[b].masked_fill(~red, -1).topk(int(counts[b])).indices.sort().values
+        assert torch.equal(kept, best)
+        torch.testing.assert_close(out.x[b][out.mask[b]], state.x[b, out.source[b][out.mask[b]]])
+    _check_protected(state, out)
+
+
+@SETTINGS
+@given(token_states(), st.floats(0.05, 0.95))
+def test_package_prune_fuses_rest(data, frac):
+    state, g = data
+    counts = _counts(state, frac)
+    scores = torch.rand(state.mask.shape, generator=g, dtype=torch.float64)
+    out = S.prune_package(state, scores, counts, normalize=True)
+    out.validate()
+    # sizes still sum to the original count (the package holds the pruned ones)
+    torch.testing.assert_close(out.size.sum(1), state.size.sum(1))
+    pruned_any = counts < state.reducible_counts()
+    assert (out.counts() == counts + state.protected + pruned_any.long()).all()
+
+
+@SETTINGS
+@given(token_states(), st.floats(0.1, 1.0), st.sampled_from(["merge", "cluster", "prune", "transform"]))
+def test_unmerge_shape_and_presence(data, frac, kind):
+    state, g = data
+    counts = _counts(state, frac)
+    if kind == "merge":
+        counts = torch.maximum(counts, state.reducible_counts() - (state.reducible_counts() + 1) // 2 + 1)
+        counts = torch.minimum(counts, state.reducible_counts())
+        out = S.bipartite_merge(state, state.x, counts)
+    elif kind == "cluster":
+        out = S.cluster_merge(state, state.x, counts)
+    elif kind == "transform":
+        out = S.transform(state, state.x, counts, torch.rand(state.mask.shape, generator=g, dtype=torch.float64))
+    else:
+        out = S.prune(state, torch.rand(state.mask.shape, generator=g, dtype=torch.float64), counts)
+    full, present = S.unmerge(out)
+    assert full.shape == state.x.shape
+    if kind == "prune":
+        assert (present.sum(1) == out.counts()).all()
+    else:  # merging keeps every real token somewhere
+        assert torch.equal(present, state.mask)
+    # every present original token maps to a real current token
+    assert out.mask.gather(1, out.origin.clamp(min=0))[present].all()
+
+
+@SETTINGS
+@given(token_states(), st.floats(0.1, 1.0))
+def test_strategies_are_deterministic(data, frac):
+    state, _ = data
+    counts = _counts(state, frac)
+    a = S.cluster_merge(state, state.x, counts)
+    b = S.cluster_merge(state, state.x, counts)
+    assert torch.equal(a.x, b.x) and torch.equal(a.mask, b.mask)
+    r1, r2 = Random(seed=3)(state), Random(seed=3)(state)
+    assert torch.equal(r1, r2)
+    assert not torch.equal(Random(seed=3)(state), Random(seed=4)(state))
+
+
+def test_merge_proportional_sizes_simple():
+    # two identical tokens merge into one of size 2 with the same value
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]])
+    s = tr.TokenState.from_tensor(x)
+    out = S.bipartite_merge(s, x, torch.tensor([3]))
+    assert out.size.tolist() == [[2.0, 1.0, 1.0]]
+    torch.testing.assert_close(out.x[0, 0], torch.tensor([1.0, 0.0]))
+
+
+def test_diversity_is_greedy_maxmin():
+    x = torch.tensor([[[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [-1.0, 0.0]]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    order = farthest_point_order(x, valid)[0].argsort(descending=True).tolist()
+    # the near-duplicate of token 0 is picked last
+    assert order[-1] in (0, 1) and set(order[:2]) & {2, 3}
+
+
+def test_reducer_composition_and_errors():
+    x = torch.randn(2, 9, 4)
+    state = tr.TokenState.from_tensor(x, protected=1)
+    attn = torch.softmax(torch.randn(2, 2, 9, 9), -1)
+    out = tr.Reducer("attention", "prune", tr.Keep(0.5))(state, attn=attn)
+    assert out.counts().tolist() == [5, 5]
+    out = tr.Reducer("similarity", "merge", tr.Keep(0.5))(state)
+    assert out.counts().tolist() == [5, 5]
+    out = tr.Reducer("random", "prune", tr.Keep(threshold=0.5))(state)
+    out.validate()
+    with pytest.raises(ValueError, match="needs a metric"):
+        tr.Reducer("attention", "merge", 0.5)
+    with pytest.raises(ValueError, match="did you mean 'prune'"):
+        tr.Reducer("attention", "prun", 0.5)
+    with pytest.raises(ValueError, match="needs the context tensor 'attn'"):
+        tr.Reducer("attention", "prune", 0.5)(state)
+    with pytest.raises(ValueError, match="NaN"):
+        tr.Reducer("norm", "prune", 0.5)(tr.TokenState.from_tensor(x.masked_fill(x > 1, float("nan")), check=False))

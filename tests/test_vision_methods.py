@@ -1,0 +1,214 @@
+"""Every registered vision method x every supported ViT family x eager/SDPA against DESIGN.md's invariants,
+on tiny random-weight configs of the real timm/transformers classes."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import tokenreduce as tr
+
+VISION_METHODS = [r["name"] for r in tr.methods("vit-layers")]
+IMG = 32
+
+
+def _timm(attn: str, pool: str = "token") -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=IMG, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=7,
+                          global_pool=pool, qkv_bias=True)
+    for b in m.blocks:
+        b.attn.fused_attn = attn == "sdpa"
+    return m.eval()
+
+
+def _hf_vit(attn: str) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=IMG, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                    intermediate_size=64, num_labels=7)
+    return ViTForImageClassification(cfg, attn_implementation=attn).eval() if False else \
+        ViTForImageClassification._from_config(cfg, attn_implementation=attn).eval()
+
+
+def _hf_vit_model(attn: str) -> nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=IMG, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                    intermediate_size=64)
+    return ViTModel._from_config(cfg, attn_implementation=attn).eval()
+
+
+def _clip(attn: str) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(image_size=IMG, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                           intermediate_size=64)
+    return CLIPVisionModel._from_config(cfg, attn_implementation=attn).eval()
+
+
+MODELS = {
+    "timm": _timm,
+    "timm-avgpool": lambda a: _timm(a, "avg"),
+    "hf-vit-cls": _hf_vit,
+    "hf-vit": _hf_vit_model,
+    "clip": _clip,
+}
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = model(x) if not hasattr(model, "config") else model(pixel_values=x)
+    if isinstance(y, torch.Tensor):
+        return y
+    for k in ("logits", "pooler_output"):
+        if getattr(y, k, None) is not None:
+            return getattr(y, k)
+    raise AssertionError("no output")
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+def _module_dicts(model: nn.Module) -> dict[str, set[str]]:
+    return {n: set(m.__dict__) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("method", VISION_METHODS)
+@torch.no_grad()
+def test_identity_reduction_and_restore(family, attn, method, images):
+    model = MODELS[family](attn)
+    before_dicts = _module_dicts(model)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    ref = _out(model, images)
+
+    # invariant 1: keep=1 is the unpatched model
+    with tr.apply(model, method, keep=1.0) as h:
+        torch.testing.assert_close(_out(model, images), ref, rtol=0, atol=0)
+    assert h.stats.final_tokens == [h.stats.input_tokens] * 3
+
+    # a real reduction reduces, and is deterministic (invariant 4)
+    with tr.apply(model, method, keep=0.5) as h:
+        y1 = _out(model, images)
+        y2 = _out(model, images)
+        st = h.stats
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    assert torch.isfinite(y1).all()
+    assert len(st.tokens_attn) == len(st.tokens_mlp) == 4
+    assert max(st.final_tokens) < st.input_tokens
+    assert st.tokens_mlp[-1] < st.tokens_attn[0]
+
+    # restored exactly: outputs, state dict, no leftover attributes, picklable
+    torch.testing.assert_close(_out(model, images), ref, rtol=0, atol=0)
+    assert _module_dicts(model) == before_dicts
+    buf2 = io.BytesIO()
+    torch.save(model.state_dict(), buf2)
+    assert buf.getvalue() == buf2.getvalue()
+    pickle.dumps(model)
+
+
+@pytest.mark.parametrize("family", ["timm", "hf-vit-cls", "clip"])
+@pytest.mark.parametrize("method", VISION_METHODS)
+@torch.no_grad()
+def test_batch_consistency(family, method, images):
+    """Invariant 2: each sample of a batch gives what it gives alone."""
+    model = MODELS[family]("sdpa")
+    with tr.apply(model, method, keep=0.5):
+        batch = _out(model, images)
+        for i in range(images.shape[0]):
+            torch.testing.assert_close(batch[i: i + 1], _out(model, images[i: i + 1]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["timm", "hf-vit-cls"])
+@pytest.mark.parametrize("method", ["evit", "random", "token-transforming"])
+@torch.no_grad()
+def test_ragged_threshold_budget_is_batch_consistent(family, method, images):
+    """Threshold budgets keep a different count per sample: padding + masks must carry it."""
+    model = MODELS[family]("sdpa")
+    budget = tr.Keep(threshold=1.0 / 65 if method != "random" else 0.5)
+    with tr.apply(model, method, keep=budget) as h:
+        batch = _out(model, images)
+        counts = h.stats.final_tokens
+        for i in range(images.shape[0]):
+            torch.testing.assert_close(batch[i: i + 1], _out(model, images[i: i + 1]), rtol=1e-4, atol=1e-5)
+    if method != "random":
+        assert len(set(counts)) > 1, f"expected ragged counts, got {counts}"
+
+
+@torch.no_grad()
+def test_tome_r_and_keep_targets(images):
+    model = _timm("sdpa")
+    with tr.apply(model, "tome", r=4) as h:
+        model(images)
+    assert h.stats.tokens_attn == [65, 61, 57, 53] and h.stats.final_tokens == [49] * 3
+    with tr.apply(model, "tome", keep=0.25) as h:
+        model(images)
+    assert h.stats.final_tokens == [1 + 16] * 3  # CLS + 25% of 64 patches
+    with tr.apply(model, "tome", r=0) as h:
+        torch.testing.assert_close(model(images), _timm("sdpa")(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="too small for ToMe"):
+        with tr.apply(model, "tome", keep=0.01):
+            model(images)
+
+
+@torch.no_grad()
+def test_bf16_runs(images):
+    model = _timm("sdpa").to(torch.bfloat16)
+    for method in VISION_METHODS:
+        with tr.apply(model, method, keep=0.5):
+            y = model(images.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+@torch.no_grad()
+def test_unmerge_maps_back_to_grid(images):
+    model = _hf_vit_model("sdpa")
+    with tr.apply(model, "tome", keep=0.5) as h:
+        out = model(pixel_values=images).last_hidden_state
+        full = h.unmerge(out)
+    assert out.shape[1] == 33 and full.shape == (3, 65, 32)
+
+
+@torch.no_grad()
+def test_errors_are_clear(images):
+    model = _timm("sdpa")
+    with pytest.raises(ValueError, match=r"keep=0.0 is out of range.*\(0, 1\]"):
+        tr.apply(model, "tome", keep=0.0)
+    with pytest.raises(ValueError, match=r"keep=1.5 is out of range"):
+        tr.apply(model, "evit", keep=1.5)
+    with pytest.raises(ValueError, match="did you mean 'tome'"):
+        tr.apply(model, "tomee", keep=0.5)
+    with pytest.raises(TypeError, match="unsupported model Linear.*timm VisionTransformer"):
+        tr.apply(nn.Linear(3, 3), "tome", keep=0.5)
+    with pytest.raises(TypeError, match="accepted keywords"):
+        tr.apply(model, "evit", keep=0.5, rr=3)
+    with pytest.raises(ValueError, match="layers \\[9\\] out of range"):
+        tr.apply(model, "evit", keep=0.5, layers=[1, 9])
+    with tr.apply(model, "evit", keep=1000):
+        with pytest.raises(ValueError, match="larger than the sequence"):
+            model(images)
+    with tr.apply(model, "tome", keep=0.5):
+        with pytest.raises(ValueError, match="NaN"):
+            model(images.masked_fill(images > 2, float("nan")))
+        with pytest.raises(RuntimeError, match="already has tokenreduce method 'tome'"):
+            tr.apply(model, "evit", keep=0.5)
+    torch.testing.assert_close(model(images), _timm("sdpa")(images), rtol=0, atol=0)
+
+
+def test_methods_table_lists_papers():
+    rows = tr.methods("vit-layers")
+    names = {r["name"] for r in rows}
+    assert {"tome", "evit", "token-transforming", "cluster", "pool", "random"} <= names
+    assert all(r["paper"] and r["integration"] == "vit-layers" for r in rows)
