@@ -25,6 +25,8 @@ class Adapter(Protocol):
 
 
 ADAPTERS: list[Adapter] = []
+# Modules that register adapters, in matching order (the first adapter whose `matches` is true wins).
+ADAPTER_MODULES: list[str] = ["vit"]
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
@@ -36,7 +38,10 @@ def find_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model`` or a TypeError naming the supported families."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tr.apply expects a torch.nn.Module, got {type(model).__name__}")
-    from . import vit  # noqa: F401  (registers adapters)
+    import importlib
+
+    for mod in ADAPTER_MODULES:  # importing registers the adapters
+        importlib.import_module(f"tokenreduce.adapters.{mod}")
 
     for a in ADAPTERS:
         if a.matches(model):

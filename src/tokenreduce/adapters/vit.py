@@ -59,6 +59,9 @@ class VitFamily:
     mlp_half: Callable[[nn.Module, Tensor], Tensor]
     qk: Callable[[nn.Module], QK]
     mask_kw: str  # name of the block's attention-mask argument
+    # For families whose inputs carry padding (text encoders): derive the (B, N) padding mask from the
+    # attention mask block 0 receives; the adapter then replaces the model's mask by its own bias.
+    padding_mask: Callable[[Tensor | None, Tensor], Tensor | None] | None = None
 
 
 # ---------------------------------------------------------------------------- timm
@@ -200,9 +203,9 @@ class _Run:
         self._cur = Stats(method=name)
 
     # -- forward bookkeeping
-    def begin(self, x: Tensor) -> None:
+    def begin(self, x: Tensor, mask: Tensor | None = None) -> None:
         check_finite(x, "block-0 input")
-        self.state = TokenState.from_tensor(x, protected=self.protected,
+        self.state = TokenState.from_tensor(x, mask=mask, protected=self.protected,
                                             grid=self.grid if self.grid and self.grid[0] * self.grid[1] + self.protected == x.shape[1] else None,
                                             check=False)
         self._bias_valid = False
@@ -270,7 +273,9 @@ def _make_forward(run: _Run, layer: int, qk: QK) -> Callable[..., Tensor]:
         if kwargs.pop("is_causal", False):
             raise ValueError("tokenreduce ViT methods do not support is_causal=True")
         if layer == 0:
-            run.begin(x)
+            run.begin(x, None if fam.padding_mask is None else fam.padding_mask(user_mask, x))
+        if fam.padding_mask is not None:
+            user_mask = None  # the state's mask (in the bias) carries the padding from here on
         st = run.state
         if st is None or st.x.shape[:2] != x.shape[:2] and layer != 0:
             raise RuntimeError(f"block {layer} got {tuple(x.shape)} but the reduced state has "
