@@ -218,10 +218,16 @@ def test_bos_added(gemma):
 @pytest.mark.slow
 @needs_cache
 def test_greedy_paris(gemma):
+    """This Q4_K_M base model continues exactly "The capital of France is" greedily with " the capital
+    of the country of France." — " Paris" is its 3rd most likely next token. So: Paris must be a
+    top-5 next token there, and the greedy continuation of "... is the city of" must contain it."""
     model, tok = gemma
-    cont = G.greedy_continuation(model, tok, "The capital of France is", max_new_tokens=8)
-    print(f"\ngreedy continuation: {cont!r}")
-    assert "Paris" in cont
+    cont = G.greedy_continuation(model, tok, G.FRANCE_PROMPT, max_new_tokens=8)
+    rank, prob = G.next_token_rank(model, tok, G.FRANCE_PROMPT, " Paris")
+    cont2 = G.greedy_continuation(model, tok, G.PARIS_PROMPT, max_new_tokens=8)
+    print(f"\n{G.FRANCE_PROMPT!r} -> {cont!r}; ' Paris' rank {rank} p={prob:.3f}\n{G.PARIS_PROMPT!r} -> {cont2!r}")
+    assert rank <= 5
+    assert "Paris" in cont2
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ __all__ = [
     "gemma_cache_ready",
     "greedy_continuation",
     "load_gemma",
+    "next_token_rank",
     "parse_sentencepiece_proto",
     "perplexity",
     "read_gguf_vocab",
@@ -80,6 +81,7 @@ CHECK_TEXTS = (
     "def f(x):\n    return x * 2  # comment\n\n\nprint(f(21))",
 )
 FRANCE_PROMPT = "The capital of France is"
+PARIS_PROMPT = "The capital of France is the city of"
 CHECK_PARAGRAPH = (
     "The river rises in the hills to the north of the town and flows south through farmland before "
     "reaching the sea. In the nineteenth century it was used to carry coal and timber, and several "
@@ -483,6 +485,17 @@ def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int = 8) 
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def next_token_rank(model, tokenizer, prompt: str, continuation: str) -> tuple[int, float]:
+    """(1-based rank, probability) of the first token of ``continuation`` as the next token after ``prompt``."""
+    import torch
+
+    target = tokenizer(continuation, add_special_tokens=False).input_ids[0]
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    with torch.inference_mode():
+        probs = model(input_ids=ids, use_cache=False).logits[0, -1].float().softmax(-1)
+    return int((probs > probs[target]).sum().item()) + 1, float(probs[target].item())
+
+
 def load_gemma(
     dtype: "torch.dtype | None" = None,
     attn_implementation: str = "sdpa",
@@ -567,15 +580,23 @@ def _self_check(work: Path, vocab: GGUFVocab, progress: bool) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(work, dtype="float32", attn_implementation="sdpa", local_files_only=True)
     model.eval()
+    # This Q4_K_M model's greedy continuation of exactly "The capital of France is" is " the capital
+    # of the country of France." (" Paris" is its 3rd most likely next token), so the check is: Paris
+    # in the top-5 next tokens of that prompt, and in the greedy continuation of PARIS_PROMPT.
     cont = greedy_continuation(model, tok, FRANCE_PROMPT, max_new_tokens=8)
     checks["france_continuation"] = cont
-    _log(progress, f"greedy: {FRANCE_PROMPT!r} -> {cont!r}")
-    if "Paris" not in cont:
-        raise RuntimeError(f"greedy continuation of {FRANCE_PROMPT!r} lacks 'Paris': {cont!r}")
+    rank, prob = next_token_rank(model, tok, FRANCE_PROMPT, " Paris")
+    checks["france_paris_rank"], checks["france_paris_prob"] = rank, round(prob, 4)
+    cont2 = greedy_continuation(model, tok, PARIS_PROMPT, max_new_tokens=8)
+    checks["paris_prompt"], checks["paris_prompt_continuation"] = PARIS_PROMPT, cont2
+    _log(progress, f"greedy: {FRANCE_PROMPT!r} -> {cont!r}; ' Paris' is next-token #{rank} (p={prob:.3f})")
+    _log(progress, f"greedy: {PARIS_PROMPT!r} -> {cont2!r}")
+    if rank > 5 or "Paris" not in cont2:
+        raise RuntimeError(f"model does not know Paris: rank {rank} after {FRANCE_PROMPT!r}; {PARIS_PROMPT!r} -> {cont2!r}")
     ppl = perplexity(model, tok, CHECK_PARAGRAPH)
     checks["check_paragraph_ppl"] = round(ppl, 3)
     _log(progress, f"perplexity on the check paragraph: {ppl:.2f}")
-    if not (1.0 < ppl < 500.0):
+    if not (1.0 < ppl < 150.0):
         raise RuntimeError(f"perplexity {ppl} on plain English is implausible")
     checks["passed"] = True
     return checks
@@ -588,7 +609,8 @@ def convert_gemma(out_dir: Path | None = None, force: bool = False, progress: bo
     load it with transformers (dequantised to fp32) and ``save_pretrained``; rebuild the
     SentencePiece ``tokenizer.model`` and the fast ``GemmaTokenizer`` from the GGUF vocabulary;
     reload everything from disk and self-check (tokenizer == sentencepiece on several texts,
-    ``<bos>`` added, greedy "The capital of France is" -> contains "Paris", sane perplexity); write
+    ``<bos>`` added, " Paris" a top-5 next token after "The capital of France is" and in the greedy
+    continuation of "The capital of France is the city of", sane perplexity); write
     ``tokenreduce_meta.json``; move into place. Idempotent: returns at once if the cache is valid
     (unless ``force``). The GGUF scratch copy is deleted afterwards.
     """

@@ -1,0 +1,50 @@
+"""The ViT benchmark runner end to end on a tiny random timm ViT (structure, not speed)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tokenreduce.bench.vit import run_vit_bench, zero_overhead_forward
+
+
+def _tiny():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+
+
+@torch.no_grad()
+def test_zero_overhead_forward_matches_model_when_unreduced():
+    m = _tiny()
+    x = torch.randn(2, 3, 32, 32)
+    f = zero_overhead_forward(m, [65] * 4, [65] * 4)
+    torch.testing.assert_close(f(x), m(x))
+    assert f(x).shape == (2, 5)
+    assert zero_overhead_forward(m, [65, 40, 30, 20], [40, 30, 20, 10])(x).shape == (2, 5)
+
+
+def test_run_vit_bench_writes_results(tmp_path):
+    m = _tiny()
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 5, (24,), generator=g)
+    rows = run_vit_bench(methods=["tome", "random"], keeps=[1.0, 0.5], out=str(tmp_path), n_images=24,
+                         repeats=2, warmup=1, time_batch=8, threads=1, model=m, images=images, labels=labels,
+                         progress=False)
+    assert [r["method"] for r in rows] == ["none", "tome", "tome", "random", "random"]
+    base = rows[0]
+    for r in rows[1:]:
+        assert 0 <= r["accuracy"] <= 1 and r["speedup"] > 0 and r["limit_speedup"] > 0
+        assert r["efficiency"] == r["speedup"] / r["limit_speedup"]
+        if r["keep"] == 1.0:  # identity: same predictions, same FLOPs
+            assert r["agreement"] == 1.0 and r["accuracy"] == base["accuracy"]
+            assert abs(r["flops_ratio"] - 1.0) < 1e-9
+        else:
+            assert r["flops_ratio"] > 1.0 and r["mean_tokens"] < base["mean_tokens"]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["type"] == "meta" and len(lines) == 1 + len(rows)
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64" in html and "tome" in html
