@@ -21,7 +21,25 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-__all__ = ["TokenState", "check_finite"]
+__all__ = ["TokenState", "check_finite", "batched_index_select", "batched_index_add"]
+
+
+def batched_index_select(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, k]]`` for x (B, N, D), index (B, K) -> (B, K, D).
+
+    Same result as ``gather`` with an expanded index, but as one ``index_select`` on the flattened batch,
+    which is several times faster on CPU.
+    """
+    B, N, D = x.shape
+    offs = (torch.arange(B, device=index.device) * N).unsqueeze(1)
+    return x.reshape(B * N, D).index_select(0, (index + offs).reshape(-1)).view(B, index.shape[1], D)
+
+
+def batched_index_add(values: Tensor, index: Tensor, slots: int) -> Tensor:
+    """Sum ``values`` (B, N, D) into ``slots`` rows per sample at ``index`` (B, N) -> (B, slots, D)."""
+    B, N, D = values.shape
+    # scatter_add with an expanded index beats index_add_ on the flattened batch on CPU (measured)
+    return values.new_zeros(B, slots, D).scatter_add_(1, index.unsqueeze(-1).expand(B, N, D), values)
 
 
 def check_finite(x: Tensor, name: str = "x") -> None:
@@ -127,7 +145,7 @@ class TokenState:
         """
         B, N, D = self.x.shape
         K = index.shape[1]
-        x = self.x.gather(1, index.unsqueeze(-1).expand(B, K, D))
+        x = batched_index_select(self.x, index)
         new_of_old = torch.full((B, N + 1), -1, dtype=torch.long, device=index.device)
         slot = torch.arange(K, device=index.device).expand(B, K)
         # invalid (padding) slots write to a dummy column N

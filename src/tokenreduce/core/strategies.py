@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .state import TokenState, _remap_origin
+from .state import TokenState, _remap_origin, batched_index_add, batched_index_select
 
 __all__ = [
     "prune", "prune_package", "merge_by_assignment", "bipartite_merge", "bipartite_assignment",
@@ -141,15 +141,15 @@ def merge_by_assignment(state: TokenState, dst: Tensor) -> TokenState:
     valid_tok = state.mask & (dst >= 0)
     new_idx = torch.where(valid_tok, slot_of_rep.gather(1, dst.clamp(min=0)), torch.full_like(dst, K))
     s = (state.size * valid_tok).to(state.x.dtype)
-    num = state.x.new_zeros(B, K + 1, D).scatter_add_(1, new_idx.unsqueeze(-1).expand(B, N, D),
-                                                       state.x * s.unsqueeze(-1))
+    num = batched_index_add(state.x * s.unsqueeze(-1), new_idx, K + 1)
     size = s.new_zeros(B, K + 1).scatter_add_(1, new_idx, s)
-    x = (num[:, :K] / size[:, :K].clamp(min=torch.finfo(s.dtype).tiny).unsqueeze(-1))
+    # padding slots have num = 0 and size = 0, so they come out as exact zeros
+    x = num[:, :K] / size[:, :K].clamp(min=torch.finfo(s.dtype).tiny).unsqueeze(-1)
     rep_index, valid = _select_mask(state, is_rep)
     rep_index, valid = rep_index[:, :K], valid[:, :K]
     origin = _remap_origin(state.origin, torch.where(valid_tok, new_idx, torch.full_like(new_idx, -1)))
     return TokenState(
-        x=x.where(valid.unsqueeze(-1), torch.zeros((), dtype=x.dtype)),
+        x=x,
         mask=valid,
         size=size[:, :K] * valid,
         source=state.source.gather(1, rep_index),
@@ -169,26 +169,26 @@ def bipartite_assignment(state: TokenState, metric: Tensor, r: Tensor) -> Tensor
     """
     B, N, _ = metric.shape
     red = state.reducible()
-    m = F.normalize(metric.float(), dim=-1)
-    a_idx = torch.arange(0, N, 2, device=m.device)
-    b_idx = torch.arange(1, N, 2, device=m.device)
-    scores = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)  # (B, Na, Nb)
-    scores = scores.masked_fill(~red[:, b_idx].unsqueeze(1), NEG)
-    node_max, node_arg = scores.max(dim=-1)  # best B for each A
-    node_max = node_max.masked_fill(~red[:, a_idx], NEG)
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, Na, Nb): A = even, B = odd tokens (views)
+    red_a, red_b = red[:, 0::2], red[:, 1::2]
+    if not bool(red_b.all()):
+        scores = scores.masked_fill(~red_b.unsqueeze(1), NEG)
+    node_max, node_arg = scores.max(dim=-1)  # best B partner of each A token
+    node_max = node_max.float().masked_fill(~red_a, NEG)
     possible = torch.isfinite(node_max).sum(1)
-    if (r > possible).any():
+    if bool((r > possible).any()):
         raise ValueError(
             f"bipartite merge can remove at most {possible.tolist()} tokens per step (one per A-token with a "
             f"partner), asked for r={r.tolist()}"
         )
     order = node_max.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=m.device).expand_as(order))
-    merged = rank < r.unsqueeze(1)
-    ar = torch.arange(N, device=m.device).expand(B, N).clone()
-    dst = torch.where(state.mask, ar, torch.full_like(ar, -1))
-    dst[:, a_idx] = torch.where(merged, b_idx[node_arg], dst[:, a_idx])
-    return dst
+    Na = order.shape[1]
+    top = torch.arange(Na, device=m.device).expand(B, Na) < r.unsqueeze(1)
+    merged = torch.zeros_like(top).scatter_(1, order, top)
+    dst = torch.arange(N, device=m.device).expand(B, N).clone()
+    dst[:, 0::2] = torch.where(merged, 2 * node_arg + 1, dst[:, 0::2])
+    return torch.where(state.mask, dst, torch.full_like(dst, -1))
 
 
 def bipartite_merge(state: TokenState, metric: Tensor, counts: Tensor) -> TokenState:

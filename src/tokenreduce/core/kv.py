@@ -1,0 +1,159 @@
+"""Pure KV-cache scoring and selection functions (no model knowledge; used by ``methods/kv.py``).
+
+Conventions (one attention layer, one forward):
+
+* ``keys`` (B, Hkv, N, D): cached keys per KV head (RoPE already applied), ``query`` (B, Hq, Q, D) with
+  ``Hq = G * Hkv`` (grouped-query attention, G query heads share a KV head);
+* ``allowed`` (B, Hkv, Q, N) bool: which key each query may see (causal, padding, sliding window);
+* scores are (B, H, N) with H = Hkv (per-head selection) or 1 (one selection shared by the heads);
+  higher = more worth keeping;
+* ``eligible`` (B, H, N) bool marks the entries a method may choose from, ``forced`` (B, H, N) the entries it
+  must keep (attention sinks, observation window); ``counts`` (B, H) how many entries survive in total.
+
+Selections are returned in **positional order** (ascending logical position), never in score order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "attention_probs",
+    "snapkv_votes",
+    "accumulated_attention",
+    "last_query_attention",
+    "key_norm_scores",
+    "positional_random_scores",
+    "head_soft_vote",
+    "pyramid_ratios",
+    "select_in_order",
+]
+
+
+def attention_probs(query: Tensor, keys: Tensor, scaling: float, allowed: Tensor,
+                    softcap: float | None = None) -> Tensor:
+    """Softmax attention of ``query`` over ``keys`` in float32, without repeating the keys per query head.
+
+    query (B, Hq, Q, D), keys (B, Hkv, N, D), allowed (B, Hkv or 1, Q, N) bool -> probs (B, Hkv, G, Q, N),
+    ``a = softmax(q k^T * scaling [softcapped] + mask)``; a query row with no allowed key gives zeros.
+    """
+    B, Hq, Q, D = query.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    G = Hq // Hkv
+    q = query.float().reshape(B, Hkv, G * Q, D)
+    logits = (q @ keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G*Q, N)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.view(B, Hkv, G, Q, N)
+    logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def snapkv_votes(window_probs: Tensor, kernel_size: int = 5, pooling: str = "avgpool") -> Tensor:
+    """SnapKV's voting (Li et al. 2024, Alg. 1): attention of the observation-window queries summed over
+    the window, ``C_i = sum_{q in window} A[q, i]``, averaged over the query heads that share a KV head, then
+    pooled along the sequence, ``S = pool1d(C, kernel_size)`` (stride 1, same length) to keep clusters.
+
+    window_probs (B, Hkv, G, W, N) -> (B, Hkv, N).
+    """
+    votes = window_probs.sum(dim=3).mean(dim=2)  # (B, Hkv, N)
+    if kernel_size <= 1:
+        return votes
+    B, H, N = votes.shape
+    flat = votes.reshape(B * H, 1, N)
+    if pooling == "avgpool":
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
+    elif pooling == "maxpool":
+        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
+    else:
+        raise ValueError(f"pooling={pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
+    return pooled[..., :N].reshape(B, H, N)
+
+
+def accumulated_attention(probs: Tensor) -> Tensor:
+    """H2O's accumulated attention (Zhang et al. 2023, Eq. 2/Alg. 1): ``F_i = sum_q A[q, i]`` summed over
+    the queries of this forward, averaged over the query heads sharing a KV head. probs (B,Hkv,G,Q,N) -> (B,Hkv,N)."""
+    return probs.sum(dim=3).mean(dim=2)
+
+
+def last_query_attention(probs: Tensor) -> Tensor:
+    """TOVA's score (Oren et al. 2024, Sec. 3): attention of the current (last) query averaged over all heads,
+    ``s_i = mean_h A_h[t, i]``. probs (B,Hkv,G,Q,N) -> (B, 1, N) (one selection shared by all heads)."""
+    return probs[:, :, :, -1, :].mean(dim=(1, 2)).unsqueeze(1)
+
+
+def key_norm_scores(keys: Tensor) -> Tensor:
+    """Knorm (Devoto et al. 2024): keep low-norm keys, ``s_i = -||k_i||_2``. keys (B,H,N,D) -> (B,H,N)."""
+    return -keys.float().norm(dim=-1)
+
+
+def positional_random_scores(rel_pos: Tensor, seed: int, salt: int = 0) -> Tensor:
+    """Seeded uniform scores in [0, 1) that depend only on (seed, salt, head, relative position), so a sample
+    gets the same scores alone or inside a padded batch (an integer hash, not a stateful generator).
+    rel_pos (B, H, N) long (>= 0 for real entries)."""
+    H = rel_pos.shape[1]
+    head = torch.arange(H, device=rel_pos.device).view(1, H, 1)
+    x = rel_pos.clamp(min=0) * 2654435761 + head * 40503 + (int(seed) % 1_000_003) * 97 + int(salt) * 7919
+    x = x % 4294967296  # 32-bit words in int64: no overflow below
+    for mult in (73244475, 2246822519 % 4294967296):
+        x = ((x ^ (x >> 16)) * mult) % 4294967296
+    x = x ^ (x >> 16)
+    return x.double().div(4294967296.0).float()
+
+
+def head_soft_vote(query: Tensor, keys: Tensor, eligible: Tensor) -> Tensor:
+    """TokenSelect's head soft vote (Wu et al. 2025, Eq. 7-8): per-head criticality ``q_h . k_{h,i}``,
+    normalised by a softmax over tokens per head, then summed over all heads,
+    ``S_i = sum_h softmax_i(q_h k_{h,i}^T)`` (the reference code uses unscaled dot products; the queries of
+    one forward are averaged first). query (B,Hq,Q,D), keys (B,Hkv,N,D), eligible (B,1,N) -> (B, 1, N)."""
+    B, Hq, Q, D = query.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    G = Hq // Hkv
+    q = query.float().mean(dim=2).reshape(B, Hkv, G, D)
+    logits = q @ keys.float().transpose(-1, -2)  # (B, Hkv, G, N)
+    logits = logits.masked_fill(~eligible.unsqueeze(1), float("-inf"))
+    probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
+    return probs.sum(dim=(1, 2)).unsqueeze(1)
+
+
+def pyramid_ratios(keep: float, num_layers: int, beta: float = 20.0) -> list[float]:
+    """PyramidKV's layer budgets (Cai et al. 2024, Eq. 6-7) as keep ratios with mean ``keep``: an arithmetic
+    sequence from ``r_0 = 2 keep - r_{L-1}`` down to ``r_{L-1} = keep / beta``; if ``r_0`` would exceed 1 it is
+    capped at 1 and ``r_{L-1} = 2 keep - 1`` keeps the mean (what the reference code does with token counts)."""
+    if num_layers == 1:
+        return [keep]
+    low = keep / beta
+    high = 2 * keep - low
+    if high > 1.0:
+        high, low = 1.0, 2 * keep - 1.0
+    step = (high - low) / (num_layers - 1)
+    return [high - i * step for i in range(num_layers)]
+
+
+def select_in_order(scores: Tensor, eligible: Tensor, forced: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-``counts`` entries per row by ``scores`` among ``eligible``, ``forced`` ones always included, returned
+    as indices in **positional order** plus a validity mask (rows keep different numbers: ragged).
+
+    scores/eligible/forced (B, H, N); counts (B, H) long (<= eligible per row). Returns idx (B,H,K) long and
+    ok (B,H,K) bool with K = max(counts); invalid slots point at index 0 and must be masked by the caller.
+    """
+    B, H, N = scores.shape
+    K = int(counts.max().item()) if counts.numel() else 0
+    if K == 0:
+        z = torch.zeros(B, H, 0, dtype=torch.long, device=scores.device)
+        return z, z.bool()
+    s = scores.float().masked_fill(~eligible, float("-inf"))
+    s = s.masked_fill(forced & eligible, float("inf"))
+    top = s.topk(K, dim=-1).indices  # (B, H, K)
+    rank = torch.arange(K, device=scores.device)
+    ok = (rank.view(1, 1, K) < counts.unsqueeze(-1)) & eligible.gather(2, top)
+    key = torch.where(ok, top, top + N)  # valid first, in positional order
+    order = key.argsort(dim=-1)
+    idx = top.gather(2, order)
+    ok = ok.gather(2, order)
+    return torch.where(ok, idx, torch.zeros_like(idx)), ok

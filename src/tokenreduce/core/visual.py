@@ -1,0 +1,235 @@
+"""Pure tensor functions behind the visual-token methods for VLMs (:mod:`tokenreduce.methods.vlm`).
+
+Model-free: they take tensors and masks and return scores, selections or merged tokens. The adapter
+(:mod:`tokenreduce.adapters.vlm`) computes the few attention rows they need from a layer's own q/k
+projections (never switching the model to eager attention) and applies their decisions to the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "attention_probs", "divprune_scores", "visionzip_merge", "hiprune_keep", "sparsevlm_raters",
+    "sparsevlm_schedule", "pdrop_lambda", "stage_average", "neighbours4", "topk_in_mask",
+]
+
+NEG = float("-inf")
+
+
+def attention_probs(q: Tensor, k: Tensor, allowed: Tensor, scaling: float) -> Tensor:
+    """softmax_j(q_i . k_j * scaling) restricted to ``allowed`` keys, in float32.
+
+    q: (B, H, Q, d), k: (B, Hkv, L, d) (grouped-query heads are repeated), allowed: (B, Q, L) bool.
+    Returns (B, H, Q, L). Rows with no allowed key are all zero.
+    """
+    B, H, Q, d = q.shape
+    if k.shape[1] != H:
+        if H % k.shape[1]:
+            raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} key heads")
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~allowed[:, None], NEG)
+    p = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def topk_in_mask(scores: Tensor, valid: Tensor, counts: Tensor) -> Tensor:
+    """(B, N) bool: the ``counts[b]`` highest ``scores`` among ``valid`` tokens (ties: lower index)."""
+    s = scores.float().masked_fill(~valid, NEG)
+    order = s.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    return (rank < counts.to(s.device).unsqueeze(1)) & valid
+
+
+# ---------------------------------------------------------------------------- DivPrune
+def divprune_scores(x: Tensor, valid: Tensor) -> Tensor:
+    """DivPrune (Alvar et al., CVPR 2025), Alg. 1, as prefix-consistent scores.
+
+    Max-min diversity over cosine distances d_ij = 1 - cos(x_i, x_j): the first token is the one whose
+    nearest neighbour is farthest (argmax_i min_{j != i} d_ij); then repeatedly
+    s_t = argmax_{i not in S} min_{j in S} d_ij. Token picked at step t scores N - t, so the top-k of the
+    scores is exactly the greedy selection of k tokens for every k. Invalid tokens score -inf.
+    """
+    B, N, _ = x.shape
+    m = F.normalize(x.float(), dim=-1)
+    dist = 1.0 - m @ m.transpose(1, 2)
+    big = torch.finfo(dist.dtype).max
+    dv = dist.masked_fill(~valid[:, None, :], big)
+    eye = torch.eye(N, dtype=torch.bool, device=x.device)
+    nearest = dv.masked_fill(eye, big).amin(-1)  # distance to nearest other token
+    nearest = torch.where(nearest >= big, torch.zeros_like(nearest), nearest)
+    neg = torch.finfo(dist.dtype).min
+    cur = nearest.masked_fill(~valid, neg).argmax(1)
+    scores = torch.full((B, N), NEG, device=x.device)
+    mind = torch.full((B, N), float("inf"), device=x.device)
+    picked = torch.zeros(B, N, dtype=torch.bool, device=x.device)
+    n_valid = valid.sum(1)
+    ar = torch.arange(B, device=x.device)
+    for step in range(int(n_valid.max()) if N else 0):
+        live = step < n_valid
+        scores[ar[live], cur[live]] = float(N - step)
+        picked[ar[live], cur[live]] = True
+        mind = torch.minimum(mind, dist[ar, cur])
+        cur = mind.masked_fill(picked | ~valid, neg).argmax(1)
+    return scores
+
+
+# ---------------------------------------------------------------------------- VisionZip
+def visionzip_merge(x: Tensor, cls_attn: Tensor, keys: Tensor, dominant: int, contextual: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """VisionZip (Yang et al., CVPR 2025), Sec. 3.2, on one layer's patch tokens.
+
+    Dominant tokens: the ``dominant`` patches with the largest attention from [CLS] summed over heads.
+    Contextual tokens: the remaining patches, compared by their attention keys (averaged over heads,
+    L2-normalised), take ``contextual`` uniformly spaced targets (every ``step = max(1, n // contextual)``-th
+    remaining token, as in the official code); every other remaining token joins its most similar target;
+    contextual token = target + mean of its assigned tokens (the official code's merge).
+
+    x: (B, N, D) features, cls_attn: (B, N), keys: (B, N, C). Returns (tokens (B, dominant + contextual, D)
+    in original order of their representative, source index (B, K) of each token's representative patch,
+    size (B, K) = patches each token stands for).
+    """
+    B, N, D = x.shape
+    if not 0 <= dominant <= N or not 0 <= contextual <= N - dominant:
+        raise ValueError(f"visionzip needs 0 <= dominant ({dominant}) and dominant + contextual "
+                         f"({dominant + contextual}) <= {N} patches")
+    ar = torch.arange(N, device=x.device)
+    dom = topk_in_mask(cls_attn, torch.ones(B, N, dtype=torch.bool, device=x.device),
+                       torch.full((B,), dominant, device=x.device))
+    rest_idx = torch.argsort(dom.to(torch.int8), dim=1, stable=True)[:, : N - dominant]  # remaining, in order
+    dom_idx = torch.argsort((~dom).to(torch.int8), dim=1, stable=True)[:, :dominant]
+    n_rest = N - dominant
+    if contextual == 0 or n_rest == 0:
+        src = dom_idx
+        return x.gather(1, src[..., None].expand(-1, -1, D)), src, torch.ones(B, dominant, device=x.device)
+    step = max(1, n_rest // contextual)
+    tgt_pos = torch.arange(0, n_rest, step, device=x.device)[:contextual]
+    contextual = tgt_pos.numel()
+    is_tgt = torch.zeros(n_rest, dtype=torch.bool, device=x.device)
+    is_tgt[tgt_pos] = True
+    m = F.normalize(keys.float(), dim=-1).gather(1, rest_idx[..., None].expand(-1, -1, keys.shape[-1]))
+    xr = x.gather(1, rest_idx[..., None].expand(-1, -1, D))
+    sim = m[:, ~is_tgt] @ m[:, is_tgt].transpose(1, 2)  # (B, n_rest - ctx, ctx)
+    assign = F.one_hot(sim.argmax(-1), contextual).to(x.dtype)  # (B, M, ctx)
+    counts = assign.sum(1).clamp(min=1)[..., None]
+    agg = assign.transpose(1, 2) @ xr[:, ~is_tgt] / counts
+    ctx_tokens = xr[:, is_tgt] + agg
+    ctx_src = rest_idx[:, is_tgt]
+    ctx_size = 1.0 + assign.sum(1)
+    tokens = torch.cat([x.gather(1, dom_idx[..., None].expand(-1, -1, D)), ctx_tokens], 1)
+    src = torch.cat([dom_idx, ctx_src], 1)
+    size = torch.cat([torch.ones(B, dominant, device=x.device), ctx_size.float()], 1)
+    order = src.argsort(1)
+    return tokens.gather(1, order[..., None].expand(-1, -1, D)), src.gather(1, order), size.gather(1, order)
+
+
+# ---------------------------------------------------------------------------- HiPrune
+def neighbours4(idx: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, 5k) the tokens ``idx`` (B, k) and their up/down/left/right neighbours on an (h, w) grid (the
+    anchor itself repeated where a neighbour falls off the grid)."""
+    h, w = grid
+    r, c = idx // w, idx % w
+    out = [idx]
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        rr, cc = r + dr, c + dc
+        ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        out.append(torch.where(ok, rr * w + cc, idx))
+    return torch.cat(out, 1)
+
+
+def hiprune_keep(shallow: Tensor, deep: Tensor, grid: tuple[int, int], count: int, alpha: float = 0.1) -> Tensor:
+    """HiPrune (Liu et al., 2025), Sec. 3: hierarchical attention inside the vision encoder.
+
+    Anchors: the round(alpha * count / 5) patches with the largest attention in the middle ("object")
+    layer ``shallow`` (B, N); buffers: their 4-neighbours on the patch grid (spatial context); registers:
+    the remaining budget filled by the largest attention in the output layer ``deep`` (B, N) among the
+    other patches (global context). Returns the (B, N) keep mask with exactly ``count`` patches.
+    """
+    B, N = shallow.shape
+    if not 1 <= count <= N:
+        raise ValueError(f"hiprune count {count} out of range: accepted 1..{N}")
+    n_anchor = min(max(round(count * alpha / 5), 0), count)
+    keep = torch.zeros(B, N, dtype=torch.bool, device=shallow.device)
+    if n_anchor:
+        anchors = shallow.float().topk(n_anchor, dim=1).indices
+        spread = neighbours4(anchors, grid)
+        keep.scatter_(1, spread, True)
+        # more buffers than budget (tiny counts): keep the anchors and the best-scored buffers
+        over = keep.sum(1) > count
+        if over.any():
+            s = shallow.float().masked_fill(~keep, NEG)
+            keep = torch.where(over[:, None], topk_in_mask(s, keep, torch.full((B,), count, device=keep.device)), keep)
+    rest = count - keep.sum(1)
+    reg = topk_in_mask(deep, ~keep, rest)
+    return keep | reg
+
+
+# ---------------------------------------------------------------------------- SparseVLM
+def sparsevlm_raters(vis: Tensor, text: Tensor, vis_valid: Tensor, text_valid: Tensor) -> Tensor:
+    """SparseVLM (Zhang et al., ICML 2025), Sec. 3.2 "relevant text raters" (official code):
+    R = softmax_text(V T^T) averaged over visual tokens; raters are the text tokens with R_j > mean_j R_j.
+
+    vis: (B, Nv, D), text: (B, Nt, D) input embeddings; masks mark real tokens. Returns (B, Nt) bool.
+    """
+    logits = vis.float() @ text.float().transpose(1, 2)  # (B, Nv, Nt)
+    logits = logits.masked_fill(~text_valid[:, None, :], NEG)
+    p = torch.nan_to_num(torch.softmax(logits, -1), nan=0.0)
+    w = vis_valid.float()[..., None]
+    r = (p * w).sum(1) / w.sum(1).clamp(min=1)  # (B, Nt)
+    mean = (r * text_valid).sum(1, keepdim=True) / text_valid.sum(1, keepdim=True).clamp(min=1)
+    raters = (r > mean) & text_valid
+    # a sample whose scores are all equal gets every text token as rater
+    return torch.where(raters.any(1, keepdim=True), raters, text_valid)
+
+
+#: Visual tokens kept after SparseVLM's pruning layers (2, 6, 15) of LLaVA-1.5-7B's 576 (official code's
+#: ``sparse_token_list_64/128/192``), the shape its schedule follows.
+SPARSEVLM_LISTS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
+
+
+def stage_average(fractions: Sequence[float], layers: Sequence[int], depth: int, start: int) -> float:
+    """Layer-averaged visual-token fraction over layers ``start..depth-1`` when the fraction becomes
+    ``fractions[s]`` from layer ``layers[s]`` on (1 before the first stage)."""
+    total, cur, prev = 0.0, 1.0, start
+    for f, l in zip(fractions, layers):
+        total += cur * (l - prev)
+        cur, prev = f, l
+    total += cur * (depth - prev)
+    return total / max(1, depth - start)
+
+
+def sparsevlm_schedule(keep: float, layers: Sequence[int], depth: int) -> tuple[float, ...]:
+    """Per-stage kept fractions for a layer-averaged ``keep`` over layers ``layers[0]..depth-1``:
+    the official 64-token list's shape (66/576, 30/576, 17/576), scaled by c (bisection, capped at 1)."""
+    base = [v / 576 for v in SPARSEVLM_LISTS[64]][: len(layers)]
+    while len(base) < len(layers):
+        base.append(base[-1] * 0.5)
+
+    def avg(c: float) -> float:
+        return stage_average([min(1.0, c * b) for b in base], layers, depth, layers[0])
+
+    lo, hi = 0.0, 1.0 / min(base)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if avg(mid) < keep else (lo, mid)
+    return tuple(min(1.0, hi * b) for b in base)
+
+
+def pdrop_lambda(keep: float, layers: Sequence[int], depth: int) -> float:
+    """PyramidDrop's ratio lambda (fraction kept at every stage: 1, l, l^2, ...) whose layer-averaged
+    visual fraction over layers ``layers[0]..depth-1`` equals ``keep`` (bisection)."""
+    def avg(lam: float) -> float:
+        return stage_average([lam ** (s + 1) for s in range(len(layers))], layers, depth, layers[0])
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if avg(mid) < keep else (lo, mid)
+    return hi if math.isfinite(hi) else 1.0
