@@ -33,8 +33,7 @@ def _hf_vit(attn: str) -> nn.Module:
     torch.manual_seed(0)
     cfg = ViTConfig(image_size=IMG, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                     intermediate_size=64, num_labels=7)
-    return ViTForImageClassification(cfg, attn_implementation=attn).eval() if False else \
-        ViTForImageClassification._from_config(cfg, attn_implementation=attn).eval()
+    return ViTForImageClassification._from_config(cfg, attn_implementation=attn).eval()
 
 
 def _hf_vit_model(attn: str) -> nn.Module:
@@ -158,9 +157,8 @@ def test_tome_r_and_keep_targets(images):
     assert h.stats.final_tokens == [1 + 16] * 3  # CLS + 25% of 64 patches
     with tr.apply(model, "tome", r=0) as h:
         torch.testing.assert_close(model(images), _timm("sdpa")(images), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="too small for ToMe"):
-        with tr.apply(model, "tome", keep=0.01):
-            model(images)
+    with pytest.raises(ValueError, match="too small for ToMe"), tr.apply(model, "tome", keep=0.01):
+        model(images)
 
 
 @torch.no_grad()
@@ -196,9 +194,8 @@ def test_errors_are_clear(images):
         tr.apply(model, "evit", keep=0.5, rr=3)
     with pytest.raises(ValueError, match="layers \\[9\\] out of range"):
         tr.apply(model, "evit", keep=0.5, layers=[1, 9])
-    with tr.apply(model, "evit", keep=1000):
-        with pytest.raises(ValueError, match="larger than the sequence"):
-            model(images)
+    with tr.apply(model, "evit", keep=1000), pytest.raises(ValueError, match="larger than the sequence"):
+        model(images)
     with tr.apply(model, "tome", keep=0.5):
         with pytest.raises(ValueError, match="NaN"):
             model(images.masked_fill(images > 2, float("nan")))

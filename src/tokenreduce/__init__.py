@@ -8,9 +8,10 @@ place them in real model families. See DESIGN.md.
 from . import methods as _methods_pkg  # noqa: F401  (registers built-in methods; must precede the next line)
 from .adapters.base import Handle, Stats
 from .api import apply, methods  # `tr.methods` is the function; the package stays tokenreduce.methods
+from .compress import compress  # `tr.compress` is the function; the module stays tokenreduce.compress
 from .core import Keep, Reducer, TokenState, criteria, strategies
 
 __version__ = "0.1.0"
 
 __all__ = ["apply", "methods", "TokenState", "Keep", "Reducer", "Handle", "Stats", "criteria", "strategies",
-           "__version__"]
+           "compress", "__version__"]

@@ -7,10 +7,11 @@ modality, integration point, paper and the equation it implements, and the adapt
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
-__all__ = ["MethodSpec", "register", "get_method", "methods", "suggest", "METHODS"]
+__all__ = ["METHODS", "MethodSpec", "get_method", "methods", "register", "register_dataclass", "suggest"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,31 @@ def register(name: str, *, modality: str, integration: str, paper: str, equation
         return factory
 
     return deco
+
+
+def register_dataclass(name: str, cls: type, *, modality: str, integration: str, paper: str, equation: str = "",
+                       hidden: tuple[str, ...] = ("needs",)) -> Callable[..., Any]:
+    """Register a method implemented as a dataclass with a ``keep`` field: ``cls(keep=keep, **kw)``.
+
+    The factory validates ``keep`` (float in (0, 1], int >= 1, or a ``Keep``/schedule) and turns an unknown
+    keyword into a TypeError that lists the accepted ones (dataclass fields minus ``hidden``).
+    """
+    from .core.budget import Keep, validate_keep_value
+
+    def factory(keep: Any = None, **kw: Any) -> Any:
+        if keep is not None:
+            if not isinstance(keep, (Keep, list, tuple)):
+                validate_keep_value(keep)
+            kw["keep"] = keep
+        try:
+            return cls(**kw)
+        except TypeError as e:  # unknown keyword
+            allowed = [f for f in cls.__dataclass_fields__ if f not in hidden]
+            raise TypeError(f"{name}: {e}; accepted keywords: {allowed}") from None
+
+    factory.__doc__ = cls.__doc__
+    factory.__name__ = f"make_{name.replace('-', '_')}"
+    return register(name, modality=modality, integration=integration, paper=paper, equation=equation)(factory)
 
 
 def get_method(name: str, integration: str | None = None) -> MethodSpec:

@@ -4,12 +4,13 @@ patch/restore bookkeeping."""
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol, Self
 
 from torch import nn
 
-__all__ = ["Adapter", "ADAPTERS", "register_adapter", "find_adapter", "Patcher", "Handle", "Stats"]
+__all__ = ["ADAPTERS", "Adapter", "Handle", "Patcher", "Stats", "find_adapter", "register_adapter"]
 
 _MISSING = object()
 _MARK = "_tokenreduce_handle"
@@ -21,12 +22,12 @@ class Adapter(Protocol):
 
     def matches(self, model: nn.Module) -> bool: ...
 
-    def attach(self, model: nn.Module, method: Any, method_name: str) -> "Handle": ...
+    def attach(self, model: nn.Module, method: Any, method_name: str) -> Handle: ...
 
 
 ADAPTERS: list[Adapter] = []
 # Modules that register adapters, in matching order (the first adapter whose `matches` is true wins).
-ADAPTER_MODULES: list[str] = ["vit"]
+ADAPTER_MODULES: list[str] = ["vit", "vlm", "llm", "encoder"]
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
@@ -140,7 +141,7 @@ class Handle:
             self.model.__dict__.pop(_MARK, None)
             self.active = False
 
-    def __enter__(self) -> "Handle":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,18 +17,18 @@ How (the ToMe recipe, Bolya et al. 2023, ``tome/patch/timm.py``, without copying
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.state import TokenState, check_finite
 from ..core import strategies as S
+from ..core.state import TokenState, check_finite
 from .base import Handle, Patcher, Stats, register_adapter
 
-__all__ = ["VitFamily", "VitAdapter", "FAMILIES"]
+__all__ = ["FAMILIES", "VitAdapter", "VitFamily"]
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,7 @@ class _Run:
         self._bias_valid = False
         self._stats = Stats(method=name)
         self._cur = Stats(method=name)
+        self.dims: Any = None  # tokenreduce.bench.flops.ViTDims for the FLOPs estimate in stats
 
     # -- forward bookkeeping
     def begin(self, x: Tensor, mask: Tensor | None = None) -> None:
@@ -210,6 +211,7 @@ class _Run:
                                             check=False)
         self._bias_valid = False
         self._cur = Stats(method=self.name, input_tokens=x.shape[1])
+        self.method.notes = self._cur.notes
 
     def bias(self, dtype: torch.dtype) -> Tensor | None:
         """Additive attention bias (B,1,1,N): log(size) if proportional attention, dtype-min on padding."""
@@ -300,6 +302,9 @@ def _make_forward(run: _Run, layer: int, qk: QK) -> Callable[..., Tensor]:
         run.state = run.state.with_x(x)
         if layer == run.depth - 1:
             cur.final_tokens = run.state.mask.sum(1).tolist()
+            if run.dims is not None:
+                f = run.dims.flops(cur.tokens_attn, cur.tokens_mlp)
+                cur.flops = {"gflops": f["gflops"], "gflops_unreduced": run.dims.flops()["gflops"]}
             run._stats = cur
         return x
 
@@ -323,6 +328,7 @@ class VitAdapter:
         blocks = fam.blocks(model)
         method.setup(len(blocks))
         run = _Run(method, method_name, fam, blocks, fam.protected(model), fam.grid(model))
+        run.dims = _dims(model, fam)
         p = Patcher()
         for i, b in enumerate(blocks):
             qk = fam.qk(b)
@@ -336,6 +342,19 @@ class VitAdapter:
         if fam is TIMM:
             _patch_timm_pool(model, run, p)
         return Handle(model, method_name, method, p, run.stats, extras={"unmerge": run.unmerge})
+
+
+def _dims(model: nn.Module, fam: VitFamily) -> Any:
+    """Shapes for the analytic FLOPs estimate reported in ``Handle.stats.flops`` (None if unknown)."""
+    from ..bench.flops import hf_vit_dims, timm_vit_dims
+
+    if fam is TIMM:
+        return timm_vit_dims(model)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and all(hasattr(getattr(cfg, "vision_config", cfg), a) for a in
+                               ("hidden_size", "intermediate_size", "image_size", "patch_size")):
+        return hf_vit_dims(cfg, prefix_tokens=fam.protected(model))
+    return None
 
 
 def _capture(run: _Run, *keys: str) -> Callable[..., None]:

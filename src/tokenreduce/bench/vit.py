@@ -16,9 +16,11 @@ self-contained HTML report.
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +33,7 @@ from .report import format_table, html_report, pareto_plot
 from .results import ResultWriter
 from .timing import fixed_threads, interleaved, speedup
 
-__all__ = ["VitBenchConfig", "run_vit_bench", "zero_overhead_forward", "register_cli"]
+__all__ = ["VitBenchConfig", "register_cli", "run_vit_bench", "zero_overhead_forward"]
 
 DEFAULT_METHODS = ("tome", "evit", "token-transforming", "cluster", "pool", "random")
 DEFAULT_KEEPS = (1.0, 0.75, 0.5, 0.35, 0.25)
@@ -138,8 +140,8 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
                     pred = _predict(model, images, 250)
                     model(tbatch)
                     st = h.stats
-                ta = [int(round(t)) for t in st.tokens_attn]
-                tm = [int(round(t)) for t in st.tokens_mlp]
+                ta = [round(t) for t in st.tokens_attn]
+                tm = [round(t) for t in st.tokens_mlp]
                 fl = dims.flops(st.tokens_attn, st.tokens_mlp)
                 per_keep[keep] = {
                     "method": method, "keep": keep,
@@ -156,7 +158,7 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
             copies = []
             for keep in cfg.keeps:
                 ta, tm = handles[keep]
-                fns[f"limit@{keep}"] = (lambda f: (lambda: f(tbatch)))(zero_overhead_forward(model, ta, tm))
+                fns[f"limit@{keep}"] = functools.partial(zero_overhead_forward(model, ta, tm), tbatch)
                 fns[f"method@{keep}"], hk = _timed_copy(model, method, keep, kw, tbatch, overhead.setdefault(keep, []))
                 copies.append(hk)
             timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True)

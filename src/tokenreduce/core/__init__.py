@@ -5,4 +5,4 @@ from .budget import Keep
 from .reducer import Reducer
 from .state import TokenState
 
-__all__ = ["TokenState", "Keep", "Reducer", "criteria", "strategies"]
+__all__ = ["Keep", "Reducer", "TokenState", "criteria", "strategies"]

@@ -15,8 +15,9 @@ Nothing is silently clipped: an impossible budget raises ValueError naming the v
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -67,7 +68,7 @@ class Keep:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def of(cls, keep: KeepLike) -> "Keep":
+    def of(cls, keep: KeepLike) -> Keep:
         """Coerce a float, int, sequence or Keep to a Keep."""
         if isinstance(keep, Keep):
             return keep

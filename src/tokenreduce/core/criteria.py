@@ -12,8 +12,9 @@ Padding tokens get ``-inf`` scores so no budget can pick them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,20 @@ from torch import Tensor
 from .state import TokenState
 
 __all__ = [
-    "Criterion", "Attention", "Similarity", "Diversity", "Norm", "Random", "QueryRelevance",
-    "SelfInformation", "CRITERIA", "get_criterion", "masked_scores",
-    "cls_attention", "mean_attention", "farthest_point_order",
+    "CRITERIA",
+    "Attention",
+    "Criterion",
+    "Diversity",
+    "Norm",
+    "QueryRelevance",
+    "Random",
+    "SelfInformation",
+    "Similarity",
+    "cls_attention",
+    "farthest_point_order",
+    "get_criterion",
+    "masked_scores",
+    "mean_attention",
 ]
 
 

@@ -20,15 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "attention_probs",
-    "snapkv_votes",
     "accumulated_attention",
-    "last_query_attention",
-    "key_norm_scores",
-    "positional_random_scores",
+    "attention_probs",
     "head_soft_vote",
+    "key_norm_scores",
+    "last_query_attention",
+    "order_key",
+    "positional_random_scores",
     "pyramid_ratios",
     "select_in_order",
+    "snapkv_votes",
 ]
 
 
@@ -135,10 +136,24 @@ def pyramid_ratios(keep: float, num_layers: int, beta: float = 20.0) -> list[flo
     return [high - i * step for i in range(num_layers)]
 
 
+def order_key(scores: Tensor, mantissa_bits: int = 12) -> Tensor:
+    """Monotone int64 key of float scores, rounded to ``mantissa_bits`` bits of relative precision (2.4e-4):
+    float noise (~1e-7, e.g. a batch vs one sample) cannot reorder two entries unless they are that close;
+    near-ties are then broken by position by the caller. Order-preserving for all finite values."""
+    x = scores.float().contiguous()
+    x = torch.where(x == 0, torch.zeros_like(x), x)  # -0.0 -> 0.0
+    bits = x.view(torch.int32).long()
+    mono = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))  # IEEE order -> integer order
+    shift = 23 - mantissa_bits
+    return torch.div(mono, 1 << shift, rounding_mode="floor")
+
+
 def select_in_order(scores: Tensor, eligible: Tensor, forced: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """Top-``counts`` entries per row by ``scores`` among ``eligible``, ``forced`` ones always included, returned
     as indices in **positional order** plus a validity mask (rows keep different numbers: ragged).
 
+    Scores are compared at 12 bits of relative precision (:func:`order_key`), ties going to the later entry, so
+    selections do not depend on float noise (a sample alone or in a padded batch keeps the same entries).
     scores/eligible/forced (B, H, N); counts (B, H) long (<= eligible per row). Returns idx (B,H,K) long and
     ok (B,H,K) bool with K = max(counts); invalid slots point at index 0 and must be masked by the caller.
     """
@@ -147,13 +162,17 @@ def select_in_order(scores: Tensor, eligible: Tensor, forced: Tensor, counts: Te
     if K == 0:
         z = torch.zeros(B, H, 0, dtype=torch.long, device=scores.device)
         return z, z.bool()
-    s = scores.float().masked_fill(~eligible, float("-inf"))
-    s = s.masked_fill(forced & eligible, float("inf"))
-    top = s.topk(K, dim=-1).indices  # (B, H, K)
+    ar = torch.arange(N, device=scores.device)
+    s = scores.float().masked_fill(~eligible, 0.0)
+    key = order_key(s) * N + ar  # ties -> later position
+    big = 1 << 60
+    key = key.masked_fill(~eligible, -big)
+    key = torch.where(forced & eligible, big + ar, key)
+    top = key.topk(K, dim=-1).indices  # (B, H, K)
     rank = torch.arange(K, device=scores.device)
     ok = (rank.view(1, 1, K) < counts.unsqueeze(-1)) & eligible.gather(2, top)
-    key = torch.where(ok, top, top + N)  # valid first, in positional order
-    order = key.argsort(dim=-1)
+    skey = torch.where(ok, top, top + N)  # valid first, in positional order
+    order = skey.argsort(dim=-1)
     idx = top.gather(2, order)
     ok = ok.gather(2, order)
     return torch.where(ok, idx, torch.zeros_like(idx)), ok

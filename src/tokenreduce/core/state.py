@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-__all__ = ["TokenState", "check_finite", "batched_index_select", "batched_index_add"]
+__all__ = ["TokenState", "batched_index_add", "batched_index_select", "check_finite"]
 
 
 def batched_index_select(x: Tensor, index: Tensor) -> Tensor:
@@ -71,7 +71,7 @@ class TokenState:
         protected: int = 0,
         grid: tuple[int, int] | None = None,
         check: bool = True,
-    ) -> "TokenState":
+    ) -> TokenState:
         """Wrap a (B, N, D) tensor. ``mask`` (B, N) marks real tokens (default: all real).
 
         ``grid`` is the (H, W) layout of the non-protected tokens when they form an image grid.
@@ -131,19 +131,19 @@ class TokenState:
         """(B,) number of real, non-protected tokens per sample."""
         return self.reducible().sum(dim=1)
 
-    def with_x(self, x: Tensor) -> "TokenState":
+    def with_x(self, x: Tensor) -> TokenState:
         """Same bookkeeping, new features (e.g. after a transformer block)."""
         if x.shape[:2] != self.x.shape[:2]:
             raise ValueError(f"new x shape {tuple(x.shape)} does not match tokens {tuple(self.x.shape[:2])}")
         return replace(self, x=x)
 
     # ------------------------------------------------------------------ reduction primitive
-    def select(self, index: Tensor, valid: Tensor) -> "TokenState":
+    def select(self, index: Tensor, valid: Tensor) -> TokenState:
         """Keep tokens ``index`` (B, K) (positions in the current state); ``valid`` (B, K) marks real ones.
 
         Pure gather: no mixing of features. The origin map sends tokens that were not selected to -1.
         """
-        B, N, D = self.x.shape
+        B, N, _D = self.x.shape
         K = index.shape[1]
         x = batched_index_select(self.x, index)
         new_of_old = torch.full((B, N + 1), -1, dtype=torch.long, device=index.device)

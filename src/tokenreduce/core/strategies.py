@@ -12,18 +12,29 @@ and the total size are conserved (ToMe, Bolya et al., ICLR 2023, Sec. 3 "merge_w
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .state import TokenState, _remap_origin, batched_index_add, batched_index_select
+from .state import TokenState, _remap_origin, batched_index_add
 
 __all__ = [
-    "prune", "prune_package", "merge_by_assignment", "bipartite_merge", "bipartite_assignment",
-    "cluster_merge", "dpc_knn_centers", "kmeans_assign", "pool", "grid_for_count", "transform",
-    "unmerge", "STRATEGIES", "get_strategy",
+    "STRATEGIES",
+    "bipartite_assignment",
+    "bipartite_merge",
+    "cluster_merge",
+    "dpc_knn_centers",
+    "get_strategy",
+    "grid_for_count",
+    "kmeans_assign",
+    "merge_by_assignment",
+    "pool",
+    "prune",
+    "prune_package",
+    "transform",
+    "unmerge",
 ]
 
 NEG = float("-inf")
@@ -133,7 +144,7 @@ def merge_by_assignment(state: TokenState, dst: Tensor) -> TokenState:
     x'_c = sum_{i in c} s_i x_i / sum_{i in c} s_i, s'_c = sum_{i in c} s_i. Output keeps the
     representatives in their current order, so positions stay sorted.
     """
-    B, N, D = state.x.shape
+    B, N, _D = state.x.shape
     ar = torch.arange(N, device=dst.device).expand(B, N)
     is_rep = (dst == ar) & state.mask
     slot_of_rep = torch.cumsum(is_rep.long(), 1) - 1  # slot index for representatives
@@ -228,7 +239,7 @@ def dpc_knn_centers(metric: Tensor, valid: Tensor, k: int = 5) -> Tensor:
 def kmeans_assign(metric: Tensor, valid: Tensor, center_mask: Tensor, weight: Tensor, iters: int = 10) -> Tensor:
     """Weighted Lloyd k-means initialised at ``center_mask`` tokens; returns per-token cluster ids (B,N),
     ids are indices of the initial center tokens (-1 for invalid)."""
-    B, N, C = metric.shape
+    B, _N, C = metric.shape
     x = metric.float()
     cidx, cval = _select_mask_plain(center_mask)
     cent = x.gather(1, cidx.unsqueeze(-1).expand(-1, -1, C))
@@ -265,7 +276,7 @@ def cluster_merge(state: TokenState, metric: Tensor, counts: Tensor, algo: str =
     red = state.reducible()
     score = dpc_knn_centers(metric, red, k=k)
     is_center = topk_mask(state, score, counts)
-    B, N, C = metric.shape
+    B, N, _C = metric.shape
     if algo == "kmeans":
         cid = kmeans_assign(metric, red, is_center, state.size, iters=iters)
     else:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from torch import Tensor
 from .state import TokenState
 from .strategies import _check_counts, merge_by_assignment
 
-__all__ = ["pool1d", "Pieces", "word_units", "sentence_units", "group_units", "fill_budget"]
+__all__ = ["Pieces", "fill_budget", "group_units", "pool1d", "sentence_units", "word_units"]
 
 
 # ---------------------------------------------------------------------------- encoders: 1D pooling
@@ -77,7 +77,7 @@ class Pieces:
     piece_of_token: np.ndarray
 
     @classmethod
-    def from_offsets(cls, text: str, offsets: Sequence[tuple[int, int]]) -> "Pieces":
+    def from_offsets(cls, text: str, offsets: Sequence[tuple[int, int]]) -> Pieces:
         """Build from a fast tokenizer's ``offset_mapping`` (one (start, end) per token, no special tokens)."""
         n = len(offsets)
         if n == 0:

@@ -8,15 +8,23 @@ projections (never switching the model to eager attention) and applies their dec
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "attention_probs", "divprune_scores", "visionzip_merge", "hiprune_keep", "sparsevlm_raters",
-    "sparsevlm_schedule", "pdrop_lambda", "stage_average", "neighbours4", "topk_in_mask",
+    "attention_probs",
+    "divprune_scores",
+    "hiprune_keep",
+    "neighbours4",
+    "pdrop_lambda",
+    "sparsevlm_raters",
+    "sparsevlm_schedule",
+    "stage_average",
+    "topk_in_mask",
+    "visionzip_merge",
 ]
 
 NEG = float("-inf")

@@ -9,12 +9,12 @@ a relative ``depth``), ``question`` ("Now answer the quiz. What is the pass key?
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .text import lee_documents
 
-__all__ = ["PasscodeSample", "make_passcode_samples", "QUESTION", "ANSWER_PREFIX"]
+__all__ = ["ANSWER_PREFIX", "QUESTION", "PasscodeSample", "make_passcode_samples"]
 
 QUESTION = "Now answer the quiz. What is the pass key?"
 ANSWER_PREFIX = "The pass key is"

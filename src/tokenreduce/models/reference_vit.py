@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
 from tokenreduce._paths import cache_dir
@@ -46,6 +47,7 @@ from tokenreduce.data.digits import (
 
 __all__ = [
     "MODEL_VERSION",
+    "ConvStemPatchEmbed",
     "TrainConfig",
     "build_reference_vit",
     "checkpoint_dir",
@@ -86,6 +88,7 @@ class TrainConfig:
     num_heads: int = 3
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
+    stem: str = "conv"
     data: ClutteredDigitsConfig = field(default_factory=ClutteredDigitsConfig)
     epochs: int = 6
     samples_per_epoch: int = 4096
@@ -117,6 +120,7 @@ class TrainConfig:
             num_heads=self.num_heads,
             mlp_ratio=self.mlp_ratio,
             drop_path_rate=self.drop_path_rate,
+            stem=self.stem,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +155,8 @@ def _validate_train_config(c: TrainConfig) -> None:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+    if c.stem not in STEMS:
+        raise ValueError(f"stem={c.stem!r} is invalid: must be one of {STEMS}")
     if c.image_size != c.data.image_size:
         raise ValueError(f"image_size={c.image_size} must equal data.image_size={c.data.image_size}")
     if c.image_size % c.patch_size:
@@ -179,22 +185,58 @@ def _validate_train_config(c: TrainConfig) -> None:
 # --------------------------------------------------------------------------- model
 
 
-def build_reference_vit(**overrides: Any) -> VisionTransformer:
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` whose projection is a small convolutional stem.
+
+    Same interface, token grid and attributes as ``PatchEmbed`` (``patch_size``,
+    ``grid_size``, ``num_patches``, ...): ``proj`` is a stack of 3x3 stride-2 convs
+    (BatchNorm + ReLU) whose strides multiply to ``patch_size``, then a 1x1 conv to
+    ``embed_dim``. Early convolutions make ViTs train far faster on small data
+    (Xiao et al., 2021) at a cost of ~1% of the transformer blocks' FLOPs here.
+    """
+
+    def __init__(self, *args: Any, stem_channels: int = 32, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        stride = self.patch_size[0]
+        if self.patch_size[0] != self.patch_size[1] or stride & (stride - 1) or stride < 2:
+            raise ValueError(f"patch_size={self.patch_size} is invalid for the conv stem: need a square power of 2")
+        in_chans, embed_dim = self.proj.in_channels, self.proj.out_channels
+        layers: list[torch.nn.Module] = []
+        ch = stem_channels
+        while stride > 1:
+            layers += [torch.nn.Conv2d(in_chans, ch, 3, stride=2, padding=1, bias=False),
+                       torch.nn.BatchNorm2d(ch), torch.nn.ReLU(inplace=True)]
+            in_chans, ch, stride = ch, ch * 2, stride // 2
+        layers.append(torch.nn.Conv2d(in_chans, embed_dim, 1))
+        self.proj = torch.nn.Sequential(*layers)
+
+
+#: Patch-embedding variants: a timm ``PatchEmbed`` (linear patches) or the conv stem.
+STEMS = ("conv", "patch")
+
+
+def build_reference_vit(stem: str = "conv", **overrides: Any) -> VisionTransformer:
     """Untrained reference architecture; ``overrides`` replace VisionTransformer kwargs.
 
-    Defaults come from :class:`TrainConfig` (64x64, patch 4, 192 wide, 6 deep,
-    3 heads, 10 classes) with ``class_token=True`` and ``global_pool="token"``.
+    Defaults come from :class:`TrainConfig` (64x64, patch 4 -> 257 tokens, 10 classes)
+    with ``class_token=True`` and ``global_pool="token"``. ``stem="conv"`` uses
+    :class:`ConvStemPatchEmbed`, ``stem="patch"`` the standard linear patch embedding.
     E.g. ``build_reference_vit(embed_dim=32, depth=2, num_heads=2)`` for tests.
 
     Raises:
-        ValueError: On a keyword that ``VisionTransformer`` does not accept.
+        ValueError: On an unknown stem or a keyword ``VisionTransformer`` does not accept.
     """
+    if stem not in STEMS:
+        raise ValueError(f"stem={stem!r} is invalid: must be one of {STEMS}")
     accepted = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self", "kwargs"}
     unknown = set(overrides) - accepted
     if unknown:
         raise ValueError(f"unknown VisionTransformer arguments {sorted(unknown)}; accepted: {sorted(accepted)}")
-    kwargs: dict[str, Any] = dict(TrainConfig().model_kwargs(), num_classes=NUM_CLASSES,
-                                  class_token=True, global_pool="token")
+    defaults = TrainConfig().model_kwargs()
+    defaults.pop("stem")
+    kwargs: dict[str, Any] = dict(defaults, num_classes=NUM_CLASSES, class_token=True, global_pool="token")
+    if stem == "conv":
+        kwargs["embed_layer"] = ConvStemPatchEmbed
     kwargs.update(overrides)
     return VisionTransformer(**kwargs)
 

@@ -1,0 +1,494 @@
+"""Prompt compression, the text-in/text-out integration point: ``tr.compress(text, method=..., keep=...)``.
+
+The same four parts as every method (Kong et al. 2025): a **criterion** scores units of the prompt (LM
+self-information, question-conditioned perplexity, encoder relevance), a **strategy** keeps or drops
+units, the **budget** is a number of tokens *of the target LM*, and the integration point is the text
+itself. The methods are in :mod:`tokenreduce.methods.prompt`; this module holds what they share:
+
+* :class:`Prompt` -- the input split into pieces owned by the LM's tokens (character offsets of the fast
+  tokenizer, :class:`tokenreduce.core.text.Pieces`), so kept pieces join back into text without any
+  whitespace assumption, and identity (keep=1) returns the text unchanged;
+* :class:`CausalScorer` -- batched token log-probabilities under any causal LM: one forward pass for a
+  text (windows of the LM's context limit for long texts, all windows in one batch), the LM head applied
+  in row chunks (bf16 on CPUs that have it) so the vocabulary-sized logits never exist at once;
+* :func:`compress` -- validation, the exact-budget loop and :class:`CompressionResult`.
+
+Budget: the target is ``round(keep * n)`` tokens of the LM's tokenizer (n = tokens of the text). Methods
+pick pieces summing to exactly the target; the kept text is then re-tokenized (joining pieces can merge
+or split tokens at the seams) and the selection is redone with a corrected target until the re-tokenized
+count matches (a few cheap re-selections, no new LM pass). ``kept_ratio`` is measured on the output text.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .core.budget import validate_keep_value
+from .core.text import Pieces, sentence_units, word_units
+
+__all__ = ["compress", "CompressionResult", "Prompt", "CausalScorer", "RATIO_TOLERANCE"]
+
+RATIO_TOLERANCE = 0.03  # relative: |kept_ratio - keep| <= 3% of keep (or one token for tiny targets)
+
+
+# ---------------------------------------------------------------------------- result
+@dataclass
+class CompressionResult:
+    """What :func:`compress` returns.
+
+    ``text``: the compressed prompt; ``kept_ratio``: its tokens / the input's tokens (the LM's tokenizer,
+    measured by re-tokenizing ``text``); ``keep``: the requested keep; ``spans``: the (start, end) character
+    ranges of the input that were kept, in output order (methods that reorder, e.g. ``longllmlingua``, give
+    them in their new order); ``timings``: seconds for ``tokenize``, ``score`` (LM/encoder passes),
+    ``select`` and ``total``.
+    """
+
+    text: str
+    kept_ratio: float
+    keep: float | int
+    method: str
+    n_tokens: int
+    n_kept: int
+    target_tokens: int
+    spans: list[tuple[int, int]]
+    timings: dict[str, float]
+    question: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def within_tolerance(self) -> bool:
+        return abs(self.n_kept - self.target_tokens) <= max(1.0, RATIO_TOLERANCE * self.target_tokens)
+
+
+# ---------------------------------------------------------------------------- scorer
+def _bf16_matmul_ok(device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - depends on the torch build
+        return False
+
+
+class CausalScorer:
+    """Token log-probabilities log p(x_t | x_<t) under a causal LM, batched.
+
+    ``max_window``: longest sequence per forward (capped by the LM's ``max_position_embeddings``); longer
+    texts are scored in windows that overlap by ``overlap`` tokens, all in one batch. ``batch_tokens``:
+    padded tokens per forward. ``head_dtype``: dtype of the LM-head matmul ("auto": bfloat16 on CPUs with
+    native bf16 for vocabularies >= 32k, else the model's dtype); log-softmax is always fp32.
+
+    Fast path: the LM's base model gives hidden states, the output embedding is applied only to the rows
+    that are scored (in chunks), with Gemma-style final logit soft-capping. It is checked once against the
+    LM's own forward on a short probe; models whose logits need more (extra scaling) use the full forward.
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer: Any, max_window: int = 2048, overlap: int = 256,
+                 batch_tokens: int = 8192, head_dtype: str | torch.dtype = "auto") -> None:
+        if not isinstance(lm, nn.Module):
+            raise TypeError(f"lm must be a causal LM (torch.nn.Module), got {type(lm).__name__}")
+        self.lm, self.tokenizer = lm, tokenizer
+        self.device = next(lm.parameters()).device
+        cfg = getattr(lm, "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.window = int(min(max_window, limit)) if limit else int(max_window)
+        if self.window < 8:
+            raise ValueError(f"the LM's context ({self.window} tokens) is too short to score text")
+        self.overlap = int(min(overlap, self.window // 4))
+        self.batch_tokens = int(batch_tokens)
+        self.bos = tokenizer.bos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        base = getattr(lm, "base_model", None)
+        odd = any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in ("logit_scale", "logits_scaling"))
+        self.fast = isinstance(head, nn.Linear) and isinstance(base, nn.Module) and base is not lm and not odd
+        self.head, self.base = head, base
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        vocab = head.weight.shape[0] if isinstance(head, nn.Linear) else 0
+        if head_dtype == "auto":
+            self.head_dtype = torch.bfloat16 if vocab >= 32768 and _bf16_matmul_ok(self.device) else None
+        else:
+            self.head_dtype = head_dtype
+        self._w: Tensor | None = None
+        self._w_key: tuple | None = None
+        self._checked = False
+        self.notes: list[str] = []
+
+    # -- pieces of a forward
+    def _head_weight(self) -> Tensor:
+        w = self.head.weight
+        if self.head_dtype is None or self.head_dtype == w.dtype:
+            return w
+        key = (w.data_ptr(), w._version)
+        if self._w is None or self._w_key != key:
+            self._w, self._w_key = w.detach().to(self.head_dtype), key
+        return self._w
+
+    @torch.inference_mode()
+    def head_logprobs(self, h: Tensor, targets: Tensor) -> Tensor:
+        """log p(target) from final hidden states ``h`` (M, D); (M,) fp32. Rows in chunks."""
+        w = self._head_weight()
+        b = self.head.bias
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        rows = max(1, (1 << 25) // max(1, w.shape[0]))
+        for i in range(0, h.shape[0], rows):
+            z = (h[i: i + rows].to(w.dtype) @ w.T).float()
+            if b is not None:
+                z = z + b.float()
+            if self.softcap:
+                z = torch.tanh(z / self.softcap) * self.softcap
+            t = targets[i: i + rows]
+            out[i: i + rows] = z.gather(1, t[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
+        return out
+
+    @torch.inference_mode()
+    def hidden(self, ids: Tensor, mask: Tensor | None = None, cache: Any = None) -> Tensor:
+        """Final hidden states (B, L, D) of the base model (optionally continuing ``cache``)."""
+        kw: dict[str, Any] = {"input_ids": ids.to(self.device)}
+        if mask is not None:
+            kw["attention_mask"] = mask.to(self.device)
+        if cache is not None:
+            kw.update(past_key_values=cache, use_cache=True)
+        else:
+            kw["use_cache"] = False
+        return self.base(**kw).last_hidden_state
+
+    def _check_fast(self, seq: list[int]) -> None:
+        """Compare the fast path with the LM's own logits once, on a short probe."""
+        self._checked = True
+        if not self.fast:
+            self.notes.append("scorer: full LM forward (no separable output head)")
+            return
+        probe = torch.tensor([seq[:16]], device=self.device)
+        if probe.shape[1] < 2:
+            return
+        with torch.inference_mode():
+            ref = torch.log_softmax(self.lm(input_ids=probe, use_cache=False).logits[0, :-1].float(), -1)
+            ref = ref.gather(1, probe[0, 1:, None])[:, 0]
+            saved, self.head_dtype = self.head_dtype, None
+            try:
+                got = self.head_logprobs(self.hidden(probe)[0, :-1], probe[0, 1:])
+            finally:
+                self.head_dtype = saved
+        if not torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
+            self.fast = False
+            self.notes.append("scorer: base-model + head path disagreed with the LM's logits; using the full forward")
+
+    # -- batched log-probs
+    @torch.inference_mode()
+    def logprobs(self, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
+        """For each sequence, log p(seq[t] | seq[:t]) for t in its span [a, b) (default [1, len)); a >= 1.
+
+        All sequences go through the LM in length-sorted batches of at most ``batch_tokens`` padded tokens.
+        """
+        if spans is None:
+            spans = [(1, len(s)) for s in seqs]
+        for s, (a, b) in zip(seqs, spans):
+            if not 1 <= a <= b <= len(s):
+                raise ValueError(f"span {(a, b)} out of range for a sequence of {len(s)} tokens (need 1 <= a <= b)")
+            if len(s) > self.window:
+                raise ValueError(f"a sequence of {len(s)} tokens exceeds the scoring window {self.window}")
+        if not self._checked and seqs:
+            self._check_fast(list(max(seqs, key=len)))
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        i = 0
+        while i < len(order):
+            L = len(seqs[order[i]])
+            j = i + 1
+            while j < len(order) and (j - i + 1) * L <= self.batch_tokens:
+                j += 1
+            batch = order[i:j]
+            ids = torch.full((len(batch), L), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), L), dtype=torch.long)
+            for r, k in enumerate(batch):
+                ids[r, : len(seqs[k])] = torch.tensor(list(seqs[k]), dtype=torch.long)
+                mask[r, : len(seqs[k])] = 1
+            m = None if bool(mask.all()) else mask
+            rows, tgts, owners = [], [], []
+            if self.fast:
+                h = self.hidden(ids, m)
+                for r, k in enumerate(batch):
+                    a, b = spans[k]
+                    rows.append(h[r, a - 1: b - 1])
+                    tgts.append(ids[r, a:b])
+                    owners.append((k, b - a))
+                lp = self.head_logprobs(torch.cat(rows), torch.cat(tgts).to(self.device)).cpu()
+            else:
+                logits = self.lm(input_ids=ids.to(self.device), attention_mask=None if m is None else m.to(self.device),
+                                 use_cache=False).logits
+                parts = []
+                for r, k in enumerate(batch):
+                    a, b = spans[k]
+                    z = logits[r, a - 1: b - 1].float()
+                    parts.append(z.gather(1, ids[r, a:b, None].to(z.device))[:, 0] - torch.logsumexp(z, -1))
+                    owners.append((k, b - a))
+                lp = torch.cat(parts).cpu()
+            off = 0
+            for k, ln in owners:
+                out[k] = lp[off: off + ln].numpy().astype(np.float64)
+                off += ln
+            i = j
+        return out  # type: ignore[return-value]
+
+    def text_logprobs(self, ids: Sequence[int]) -> np.ndarray:
+        """log p(x_t | x_<t) for every token of a text (n,), with ``<bos>`` first if the tokenizer has one.
+
+        A text longer than the window is scored in overlapping windows (each starts with ``<bos>`` and sees
+        ``overlap`` tokens of the previous window as context), all windows in one batch. The first token of a
+        text without ``<bos>`` has no prediction: NaN.
+        """
+        ids = list(ids)
+        n = len(ids)
+        pre = [] if self.bos is None else [self.bos]
+        W = self.window - len(pre)
+        seqs, spans, where = [], [], []
+        start, done = 0, 0
+        while done < n:
+            a = max(0, done - self.overlap) if done else 0
+            chunk = ids[a: a + W]
+            seq = pre + chunk
+            first = len(pre) + (done - a)  # first position scored in this window
+            if first == 0:  # no <bos>: the very first token cannot be predicted
+                first = 1
+            seqs.append(seq)
+            spans.append((first, len(seq)))
+            where.append(a + first - len(pre))
+            done = a + len(chunk)
+            start += 1
+        res = np.full(n, np.nan)
+        for lp, w0 in zip(self.logprobs(seqs, spans), where):
+            res[w0: w0 + len(lp)] = lp
+        return res
+
+
+_SCORERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def get_scorer(lm: nn.Module, tokenizer: Any, **kw: Any) -> CausalScorer:
+    """A cached :class:`CausalScorer` per (LM, tokenizer, settings): the bf16 head copy is made once."""
+    per = _SCORERS.setdefault(lm, {})
+    key = (id(tokenizer), tuple(sorted(kw.items())))
+    if key not in per:
+        per[key] = CausalScorer(lm, tokenizer, **kw)
+    return per[key]
+
+
+# ---------------------------------------------------------------------------- prompt
+class Prompt:
+    """The text to compress as the methods see it: LM token ids, pieces, units, cached scores."""
+
+    def __init__(self, text: str, tokenizer: Any, question: str | None = None, scorer: CausalScorer | None = None,
+                 target: int = 0) -> None:
+        self.text, self.tokenizer, self.question, self.scorer = text, tokenizer, question, scorer
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        self.ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        if len(self.ids) == 0:
+            raise ValueError(f"text {text[:40]!r} has no tokens under the LM's tokenizer")
+        self.pieces = Pieces.from_offsets(text, enc["offset_mapping"])
+        self.target = target
+        self.seconds_scoring = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text)) if text else 0
+
+    @cached_property
+    def token_start(self) -> np.ndarray:
+        """Index of the first token of each piece (pieces own contiguous tokens)."""
+        return np.concatenate([[0], np.cumsum(self.pieces.ntok)[:-1]]).astype(np.int64)
+
+    def piece_ids(self, i: int) -> list[int]:
+        s = int(self.token_start[i])
+        return self.ids[s: s + int(self.pieces.ntok[i])].tolist()
+
+    def units(self, unit: str) -> np.ndarray:
+        """Unit id per piece: "token" (each piece), "word", "sentence"."""
+        if unit == "token":
+            return np.arange(self.pieces.num_pieces)
+        if unit == "word":
+            return self.words
+        if unit == "sentence":
+            return self.sentences
+        raise ValueError(f"unit must be 'token', 'word' or 'sentence', got {unit!r}")
+
+    @cached_property
+    def words(self) -> np.ndarray:
+        return word_units(self.pieces)
+
+    @cached_property
+    def sentences(self) -> np.ndarray:
+        return sentence_units(self.pieces)
+
+    def need_scorer(self, who: str) -> CausalScorer:
+        if self.scorer is None:
+            raise ValueError(f"method {who!r} scores tokens with a causal LM: pass lm=<a transformers causal LM>")
+        return self.scorer
+
+    @cached_property
+    def self_information(self) -> np.ndarray:
+        """-log p(x_t | x_<t) per token (n,), one batched pass; an unpredictable first token gets the max."""
+        t0 = time.perf_counter()
+        lp = self.need_scorer("self-information").text_logprobs(self.ids.tolist())
+        si = -lp
+        if np.isnan(si).any():
+            si[np.isnan(si)] = np.nanmax(si) if np.isfinite(si).any() else 0.0
+        self.seconds_scoring += time.perf_counter() - t0
+        return si
+
+
+def refine_units(*unit_ids: np.ndarray) -> np.ndarray:
+    """Units that never cross a boundary of any of the given unit partitions (e.g. words within sentences)."""
+    new = np.zeros(len(unit_ids[0]), dtype=bool)
+    new[0] = True
+    for u in unit_ids:
+        new[1:] |= u[1:] != u[:-1]
+    return np.cumsum(new) - 1
+
+
+# ---------------------------------------------------------------------------- entry point
+def _resolve_tokenizer(lm: Any, tokenizer: Any) -> Any:
+    if tokenizer is None:
+        raise ValueError(
+            "compress needs the LM's tokenizer to count tokens and map them back to text: pass tokenizer= "
+            "(a transformers *fast* tokenizer, e.g. AutoTokenizer.from_pretrained(...))"
+            + ("" if lm is None else f"; got lm={type(lm).__name__} without one")
+        )
+    if not callable(tokenizer) or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{type(tokenizer).__name__} is a slow tokenizer: compress needs character offsets, which only fast "
+            "tokenizers give (AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
+    return tokenizer
+
+
+def _target_tokens(keep: float | int, n: int) -> int:
+    validate_keep_value(keep)
+    if isinstance(keep, float):
+        return max(1, int(round(keep * n)))
+    if keep > n:
+        raise ValueError(f"keep={keep} tokens is larger than the text: it has {n} tokens (accepted: 1..{n})")
+    return int(keep)
+
+
+def compress(
+    text: str,
+    method: str = "selective-context",
+    keep: float | int = 0.5,
+    lm: nn.Module | None = None,
+    tokenizer: Any = None,
+    question: str | None = None,
+    **kwargs: Any,
+) -> CompressionResult:
+    """Compress ``text`` to ``keep`` of its tokens (in the LM's tokenizer) with a registered prompt method.
+
+    ``keep``: float in (0, 1] (fraction) or int >= 1 (tokens). ``lm``: a transformers causal LM used as the
+    scorer (methods that need one); ``tokenizer``: its *fast* tokenizer (always needed: the budget is in its
+    tokens). ``question``: for question-aware methods (``longllmlingua``, ``extractive``); the question itself
+    is not part of ``text`` and not compressed. Method knobs are keywords (see ``tr.methods("prompt")``),
+    scorer knobs ``max_window``, ``overlap``, ``batch_tokens``, ``head_dtype``.
+
+    Same input and settings -> same output. ``keep=1`` returns ``text`` unchanged without running a model.
+
+    >>> res = tr.compress(context, method="longllmlingua", keep=0.5, lm=model, tokenizer=tok, question=q)
+    >>> res.text, res.kept_ratio, res.spans
+    """
+    t_start = time.perf_counter()
+    from .registry import get_method
+
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if question is not None and not isinstance(question, str):
+        raise TypeError(f"question must be a str or None, got {type(question).__name__}")
+    if not text.strip():
+        if question is not None and question.strip():
+            raise ValueError("a question without a context: text is empty, there is nothing to compress "
+                             "(pass the context as text= and the question as question=)")
+        raise ValueError("text is empty (or only whitespace): there is nothing to compress")
+    if question is not None and not question.strip():
+        raise ValueError("question is empty: pass question=None for question-agnostic compression")
+    validate_keep_value(keep)
+    spec = get_method(method, "prompt")
+    scorer_kw = {k: kwargs.pop(k) for k in ("max_window", "overlap", "batch_tokens", "head_dtype") if k in kwargs}
+    impl = spec.build(**kwargs)
+    if impl.needs_question and question is None:
+        raise ValueError(f"method {method!r} is question-aware: pass question=<the question the prompt must answer>")
+    tokenizer = _resolve_tokenizer(lm, tokenizer)
+    if impl.needs_lm and lm is None:
+        raise ValueError(f"method {method!r} scores tokens with a causal LM: pass lm= (e.g. Gemma 3 270M) "
+                         f"and its tokenizer=")
+    scorer = get_scorer(lm, tokenizer, **scorer_kw) if (lm is not None and impl.needs_lm) else None
+
+    t0 = time.perf_counter()
+    prompt = Prompt(text, tokenizer, question, scorer)
+    n = prompt.n
+    target = _target_tokens(keep, n)
+    prompt.target = target
+    timings = {"tokenize": time.perf_counter() - t0}
+    notes: list[str] = []
+
+    if target >= n:  # identity: the text, unchanged
+        timings.update(score=0.0, select=0.0, total=time.perf_counter() - t_start)
+        return CompressionResult(text, 1.0, keep, spec.name, n, n, n, [(0, len(text))], timings, question, notes)
+
+    t0 = time.perf_counter()
+    prep = impl.prepare(prompt, target)
+    timings["score"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    best: tuple[int, str, list[int]] | None = None
+    goal = target
+    tried: set[int] = set()
+    for _ in range(8):
+        tried.add(goal)
+        order = [int(i) for i in impl.select(prompt, prep, goal)]
+        out = prompt.pieces.join(order)
+        c = prompt.count(out)
+        if best is None or abs(c - target) < abs(best[0] - target):
+            best = (c, out, order)
+        if c == target:
+            break
+        nxt = min(n, max(1, goal + (target - c)))
+        if nxt in tried:
+            step = 1 if c < target else -1
+            nxt = min(n, max(1, goal + step))
+            if nxt in tried:
+                break
+        goal = nxt
+    assert best is not None
+    c, out, order = best
+    timings["select"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    if scorer is not None:
+        notes.extend(scorer.notes)
+    res = CompressionResult(out, c / n, keep, spec.name, n, c, target, prompt.pieces.spans(order), timings,
+                            question, notes)
+    if not res.within_tolerance:
+        res.notes.append(f"achieved {c} tokens for a target of {target}: the text's pieces could not be joined "
+                         f"into exactly the target count (outside the {RATIO_TOLERANCE:.0%} tolerance)")
+    return res
+
+
+def _ceil(x: float) -> int:
+    return int(math.ceil(x - 1e-9))

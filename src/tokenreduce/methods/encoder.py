@@ -1,0 +1,59 @@
+"""Text-encoder methods (integration point ``encoder-layers``, BERT family via ``adapters/encoder.py``).
+
+The vision methods work on any :class:`~tokenreduce.core.state.TokenState`, so ToMe, EViT and the random
+baseline are the very classes of :mod:`.vision`; only pooling differs: text has no grid, so ``pool`` here
+is the ragged 1D average pooling of :func:`tokenreduce.core.text.pool1d`. ``keep`` has the same meaning as
+for ViTs (ToMe: final fraction of the reducible tokens; stage methods: fraction kept at each stage, stages
+after 1/4, 1/2, 3/4 of the depth). ``[CLS]`` is protected; padding is carried by masks, so every sample keeps
+its own number of tokens. Pool sentence embeddings with :func:`tokenreduce.adapters.encoder.mean_pool`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from ..core.budget import Keep, KeepLike, validate_keep_value
+from ..core.state import TokenState
+from ..core.text import pool1d
+from ..registry import register
+from .vision import EViT, RandomPrune, ToMe, VisionMethod, _StageMethod
+
+__all__ = ["TextPool"]
+
+ENCODER = "encoder-layers"
+
+
+@dataclass
+class TextPool(_StageMethod):
+    """Average-pooling baseline for token sequences: at each stage, each sample's tokens (after [CLS]) are
+    pooled in order into ``keep`` of their number of bins (ragged, size-weighted). Proportional attention."""
+
+    prop_attn: bool = True
+
+    def reduce(self, layer: int, state: TokenState, ctx: dict[str, Tensor]) -> TokenState:
+        return pool1d(state, self.counts(layer, state))
+
+
+def _reg(name: str, cls: type, paper: str, equation: str) -> None:
+    def factory(keep: KeepLike = 1.0, **kw: Any) -> VisionMethod:
+        if not isinstance(keep, (Keep, list, tuple)):
+            validate_keep_value(keep)
+        try:
+            return cls(keep=keep, **kw)
+        except TypeError as e:
+            allowed = [f for f in cls.__dataclass_fields__ if f != "needs"]
+            raise TypeError(f"{name}: {e}; accepted keywords: {allowed}") from None
+
+    factory.__doc__ = cls.__doc__
+    register(name, modality="language", integration=ENCODER, paper=paper, equation=equation)(factory)
+
+
+_reg("tome", ToMe, "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (applied to text encoders)",
+     "bipartite soft matching on keys; x=sum s_i x_i/sum s_i; softmax(QK^T/sqrt(d)+log s)")
+_reg("evit", EViT, "Liang et al., EViT, ICLR 2022 (CLS-attention pruning applied to text encoders)",
+     "top-k by mean_h A[cls,i]; x_fused=sum_{i inattentive} a_i x_i")
+_reg("random", RandomPrune, "random pruning baseline", "keep a seeded random subset")
+_reg("pool", TextPool, "1D average pooling baseline", "consecutive bins, size-weighted")

@@ -1,0 +1,412 @@
+"""KV-cache methods for decoder LLMs: each is a criterion (which cache entries matter) + a budget, placed by
+the LLM adapter (``adapters/llm.py``) into the model's own ``DynamicCache`` and attention interface.
+
+Every method answers three questions for one attention layer, given a :class:`KVContext`:
+
+* ``score(ctx)``  -> (B, H, N) scores (higher = keep), H = KV heads (per-head selection) or 1 (shared);
+* ``forced(ctx)`` -> (B, 1, N) entries that must stay (attention sinks, observation window, recent window);
+  they count against the budget, and a budget smaller than them is an error;
+* ``phase``: ``"prefill"`` compress once after the prompt (SnapKV, PyramidKV, Knorm, random), ``"decode"`` keep
+  the cache at its budget after every forward (StreamingLLM, H2O, TOVA: evict as the cache grows), or
+  ``"select"`` keep the cache whole and attend to a per-query selection (TokenSelect).
+
+``keep`` (float in (0, 1] or int >= 1) is the fraction/count of each layer's cache entries that survive, *per
+layer as the layer's cache exists* (a Gemma 3 sliding-window layer holds at most window-1 entries, a global
+layer the whole prompt). ``question_len`` trailing prompt tokens (int, or one per sample) are never evicted
+and are not counted in the budget (context vs question split of a QA pipeline); SnapKV/PyramidKV's
+observation window is the end of the prompt, i.e. the question in that setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from ..core import kv as K
+from ..core.budget import Keep, KeepLike, validate_keep_value
+from ..registry import register
+
+__all__ = ["KVContext", "KVMethod", "StreamingLLM", "H2O", "SnapKV", "TOVA", "Knorm", "PyramidKV", "TokenSelect",
+           "RandomKV", "KV"]
+
+KV = "kv-cache"
+
+
+# ---------------------------------------------------------------------------- what a method sees
+@dataclass
+class KVContext:
+    """One layer's cache at the moment a method scores it (built by the adapter, no model knowledge).
+
+    query (B,Hq,Q,D) of this forward (after RoPE); keys (B,Hkv,N,D) all entries (cache + this forward's);
+    pos (B,Hkv,N) logical position (column) of each entry, -1 for empty slots; valid (B,Hkv,N) real tokens;
+    qpos (Q,) columns of this forward's queries; rel (B,Hkv,N) position relative to the sample's first real
+    token (left padding removed); prompt_end (B,) first column after the prompt; window: sliding window of
+    the layer (None = global); state: per-entry tensors a method keeps between forwards (e.g. H2O's sums),
+    aligned with the entries (the adapter gathers/pads them with the cache).
+    """
+
+    query: Tensor
+    keys: Tensor
+    pos: Tensor
+    valid: Tensor
+    qpos: Tensor
+    rel: Tensor
+    prompt_end: Tensor
+    scaling: float
+    layer: int
+    num_layers: int
+    window: int | None = None
+    softcap: float | None = None
+    is_prefill: bool = True
+    state: dict[str, Tensor] = field(default_factory=dict)
+    _probs: dict[Any, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_queries(self) -> int:
+        return self.query.shape[2]
+
+    def allowed(self, qpos: Tensor) -> Tensor:
+        """(B, Hkv, Q, N) which entries the queries at columns ``qpos`` may see (causal, padding, window)."""
+        p = self.pos.unsqueeze(2)  # (B, H, 1, N)
+        q = qpos.view(1, 1, -1, 1)
+        ok = self.valid.unsqueeze(2) & (p <= q)
+        if self.window is not None:
+            ok = ok & (q - p < self.window)
+        return ok
+
+    def probs(self, last: int | None = None) -> Tensor:
+        """Attention (B,Hkv,G,W,N) of the last ``last`` queries of this forward (all if None) over the entries;
+        computed here from q and k, only the rows asked for (the model keeps its SDPA/eager attention)."""
+        Q = self.num_queries
+        w = Q if last is None else min(last, Q)
+        if w not in self._probs:
+            qs = self.qpos[Q - w:]
+            self._probs[w] = K.attention_probs(self.query[:, :, Q - w:], self.keys, self.scaling, self.allowed(qs),
+                                               self.softcap)
+        return self._probs[w]
+
+    def column_sums(self, chunk: int = 256) -> Tensor:
+        """H2O's accumulated attention over *all* queries of this forward, (B, Hkv, N), in query chunks so
+        the Q x N matrix is never materialised at once."""
+        Q = self.num_queries
+        total = None
+        for s in range(0, Q, chunk):
+            e = min(Q, s + chunk)
+            p = K.attention_probs(self.query[:, :, s:e], self.keys, self.scaling, self.allowed(self.qpos[s:e]),
+                                  self.softcap)
+            part = K.accumulated_attention(p)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def recent(self, n: int | Tensor) -> Tensor:
+        """(B, H, N) the ``n`` most recent real entries (by position) of each row; ``n`` int or (B,)."""
+        newest = self.pos.masked_fill(~self.valid, -1).amax(dim=-1, keepdim=True)
+        n_t = torch.as_tensor(n, device=self.pos.device).reshape(-1, 1, 1)
+        return self.valid & (self.pos > newest - n_t)
+
+    def first(self, n: int) -> Tensor:
+        """(B, H, N) the first ``n`` real tokens of each sample (attention sinks)."""
+        return self.valid & (self.rel < n)
+
+    def prompt_tail(self, n: int) -> Tensor:
+        """(B, H, N) the last ``n`` prompt tokens (the observation window)."""
+        end = self.prompt_end.view(-1, 1, 1)
+        return self.valid & (self.pos >= end - n) & (self.pos < end)
+
+
+# ---------------------------------------------------------------------------- base
+@dataclass
+class KVMethod:
+    """Base class (see module docstring). Subclasses set ``phase``/``shared_heads`` and override ``score``."""
+
+    keep: KeepLike = 1.0
+    question_len: int | Sequence[int] = 0
+
+    phase: ClassVar[str] = "prefill"
+    shared_heads: ClassVar[bool] = False  # one selection for all KV heads of a layer
+    stateful: ClassVar[bool] = False  # keeps per-entry state between forwards (ctx.state)
+    name: ClassVar[str] = "kv"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, (Keep, list, tuple)):
+            raise TypeError(f"{self.name}: keep must be a float in (0, 1] or an int >= 1 (one budget per layer); "
+                            f"got {self.keep!r}")
+        validate_keep_value(self.keep)
+        self.budget = Keep.of(self.keep)
+        ql = self.question_len
+        vals = [ql] if isinstance(ql, int) else list(ql)
+        for v in vals:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"question_len must be an int >= 0 or one such int per sample, got {ql!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.budget.is_identity
+
+    def layer_keep(self, layer: int, num_layers: int) -> float | int:
+        """The keep value of ``layer`` (PyramidKV overrides)."""
+        return self.keep  # type: ignore[return-value]
+
+    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+        return torch.zeros_like(ctx.valid[:, :1])
+
+    def forced_count(self) -> int:
+        """Entries ``forced`` keeps per row (for the 'budget too small' error)."""
+        return 0
+
+    def forced_desc(self) -> str:
+        return ""
+
+    def score(self, ctx: KVContext) -> Tensor:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- decoding eviction
+@dataclass
+class StreamingLLM(KVMethod):
+    """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024).
+
+    The cache keeps the first ``sinks`` tokens (attention sinks) and a rolling window of the most recent
+    ones, Sec. 3.2: ``KV = KV[0:sinks] ++ KV[t-w+1 : t]``, ``w = budget - sinks``. Evicts after every forward
+    (prefill included) so the cache never exceeds the budget; no scores are computed. Paper default: 4 sinks.
+    """
+
+    sinks: int = 4
+    phase: ClassVar[str] = "decode"
+    shared_heads: ClassVar[bool] = True
+    name: ClassVar[str] = "streaming-llm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
+
+    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+        return ctx.first(self.sinks)[:, :1]
+
+    def forced_count(self) -> int:
+        return self.sinks + 1  # the sinks and at least one recent token
+
+    def forced_desc(self) -> str:
+        return f"sinks ({self.sinks}) + a window of at least 1"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        return ctx.pos[:, :1].float()  # most recent first
+
+
+@dataclass
+class H2O(KVMethod):
+    """H2O, Heavy-Hitter Oracle (Zhang et al., NeurIPS 2023), Alg. 1.
+
+    Per head, every entry accumulates the attention it receives from every query so far,
+    ``F_i = sum_{t} A_t[i]`` (prompt queries included); the cache keeps the ``recent`` most recent entries and
+    the heavy hitters ``argtop_{budget - recent} F`` among the rest, evicting after every forward.
+    Paper default: half heavy hitters, half recent (``recent_ratio=0.5``).
+    """
+
+    recent_ratio: float = 0.5
+    phase: ClassVar[str] = "decode"
+    stateful: ClassVar[bool] = True
+    name: ClassVar[str] = "h2o"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.recent_ratio <= 1.0:
+            raise ValueError(f"recent_ratio must be in [0, 1], got {self.recent_ratio!r}")
+
+    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+        return ctx.recent(torch.round(budget.double() * self.recent_ratio).long())
+
+    def forced_desc(self) -> str:
+        return f"the recent window ({self.recent_ratio:g} of the budget)"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        if ctx.is_prefill or "acc" not in ctx.state:
+            acc = ctx.column_sums()
+        else:
+            old = ctx.state["acc"]
+            new = K.accumulated_attention(ctx.probs())
+            acc = torch.cat([old, torch.zeros_like(new[..., old.shape[-1]:])], dim=-1) + new
+        ctx.state["acc"] = acc
+        return acc
+
+
+@dataclass
+class TOVA(KVMethod):
+    """TOVA, Token Omission Via Attention (Oren et al., "Transformers are Multi-State RNNs", 2024), Sec. 3.3.
+
+    Whenever the cache exceeds its budget, drop the entries with the lowest attention from the current query,
+    averaged over all heads of the layer, ``s_i = mean_h softmax(q_t K_h^T / sqrt(d))_i`` (one selection per
+    layer, shared by the heads); the prompt is reduced the same way with the last prompt token as the query.
+    """
+
+    phase: ClassVar[str] = "decode"
+    shared_heads: ClassVar[bool] = True
+    name: ClassVar[str] = "tova"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        return K.last_query_attention(ctx.probs(last=1))
+
+
+# ---------------------------------------------------------------------------- prefill compression
+@dataclass
+class SnapKV(KVMethod):
+    """SnapKV (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024), Alg. 1.
+
+    After the prompt, per KV head: attention of the last ``window_size`` prompt queries (the observation
+    window, i.e. the question) over the prefix, ``C = sum_{q in window} softmax(q K^T/sqrt(d))``, pooled along
+    the sequence ``S = pool1d(C, kernel_size)``; keep the window plus ``argtop_{budget - window} S``.
+    Defaults of the reference code: window 32, kernel 5, average pooling.
+    """
+
+    window_size: int = 32
+    kernel_size: int = 5
+    pooling: str = "avgpool"
+    name: ClassVar[str] = "snapkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(f"window_size must be an int >= 1, got {self.window_size!r}")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
+        if self.pooling not in ("avgpool", "maxpool"):
+            raise ValueError(f"pooling={self.pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
+
+    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+        return ctx.prompt_tail(self.window_size)[:, :1]
+
+    def forced_count(self) -> int:
+        return self.window_size
+
+    def forced_desc(self) -> str:
+        return f"the observation window ({self.window_size} tokens)"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        return K.snapkv_votes(ctx.probs(last=self.window_size), self.kernel_size, self.pooling)
+
+
+@dataclass
+class PyramidKV(SnapKV):
+    """PyramidKV (Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
+    Funneling", 2024), Eq. 6-7: SnapKV's selection with layer-wise budgets that shrink linearly with depth,
+    ``k_l = k_0 - l (k_0 - k_{L-1}) / (L-1)``, ``k_{L-1} = keep / beta``, mean over layers = ``keep``
+    (:func:`tokenreduce.core.kv.pyramid_ratios`). Paper default beta = 20; takes a ratio ``keep``.
+    """
+
+    beta: float = 20.0
+    name: ClassVar[str] = "pyramidkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.keep, float):
+            raise TypeError(f"pyramidkv distributes a ratio over layers: keep must be a float in (0, 1], "
+                            f"got {self.keep!r}")
+        if not self.beta >= 1:
+            raise ValueError(f"beta must be >= 1, got {self.beta!r}")
+
+    def layer_keep(self, layer: int, num_layers: int) -> float:
+        r = K.pyramid_ratios(float(self.keep), num_layers, self.beta)[layer]
+        return min(max(r, 1e-9), 1.0)
+
+
+@dataclass
+class Knorm(KVMethod):
+    """Knorm (Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression", EMNLP
+    2024): after the prompt keep, per KV head, the entries with the lowest key norm, ``s_i = -||k_i||_2``."""
+
+    name: ClassVar[str] = "knorm"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        return K.key_norm_scores(ctx.keys)
+
+
+@dataclass
+class RandomKV(KVMethod):
+    """Random baseline: after the prompt keep a seeded random subset per KV head (``seed``); scores depend only
+    on (seed, layer, head, position in the sample), so a sample keeps the same entries alone or in a batch."""
+
+    seed: int = 0
+    name: ClassVar[str] = "random"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        return K.positional_random_scores(ctx.rel, self.seed, salt=ctx.layer)
+
+
+# ---------------------------------------------------------------------------- per-query selection
+@dataclass
+class TokenSelect(KVMethod):
+    """TokenSelect (Wu et al., "TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs
+    via Dynamic Token-Level KV Cache Selection", 2025), Sec. 3.
+
+    The cache is kept whole; each decoding query attends only to ``n_init`` initial tokens, ``n_local`` recent
+    tokens and the top tokens by the head soft vote ``S_i = sum_h softmax_i(q_h . k_{h,i})`` (Eq. 7-8), the
+    selection shared by all heads; ``budget = keep x entries`` in total. Selection cache (Sec. 3.4): if the
+    cosine similarity of consecutive queries exceeds ``reuse_threshold`` the previous selection is reused.
+    Reference defaults: n_init 128, n_local 512, threshold 0.9. The prompt is prefilled in full here (the
+    paper also selects inside chunked prefill); the KV bytes do not shrink — the attended tokens do.
+    """
+
+    n_init: int = 128
+    n_local: int = 512
+    reuse_threshold: float | None = 0.9
+    phase: ClassVar[str] = "select"
+    shared_heads: ClassVar[bool] = True
+    name: ClassVar[str] = "tokenselect"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for k in ("n_init", "n_local"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k} must be an int >= 0, got {v!r}")
+        if self.reuse_threshold is not None and not -1.0 <= self.reuse_threshold <= 1.0:
+            raise ValueError(f"reuse_threshold must be in [-1, 1] or None, got {self.reuse_threshold!r}")
+
+    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+        return (ctx.first(self.n_init) | ctx.recent(self.n_local))[:, :1]
+
+    def forced_count(self) -> int:
+        return self.n_init + self.n_local
+
+    def forced_desc(self) -> str:
+        return f"n_init ({self.n_init}) + n_local ({self.n_local})"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        return K.head_soft_vote(ctx.query, ctx.keys, ctx.valid[:, :1])
+
+
+# ---------------------------------------------------------------------------- registration
+def _reg(cls: type, paper: str, equation: str) -> None:
+    def factory(keep: KeepLike = 1.0, **kw: object) -> KVMethod:
+        try:
+            return cls(keep=keep, **kw)
+        except TypeError as e:
+            if "unexpected keyword" not in str(e):
+                raise
+            allowed = [f for f in cls.__dataclass_fields__ if not f.startswith("_")]
+            raise TypeError(f"{cls.name}: {e}; accepted keywords: {allowed}") from None
+
+    factory.__doc__ = cls.__doc__
+    register(cls.name, modality="language", integration=KV, paper=paper, equation=equation)(factory)
+
+
+_reg(StreamingLLM, "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024",
+     "KV = KV[:sinks] ++ KV[t-w+1:t], w = budget - sinks")
+_reg(H2O, "Zhang et al., H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs, NeurIPS 2023",
+     "F_i = sum_t A_t[i]; keep recent + argtop F")
+_reg(SnapKV, "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024",
+     "S = pool1d(sum_{q in window} softmax(qK^T/sqrt d)); keep window + argtop S")
+_reg(TOVA, "Oren et al., Transformers are Multi-State RNNs (TOVA), EMNLP 2024",
+     "evict argmin_i mean_h softmax(q_t K_h^T/sqrt d)_i")
+_reg(Knorm, "Devoto et al., A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, EMNLP 2024",
+     "keep argtop -||k_i||_2")
+_reg(PyramidKV, "Cai et al., PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling, 2024",
+     "k_l = k_0 - l(k_0-k_{L-1})/(L-1), k_{L-1} = keep/beta; SnapKV scores")
+_reg(TokenSelect, "Wu et al., TokenSelect: Efficient Long-Context Inference via Dynamic Token-Level KV Cache "
+                  "Selection, 2025", "S_i = sum_h softmax_i(q_h k_{h,i}); attend to init + local + argtop S")
+_reg(RandomKV, "random baseline", "keep a seeded random subset per head")

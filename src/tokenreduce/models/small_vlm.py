@@ -1,0 +1,418 @@
+"""A small LLaVA-style VLM trained here, on CPU, on the digit-scene VQA set (:mod:`tokenreduce.data.vqa`).
+
+No pretrained VLM can be downloaded, so tokenreduce trains its own. It is a real
+:class:`transformers.LlavaForConditionalGeneration` — a CLIP vision tower (96x96 scenes, 8x8 patches:
+144 visual tokens + CLS), LLaVA's two-layer GELU projector and a Llama decoder (grouped-query attention,
+RoPE) — so token-reduction methods reach it through exactly the code path they use on real LLaVA.
+Text uses a word-level tokenizer (``tokenizers`` WordLevel wrapped in ``PreTrainedTokenizerFast``) with an
+``<image>`` token; :func:`encode_prompts` expands it to the 144 placeholders, as LLaVA's processor does.
+
+Training: every step draws fresh training scenes; each sequence is ``<image>`` followed by up to
+``qa_per_image`` question/answer turns (``q answer : a </s>``), loss on the answers only (the first turn has
+exactly the evaluation format). An auxiliary per-patch head (digit or background, from the ink masks)
+speeds up learning the vision tower; it is dropped after training. ``vision_feature_layer=-1``
+(the last CLIP layer; LLaVA-1.5 uses -2 of 24 layers, which would leave this 4-layer tower's last layer
+untrained).
+
+    model, tok, info = load_small_vlm()                 # cached in ~/.cache/tokenreduce/small_vlm/<hash>
+    batch = encode_prompts(tok, ["what digit is at the top left ?"], images[:1])
+    out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+Train with ``tokenreduce train vlm`` (or ``python scripts/train_vlm.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tokenreduce._paths import cache_dir
+from tokenreduce.data.vqa import (
+    QUESTION_TYPES, SPECIAL_TOKENS, VOCAB, VQA_VERSION, QA, SceneConfig, cell_of_patch, generate_scenes,
+    make_vqa_set, questions_for,
+)
+
+__all__ = ["MODEL_VERSION", "VLMTrainConfig", "build_tokenizer", "build_small_vlm", "encode_prompts",
+           "eval_set", "evaluate_vqa", "answer_questions", "train_small_vlm", "load_small_vlm",
+           "checkpoint_dir", "register_cli"]
+
+MODEL_VERSION = 1
+_HASH_EXCLUDED = frozenset({"num_threads", "eval_every", "log_every"})
+_TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
+
+
+@dataclass(frozen=True)
+class VLMTrainConfig:
+    """Architecture, data and optimisation of the small VLM (everything but the excluded speed knobs
+    enters the cache hash)."""
+
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    patch_size: int = 8
+    vision_dim: int = 96
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_dim: int = 128
+    text_layers: int = 6
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    steps: int = 1000
+    batch_size: int = 16
+    qa_per_image: int = 4
+    describe_prob: float = 0.5
+    aux_weight: float = 0.5
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    warmup_steps: int = 60
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_per_type: int = 60
+    test_per_type: int = 200
+    eval_seed: int = 4242
+    num_threads: int = 1
+    eval_every: int = 250
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "vision_dim", "vision_layers", "vision_heads", "text_dim", "text_layers",
+                     "text_heads", "text_kv_heads", "steps", "batch_size", "qa_per_image", "val_per_type",
+                     "test_per_type", "num_threads", "eval_every", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is invalid: must be an int >= 1")
+        if self.scene.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide scene.image_size={self.scene.image_size}")
+        if self.text_heads % self.text_kv_heads or self.text_dim % self.text_heads:
+            raise ValueError("text_kv_heads must divide text_heads, which must divide text_dim")
+        if not 0 < self.lr <= 1:
+            raise ValueError(f"lr={self.lr!r} must be in (0, 1]")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.scene.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VLMTrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown VLMTrainConfig fields {sorted(unknown)}; accepted: {sorted(names)}")
+        d = dict(d)
+        if isinstance(d.get("scene"), dict):
+            d["scene"] = SceneConfig.from_dict(d["scene"])
+        return cls(**d)
+
+    def config_hash(self) -> str:
+        payload = {k: v for k, v in self.to_dict().items() if k not in _HASH_EXCLUDED}
+        payload["_versions"] = {"model": MODEL_VERSION, "vqa": VQA_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------- tokenizer and model
+def build_tokenizer():
+    """Word-level ``PreTrainedTokenizerFast`` over :data:`~tokenreduce.data.vqa.VOCAB` (left padding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=SPECIAL_TOKENS["pad"], bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"], unk_token=SPECIAL_TOKENS["unk"],
+        extra_special_tokens={"image_token": SPECIAL_TOKENS["image"]}, padding_side="left")
+    return fast
+
+
+def build_small_vlm(config: VLMTrainConfig | None = None, attn_implementation: str = "sdpa"):
+    """Untrained :class:`LlavaForConditionalGeneration` of ``config``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    c = config or VLMTrainConfig()
+    ids = {name: VOCAB.index(tok) for name, tok in SPECIAL_TOKENS.items()}
+    vision = CLIPVisionConfig(image_size=c.scene.image_size, patch_size=c.patch_size, hidden_size=c.vision_dim,
+                              intermediate_size=4 * c.vision_dim, num_hidden_layers=c.vision_layers,
+                              num_attention_heads=c.vision_heads, projection_dim=c.vision_dim)
+    text = LlamaConfig(vocab_size=len(VOCAB), hidden_size=c.text_dim, intermediate_size=3 * c.text_dim,
+                       num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
+                       num_key_value_heads=c.text_kv_heads, max_position_embeddings=512, rms_norm_eps=1e-6,
+                       pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
+                      image_seq_length=c.num_image_tokens, vision_feature_layer=-1,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                      pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    model.generation_config.pad_token_id = ids["pad"]
+    model.generation_config.eos_token_id = ids["eos"]
+    model.generation_config.bos_token_id = ids["bos"]
+    return model
+
+
+def encode_prompts(tokenizer, questions: Sequence[str], images: torch.Tensor | None = None,
+                   num_image_tokens: int | None = None, answers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """LLaVA-style batch: ``<image>`` x N + question + ``answer :`` (left-padded), ``pixel_values``.
+
+    ``num_image_tokens`` defaults to a square patch grid of ``images`` at patch 8.
+    """
+    if images is not None and images.shape[0] != len(questions):
+        raise ValueError(f"{len(questions)} questions but {images.shape[0]} images")
+    if num_image_tokens is None:
+        if images is None:
+            raise ValueError("give images or num_image_tokens")
+        num_image_tokens = (images.shape[-1] // 8) ** 2
+    img = " ".join([SPECIAL_TOKENS["image"]] * num_image_tokens)
+    texts = [f"{img} {q} answer :" + (f" {a}" if answers is not None else "") for q, a in
+             zip(questions, answers if answers is not None else [None] * len(questions))]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if images is not None:
+        out["pixel_values"] = images
+    return out
+
+
+# --------------------------------------------------------------------------- data for training
+def _patch_labels(scenes, ink: torch.Tensor, patch: int, image_size: int) -> torch.Tensor:
+    """(n, P) digit value of the patch's cell when the patch holds ink, else 10 (background)."""
+    g = image_size // patch
+    inky = F.max_pool2d(ink.unsqueeze(1), patch).flatten(1) > 0.2  # (n, P)
+    cell = torch.from_numpy(cell_of_patch(g, image_size))
+    vals = torch.tensor([s.digits for s in scenes])  # (n, 9)
+    lab = vals[:, cell]
+    return torch.where(inky & (lab >= 0), lab, torch.full_like(lab, 10))
+
+
+def _training_batch(c: VLMTrainConfig, step: int, tok) -> dict[str, torch.Tensor]:
+    import numpy as np
+
+    images, scenes, ink = generate_scenes("train", c.batch_size, seed=c.seed * 1_000_003 + step, config=c.scene)
+    rng = np.random.default_rng([c.seed, step, 99])
+    ids_img = [VOCAB.index(SPECIAL_TOKENS["image"])] * c.num_image_tokens
+    eos = VOCAB.index(SPECIAL_TOKENS["eos"])
+    seqs, labs = [], []
+    for i, s in enumerate(scenes):
+        qas = questions_for(s, i, rng, QUESTION_TYPES)
+        rng.shuffle(qas)
+        qas = qas[: c.qa_per_image]
+        if rng.random() < c.describe_prob:
+            qas = qas[: c.qa_per_image - 1] + questions_for(s, i, rng, ("describe",))
+        ids, lab = list(ids_img), [-100] * len(ids_img)
+        for qa in qas:
+            q = tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
+            a = tok(qa.answer, add_special_tokens=False)["input_ids"] + [eos]
+            ids += q + a
+            lab += [-100] * len(q) + a
+        seqs.append(ids)
+        labs.append(lab)
+    L = max(map(len, seqs))
+    pad = VOCAB.index(SPECIAL_TOKENS["pad"])
+    input_ids = torch.full((len(seqs), L), pad)
+    labels = torch.full((len(seqs), L), -100)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, (s, lb) in enumerate(zip(seqs, labs)):  # right padding for training
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(lb)] = torch.tensor(lb)
+        mask[i, : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": images,
+            "patch_labels": _patch_labels(scenes, ink, c.patch_size, c.scene.image_size)}
+
+
+# --------------------------------------------------------------------------- evaluation
+def eval_set(split: str, config: VLMTrainConfig | None = None, per_type: int | None = None):
+    """The exact held-out set behind the reported accuracies (``split`` = "val" or "test")."""
+    c = config or VLMTrainConfig()
+    if split not in ("val", "test"):
+        raise ValueError(f"split={split!r} is invalid: must be 'val' or 'test'")
+    n = per_type or (c.val_per_type if split == "val" else c.test_per_type)
+    return make_vqa_set(split, 10 * n, seed=c.eval_seed, config=c.scene, per_type=n)
+
+
+@torch.no_grad()
+def answer_questions(model, tok, images: torch.Tensor, qas: Sequence[QA], batch_size: int = 32,
+                     generate: bool = False, max_new_tokens: int = 2) -> list[str]:
+    """First answer word for each question (greedy): by ``generate`` or, equivalently for one-word
+    answers, the argmax of the prefill logits at the last prompt position (faster)."""
+    model.eval()
+    n_img = model.config.image_seq_length
+    out: list[str] = []
+    for i in range(0, len(qas), batch_size):
+        chunk = qas[i : i + batch_size]
+        batch = encode_prompts(tok, [q.question for q in chunk], images[[q.scene for q in chunk]], n_img)
+        if generate:
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            first = gen[:, batch["input_ids"].shape[1]]
+        else:
+            first = model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1)
+        out += [VOCAB[int(t)] for t in first]
+    return out
+
+
+def evaluate_vqa(model, tok, data, batch_size: int = 32, generate: bool = False) -> dict[str, Any]:
+    """Accuracy overall and per question type on a :class:`~tokenreduce.data.vqa.VQASet`."""
+    preds = answer_questions(model, tok, data.images, data.qas, batch_size, generate)
+    per: dict[str, list[int]] = {}
+    for qa, p in zip(data.qas, preds):
+        per.setdefault(qa.qtype, []).append(int(p == qa.answer))
+    acc = {t: sum(v) / len(v) for t, v in per.items()}
+    return {"acc": sum(map(sum, per.values())) / max(1, len(preds)), "acc_by_type": acc,
+            "n_by_type": {t: len(v) for t, v in per.items()}, "predictions": preds}
+
+
+# --------------------------------------------------------------------------- training
+def checkpoint_dir(config: VLMTrainConfig | None = None) -> Path:
+    c = config or VLMTrainConfig()
+    return cache_dir("small_vlm", f"v{MODEL_VERSION}-{c.config_hash()}")
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _lr(step: int, c: VLMTrainConfig) -> float:
+    if step < c.warmup_steps:
+        return (step + 1) / c.warmup_steps
+    t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+    return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train, evaluate (val during training, test at the end, per question type), cache, return metrics."""
+    import transformers
+
+    c = config or VLMTrainConfig()
+    prev = torch.get_num_threads()
+    torch.set_num_threads(c.num_threads)
+    try:
+        t_start = time.perf_counter()
+        torch.manual_seed(c.seed)
+        tok = build_tokenizer()
+        model = build_small_vlm(c)
+        aux = torch.nn.Linear(c.vision_dim, 11)
+        feats: dict[str, torch.Tensor] = {}
+        hook = model.model.vision_tower.register_forward_hook(
+            lambda m, a, o: feats.__setitem__("v", o.hidden_states[-1] if o.hidden_states is not None else o.last_hidden_state))
+        params = list(model.parameters()) + list(aux.parameters())
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=c.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, c))
+        val = eval_set("val", c)
+        history: list[dict[str, Any]] = []
+        train_time, loss_ema = 0.0, None
+        for step in range(c.steps):
+            t0 = time.perf_counter()
+            model.train()
+            b = _training_batch(c, step, tok)
+            pl = b.pop("patch_labels")
+            out = model(**b)
+            aux_loss = F.cross_entropy(aux(feats["v"][:, 1:]).flatten(0, 1), pl.flatten())
+            loss = out.loss + c.aux_weight * aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+            opt.step()
+            sched.step()
+            train_time += time.perf_counter() - t0
+            loss_ema = out.loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * out.loss.item()
+            if progress and (step + 1) % c.log_every == 0:
+                eta = train_time / (step + 1) * (c.steps - step - 1)
+                print(f"step {step + 1}/{c.steps} lm_loss={loss_ema:.3f} aux={aux_loss.item():.3f} "
+                      f"lr={sched.get_last_lr()[0]:.2e} {train_time:.0f}s (eta {eta / 60:.1f} min)", flush=True)
+            if (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
+                r = evaluate_vqa(model, tok, val)
+                history.append({"step": step + 1, "lm_loss": loss_ema, "val_acc": r["acc"],
+                                "val_acc_by_type": r["acc_by_type"], "train_time_s": train_time})
+                if progress:
+                    print(f"  val acc {r['acc']:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in r["acc_by_type"].items()),
+                          flush=True)
+        hook.remove()
+        test = eval_set("test", c)
+        t_eval = time.perf_counter()
+        r = evaluate_vqa(model, tok, test, generate=True)
+        out_dir = checkpoint_dir(c)
+        metrics = {
+            "test_acc": r["acc"], "test_acc_by_type": r["acc_by_type"], "n_test_by_type": r["n_by_type"],
+            "val_acc": history[-1]["val_acc"], "val_acc_by_type": history[-1]["val_acc_by_type"],
+            "chance_by_type": _chance(test), "train_time_s": train_time,
+            "test_eval_time_s": time.perf_counter() - t_eval, "total_time_s": time.perf_counter() - t_start,
+            "steps": c.steps, "sequences_seen": c.steps * c.batch_size, "num_threads": c.num_threads,
+            "num_params": sum(p.numel() for p in model.parameters()), "history": history,
+            "config_hash": c.config_hash(), "checkpoint": str(out_dir),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+        }
+        model.eval()
+        _atomic(out_dir / "config.json", lambda p: p.write_text(json.dumps(c.to_dict(), indent=2)))
+        _atomic(out_dir / "model.pt", lambda p: torch.save(model.state_dict(), p))
+        _atomic(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        return metrics
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _chance(data) -> dict[str, float]:
+    """Accuracy of always answering the most frequent answer of each type (majority baseline)."""
+    from collections import Counter
+
+    out = {}
+    for t, qas in data.by_type().items():
+        out[t] = Counter(q.answer for q in qas).most_common(1)[0][1] / len(qas)
+    return out
+
+
+def load_small_vlm(train_if_missing: bool = False, config: VLMTrainConfig | None = None, progress: bool = True,
+                   attn_implementation: str = "sdpa"):
+    """``(model, tokenizer, info)`` of the cached small VLM (eval mode); ``info`` has config/metrics/path.
+
+    Raises FileNotFoundError naming the training command when no checkpoint exists.
+    """
+    c = config or VLMTrainConfig()
+    path = checkpoint_dir(c) / "model.pt"
+    if not path.is_file():
+        if not train_if_missing:
+            raise FileNotFoundError(f"no trained small VLM at {path}; {_TRAIN_HINT} (about 25-40 min on 2 shared CPU cores)")
+        train_small_vlm(c, progress=progress)
+    model = build_small_vlm(c, attn_implementation=attn_implementation)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.eval()
+    mp = path.with_name("metrics.json")
+    return model, build_tokenizer(), {"config": c, "metrics": json.loads(mp.read_text()) if mp.is_file() else {},
+                                      "path": path}
+
+
+# --------------------------------------------------------------------------- CLI
+def register_cli(train_app) -> None:
+    import typer
+
+    @train_app.command("vlm")
+    def train_vlm(
+        steps: int = typer.Option(VLMTrainConfig.steps, help="Optimisation steps"),
+        batch_size: int = typer.Option(VLMTrainConfig.batch_size, help="Scenes per step"),
+        threads: int = typer.Option(VLMTrainConfig.num_threads, help="torch threads (1 is fastest on a busy 2-core box)"),
+        force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
+    ) -> None:
+        """Train the small LLaVA-style VLM on digit-scene VQA (cached in ~/.cache/tokenreduce/small_vlm)."""
+        c = VLMTrainConfig(steps=steps, batch_size=batch_size, num_threads=threads)
+        path = checkpoint_dir(c) / "model.pt"
+        if path.is_file() and not force:
+            m = json.loads(path.with_name("metrics.json").read_text())
+            typer.echo(f"cached: {path}\ntest acc {m['test_acc']:.3f} by type {m['test_acc_by_type']}")
+            return
+        m = train_small_vlm(c)
+        typer.echo(json.dumps({k: m[k] for k in ("test_acc", "test_acc_by_type", "chance_by_type", "train_time_s",
+                                                   "checkpoint")}, indent=2))
