@@ -38,6 +38,15 @@ def _model(attn: str = "sdpa", strategy: str = "default", feature_layer: int = -
     return m
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded (and the CI box is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model():
     return _model()
@@ -71,6 +80,10 @@ SINGLE = ([_prompt(1, 3, 6, 1), _prompt(1, 5, 2, 2)], [1, 1])
 RAGGED = ([_prompt(1, 2, 5, 3), _prompt(2, 4, 3, 4), _prompt(1, 1, 1, 5)], [1, 2, 1])
 
 
+def _hooks(m) -> dict:
+    return {name: (list(mod._forward_pre_hooks), list(mod._forward_hooks)) for name, mod in m.named_modules()}
+
+
 def _kw(name: str) -> dict:
     return {"seed": 3} if name == "random" else {}
 
@@ -88,6 +101,7 @@ def test_identity_and_restore(model, name):
     batch = _batch(*RAGGED)
     ref = _gen(model, batch)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = _hooks(model)
     with tr.apply(model, name, keep=1.0, **_kw(name)) as h:
         out = _gen(model, batch)
         assert h.stats.visual_tokens[0] == pytest.approx(float(sum(RAGGED[1]) * NTOK) / 3)
@@ -95,9 +109,8 @@ def test_identity_and_restore(model, name):
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # removed: no hooks, no instance attributes, same weights and serialisation
-    for mod in model.modules():
-        assert not mod._forward_pre_hooks and not mod._forward_hooks
-        assert "forward" not in mod.__dict__
+    assert _hooks(model) == hooks
+    assert not any("forward" in mod.__dict__ for mod in model.modules())
     after = model.state_dict()
     assert sd.keys() == after.keys() and all(torch.equal(sd[k], after[k]) for k in sd)
     torch.save(model.state_dict(), io.BytesIO())
@@ -134,7 +147,7 @@ def test_cache_is_smaller(model, name):
         stats = h.stats
     lens_full = [l.keys.shape[-2] for l in full.layers]
     lens_red = [l.keys.shape[-2] for l in red.layers]
-    first = stats.stage_layers[0] if stats.stage_layers else 0
+    first = 0 if name in BEFORE + ["todre"] else stats.stage_layers[0]
     assert all(r == f for r, f in zip(lens_red[:first], lens_full[:first]))
     assert all(r < f for r, f in zip(lens_red[first:], lens_full[first:])), (lens_red, lens_full)
     assert stats.kv_bytes < sum(l.keys.numel() * 8 for l in full.layers)  # keys + values, fp32
@@ -311,7 +324,7 @@ def test_error_keep_leaves_zero_tokens(model):
 def test_error_layer_out_of_range(model, name, kw):
     with pytest.raises(ValueError, match="out of range"):
         tr.apply(model, name, **kw)
-    assert not any(m._forward_pre_hooks for m in model.modules())  # nothing left patched
+    assert not any(m._forward_pre_hooks for m in model.modules())  # nothing left patched (HF adds none pre)
 
 
 def test_error_bad_keep_and_kwargs(model):

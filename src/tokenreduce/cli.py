@@ -33,7 +33,15 @@ _PLUGINS = {
 }
 
 
+_registered = False
+
+
 def _register_plugins() -> None:
+    """Import the plugin modules that exist and let them add their commands (once)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     for mod, sub in _PLUGINS.items():
         if importlib.util.find_spec(mod) is None:  # a capability not built yet
             continue

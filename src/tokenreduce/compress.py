@@ -244,6 +244,39 @@ class CausalScorer:
             i = j
         return out  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def hidden_states(self, seqs: Sequence[Sequence[int]]) -> list[Tensor] | None:
+        """Final hidden states (L_k, D) of each sequence, batched like :meth:`logprobs`; apply
+        :meth:`head_logprobs` later to just the rows that matter. None when the LM has no separable head."""
+        if not self._checked and seqs:
+            self._check_fast(list(max(seqs, key=len)))
+        if not self.fast:
+            return None
+        out: list[Tensor | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        i = 0
+        while i < len(order):
+            L = len(seqs[order[i]])
+            j = i + 1
+            while j < len(order) and (j - i + 1) * L <= self.batch_tokens:
+                j += 1
+            batch = order[i:j]
+            ids = torch.full((len(batch), L), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), L), dtype=torch.long)
+            for r, k in enumerate(batch):
+                ids[r, : len(seqs[k])] = torch.tensor(list(seqs[k]), dtype=torch.long)
+                mask[r, : len(seqs[k])] = 1
+            h = self.hidden(ids, None if bool(mask.all()) else mask)
+            for r, k in enumerate(batch):
+                out[k] = h[r, : len(seqs[k])]
+            i = j
+        return out  # type: ignore[return-value]
+
+    def seq_logprobs(self, h: Tensor, seq: Sequence[int], a: int, b: int) -> np.ndarray:
+        """log p(seq[t] | seq[:t]) for t in [a, b) from the sequence's hidden states ``h`` (a >= 1)."""
+        t = torch.tensor(list(seq[a:b]), dtype=torch.long, device=h.device)
+        return self.head_logprobs(h[a - 1: b - 1], t).cpu().numpy().astype(np.float64)
+
     def text_logprobs(self, ids: Sequence[int]) -> np.ndarray:
         """log p(x_t | x_<t) for every token of a text (n,), with ``<bos>`` first if the tokenizer has one.
 
@@ -256,7 +289,7 @@ class CausalScorer:
         pre = [] if self.bos is None else [self.bos]
         W = self.window - len(pre)
         seqs, spans, where = [], [], []
-        start, done = 0, 0
+        done = 0
         while done < n:
             a = max(0, done - self.overlap) if done else 0
             chunk = ids[a: a + W]
@@ -268,7 +301,6 @@ class CausalScorer:
             spans.append((first, len(seq)))
             where.append(a + first - len(pre))
             done = a + len(chunk)
-            start += 1
         res = np.full(n, np.nan)
         for lp, w0 in zip(self.logprobs(seqs, spans), where):
             res[w0: w0 + len(lp)] = lp
@@ -434,6 +466,8 @@ def compress(
     impl = spec.build(**kwargs)
     if impl.needs_question and question is None:
         raise ValueError(f"method {method!r} is question-aware: pass question=<the question the prompt must answer>")
+    if lm is not None and not isinstance(lm, nn.Module):
+        raise TypeError(f"lm must be a causal LM (a transformers *ForCausalLM torch module), got {type(lm).__name__}")
     tokenizer = _resolve_tokenizer(lm, tokenizer)
     if impl.needs_lm and lm is None:
         raise ValueError(f"method {method!r} scores tokens with a causal LM: pass lm= (e.g. Gemma 3 270M) "

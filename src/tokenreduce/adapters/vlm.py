@@ -181,8 +181,7 @@ class _Run:
         """[CLS] attention row, mean attention received and mean keys of the requested vision layers,
         restricted to the patches LLaVA feeds the projector."""
         ctx: dict[str, dict[int, Tensor]] = {"cls": {}, "mean": {}, "keys": {}}
-        strategy = getattr(self.p.config, "vision_feature_select_strategy", "default")
-        drop = 1 if (strategy == "default" and self.info.has_cls) else 0
+        drop = 1 if self.info.has_cls else 0  # the projector input's [CLS] is gone or split off
         for layer, kinds in self.method.vision_layers().items():
             got = self.vision_qk.get(layer)
             if got is None or "q" not in got or "k" not in got:

@@ -323,17 +323,18 @@ class LongLLMLingua(PromptMethod):
         D = int(doc.max()) + 1
         doc_tok = doc[pc.piece_of_token]
         ids = p.ids
-        # pass 1: [<bos>, doc_k, question + restriction] -> log p(doc tokens) and log p(question | doc_k)
+        # pass 1: [<bos>, doc_k, question + restriction]; the LM head runs on the question rows of every
+        # document (coarse ranking) and on the document rows of the kept documents only
         seqs = [pre + ids[doc_tok == k].tolist() + cond_ids for k in range(D)]
-        lps = sc.logprobs(seqs)
-        uncond = np.empty(p.n)
-        r = np.empty(D)
+        nks = [int((doc_tok == k).sum()) for k in range(D)]
         off = len(pre)
+        hs = sc.hidden_states(seqs)
+        if hs is None:  # LM without a separable head: full log-probs
+            full = [np.concatenate([[np.nan], lp]) for lp in sc.logprobs(seqs)]  # full[k][t] = log p(seq[t]|seq[:t])
+        r = np.empty(D)
         for k in range(D):
-            nk = int((doc_tok == k).sum())
-            lp = np.concatenate([[np.nan], lps[k]])  # lp[t] = log p(seq[t] | seq[:t])
-            uncond[doc_tok == k] = lp[off: off + nk]
-            r[k] = lp[off + nk:].mean()
+            a_, b_ = off + nks[k], len(seqs[k])
+            r[k] = (full[k][a_:b_] if hs is None else sc.seq_logprobs(hs[k], seqs[k], a_, b_)).mean()
         doc_size = _unit_tokens(doc, pc.ntok)
         kept_doc = np.zeros(D, dtype=bool)
         kept_doc[np.unique(doc[_coarse_keep(doc, pc.ntok, r, min(p.n, int(np.ceil(self.coarse_factor * target))),
@@ -342,14 +343,21 @@ class LongLLMLingua(PromptMethod):
         kd = kd[np.lexsort([kd, -r[kd]])]  # best first
         # dynamic compression ratio -> per-document budgets summing to the target
         budgets = self._budgets(doc_size[kd], target)
-        # pass 2: [<bos>, question, doc_k] for kept documents -> contrastive perplexity
-        seqs2 = [pre + q_ids + ids[doc_tok == k].tolist() for k in kd]
-        lp2 = sc.logprobs(seqs2, [(len(pre) + len(q_ids), len(s)) for s in seqs2])
+        # fine stage only where a document must lose tokens: contrastive perplexity from pass 1 (unconditional)
+        # and pass 2: [<bos>, question, doc_k] (conditioned on the question)
+        fine = [k for k, bud in zip(kd, budgets) if bud < doc_size[k]]
+        seqs2 = [pre + q_ids + ids[doc_tok == k].tolist() for k in fine]
+        lp2 = sc.logprobs(seqs2, [(len(pre) + len(q_ids), len(s_)) for s_ in seqs2]) if seqs2 else []
         contrast = np.zeros(p.n)
-        for k, lp in zip(kd, lp2):
+        for k, lp in zip(fine, lp2):
             m = doc_tok == k
-            u = uncond[m]
+            if hs is None:
+                u = full[k][off: off + nks[k]]
+            else:
+                u = np.concatenate([[np.nan], sc.seq_logprobs(hs[k], seqs[k], 1, off + nks[k])])[off:] if off == 0 \
+                    else sc.seq_logprobs(hs[k], seqs[k], off, off + nks[k])
             contrast[m] = np.where(np.isnan(u), 0.0, lp - np.nan_to_num(u))
+        del hs
         units = refine_units(p.units(self.unit), doc)
         U = int(units.max()) + 1
         uscore = group_units(units[pc.piece_of_token], contrast, U, "sum")

@@ -129,12 +129,8 @@ class VlmMethod:
         return {}
 
     def count(self, n: int) -> int:
-        """Tokens kept out of ``n`` (before-LLM budget; never zero)."""
-        k = int(self.budget.counts(torch.tensor([n]))[0])
-        if k < 1:
-            raise ValueError(f"keep={self.keep} leaves zero of {n} visual tokens; accepted: a ratio >= {1 / (2 * n):.3g} "
-                             f"or a count in 1..{n}")
-        return k
+        """Tokens kept out of ``n`` (before-LLM budget): round(keep * n) or the count; never zero."""
+        return _count(self.keep, n)
 
     # before the LLM
     def reduce_image(self, x: Tensor, ctx: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -148,6 +144,20 @@ class VlmMethod:
 
     def reduce_stage(self, view: StageView) -> StageDecision:
         raise NotImplementedError
+
+
+def _count(keep: float | int, n: int) -> int:
+    """round(keep * n) for a ratio, ``keep`` for a count; a clear error when that leaves no token or asks
+    for more than there are (nothing is silently clipped)."""
+    if isinstance(keep, int):
+        if keep > n:
+            raise ValueError(f"keep={keep} visual tokens is more than the {n} there are (accepted: 1..{n})")
+        return keep
+    k = int(round(keep * n))
+    if k < 1:
+        raise ValueError(f"keep={keep} leaves zero of {n} visual tokens; accepted: a ratio >= {0.5 / n:.3g} "
+                         f"or a count in 1..{n}")
+    return k
 
 
 def _layer_ok(layer: int, depth: int, name: str, low: int = 1) -> int:
@@ -285,14 +295,20 @@ class RandomVLM(VlmMethod):
 
 
 # ============================================================================ inside the LLM
-def _stage_counts(view: StageView, frac: float | int) -> Tensor:
-    """Visual tokens kept per sample at this stage: a fraction of the LLM-input visual tokens (or a count)."""
+def _stage_counts(view: StageView, frac: float | int, first: bool = True) -> Tensor:
+    """Visual tokens kept per sample at this stage: ``frac`` of the LLM-input visual tokens (or a count).
+    The first reduction of a sample that has visual tokens may not leave zero (a clear error); later
+    pyramid stages may."""
     n_now = view.visual.sum(1)
     if isinstance(frac, int):
         if (n_now < frac).any():
             raise ValueError(f"keep={frac} visual tokens is more than a sample has ({int(n_now.min())})")
         return torch.full_like(n_now, frac)
-    return torch.minimum(torch.round(view.n_visual0.double() * frac).long(), n_now)
+    k = torch.minimum(torch.round(view.n_visual0.double() * frac).long(), n_now)
+    if first and ((k < 1) & (n_now > 0)).any():
+        n = int(view.n_visual0[(k < 1) & (n_now > 0)].min())
+        raise ValueError(f"keep={frac:.4g} leaves zero of {n} visual tokens; accepted: a ratio >= {0.5 / n:.3g}")
+    return k
 
 
 def _last_query_scores(view: StageView, layer: int) -> Tensor:
@@ -372,7 +388,7 @@ class SparseVLM(VlmMethod):
         q_ok = torch.arange(Q, device=q_idx.device)[None] < raters.sum(1, keepdim=True)
         p = view.attn(view.layer - 1, q_idx).mean(1)  # (B, Q, L)
         s = (p * q_ok[..., None]).sum(1) / q_ok.sum(1, keepdim=True).clamp(min=1)
-        keep = V.topk_in_mask(s, view.visual, _stage_counts(view, self._fracs[view.stage]))
+        keep = V.topk_in_mask(s, view.visual, _stage_counts(view, self._fracs[view.stage], view.stage == 0))
         deleted = view.visual & ~keep
         extra = extra_valid = None
         if self.recycle > 0 and deleted.any():
@@ -421,7 +437,8 @@ class PDrop(VlmMethod):
 
     def reduce_stage(self, view: StageView) -> StageDecision:
         s = _last_query_scores(view, view.layer)
-        return StageDecision(V.topk_in_mask(s, view.visual, _stage_counts(view, float(self.keep) ** (view.stage + 1))))
+        frac = float(self.keep) ** (view.stage + 1)
+        return StageDecision(V.topk_in_mask(s, view.visual, _stage_counts(view, frac, view.stage == 0)))
 
 
 @dataclass

@@ -723,3 +723,16 @@ def convert_gemma(out_dir: Path | None = None, force: bool = False, progress: bo
         shutil.rmtree(work, ignore_errors=True)
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+def register_cli(convert_app: Any) -> None:
+    """``tokenreduce convert gemma``: the one-off GGUF -> cached HF checkpoint conversion."""
+    import typer
+
+    @convert_app.command("gemma")
+    def gemma(
+        force: bool = typer.Option(False, help="rebuild even if a valid cache exists"),
+        out: Path = typer.Option(None, help="output directory (default: ~/.cache/tokenreduce/gemma3-270m)"),
+    ) -> None:
+        """Convert Gemma 3 270M from its GGUF package to a cached HF checkpoint with a correct tokenizer."""
+        print(convert_gemma(out, force=force, progress=True))

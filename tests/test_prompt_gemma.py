@@ -1,0 +1,79 @@
+"""Prompt compression with the real scorer, Gemma 3 270M (slow; skipped without the converted checkpoint:
+build it once with `python scripts/convert_gemma.py`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tokenreduce as tr
+from tokenreduce.compress import RATIO_TOLERANCE, CausalScorer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from tokenreduce.models.gemma import gemma_cache_ready, load_gemma
+
+    if not gemma_cache_ready():
+        pytest.skip("Gemma 3 270M checkpoint not in the cache (python scripts/convert_gemma.py)")
+    return load_gemma()
+
+
+@pytest.fixture(scope="module")
+def samples(gemma):
+    from tokenreduce.data.passcode import make_passcode_samples
+
+    _, tok = gemma
+    return make_passcode_samples(2, 700, lambda s: len(tok(s, add_special_tokens=False).input_ids),
+                                 depths=[0.3, 0.7], seed=1)
+
+
+def test_fast_scorer_matches_gemma_logits(gemma, samples):
+    model, tok = gemma
+    ids = tok(samples[0].context, add_special_tokens=False).input_ids[:96]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=torch.tensor([[tok.bos_token_id] + ids])).logits[0, :-1].float(), -1)
+    ref = ref.gather(1, torch.tensor(ids)[:, None])[:, 0].numpy()
+    exact = CausalScorer(model, tok, head_dtype=torch.float32)
+    np.testing.assert_allclose(exact.text_logprobs(ids), ref, atol=2e-3)
+    assert exact.fast
+    fast = CausalScorer(model, tok)  # bf16 head where the CPU has it
+    got = fast.text_logprobs(ids)
+    assert np.corrcoef(got, ref)[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("method", ["longllmlingua", "extractive"])
+def test_question_aware_methods_keep_and_answer_the_passcode(gemma, samples, method):
+    from tokenreduce.models.gemma import greedy_continuation
+
+    model, tok = gemma
+    for s in samples:
+        res = tr.compress(s.context, method=method, keep=0.5, lm=model, tokenizer=tok, question=s.question)
+        assert abs(res.kept_ratio - 0.5) <= RATIO_TOLERANCE * 0.5
+        assert s.answer in res.text
+        g = greedy_continuation(model, tok, f"{res.text}\n{s.question}\n{s.answer_prefix}")
+        assert s.correct(g), (method, g)
+
+
+@pytest.mark.parametrize("method", ["selective-context", "llmlingua", "truncate", "random"])
+def test_every_method_honours_the_ratio_on_gemma_tokens(gemma, samples, method):
+    model, tok = gemma
+    s = samples[1]
+    a = tr.compress(s.context, method=method, keep=0.4, lm=model, tokenizer=tok)
+    assert abs(a.kept_ratio - 0.4) <= RATIO_TOLERANCE * 0.4
+    assert a.n_kept == len(tok(a.text, add_special_tokens=False).input_ids)
+    if method == "selective-context":
+        assert tr.compress(s.context, method=method, keep=0.4, lm=model, tokenizer=tok).text == a.text
+
+
+def test_cjk_on_gemma(gemma):
+    model, tok = gemma
+    text = ("東京は日本の首都です。人口は約千四百万人で、世界で最も大きな都市の一つです。"
+            "北京是中国的首都，有三千多年的历史。今天天气很好，我们去公园散步吧！") * 3
+    res = tr.compress(text, method="selective-context", keep=0.5, lm=model, tokenizer=tok)
+    assert abs(res.kept_ratio - 0.5) <= RATIO_TOLERANCE * 0.5
+    it = iter(text)
+    assert all(c in it for c in res.text)
