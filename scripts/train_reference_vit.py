@@ -2,11 +2,13 @@
 
 Usage::
 
-    python scripts/train_reference_vit.py            # train unless already cached
-    python scripts/train_reference_vit.py --force    # retrain even if cached
+    python scripts/train_reference_vit.py                # train unless already cached
+    python scripts/train_reference_vit.py --force        # retrain even if cached
+    python scripts/train_reference_vit.py --threads 1    # thread count does not change the weights
 
-The checkpoint goes to ``~/.cache/tokenreduce/reference_vit/v<version>-<hash>/``
-(override the root with ``TOKENREDUCE_CACHE``).
+Same as ``tokenreduce train vit``. The checkpoint goes to
+``~/.cache/tokenreduce/reference_vit/v<version>-<config hash>/`` (override the root
+with ``TOKENREDUCE_CACHE``).
 """
 
 from __future__ import annotations
@@ -17,30 +19,21 @@ import sys
 from pathlib import Path
 
 try:
-    from tokenreduce.models.reference_vit import TrainConfig, checkpoint_dir, train_reference_vit
+    from tokenreduce.models.reference_vit import TrainConfig, train_or_load_metrics
 except ImportError:  # running from a source checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from tokenreduce.models.reference_vit import TrainConfig, checkpoint_dir, train_reference_vit
+    from tokenreduce.models.reference_vit import TrainConfig, train_or_load_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, train if needed, print the metrics as JSON."""
+    """Parse arguments, train if needed, print the metrics summary as JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="retrain even if a checkpoint is cached")
+    parser.add_argument("--threads", type=int, default=TrainConfig.num_threads, help="torch threads (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-
-    config = TrainConfig()
-    out = checkpoint_dir(config)
-    metrics_path = out / "metrics.json"
-    if (out / "model.pt").is_file() and metrics_path.is_file() and not args.force:
-        print(f"already trained: {out} (use --force to retrain)")
-        metrics = json.loads(metrics_path.read_text())
-    else:
-        metrics = train_reference_vit(config, progress=not args.no_progress)
-    summary = {k: metrics.get(k) for k in ("val_acc", "test_acc", "n_val", "n_test", "train_time_s",
-                                           "total_time_s", "checkpoint")}
-    print(json.dumps(summary, indent=2))
+    config = TrainConfig(num_threads=args.threads)
+    print(json.dumps(train_or_load_metrics(config, force=args.force, progress=not args.no_progress), indent=2))
     return 0
 
 

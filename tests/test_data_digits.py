@@ -119,12 +119,12 @@ def test_torch_dataset_wrapper():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(split="training", n=4), "split='training'.*train"),
-        (dict(split="train", n=0), r"n=0 .*\[1, "),
-        (dict(split="train", n=2.5), r"n=2.5"),
-        (dict(split="train", n=4, seed=-1), "seed=-1"),
-        (dict(split="train", n=4, image_size=16), r"image_size=16 .*\[32, 128\]"),
-        (dict(split="train", n=4, image_size=1000), r"image_size=1000"),
+        ({"split": "training", "n": 4}, "split='training'.*train"),
+        ({"split": "train", "n": 0}, r"n=0 .*\[1, "),
+        ({"split": "train", "n": 2.5}, r"n=2.5"),
+        ({"split": "train", "n": 4, "seed": -1}, "seed=-1"),
+        ({"split": "train", "n": 4, "image_size": 16}, r"image_size=16 .*\[32, 128\]"),
+        ({"split": "train", "n": 4, "image_size": 1000}, r"image_size=1000"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):

@@ -90,7 +90,7 @@ def _check(res, text, tok):
 
 
 @pytest.mark.parametrize("method", PROMPT_METHODS)
-@pytest.mark.parametrize("keep", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("keep", [0.25, 0.6])
 def test_ratio_honoured_and_deterministic(method, keep, text, lm, tok, encoder):
     a = _run(text, method, keep, lm, tok, encoder)
     b = _run(text, method, keep, lm, tok, encoder)
@@ -181,7 +181,7 @@ def _texts(draw):
     return "".join(w + s for w, s in zip(words, seps)).strip() or "x"
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(t=_texts(), keep=st.floats(0.05, 1.0), method=st.sampled_from(["selective-context", "random", "truncate",
                                                                        "llmlingua", "longllmlingua"]))
 def test_property_ratio_within_tolerance(t, keep, method, lm, tok):
@@ -270,3 +270,15 @@ def test_scorer_windows_cover_every_token(tok):
     with torch.no_grad():
         ref = torch.log_softmax(small(input_ids=torch.tensor([ids[:32]])).logits[0, :-1].float(), -1)
     np.testing.assert_allclose(lp[1:32], ref.gather(1, torch.tensor(ids[1:32])[:, None])[:, 0].numpy(), atol=1e-4)
+
+
+def test_sampled_normaliser_is_close_to_the_exact_head(text, lm, tok):
+    ids = tok(text, add_special_tokens=False).input_ids[:300]
+    exact = CausalScorer(lm, tok, head_mode="exact", head_dtype=torch.float32).text_logprobs(ids)
+    sc = CausalScorer(lm, tok, head_mode="sampled", head_dtype=torch.float32, anchor_stride=8, anchor_topk=64)
+    approx = sc.text_logprobs(ids)
+    anchors = np.arange(0, len(ids) - 1, 8) + 1  # text position t is row t-1 of the scored rows
+    np.testing.assert_allclose(approx[anchors], exact[anchors], atol=1e-4)
+    assert np.corrcoef(approx[1:], exact[1:])[0, 1] > 0.99
+    with pytest.raises(ValueError, match="head_mode"):
+        CausalScorer(lm, tok, head_mode="fast")

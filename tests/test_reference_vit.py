@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from tokenreduce.data.digits import ClutteredDigitsConfig, make_cluttered_digits
 from tokenreduce.models.reference_vit import (
+    ConvStemPatchEmbed,
     TrainConfig,
     build_reference_vit,
     checkpoint_dir,
@@ -21,7 +22,7 @@ from tokenreduce.models.reference_vit import (
     train_reference_vit,
 )
 
-TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": 8, "stem_extra_convs": 1}
 
 
 def _tiny_config(**overrides) -> TrainConfig:
@@ -39,6 +40,19 @@ def test_default_architecture_has_257_tokens_and_cls_pooling():
     assert model.pos_embed.shape[1] == 257
     assert model.cls_token is not None and model.global_pool == "token"
     assert model.num_classes == 10
+
+
+def test_conv_stem_keeps_the_patch_grid_and_reports_flops():
+    model = build_reference_vit(depth=1)
+    assert isinstance(model.patch_embed, ConvStemPatchEmbed)
+    assert model.patch_embed.grid_size == (16, 16)
+    # 3x3 s2 (3->24) @32x32, 3x3 s2 (24->48) @16x16, 2 x 3x3 (48->48), 1x1 (48->96), all @16x16
+    expected = 2 * (32 * 32 * 3 * 9 * 24 + 16 * 16 * (24 * 9 * 48 + 2 * 48 * 9 * 48 + 48 * 96))
+    assert model.patch_embed.flops() == expected
+    plain = build_reference_vit(stem="patch", depth=1)
+    assert isinstance(plain.patch_embed.proj, torch.nn.Conv2d) and plain.patch_embed.num_patches == 256
+    with pytest.raises(ValueError, match="stem='resnet'"):
+        build_reference_vit(stem="resnet")
 
 
 def test_tiny_forward_shapes():
@@ -85,11 +99,11 @@ def test_config_hash_changes_with_config_but_not_with_threads():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(depth=0), "depth=0"),
-        (dict(num_heads=5), "num_heads=5 must divide embed_dim=192"),
-        (dict(patch_size=5), "patch_size=5"),
-        (dict(image_size=32), "data.image_size=64"),
-        (dict(lr=0.0), r"lr=0.0 is out of range"),
+        ({"depth": 0}, "depth=0"),
+        ({"num_heads": 5}, "num_heads=5 must divide embed_dim=96"),
+        ({"patch_size": 5}, "patch_size=5"),
+        ({"image_size": 32}, "data.image_size=64"),
+        ({"lr": 0.0}, r"lr=0.0 is out of range"),
     ],
 )
 def test_bad_train_config_raises(kwargs, match):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .base import Handle, Patcher, register_adapter
 from .vit import QK, VitAdapter, VitFamily, _capture, _hf_encoder_layers, _make_forward, _Run
 
-__all__ = ["EncoderAdapter", "BERT_FAMILY", "mean_pool", "padding_from_4d"]
+__all__ = ["BERT_FAMILY", "EncoderAdapter", "mean_pool", "padding_from_4d"]
 
 LAYER_CLASSES = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer", "CamembertLayer")
 

@@ -284,6 +284,14 @@ class KVStats(Stats):
     question_entries: list[int] = field(default_factory=list)
     evicted: bool = False
     attended: list[float] = field(default_factory=list)
+    prefill_kv_bytes: int = 0
+    prefill_kv_bytes_unreduced: int = 0
+    prefill_kept: list[list[float]] = field(default_factory=list)
+
+    @property
+    def prefill_kept_fraction(self) -> float:
+        """KV bytes right after the prompt / what the unreduced cache held then."""
+        return self.prefill_kv_bytes / self.prefill_kv_bytes_unreduced if self.prefill_kv_bytes_unreduced else 1.0
 
 
 # ============================================================================ runtime
@@ -297,6 +305,7 @@ class _CacheState:
     budgets: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B,) budget
     compact: bool = False
     select_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # tokenselect reuse
+    prefill: dict[str, Any] = field(default_factory=dict)  # stats snapshot right after the prompt
 
 
 @dataclass
@@ -402,18 +411,23 @@ class _KVRun:
         if layer.compact:
             attention_mask = self._mask(layer, f, query, key.shape[2], module)
         method = self.method
-        if method.phase == "select" and not f.is_prefill and not method.is_identity:
+        if method.is_identity or not method.compresses(li, self.num_layers):
+            return self.inner(module, query, key, value, attention_mask, **kwargs)
+        if method.phase == "select" and not f.is_prefill:
             t0 = time.perf_counter()
             key, value, attention_mask = self._select(li, layer, f, query, key, value, attention_mask, module,
                                                       kwargs)
             f.reduce_seconds += time.perf_counter() - t0
         out = self.inner(module, query, key, value, attention_mask, **kwargs)
-        if not method.is_identity and (method.phase == "decode" or (method.phase == "prefill" and f.is_prefill)):
+        if method.phase == "prefill" and not f.is_prefill and f.q_len > 1:
+            f.notes.append(f"{method.name} compresses the prompt once: this {f.q_len}-token forward on a non-empty "
+                           f"cache was appended uncompressed (chunked prefill is supported by decoding methods)")
+        if method.phase == "decode" or (method.phase == "prefill" and f.is_prefill):
             t0 = time.perf_counter()
             self._reduce(li, layer, f, query, key, value, module, kwargs)
             f.reduce_seconds += time.perf_counter() - t0
-        elif method.phase == "select" and f.is_prefill and not method.is_identity:
-            self._set_budget(li, layer, f, *self._entries(layer, f, key, value))
+        elif method.phase == "select" and f.is_prefill:
+            self._set_budget(li, layer, f)
         return out
 
     # ------------------------------------------------------------------ helpers
@@ -467,7 +481,7 @@ class _KVRun:
         cs = f.cstate
         rel = pos - cs.first_col.view(-1, 1, 1)
         return KVContext(query=query, keys=keys, pos=pos, valid=valid, qpos=self._qpos(layer, f, pos.device), rel=rel,
-                         prompt_end=cs.prompt_end, scaling=float(kwargs.get("scaling") or module.scaling), layer=li,
+                         prompt_end=cs.prompt_end, question_start=cs.question_start, scaling=float(kwargs.get("scaling") or module.scaling), layer=li,
                          num_layers=self.num_layers, window=getattr(layer, "sliding_window", None),
                          softcap=kwargs.get("softcap"), is_prefill=f.is_prefill, state=dict(layer.state))
 
@@ -482,31 +496,57 @@ class _KVRun:
         question = (pos >= cs.question_start.view(-1, 1, 1)) & (pos < cs.prompt_end.view(-1, 1, 1))
         return valid, alive, question
 
-    def _set_budget(self, li: int, layer: Any, f: _Forward, keys: Tensor, values: Tensor, pos: Tensor) -> Tensor:
-        valid, alive, question = self._regions(layer, f, pos)
-        n = (alive & ~question).sum(-1)[:, 0]  # (B,) dense at prefill: same for every head
-        kv = self.method.layer_keep(li, self.num_layers)
-        if isinstance(kv, float):
-            budget = torch.round(n.double() * kv).long().clamp(min=1)
-            budget = torch.minimum(budget, n)
-        else:
-            budget = torch.full_like(n, int(kv))
-            if bool((budget >= n).any()) and f.is_prefill:
-                f.notes.append(f"layer {li}: keep={kv} >= {int(n.min())} entries of a sample: nothing evicted there")
-        f.cstate.budgets[li] = budget
+    def _natural(self, layer: Any, f: _Forward) -> Tensor:
+        """(B,) real entries an unreduced cache of this layer holds now (what ``keep`` is a fraction of)."""
+        t = layer.logical_length()
+        window = getattr(layer, "sliding_window", None)
+        lo = 0 if window is None else max(0, t - window + 1)
+        if f.mask2d is None:
+            return torch.full((f.batch,), t - lo, dtype=torch.long)
+        return f.mask2d[:, lo:t].sum(1).long()
+
+    def _set_budget(self, li: int, layer: Any, f: _Forward) -> Tensor:
+        """Budget of layer ``li`` (B,): a ratio ``keep`` is a fraction of what the unreduced cache holds at
+        this point (so KV bytes follow ``keep`` during chunked prefill and decoding too); a count is fixed."""
+        n = self._natural(layer, f).to(f.cstate.prompt_end.device)
+        cs = f.cstate
+        budget = self.method.layer_budget(li, self.num_layers, n, cs.prompt_end - cs.question_start)
+        if f.is_prefill and bool((budget >= n).any()):
+            f.notes.append(f"layer {li}: a budget >= the {int(n.min())} entries of a sample: nothing evicted there")
+        cs.budgets[li] = budget
         return budget
+
+    def _check_budget(self, li: int, budget: Tensor, n_forced: Tensor, n: Tensor) -> None:
+        """A budget must hold the entries the method forces (sinks, windows) plus ``min_free``."""
+        method = self.method
+        need = n_forced + method.min_free  # (B, H)
+        short = (need > budget.view(-1, 1)) & (n > budget.view(-1, 1))
+        if bool(short.any()):
+            b = int(budget.view(-1, 1).expand_as(need)[short].min())
+            k = int(need[short].max())
+            raise ValueError(
+                f"{method.name}: the budget of layer {li} is {b} entries (keep="
+                f"{method.layer_keep(li, self.num_layers)} of {int(n.max())} entries), smaller than "
+                f"{method.forced_desc() or 'the forced entries'}{' + the question' if self._has_question() else ''}"
+                f" = {k} entries; accepted: a keep giving at least {k} entries per layer")
+
+    def _has_question(self) -> bool:
+        ql = self.method.question_len
+        return bool(ql if isinstance(ql, int) else any(ql))
 
     # ------------------------------------------------------------------ eviction
     def _reduce(self, li: int, layer: Any, f: _Forward, query: Tensor, key: Tensor, value: Tensor,
                 module: nn.Module, kwargs: dict) -> None:
         method = self.method
         keys, values, pos = self._entries(layer, f, key, value)
-        if f.is_prefill or li not in f.cstate.budgets:
-            budget = self._set_budget(li, layer, f, keys, values, pos)
+        if method.phase == "prefill" and not f.is_prefill:
+            return
+        if f.is_prefill or li not in f.cstate.budgets or isinstance(method.layer_keep(li, self.num_layers), float):
+            budget = self._set_budget(li, layer, f)
         else:
             budget = f.cstate.budgets[li]
         valid, alive, question = self._regions(layer, f, pos)
-        cand = alive & ~question
+        cand = alive
         n = cand.sum(-1)  # (B, H)
         if not bool((n > budget.view(-1, 1)).any()):
             if f.is_prefill and method.phase == "prefill":
@@ -521,26 +561,14 @@ class _KVRun:
                     f.cstate.compact = True
             return
         B, H, N = pos.shape
-        if budget.numel() and int(budget.min()) < method.forced_count():
-            b = int(budget.min())
-            raise ValueError(
-                f"{method.name}: the budget of layer {li} is {b} entries (keep={method.layer_keep(li, self.num_layers)}"
-                f" of {int(n.max())} entries), smaller than {method.forced_desc()}; accepted: a keep giving at "
-                f"least {method.forced_count()} entries")
         ctx = self._context(li, layer, f, query, keys, pos, valid, module, kwargs)
-        forced = method.forced(ctx, budget).expand(B, H, N) & cand
-        nf = forced.sum(-1)
-        if bool((nf > budget.view(-1, 1)).any()):
-            raise ValueError(
-                f"{method.name}: the budget of layer {li} ({int(budget.min())} entries, keep="
-                f"{method.layer_keep(li, self.num_layers)}) is smaller than {method.forced_desc()} "
-                f"({int(nf.max())} entries); accepted: a keep giving at least {int(nf.max())} entries")
+        forced = (method.forced(ctx, budget).expand(B, H, N) | question) & cand  # the question stays, in budget
+        self._check_budget(li, budget, forced.sum(-1), n)
         scores = method.score(ctx)
         scores = scores.expand(B, H, N) if scores.shape[1] == 1 else scores
         counts = torch.minimum(n, budget.view(-1, 1))
         idx, ok = K.select_in_order(scores, cand, forced, counts)
         keep = torch.zeros(B, H, N, dtype=torch.long, device=pos.device).scatter_add_(2, idx, ok.long()) > 0
-        keep = keep | (question & alive)
         layer.set_entries(keys, values, pos, keep, ctx.state)
         layer.per_head = layer.per_head or not method.shared_heads
         f.cstate.compact = True
@@ -551,9 +579,11 @@ class _KVRun:
                 attention_mask: Any, module: nn.Module, kwargs: dict) -> tuple[Tensor, Tensor, Any]:
         method = self.method
         keys, values, pos = self._entries(layer, f, key, value)
-        budget = f.cstate.budgets.get(li)
-        if budget is None:
+        if li not in f.cstate.budgets:
             return key, value, attention_mask
+        budget = f.cstate.budgets[li]
+        if isinstance(method.layer_keep(li, self.num_layers), float):
+            budget = self._set_budget(li, layer, f)
         valid, alive, question = self._regions(layer, f, pos)
         qpos = self._qpos(layer, f, pos.device)
         alive = alive & (pos <= qpos[0])  # entries visible to this forward's first query
@@ -562,12 +592,9 @@ class _KVRun:
             f.attended[li] = float(n.float().mean())
             return key, value, attention_mask
         B, H, N = pos.shape
-        if int(budget.min()) < method.forced_count():
-            raise ValueError(
-                f"{method.name}: the budget of layer {li} is {int(budget.min())} entries, smaller than "
-                f"{method.forced_desc()}; accepted: a keep giving at least {method.forced_count()} entries")
         ctx = self._context(li, layer, f, query, keys, pos[:, :1], alive[:, :1], module, kwargs)
         forced = (method.forced(ctx, budget)[:, :1] | question[:, :1]) & alive[:, :1]
+        self._check_budget(li, budget, forced.sum(-1), n.view(-1, 1))
         cand = alive[:, :1]
         middle = cand & ~forced
         n_mid = torch.clamp(budget - forced.sum(-1)[:, 0], min=0)  # (B,)
@@ -631,12 +658,11 @@ class _KVRun:
                 slots.append(0)
             else:
                 _, H, P, D = keys.shape
-                if layer.compact:
-                    valid = self._valid(layer.pos, f) if layer.pos is not None else torch.zeros(B, H, P, dtype=torch.bool)
-                    kept.append(valid.sum(-1).float().mean(1).tolist())
-                else:
-                    pos = layer.dense_positions(P, B, H, keys.device)
-                    kept.append(self._valid(pos, f).sum(-1).float().mean(1).tolist())
+                pos = layer.pos if layer.compact else layer.dense_positions(P, B, H, keys.device)
+                alive = self._valid(pos, f) if pos is not None else torch.zeros(B, H, P, dtype=torch.bool)
+                if getattr(layer, "sliding_window", None) is not None and pos is not None:
+                    alive = alive & (pos > seen - layer.sliding_window)  # left the window: dropped at next update
+                kept.append(alive.sum(-1).float().mean(1).tolist())
                 slots.append(P)
                 window = getattr(layer, "sliding_window", None)
                 n_full = seen if window is None else min(seen, window - 1)
@@ -667,6 +693,11 @@ class _KVRun:
             evicted=f.evicted,
             attended=[f.attended.get(li, float("nan")) for li in range(len(kept))] if f.attended else [],
         )
+        if f.is_prefill:
+            cs.prefill = {"prefill_kv_bytes": st.kv_bytes, "prefill_kv_bytes_unreduced": st.kv_bytes_unreduced,
+                          "prefill_kept": kept}
+        for k, v in cs.prefill.items():
+            setattr(st, k, v)
         return st
 
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from ..methods.vlm import ModelInfo, StageDecision, StageView, VlmMethod
 from .base import Handle, Patcher, Stats, register_adapter
 
-__all__ = ["VlmAdapter", "VlmStats", "LLAVA_CLASSES"]
+__all__ = ["LLAVA_CLASSES", "VlmAdapter", "VlmStats"]
 
 LLAVA_CLASSES = ("LlavaForConditionalGeneration", "LlavaModel", "LlavaNextForConditionalGeneration",
                  "LlavaNextModel", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
@@ -236,7 +237,12 @@ class _Run:
 
         return forward
 
-    # ------------------------------------------------------------------ LlavaModel pre-hook
+    # ------------------------------------------------------------------ top-level / LlavaModel pre-hooks
+    def top_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("labels") is not None and not self.method.is_identity:
+            raise ValueError("labels (a training loss) are not supported with visual token reduction: the reduced "
+                             "sequence no longer lines up with them; compute the loss without tokenreduce applied")
+
     def llava_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = dict(kwargs)
         names = ("input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
@@ -247,6 +253,9 @@ class _Run:
         mm = kw.get("mm_encoder_outputs") or {}
         has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
         prefill = cache is None or cache.get_seq_length() == 0
+        if cache is not None and type(cache).__name__ != "DynamicCache":
+            raise ValueError(f"{type(cache).__name__} is not supported with visual token reduction (per-layer cache "
+                             f"lengths differ after pruning); use the default DynamicCache (no cache_implementation)")
         if input_ids is None:
             if has_images or (not prefill and self.plan is not None):
                 raise NotImplementedError("tokenreduce's VLM adapter needs input_ids (it locates the <image> "
@@ -254,8 +263,8 @@ class _Run:
             self.phase = "off"
             return (), kw
         vis = input_ids == self.image_token
-        if not prefill:
-            if has_images or vis.any():
+        if not prefill:  # (a generated token may be the <image> id: without images it is plain text, as in HF)
+            if has_images:
                 raise NotImplementedError("new images after the prompt (a cache that is already filled) are not "
                                           "supported with visual token reduction; start a new generation")
             self._decode_translate(kw, cache)
@@ -271,6 +280,7 @@ class _Run:
             self.phase = "off"
             return (), kw
         n_img = self._count_images(kw, vis)
+        self._images_per_sample = n_img / input_ids.shape[0]
         # before the LLM: make sure the features are reduced, then drop the surplus placeholders
         if self.method.where is not None and not (self.method.is_identity and not self.method.stages):
             if kw.get("pixel_values") is not None:
@@ -408,25 +418,26 @@ class _Run:
         self._stages: list[_Stage] = []
 
     def _kept_patches(self, visual: Tensor) -> list[list[list[int]]]:
-        """Per sample, per image: patch indices of the visual tokens at the LLM input."""
-        per_img = self.image_sources
+        """Per sample, per image: patch indices of the visual tokens at the LLM input (one list per sample
+        when images have no fixed token count, e.g. anyres)."""
+        src = self.image_sources
+        per = int(src.shape[1]) if src is not None else self.info.tokens_per_image
         out: list[list[list[int]]] = []
-        counts = visual.sum(1).tolist()
-        n_img_tokens = [] if per_img is None else [int(per_img.shape[1])] * per_img.shape[0]
         i = 0
-        for c in counts:
+        for c in visual.sum(1).tolist():
+            if per <= 0:
+                out.append([list(range(c))])
+                continue
             imgs: list[list[int]] = []
-            while c > 0:
-                if per_img is None:
-                    k = min(c, self.info.tokens_per_image)
-                    imgs.append(list(range(k)))
-                else:
-                    k = n_img_tokens[i]
-                    imgs.append([int(v) for v in per_img[i].tolist()])
-                c -= k
+            for _ in range(c // per):
+                imgs.append(src[i].tolist() if src is not None else list(range(per)))
                 i += 1
             out.append(imgs)
         return out
+
+    def _removed_mean(self) -> float:
+        """Mean tokens removed before the LLM (added back for the unreduced FLOPs estimate)."""
+        return float(self._base[3].float().mean()) if self._base[4] else 0.0
 
     def lm_post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         if self.phase == "prefill" and self.cur is not None:
@@ -437,6 +448,14 @@ class _Run:
                 st.kv_bytes = int(sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
                                       for l in cache.layers if getattr(l, "keys", None) is not None))
             st.final_tokens = self.cur.real.sum(1).tolist()
+            if self.info.grid is not None:
+                from ..bench.vlm import vlm_prefill_flops
+
+                n_img = self._images_per_sample
+                f = vlm_prefill_flops(self.p.config, st, st.llm_input_tokens, n_img)
+                full = float(self._base[2].sum(1).float().mean()) + self._removed_mean()
+                f0 = vlm_prefill_flops(self.p.config, None, full, n_img)
+                st.flops = {"gflops": f["gflops"], "gflops_unreduced": f0["gflops"]}
             if cache is not None:
                 self.plan = _Plan(cache=weakref.ref(cache), orig_len=int(self._base[0]), base_len=int(self._base[1]),
                                   base_real=self._base[2], base_shift=self._base[3], stages=self._stages,
@@ -525,7 +544,7 @@ class _Run:
                          attn=self._attn_fn(h, pe_now), n_visual0=cur.n_visual0)
         dec: StageDecision = self.method.reduce_stage(view)
         keep = cur.real & (~cur.visual | (dec.keep & cur.visual))
-        B, L, D = h.shape
+        B, L, _ = h.shape
         arange = torch.arange(L, device=h.device, dtype=torch.float64).expand(B, L)
         hs, valid, keys, idx, vis, pos = [h], [keep], [arange], [cur.index], [cur.visual], [cur.pos]
         if dec.extra is not None and dec.extra.shape[1] > 0:
@@ -645,7 +664,7 @@ class VlmAdapter:
         p = Patcher()
         try:
             if method.where is not None:
-                for layer, kinds in method.vision_layers().items():
+                for layer in method.vision_layers():
                     if not 0 <= layer < len(parts.vision_layers):
                         raise ValueError(f"vision layer {layer} out of range (tower has {len(parts.vision_layers)})")
                     attn = parts.vision_layers[layer].self_attn
@@ -653,6 +672,8 @@ class VlmAdapter:
                     p.hook(attn.k_proj.register_forward_hook(run.vision_hook(layer, "k")))
                 orig = parts.projector.forward
                 p.set_method(parts.projector, "forward", run.projector_forward(orig))
+            if parts.llava is not model:
+                p.hook(model.register_forward_pre_hook(run.top_pre, with_kwargs=True))
             p.hook(parts.llava.register_forward_pre_hook(run.llava_pre, with_kwargs=True))
             p.hook(parts.lm.register_forward_pre_hook(run.lm_pre, with_kwargs=True))
             p.hook(parts.lm.register_forward_hook(run.lm_post, with_kwargs=True))
@@ -671,7 +692,7 @@ def _model_info(model: nn.Module, parts: _Parts) -> ModelInfo:
     vdepth = len(parts.vision_layers)
     fl = cfg.vision_feature_layer
     if not isinstance(fl, int):
-        raise ValueError(f"vision_feature_layer={fl!r}: multi-layer features are not supported")
+        raise NotImplementedError(f"vision_feature_layer={fl!r}: multi-layer features are not supported")
     # hidden_states[fl] is the output of encoder layer fl-1 (fl >= 1) / vdepth + fl (fl < 0)
     feature_layer = fl - 1 if fl > 0 else vdepth + fl
     has_cls = hasattr(getattr(getattr(parts.llava.vision_tower, "vision_model", parts.llava.vision_tower),

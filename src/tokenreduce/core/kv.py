@@ -55,14 +55,19 @@ def attention_probs(query: Tensor, keys: Tensor, scaling: float, allowed: Tensor
     return torch.nan_to_num(probs, nan=0.0)
 
 
-def snapkv_votes(window_probs: Tensor, kernel_size: int = 5, pooling: str = "avgpool") -> Tensor:
+def snapkv_votes(window_probs: Tensor, kernel_size: int = 5, pooling: str = "avgpool",
+                 exclude: Tensor | None = None) -> Tensor:
     """SnapKV's voting (Li et al. 2024, Alg. 1): attention of the observation-window queries summed over
     the window, ``C_i = sum_{q in window} A[q, i]``, averaged over the query heads that share a KV head, then
     pooled along the sequence, ``S = pool1d(C, kernel_size)`` (stride 1, same length) to keep clusters.
+    ``exclude`` (B, 1|Hkv, N): entries whose votes are zeroed before pooling (the window itself: the reference
+    code pools the prefix only, with zero padding at its end).
 
     window_probs (B, Hkv, G, W, N) -> (B, Hkv, N).
     """
     votes = window_probs.sum(dim=3).mean(dim=2)  # (B, Hkv, N)
+    if exclude is not None:
+        votes = votes.masked_fill(exclude, 0.0)
     if kernel_size <= 1:
         return votes
     B, H, N = votes.shape

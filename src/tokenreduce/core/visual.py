@@ -36,7 +36,7 @@ def attention_probs(q: Tensor, k: Tensor, allowed: Tensor, scaling: float) -> Te
     q: (B, H, Q, d), k: (B, Hkv, L, d) (grouped-query heads are repeated), allowed: (B, Q, L) bool.
     Returns (B, H, Q, L). Rows with no allowed key are all zero.
     """
-    B, H, Q, d = q.shape
+    H = q.shape[1]
     if k.shape[1] != H:
         if H % k.shape[1]:
             raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} key heads")
@@ -108,7 +108,6 @@ def visionzip_merge(x: Tensor, cls_attn: Tensor, keys: Tensor, dominant: int, co
     if not 0 <= dominant <= N or not 0 <= contextual <= N - dominant:
         raise ValueError(f"visionzip needs 0 <= dominant ({dominant}) and dominant + contextual "
                          f"({dominant + contextual}) <= {N} patches")
-    ar = torch.arange(N, device=x.device)
     dom = topk_in_mask(cls_attn, torch.ones(B, N, dtype=torch.bool, device=x.device),
                        torch.full((B,), dominant, device=x.device))
     rest_idx = torch.argsort(dom.to(torch.int8), dim=1, stable=True)[:, : N - dominant]  # remaining, in order

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -104,7 +105,7 @@ class ClutteredDigitsConfig:
     @property
     def max_digit_size(self) -> int:
         """Largest possible side (pixels) of the upscaled target digit."""
-        return int(round(_BASE_SIZE * self.digit_scale * (1.0 + self.scale_jitter)))
+        return round(_BASE_SIZE * self.digit_scale * (1.0 + self.scale_jitter))
 
     @classmethod
     def from_dict(cls, d: dict) -> ClutteredDigitsConfig:
@@ -199,15 +200,38 @@ def _validate_call(split: str, n: int, seed: int) -> None:
 # --------------------------------------------------------------------------- sources
 
 
+def _read_digits_csv() -> np.ndarray | None:
+    """Rows ``[64 pixels..., label]`` of sklearn's bundled ``digits.csv.gz``, if found.
+
+    Reading the file directly (what ``load_digits`` does) avoids importing
+    ``sklearn.datasets``, which takes seconds; ``None`` if the layout differs.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            if data.shape == (1797, 65):
+                return data
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def _base_digits() -> tuple[np.ndarray, np.ndarray]:
     """All sklearn digits as float32 ``(1797, 8, 8)`` in [0, 1] and int64 labels."""
-    from sklearn.datasets import load_digits
+    data = _read_digits_csv()
+    if data is not None:
+        raw, target = data[:, :-1].reshape(-1, _BASE_SIZE, _BASE_SIZE), data[:, -1]
+    else:
+        from sklearn.datasets import load_digits
 
-    d = load_digits()
-    images = (d.images / 16.0).astype(np.float32)
+        d = load_digits()
+        raw, target = d.images, d.target
+    images = (raw / 16.0).astype(np.float32)
     images.setflags(write=False)
-    labels = d.target.astype(np.int64)
+    labels = target.astype(np.int64)
     labels.setflags(write=False)
     return images, labels
 
@@ -236,8 +260,8 @@ def split_indices_cached(split: str, fractions: tuple[float, float, float], spli
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for cls in range(NUM_CLASSES):
         idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_train = int(round(fractions[0] * len(idx)))
-        n_val = int(round(fractions[1] * len(idx)))
+        n_train = round(fractions[0] * len(idx))
+        n_val = round(fractions[1] * len(idx))
         parts["train"].append(idx[:n_train])
         parts["val"].append(idx[n_train : n_train + n_val])
         parts["test"].append(idx[n_train + n_val :])

@@ -42,9 +42,21 @@ import torch
 from .digits import split_indices
 
 __all__ = [
-    "VQA_VERSION", "QUESTION_TYPES", "TRAIN_ONLY_TYPES", "POSITION_NAMES", "VOCAB", "SPECIAL_TOKENS",
-    "SceneConfig", "Scene", "QA", "VQASet", "generate_scenes", "questions_for", "make_vqa_set",
-    "render_scenes", "cell_of_patch",
+    "POSITION_NAMES",
+    "QA",
+    "QUESTION_TYPES",
+    "SPECIAL_TOKENS",
+    "TRAIN_ONLY_TYPES",
+    "VOCAB",
+    "VQA_VERSION",
+    "Scene",
+    "SceneConfig",
+    "VQASet",
+    "cell_of_patch",
+    "generate_scenes",
+    "make_vqa_set",
+    "questions_for",
+    "render_scenes",
 ]
 
 #: Bump when the generator changes in a way that changes scenes or questions.
@@ -73,19 +85,19 @@ class SceneConfig:
     """Scene generator parameters (ranges are ``(low, high)``, sampled uniformly).
 
     ``image_size`` is the canvas side (cells of ``image_size // 3``); ``n_digits`` regular digits per scene
-    at ``digit_scale`` x the 8x8 source (20 px at 96 px canvas); ``small_prob`` chance of one extra small
+    at ``digit_scale`` x the 8x8 source (20-24 px at 96 px canvas); ``small_prob`` chance of one extra small
     digit at ``small_scale``; digit brightness ``digit_intensity`` over a photo background of mean level
     ``background_level`` and contrast ``background_amplitude``; ``mean``/``std`` normalise pixels.
     """
 
     image_size: int = 96
     n_digits: tuple[int, int] = (2, 4)
-    digit_scale: tuple[float, float] = (2.3, 2.8)
+    digit_scale: tuple[float, float] = (2.5, 3.0)
     small_prob: float = 0.5
     small_scale: tuple[float, float] = (1.1, 1.4)
     digit_intensity: tuple[float, float] = (0.75, 1.0)
     background_level: tuple[float, float] = (0.1, 0.35)
-    background_amplitude: tuple[float, float] = (0.04, 0.1)
+    background_amplitude: tuple[float, float] = (0.03, 0.08)
     mean: float = 0.5
     std: float = 0.5
 
@@ -106,7 +118,7 @@ class SceneConfig:
             raise ValueError(f"std={self.std!r} must be > 0")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SceneConfig":
+    def from_dict(cls, d: dict) -> SceneConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -231,7 +243,7 @@ def generate_scenes(split: str, n: int, seed: int = 0, config: SceneConfig | Non
         small_cell = int(cells[-1]) if has_small else -1
         for cl, v in zip(cells.tolist(), values.tolist()):
             scale = c.small_scale if cl == small_cell else c.digit_scale
-            size = int(round(8 * rng.uniform(*scale)))
+            size = round(8 * rng.uniform(*scale))
             r, q = divmod(cl, 3)
             top = r * cell + int(rng.integers(0, cell - size + 1))
             left = q * cell + int(rng.integers(0, cell - size + 1))

@@ -2,7 +2,9 @@
 
 The vision methods work on any :class:`~tokenreduce.core.state.TokenState`, so ToMe, EViT and the random
 baseline are the very classes of :mod:`.vision`; only pooling differs: text has no grid, so ``pool`` here
-is the ragged 1D average pooling of :func:`tokenreduce.core.text.pool1d`. ``keep`` has the same meaning as
+is the ragged 1D average pooling of :func:`tokenreduce.core.text.pool1d`, and EViT's fused token is the
+attention-weighted mean of the tokens it absorbs (``normalize_fused=True``), because mean pooling weights it by
+their number. ``keep`` has the same meaning as
 for ViTs (ToMe: final fraction of the reducible tokens; stage methods: fraction kept at each stage, stages
 after 1/4, 1/2, 3/4 of the depth). ``[CLS]`` is protected; padding is carried by masks, so every sample keeps
 its own number of tokens. Pool sentence embeddings with :func:`tokenreduce.adapters.encoder.mean_pool`.
@@ -37,12 +39,12 @@ class TextPool(_StageMethod):
         return pool1d(state, self.counts(layer, state))
 
 
-def _reg(name: str, cls: type, paper: str, equation: str) -> None:
+def _reg(name: str, cls: type, paper: str, equation: str, **defaults: Any) -> None:
     def factory(keep: KeepLike = 1.0, **kw: Any) -> VisionMethod:
         if not isinstance(keep, (Keep, list, tuple)):
             validate_keep_value(keep)
         try:
-            return cls(keep=keep, **kw)
+            return cls(keep=keep, **{**defaults, **kw})
         except TypeError as e:
             allowed = [f for f in cls.__dataclass_fields__ if f != "needs"]
             raise TypeError(f"{name}: {e}; accepted keywords: {allowed}") from None
@@ -53,7 +55,9 @@ def _reg(name: str, cls: type, paper: str, equation: str) -> None:
 
 _reg("tome", ToMe, "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (applied to text encoders)",
      "bipartite soft matching on keys; x=sum s_i x_i/sum s_i; softmax(QK^T/sqrt(d)+log s)")
+# EViT's fused token is sum_i a_i x_i (Eq. 4); a text encoder's mean-pooled embedding weights it by the number
+# of tokens it absorbed, so here it is the attention-weighted *mean* (normalize_fused=True; False = the paper's sum)
 _reg("evit", EViT, "Liang et al., EViT, ICLR 2022 (CLS-attention pruning applied to text encoders)",
-     "top-k by mean_h A[cls,i]; x_fused=sum_{i inattentive} a_i x_i")
+     "top-k by mean_h A[cls,i]; x_fused=sum a_i x_i / sum a_i", normalize_fused=True)
 _reg("random", RandomPrune, "random pruning baseline", "keep a seeded random subset")
 _reg("pool", TextPool, "1D average pooling baseline", "consecutive bins, size-weighted")

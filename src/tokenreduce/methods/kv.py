@@ -12,9 +12,12 @@ Every method answers three questions for one attention layer, given a :class:`KV
 
 ``keep`` (float in (0, 1] or int >= 1) is the fraction/count of each layer's cache entries that survive, *per
 layer as the layer's cache exists* (a Gemma 3 sliding-window layer holds at most window-1 entries, a global
-layer the whole prompt). ``question_len`` trailing prompt tokens (int, or one per sample) are never evicted
-and are not counted in the budget (context vs question split of a QA pipeline); SnapKV/PyramidKV's
-observation window is the end of the prompt, i.e. the question in that setting.
+layer the whole prompt). For the decoding methods a ratio is a fraction of what the unreduced cache holds at
+every step (the cache grows by ``keep`` per new token, and chunked prefill works), a count is a fixed cache
+size (the papers' setting: StreamingLLM/H2O/TOVA caches of N tokens). ``question_len`` trailing prompt tokens (int, or one per sample) are never evicted;
+they count against the budget, so the cache holds ``keep`` of its entries in every layer whatever the split
+(context vs question of a QA pipeline). SnapKV/PyramidKV's observation window is the end of the prompt, i.e.
+the question in that setting (``window_size="question"`` makes it exactly the question).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class KVContext:
     query (B,Hq,Q,D) of this forward (after RoPE); keys (B,Hkv,N,D) all entries (cache + this forward's);
     pos (B,Hkv,N) logical position (column) of each entry, -1 for empty slots; valid (B,Hkv,N) real tokens;
     qpos (Q,) columns of this forward's queries; rel (B,Hkv,N) position relative to the sample's first real
-    token (left padding removed); prompt_end (B,) first column after the prompt; window: sliding window of
+    token (left padding removed); prompt_end (B,) first column after the prompt, question_start (B,) first
+    column of the uncompressed question (= prompt_end without one); window: sliding window of
     the layer (None = global); state: per-entry tensors a method keeps between forwards (e.g. H2O's sums),
     aligned with the entries (the adapter gathers/pads them with the cache).
     """
@@ -55,6 +59,7 @@ class KVContext:
     qpos: Tensor
     rel: Tensor
     prompt_end: Tensor
+    question_start: Tensor
     scaling: float
     layer: int
     num_layers: int
@@ -112,10 +117,25 @@ class KVContext:
         """(B, H, N) the first ``n`` real tokens of each sample (attention sinks)."""
         return self.valid & (self.rel < n)
 
-    def prompt_tail(self, n: int) -> Tensor:
-        """(B, H, N) the last ``n`` prompt tokens (the observation window)."""
+    def prompt_tail(self, n: int | Tensor) -> Tensor:
+        """(B, H, N) the last ``n`` prompt tokens (the observation window); ``n`` int or (B,)."""
         end = self.prompt_end.view(-1, 1, 1)
-        return self.valid & (self.pos >= end - n) & (self.pos < end)
+        n_t = torch.as_tensor(n, device=self.pos.device).reshape(-1, 1, 1)
+        return self.valid & (self.pos >= end - n_t) & (self.pos < end)
+
+    @property
+    def question_len(self) -> Tensor:
+        return self.prompt_end - self.question_start
+
+    def window_probs(self, n: int | Tensor) -> Tensor:
+        """Attention (B,Hkv,G,W,N) of the last ``n`` prompt queries (``n`` int or one per sample; rows of
+        queries outside a sample's window are zero)."""
+        n_t = torch.as_tensor(n, device=self.pos.device).reshape(-1)
+        w = int(n_t.max().item())
+        p = self.probs(last=w)
+        rows = self.qpos[self.num_queries - p.shape[3]:].view(1, -1)  # (1, W)
+        inside = rows >= (self.prompt_end.view(-1, 1) - n_t.view(-1, 1).expand(len(self.prompt_end), 1))
+        return p * inside.view(inside.shape[0], 1, 1, -1, 1).to(p.dtype)
 
 
 # ---------------------------------------------------------------------------- base
@@ -125,6 +145,8 @@ class KVMethod:
 
     keep: KeepLike = 1.0
     question_len: int | Sequence[int] = 0
+    layers: Sequence[int] | None = None  # layers to compress (None: all)
+    rounding: str = "round"  # budget of a ratio keep: round(keep n) or "floor" (kvpress's int(keep n))
 
     phase: ClassVar[str] = "prefill"
     shared_heads: ClassVar[bool] = False  # one selection for all KV heads of a layer
@@ -142,21 +164,44 @@ class KVMethod:
         for v in vals:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"question_len must be an int >= 0 or one such int per sample, got {ql!r}")
+        if self.rounding not in ("round", "floor"):
+            raise ValueError(f"rounding={self.rounding!r} is not supported; accepted: 'round', 'floor'")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.layers):
+                raise ValueError(f"layers must be layer indices (ints >= 0), got {self.layers!r}")
+
+    def compresses(self, layer: int, num_layers: int) -> bool:
+        """Whether ``layer`` is reduced at all (``layers=`` restricts the method to some layers)."""
+        if self.layers is not None:
+            bad = [v for v in self.layers if v >= num_layers]
+            if bad:
+                raise ValueError(f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+            return layer in self.layers
+        return True
 
     @property
     def is_identity(self) -> bool:
         return self.budget.is_identity
 
     def layer_keep(self, layer: int, num_layers: int) -> float | int:
-        """The keep value of ``layer`` (PyramidKV overrides)."""
+        """The keep value of ``layer`` (for messages; PyramidKV varies it)."""
         return self.keep  # type: ignore[return-value]
+
+    def layer_budget(self, layer: int, num_layers: int, n: Tensor, question_len: Tensor) -> Tensor:
+        """(B,) entries layer ``layer`` keeps out of ``n`` (B,) (question included): ``round(keep n)``
+        (at least 1) for a ratio, ``min(keep, n)`` for a count."""
+        kv = self.layer_keep(layer, num_layers)
+        if isinstance(kv, float):
+            exact = n.double() * kv
+            b = torch.floor(exact + 1e-9) if self.rounding == "floor" else torch.round(exact)
+            return torch.minimum(b.long().clamp(min=1), n)
+        return torch.minimum(torch.full_like(n, int(kv)), n)
 
     def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
         return torch.zeros_like(ctx.valid[:, :1])
 
-    def forced_count(self) -> int:
-        """Entries ``forced`` keeps per row (for the 'budget too small' error)."""
-        return 0
+    min_free: ClassVar[int] = 0  # entries the budget must hold beyond the forced ones
 
     def forced_desc(self) -> str:
         return ""
@@ -178,6 +223,7 @@ class StreamingLLM(KVMethod):
     sinks: int = 4
     phase: ClassVar[str] = "decode"
     shared_heads: ClassVar[bool] = True
+    min_free: ClassVar[int] = 1  # a window of at least one recent token
     name: ClassVar[str] = "streaming-llm"
 
     def __post_init__(self) -> None:
@@ -187,9 +233,6 @@ class StreamingLLM(KVMethod):
 
     def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
         return ctx.first(self.sinks)[:, :1]
-
-    def forced_count(self) -> int:
-        return self.sinks + 1  # the sinks and at least one recent token
 
     def forced_desc(self) -> str:
         return f"sinks ({self.sinks}) + a window of at least 1"
@@ -260,42 +303,49 @@ class SnapKV(KVMethod):
     After the prompt, per KV head: attention of the last ``window_size`` prompt queries (the observation
     window, i.e. the question) over the prefix, ``C = sum_{q in window} softmax(q K^T/sqrt(d))``, pooled along
     the sequence ``S = pool1d(C, kernel_size)``; keep the window plus ``argtop_{budget - window} S``.
-    Defaults of the reference code: window 32, kernel 5, average pooling.
+    Defaults of the reference code: window 32, kernel 5, average pooling. ``window_size="question"`` makes the
+    observation window exactly the question (``question_len`` tokens per sample), the paper's QA framing.
     """
 
-    window_size: int = 32
+    window_size: int | str = 32
     kernel_size: int = 5
     pooling: str = "avgpool"
     name: ClassVar[str] = "snapkv"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"window_size must be an int >= 1, got {self.window_size!r}")
+        ws = self.window_size
+        if ws == "question":
+            if not any([self.question_len] if isinstance(self.question_len, int) else self.question_len):
+                raise ValueError("window_size='question' needs question_len= (the question is the window)")
+        elif isinstance(ws, bool) or not isinstance(ws, int) or ws < 1:
+            raise ValueError(f"window_size must be an int >= 1 or 'question', got {ws!r}")
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
         if self.pooling not in ("avgpool", "maxpool"):
             raise ValueError(f"pooling={self.pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
 
-    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
-        return ctx.prompt_tail(self.window_size)[:, :1]
+    def window(self, ctx: KVContext) -> int | Tensor:
+        return ctx.question_len if self.window_size == "question" else self.window_size
 
-    def forced_count(self) -> int:
-        return self.window_size
+    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+        return ctx.prompt_tail(self.window(ctx))[:, :1]
 
     def forced_desc(self) -> str:
         return f"the observation window ({self.window_size} tokens)"
 
     def score(self, ctx: KVContext) -> Tensor:
-        return K.snapkv_votes(ctx.probs(last=self.window_size), self.kernel_size, self.pooling)
+        w = self.window(ctx)
+        return K.snapkv_votes(ctx.window_probs(w), self.kernel_size, self.pooling, exclude=ctx.prompt_tail(w))
 
 
 @dataclass
 class PyramidKV(SnapKV):
     """PyramidKV (Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
     Funneling", 2024), Eq. 6-7: SnapKV's selection with layer-wise budgets that shrink linearly with depth,
-    ``k_l = k_0 - l (k_0 - k_{L-1}) / (L-1)``, ``k_{L-1} = keep / beta``, mean over layers = ``keep``
-    (:func:`tokenreduce.core.kv.pyramid_ratios`). Paper default beta = 20; takes a ratio ``keep``.
+    ``k_l = k_0 - l (k_0 - k_{L-1}) / (L-1)``, ``k_{L-1} = k / beta``, mean over layers = ``keep``; the
+    observation window is kept on top of the pyramid in every layer, as in the reference code
+    (:meth:`layer_budget`). Paper default beta = 20; takes a ratio ``keep``.
     """
 
     beta: float = 20.0
@@ -312,6 +362,24 @@ class PyramidKV(SnapKV):
     def layer_keep(self, layer: int, num_layers: int) -> float:
         r = K.pyramid_ratios(float(self.keep), num_layers, self.beta)[layer]
         return min(max(r, 1e-9), 1.0)
+
+    def layer_budget(self, layer: int, num_layers: int, n: Tensor, question_len: Tensor) -> Tensor:
+        """The reference code's arithmetic on token counts: with ``w`` the window and ``s = round(keep n) - w``
+        the mean selectable entries, ``s_min = s // beta``, ``s_max = 2 s - s_min`` (if ``s_max > n - w``:
+        ``s_max = n - w``, ``s_min = 2 s - s_max``), layer l keeps ``w + s_max - l (s_max - s_min)/(L-1)``."""
+        w = question_len if self.window_size == "question" else torch.full_like(n, int(self.window_size))
+        w = torch.minimum(w, n)
+        s = torch.round(n.double() * float(self.keep)).long() - w
+        s_min = torch.div(s, self.beta, rounding_mode="floor").long()
+        s_max = 2 * s - s_min
+        over = s_max > n - w
+        s_max = torch.where(over, n - w, s_max)
+        s_min = torch.where(over, 2 * s - s_max, s_min)
+        if num_layers == 1:
+            sel = s
+        else:
+            sel = torch.round(s_max.double() - layer * (s_max - s_min).double() / (num_layers - 1)).long()
+        return torch.minimum(w + sel.clamp(min=0), n).clamp(min=1) if bool((s >= 0).all()) else w + s
 
 
 @dataclass
@@ -369,9 +437,6 @@ class TokenSelect(KVMethod):
 
     def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
         return (ctx.first(self.n_init) | ctx.recent(self.n_local))[:, :1]
-
-    def forced_count(self) -> int:
-        return self.n_init + self.n_local
 
     def forced_desc(self) -> str:
         return f"n_init ({self.n_init}) + n_local ({self.n_local})"

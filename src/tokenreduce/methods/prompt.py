@@ -21,11 +21,11 @@ extractive         cosine(MiniLM(sentence), MiniLM(question)) -> top sentences (
 
 from __future__ import annotations
 
-import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,8 +34,16 @@ from ..compress import Prompt, refine_units
 from ..core.text import fill_budget, group_units
 from ..registry import register
 
-__all__ = ["PromptMethod", "Truncate", "RandomDrop", "SelectiveContext", "LLMLingua", "LongLLMLingua",
-           "Extractive", "minilm_encoder"]
+__all__ = [
+    "Extractive",
+    "LLMLingua",
+    "LongLLMLingua",
+    "PromptMethod",
+    "RandomDrop",
+    "SelectiveContext",
+    "Truncate",
+    "minilm_encoder",
+]
 
 PROMPT = "prompt"
 
@@ -148,7 +156,8 @@ class LLMLingua(PromptMethod):
     2. Iterative token-level compression (Sec. 3.2, Alg. 1 lines 7-13): the kept text is cut into segments of
        ``segment_tokens``; each segment is scored conditioned on the *already compressed* prefix (KV cache),
        tokens with the highest conditional self-information are kept (per-segment budgets summing exactly to
-       the target), and the kept tokens extend the cache before the next segment.
+       the target), and the removed tokens' entries are dropped from the cache before the next segment (as in
+       LLMLingua's code: one forward per segment, kept tokens keep their keys/values).
     Distribution alignment (Sec. 3.3, instruction-tuning the small LM) is not done. ``unit``: token | word.
     """
 
@@ -206,10 +215,9 @@ class LLMLingua(PromptMethod):
         for seg, k_seg in zip(segs, budgets):
             seg_ids = [t for i in seg for t in p.piece_ids(int(i))]
             if cache is None or cache.get_seq_length() + len(seg_ids) > sc.window:
-                ctx = prefix + kept_ids[-(sc.window // 2):]
-                cache, last_h = self._new_cache(sc, ctx)
-            trial = copy.deepcopy(cache)
-            h = sc.hidden(torch.tensor([seg_ids]), cache=trial)[0]
+                cache, last_h = self._new_cache(sc, prefix + kept_ids[-(sc.window // 2):])
+            L0 = cache.get_seq_length()
+            h = sc.hidden(torch.tensor([seg_ids]), cache=cache)[0]
             if last_h is None:  # no <bos>: the first token has no prediction
                 rows, tg, lp0 = h[:-1], seg_ids[1:], [np.nan]
             else:
@@ -217,18 +225,21 @@ class LLMLingua(PromptMethod):
             lp = np.concatenate([lp0, sc.head_logprobs(rows, torch.tensor(tg, device=rows.device)).cpu().numpy()])
             si = -lp
             si[np.isnan(si)] = np.nanmax(si) if np.isfinite(si).any() else 0.0
-            tok_piece = np.repeat(seg, pc.ntok[seg])
-            piece_si = np.bincount(np.searchsorted(seg, tok_piece), weights=si, minlength=len(seg))
+            local_piece = np.repeat(np.arange(len(seg)), pc.ntok[seg])  # piece (within seg) of each token
+            piece_si = np.bincount(local_piece, weights=si, minlength=len(seg))
             cond[seg] = piece_si
-            seg_units = units[seg]
-            _, local = np.unique(seg_units, return_inverse=True)
+            _, local = np.unique(units[seg], return_inverse=True)
             uscore = group_units(local, piece_si, int(local.max()) + 1, "sum")
             keep = fill_budget(local, pc.ntok[seg], uscore, int(k_seg))
             chosen[seg[keep]] = True
-            new_ids = [t for i in seg[keep] for t in p.piece_ids(int(i))]
-            if new_ids:
-                last_h = sc.hidden(torch.tensor([new_ids]), cache=cache)[0, -1]
-                kept_ids.extend(new_ids)
+            kept_tok = np.flatnonzero(keep[local_piece])
+            # the compressed prefix: drop the removed tokens' entries from the KV cache (as LLMLingua does)
+            idx = torch.cat([torch.arange(L0), L0 + torch.from_numpy(kept_tok)]).to(h.device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(-2, idx), layer.values.index_select(-2, idx)
+            if len(kept_tok):
+                last_h = h[int(kept_tok[-1])]
+                kept_ids.extend(seg_ids[int(t)] for t in kept_tok)
         p.seconds_scoring += time.perf_counter() - t0
         return np.nan_to_num(cond, nan=0.0), chosen
 
@@ -236,7 +247,7 @@ class LLMLingua(PromptMethod):
     def _new_cache(sc: Any, ctx: list[int]) -> tuple[Any, torch.Tensor | None]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=getattr(sc.lm, "config", None))
+        cache = DynamicCache()  # no config: every layer keeps all positions, so entries can be dropped
         if not ctx:
             return cache, None
         h = sc.hidden(torch.tensor([ctx]), cache=cache)[0, -1]
@@ -453,7 +464,7 @@ class Extractive(PromptMethod):
             enc = self.encoder
         else:
             pair = self.encoder if self.encoder is not None else minilm_encoder()
-            enc = lambda xs: embed(pair, xs)  # noqa: E731
+            enc = lambda xs: embed(pair, xs)
         e = torch.as_tensor(enc(texts + [p.question])).float()
         e = torch.nn.functional.normalize(e, dim=-1)
         p.seconds_scoring += time.perf_counter() - t0

@@ -36,8 +36,9 @@ per layer) and in the benchmark's FLOPs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -47,10 +48,24 @@ from ..core import strategies as S
 from ..core import visual as V
 from ..core.budget import Keep, KeepLike, validate_keep_value
 from ..core.state import TokenState
-from ..registry import register
+from ..registry import register_dataclass
 
-__all__ = ["VlmMethod", "ModelInfo", "StageView", "StageDecision", "VisionZip", "DivPrune", "HiPrune",
-           "PoolVLM", "RandomVLM", "FastV", "SparseVLM", "PDrop", "ToDRE", "VLM"]
+__all__ = [
+    "VLM",
+    "DivPrune",
+    "FastV",
+    "HiPrune",
+    "ModelInfo",
+    "PDrop",
+    "PoolVLM",
+    "RandomVLM",
+    "SparseVLM",
+    "StageDecision",
+    "StageView",
+    "ToDRE",
+    "VisionZip",
+    "VlmMethod",
+]
 
 VLM = "vlm-visual"
 
@@ -146,14 +161,14 @@ class VlmMethod:
         raise NotImplementedError
 
 
-def _count(keep: float | int, n: int) -> int:
+def _count(keep: float, n: int) -> int:
     """round(keep * n) for a ratio, ``keep`` for a count; a clear error when that leaves no token or asks
     for more than there are (nothing is silently clipped)."""
     if isinstance(keep, int):
         if keep > n:
             raise ValueError(f"keep={keep} visual tokens is more than the {n} there are (accepted: 1..{n})")
         return keep
-    k = int(round(keep * n))
+    k = round(keep * n)
     if k < 1:
         raise ValueError(f"keep={keep} leaves zero of {n} visual tokens; accepted: a ratio >= {0.5 / n:.3g} "
                          f"or a count in 1..{n}")
@@ -204,7 +219,7 @@ class VisionZip(VlmMethod):
         if not 0.0 <= self.contextual < 1.0:
             raise ValueError(f"contextual={self.contextual} must be in [0, 1)")
         k = self.count(x.shape[1])
-        n_ctx = min(int(round(k * self.contextual)), k - 1) if k > 1 else 0
+        n_ctx = min(round(k * self.contextual), k - 1) if k > 1 else 0
         lay = self.info.feature_layer
         score = ctx["cls"][lay] if self.info.has_cls else ctx["mean"][lay]
         return V.visionzip_merge(x, score, ctx["keys"][lay], k - n_ctx, n_ctx)
@@ -232,7 +247,8 @@ class HiPrune(VlmMethod):
     """HiPrune (Liu et al., "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in
     Vision Encoders", 2025): anchors = top attention in a middle "object" layer, buffers = their
     4-neighbours, registers = top attention in the output layer; attention = mean over heads and queries
-    (the official "global attention"); see :func:`tokenreduce.core.visual.hiprune_keep`.
+    (the official "global attention"); buffers are true grid neighbours (the official flat index +-1 can
+    wrap across rows); see :func:`tokenreduce.core.visual.hiprune_keep`.
     ``object_layer`` (1-based, default scaled from 9 of CLIP-L's 24 layers), ``alpha`` = 0.1."""
 
     keep: KeepLike = 192 / 576
@@ -295,7 +311,7 @@ class RandomVLM(VlmMethod):
 
 
 # ============================================================================ inside the LLM
-def _stage_counts(view: StageView, frac: float | int, first: bool = True) -> Tensor:
+def _stage_counts(view: StageView, frac: float, first: bool = True) -> Tensor:
     """Visual tokens kept per sample at this stage: ``frac`` of the LLM-input visual tokens (or a count).
     The first reduction of a sample that has visual tokens may not leave zero (a clear error); later
     pyramid stages may."""
@@ -343,8 +359,8 @@ class SparseVLM(VlmMethod):
     """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
     Model Inference", ICML 2025).
 
-    Raters: the text tokens whose relevance R_j = mean_i softmax_j(v_i . t_j) (visual x text input
-    embeddings) exceeds the mean (:func:`~tokenreduce.core.visual.sparsevlm_raters`). At each pruning layer
+    Raters: the text tokens after the image whose relevance R_j = mean_i softmax_j(v_i . t_j) (visual x text
+    input embeddings) exceeds the mean (:func:`~tokenreduce.core.visual.sparsevlm_raters`). At each pruning layer
     l (paper: 2, 6, 15 of 32, scaled to the model) visual token i is scored by the raters' attention in
     layer l, s_i = mean_{j in R} mean_h A^{(l)}_h[j, i]; the top tokens are kept from layer l+1 on.
     Recycling: of the deleted tokens, the top ``recycle`` (30%) by score are clustered with DPC-KNN into
@@ -367,7 +383,7 @@ class SparseVLM(VlmMethod):
         if list(locs) != sorted(set(locs)):
             raise ValueError(f"layers must be distinct and increasing, got {list(locs)}")
         if isinstance(self.keep, int):
-            raise ValueError("sparsevlm's keep is a layer-averaged fraction: give a float in (0, 1]")
+            raise TypeError("sparsevlm's keep is a layer-averaged fraction: give a float in (0, 1]")
         self._locs = locs
         self.stages = tuple(l + 1 for l in locs)
         self._fracs = V.sparsevlm_schedule(float(self.keep), self.stages, info.depth)
@@ -377,7 +393,11 @@ class SparseVLM(VlmMethod):
 
     def reduce_stage(self, view: StageView) -> StageDecision:
         if view.stage == 0 or getattr(self, "_raters", None) is None or self._raters.shape != view.lm_real.shape:
-            text0 = view.lm_real & ~view.lm_visual
+            # raters come from the text after the image (the question), as in the official code
+            ar = torch.arange(view.lm_real.shape[1], device=view.lm_real.device)[None]
+            after = ar > torch.where(view.lm_visual, ar, -1).amax(1, keepdim=True)
+            text0 = view.lm_real & ~view.lm_visual & after
+            text0 = torch.where(text0.any(1, keepdim=True), text0, view.lm_real & ~view.lm_visual)
             self._raters = V.sparsevlm_raters(view.lm_input, view.lm_input, view.lm_visual, text0)
         raters = torch.zeros_like(view.real)
         ok = view.index >= 0
@@ -429,7 +449,7 @@ class PDrop(VlmMethod):
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be distinct and increasing, got {list(layers)}")
         if isinstance(self.keep, int):
-            raise ValueError("pdrop's keep is the per-stage ratio lambda: give a float in (0, 1]")
+            raise TypeError("pdrop's keep is the per-stage ratio lambda: give a float in (0, 1]")
         self.stages = layers
 
     def score_layer(self, stage: int) -> int:
@@ -447,8 +467,9 @@ class ToDRE(VlmMethod):
     Vision-Language Models", arXiv:2505.18757, 2025), two stages:
 
     1. diversity, after the vision encoder: greedy k-center (max-min) selection of ``keep`` of each image's
-       projected tokens, S_{t+1} = S_t + argmax_i min_{j in S_t} d(x_i, x_j), started at the token the
-       [CLS] attends most (the most isolated token if the tower has no [CLS]);
+       projected tokens, S_{t+1} = S_t + argmax_i min_{j in S_t} d(x_i, x_j) (cosine distance), started at
+       the patch [CLS] attends most (the most isolated token if the tower has no [CLS]) -- the start token
+       is this implementation's choice;
     2. task relevance ("information migration"), inside the LLM: from ``layer`` on (default: the middle
        layer) the visual tokens are dropped. With ``relevance`` = tau > 0 the drop is adaptive: only samples
        whose last token pays the visual tokens less than tau of its attention at layer-1 drop them.
@@ -502,18 +523,7 @@ class ToDRE(VlmMethod):
 
 # ---------------------------------------------------------------------------- registration
 def _reg(name: str, cls: type, paper: str, equation: str) -> None:
-    def factory(keep: KeepLike | None = None, **kw: Any) -> VlmMethod:
-        args = dict(kw)
-        if keep is not None:
-            args["keep"] = keep
-        try:
-            return cls(**args)
-        except TypeError as e:
-            allowed = [f for f in cls.__dataclass_fields__]
-            raise TypeError(f"{name}: {e}; accepted keywords: {allowed}") from None
-
-    factory.__doc__ = cls.__doc__
-    register(name, modality="multimodal", integration=VLM, paper=paper, equation=equation)(factory)
+    register_dataclass(name, cls, modality="multimodal", integration=VLM, paper=paper, equation=equation, hidden=())
 
 
 _reg("visionzip", VisionZip, "Yang et al., VisionZip: Longer is Better but Not Necessary in VLMs, CVPR 2025",

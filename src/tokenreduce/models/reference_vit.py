@@ -55,6 +55,8 @@ __all__ = [
     "evaluate",
     "load_reference_vit",
     "reference_eval_set",
+    "register_cli",
+    "train_or_load_metrics",
     "train_reference_vit",
 ]
 
@@ -86,18 +88,18 @@ class TrainConfig:
 
     image_size: int = 64
     patch_size: int = 4
-    embed_dim: int = 192
+    embed_dim: int = 96
     depth: int = 6
     num_heads: int = 3
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
     stem: str = "conv"
-    stem_channels: int = 32
+    stem_channels: int = 24
     stem_extra_convs: int = 2
     data: ClutteredDigitsConfig = field(default_factory=ClutteredDigitsConfig)
-    epochs: int = 6
+    epochs: int = 10
     samples_per_epoch: int = 4096
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.05
@@ -116,19 +118,19 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`build_reference_vit` for this config."""
-        return dict(
-            img_size=self.image_size,
-            patch_size=self.patch_size,
-            in_chans=self.data.channels,
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            drop_path_rate=self.drop_path_rate,
-            stem=self.stem,
-            stem_channels=self.stem_channels,
-            stem_extra_convs=self.stem_extra_convs,
-        )
+        return {
+            "img_size": self.image_size,
+            "patch_size": self.patch_size,
+            "in_chans": self.data.channels,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "drop_path_rate": self.drop_path_rate,
+            "stem": self.stem,
+            "stem_channels": self.stem_channels,
+            "stem_extra_convs": self.stem_extra_convs,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (nested dataclasses become dicts)."""
@@ -209,7 +211,7 @@ class ConvStemPatchEmbed(PatchEmbed):
     costs a few percent of the transformer blocks' FLOPs (see :meth:`flops`).
     """
 
-    def __init__(self, *args: Any, stem_channels: int = 32, extra_convs: int = 2, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stem_channels: int = 24, extra_convs: int = 2, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         stride = self.patch_size[0]
         if self.patch_size[0] != self.patch_size[1] or stride & (stride - 1) or stride < 2:
@@ -251,26 +253,31 @@ STEMS = ("conv", "patch")
 
 
 def build_reference_vit(
-    stem: str = "conv", stem_channels: int = 32, stem_extra_convs: int = 2, **overrides: Any
+    stem: str | None = None, stem_channels: int | None = None, stem_extra_convs: int | None = None, **overrides: Any
 ) -> VisionTransformer:
     """Untrained reference architecture; ``overrides`` replace VisionTransformer kwargs.
 
-    Defaults come from :class:`TrainConfig` (64x64, patch 4 -> 257 tokens, 10 classes)
-    with ``class_token=True`` and ``global_pool="token"``. ``stem="conv"`` uses
-    :class:`ConvStemPatchEmbed` (``stem_channels``, ``stem_extra_convs``),
-    ``stem="patch"`` timm's linear patch embedding.
-    E.g. ``build_reference_vit(embed_dim=32, depth=2, num_heads=2)`` for tests.
+    Every default comes from :class:`TrainConfig` (64x64, patch 4 -> 257 tokens,
+    conv stem, 10 classes) with ``class_token=True`` and ``global_pool="token"``.
+    ``stem="conv"`` uses :class:`ConvStemPatchEmbed` (``stem_channels``,
+    ``stem_extra_convs``), ``stem="patch"`` timm's linear patch embedding.
+    E.g. ``build_reference_vit(embed_dim=32, depth=2, num_heads=2)`` for tests, or
+    ``build_reference_vit(**config.model_kwargs())`` for a given config.
 
     Raises:
         ValueError: On an unknown stem or a keyword ``VisionTransformer`` does not accept.
     """
+    defaults = TrainConfig().model_kwargs()
+    stem = defaults.pop("stem") if stem is None else stem
+    stem_channels = defaults.pop("stem_channels") if stem_channels is None else stem_channels
+    stem_extra_convs = defaults.pop("stem_extra_convs") if stem_extra_convs is None else stem_extra_convs
+    defaults = {k: v for k, v in defaults.items() if not k.startswith("stem")}
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r} is invalid: must be one of {STEMS}")
     accepted = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self", "kwargs"}
     unknown = set(overrides) - accepted
     if unknown:
         raise ValueError(f"unknown VisionTransformer arguments {sorted(unknown)}; accepted: {sorted(accepted)}")
-    defaults = {k: v for k, v in TrainConfig().model_kwargs().items() if not k.startswith("stem")}
     kwargs: dict[str, Any] = dict(defaults, num_classes=NUM_CLASSES, class_token=True, global_pool="token")
     if stem == "conv":
         kwargs["embed_layer"] = functools.partial(
@@ -382,9 +389,8 @@ def train_reference_vit(config: TrainConfig | None = None, progress: bool = True
         ``history`` (per-epoch train loss and val accuracy), ``config_hash``,
         ``checkpoint`` and library versions.
     """
-    from tqdm.auto import tqdm
-
     import timm
+    from tqdm.auto import tqdm
 
     config = config or TrainConfig()
     prev_threads = torch.get_num_threads()
@@ -395,7 +401,7 @@ def train_reference_vit(config: TrainConfig | None = None, progress: bool = True
         model = build_reference_vit(**config.model_kwargs())
         steps_per_epoch = -(-config.samples_per_epoch // config.batch_size)
         total_steps = config.epochs * steps_per_epoch
-        warmup = max(1, int(round(config.warmup_fraction * total_steps)))
+        warmup = max(1, round(config.warmup_fraction * total_steps))
         opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, warmup, config.min_lr_ratio))
         val_x, val_y = reference_eval_set("val", config)
@@ -488,3 +494,33 @@ def load_reference_vit(
     metrics_path = path.with_name("metrics.json")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     return model, {"config": config, "metrics": metrics, "path": path}
+
+
+def register_cli(train_app: Any) -> None:
+    """``tokenreduce train vit``: train (once) and cache the reference ViT."""
+    import typer
+
+    @train_app.command("vit")
+    def train_vit(
+        force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
+        threads: int = typer.Option(TrainConfig.num_threads, help="torch threads (does not change the weights)"),
+        progress: bool = typer.Option(True, help="Show a progress bar"),
+    ) -> None:
+        """Train the reference ViT on cluttered digits (cached in ~/.cache/tokenreduce/reference_vit)."""
+        config = TrainConfig(num_threads=threads)
+        typer.echo(json.dumps(train_or_load_metrics(config, force=force, progress=progress), indent=2))
+
+
+def train_or_load_metrics(config: TrainConfig | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Metrics summary of the cached checkpoint of ``config``, training it first if missing or ``force``."""
+    config = config or TrainConfig()
+    out = checkpoint_dir(config)
+    if (out / "model.pt").is_file() and (out / "metrics.json").is_file() and not force:
+        metrics = json.loads((out / "metrics.json").read_text())
+        metrics["cached"] = True
+    else:
+        metrics = train_reference_vit(config, progress=progress)
+        metrics["cached"] = False
+    keys = ("val_acc", "test_acc", "n_val", "n_test", "train_time_s", "total_time_s", "num_threads", "checkpoint",
+            "cached")
+    return {k: metrics.get(k) for k in keys}

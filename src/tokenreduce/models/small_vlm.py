@@ -9,8 +9,10 @@ Text uses a word-level tokenizer (``tokenizers`` WordLevel wrapped in ``PreTrain
 
 Training: every step draws fresh training scenes; each sequence is ``<image>`` followed by up to
 ``qa_per_image`` question/answer turns (``q answer : a </s>``), loss on the answers only (the first turn has
-exactly the evaluation format). An auxiliary per-patch head (digit or background, from the ink masks)
-speeds up learning the vision tower; it is dropped after training. ``vision_feature_layer=-1``
+exactly the evaluation format). The vision tower is first trained alone (``vision_steps``, as LLaVA starts
+from a trained encoder) with an auxiliary linear head predicting the digit in each scene cell (10 = empty)
+from the cell's mean-pooled patch tokens and each patch's own cell, then jointly with the same auxiliary
+loss; the head is dropped after training. ``vision_feature_layer=-1``
 (the last CLIP layer; LLaVA-1.5 uses -2 of 24 layers, which would leave this 4-layer tower's last layer
 untrained).
 
@@ -30,22 +32,42 @@ import math
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from tokenreduce._paths import cache_dir
 from tokenreduce.data.vqa import (
-    QUESTION_TYPES, SPECIAL_TOKENS, VOCAB, VQA_VERSION, QA, SceneConfig, cell_of_patch, generate_scenes,
-    make_vqa_set, questions_for,
+    QA,
+    QUESTION_TYPES,
+    SPECIAL_TOKENS,
+    VOCAB,
+    VQA_VERSION,
+    SceneConfig,
+    cell_of_patch,
+    generate_scenes,
+    make_vqa_set,
+    questions_for,
 )
 
-__all__ = ["MODEL_VERSION", "VLMTrainConfig", "build_tokenizer", "build_small_vlm", "encode_prompts",
-           "eval_set", "evaluate_vqa", "answer_questions", "train_small_vlm", "load_small_vlm",
-           "checkpoint_dir", "register_cli"]
+__all__ = [
+    "MODEL_VERSION",
+    "VLMTrainConfig",
+    "answer_questions",
+    "build_small_vlm",
+    "build_tokenizer",
+    "checkpoint_dir",
+    "encode_prompts",
+    "eval_set",
+    "evaluate_vqa",
+    "load_small_vlm",
+    "register_cli",
+    "train_small_vlm",
+]
 
 MODEL_VERSION = 1
 _HASH_EXCLUDED = frozenset({"num_threads", "eval_every", "log_every"})
@@ -66,15 +88,18 @@ class VLMTrainConfig:
     text_layers: int = 6
     text_heads: int = 4
     text_kv_heads: int = 2
-    steps: int = 1000
+    vision_steps: int = 400
+    vision_batch_size: int = 32
+    vision_lr: float = 5e-3
+    steps: int = 700
     batch_size: int = 16
     qa_per_image: int = 4
     describe_prob: float = 0.5
     aux_weight: float = 0.5
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
-    warmup_steps: int = 60
+    warmup_steps: int = 30
     grad_clip: float = 1.0
     seed: int = 0
     val_per_type: int = 60
@@ -85,7 +110,7 @@ class VLMTrainConfig:
     log_every: int = 25
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "vision_dim", "vision_layers", "vision_heads", "text_dim", "text_layers",
+        for name in ("patch_size", "vision_dim", "vision_layers", "vision_heads", "text_dim", "text_layers", "vision_batch_size",
                      "text_heads", "text_kv_heads", "steps", "batch_size", "qa_per_image", "val_per_type",
                      "test_per_type", "num_threads", "eval_every", "log_every"):
             v = getattr(self, name)
@@ -106,7 +131,7 @@ class VLMTrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VLMTrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VLMTrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -184,20 +209,31 @@ def encode_prompts(tokenizer, questions: Sequence[str], images: torch.Tensor | N
 
 
 # --------------------------------------------------------------------------- data for training
-def _patch_labels(scenes, ink: torch.Tensor, patch: int, image_size: int) -> torch.Tensor:
-    """(n, P) digit value of the patch's cell when the patch holds ink, else 10 (background)."""
-    g = image_size // patch
-    inky = F.max_pool2d(ink.unsqueeze(1), patch).flatten(1) > 0.2  # (n, P)
-    cell = torch.from_numpy(cell_of_patch(g, image_size))
-    vals = torch.tensor([s.digits for s in scenes])  # (n, 9)
-    lab = vals[:, cell]
-    return torch.where(inky & (lab >= 0), lab, torch.full_like(lab, 10))
+def _cell_labels(scenes) -> torch.Tensor:
+    """(n, 9) digit in each scene cell, 10 = empty."""
+    vals = torch.tensor([s.digits for s in scenes])
+    return torch.where(vals >= 0, vals, torch.full_like(vals, 10))
+
+
+def _aux_loss(head: torch.nn.Module, patches: torch.Tensor, labels: torch.Tensor, c: VLMTrainConfig
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Auxiliary vision loss: (a) the digit in each scene cell (10 = empty) from the cell's mean-pooled patch
+    tokens, (b) each patch token's own cell (0..8), so tokens carry what and where explicitly.
+    ``head`` maps D -> 11 + 9. Returns (loss, cell logits (n, 9, 11))."""
+    cell = torch.from_numpy(cell_of_patch(c.scene.image_size // c.patch_size, c.scene.image_size))
+    onehot = F.one_hot(cell, 9).to(patches.dtype)
+    pooled = torch.einsum("bpd,pc->bcd", patches, onehot) / onehot.sum(0)[None, :, None]
+    what = head(pooled)[..., :11]
+    where = head(patches)[..., 11:]
+    loss = F.cross_entropy(what.flatten(0, 1), labels.flatten()) + \
+        F.cross_entropy(where.flatten(0, 1), cell.expand(patches.shape[0], -1).flatten())
+    return loss, what
 
 
 def _training_batch(c: VLMTrainConfig, step: int, tok) -> dict[str, torch.Tensor]:
     import numpy as np
 
-    images, scenes, ink = generate_scenes("train", c.batch_size, seed=c.seed * 1_000_003 + step, config=c.scene)
+    images, scenes, _ = generate_scenes("train", c.batch_size, seed=c.seed * 1_000_003 + step, config=c.scene)
     rng = np.random.default_rng([c.seed, step, 99])
     ids_img = [VOCAB.index(SPECIAL_TOKENS["image"])] * c.num_image_tokens
     eos = VOCAB.index(SPECIAL_TOKENS["eos"])
@@ -226,7 +262,7 @@ def _training_batch(c: VLMTrainConfig, step: int, tok) -> dict[str, torch.Tensor
         labels[i, : len(lb)] = torch.tensor(lb)
         mask[i, : len(s)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": images,
-            "patch_labels": _patch_labels(scenes, ink, c.patch_size, c.scene.image_size)}
+            "cell_labels": _cell_labels(scenes)}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -301,7 +337,7 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
         torch.manual_seed(c.seed)
         tok = build_tokenizer()
         model = build_small_vlm(c)
-        aux = torch.nn.Linear(c.vision_dim, 11)
+        aux = torch.nn.Linear(c.vision_dim, 11 + 9)
         feats: dict[str, torch.Tensor] = {}
         hook = model.model.vision_tower.register_forward_hook(
             lambda m, a, o: feats.__setitem__("v", o.hidden_states[-1] if o.hidden_states is not None else o.last_hidden_state))
@@ -314,13 +350,38 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
         val = eval_set("val", c)
         history: list[dict[str, Any]] = []
         train_time, loss_ema = 0.0, None
+        # phase 1: the vision tower alone learns per-patch cell digits (LLaVA starts from a trained encoder)
+        vparams = list(model.model.vision_tower.parameters()) + list(aux.parameters())
+        vopt = torch.optim.AdamW(vparams, lr=c.vision_lr, weight_decay=c.weight_decay)
+        for step in range(c.vision_steps):
+            t0 = time.perf_counter()
+            model.train()
+            images, scenes, _ = generate_scenes("train", c.vision_batch_size, seed=c.seed * 7_000_003 + step,
+                                                config=c.scene)
+            for g in vopt.param_groups:
+                g["lr"] = c.vision_lr * min(1.0, (step + 1) / c.warmup_steps) * (
+                    0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / c.vision_steps)))
+            out = model.model.vision_tower(images, output_hidden_states=True)
+            pl = _cell_labels(scenes)
+            vloss, logits = _aux_loss(aux, out.hidden_states[-1][:, 1:], pl, c)
+            vopt.zero_grad(set_to_none=True)
+            vloss.backward()
+            torch.nn.utils.clip_grad_norm_(vparams, c.grad_clip)
+            vopt.step()
+            train_time += time.perf_counter() - t0
+            if progress and (step + 1) % c.log_every == 0:
+                occ = pl != 10
+                acc = (logits.argmax(-1) == pl)[occ].float().mean().item()
+                print(f"vision step {step + 1}/{c.vision_steps} loss={vloss.item():.3f} cell_acc(occupied)={acc:.3f} "
+                      f"{train_time:.0f}s", flush=True)
+        vision_time = train_time
         for step in range(c.steps):
             t0 = time.perf_counter()
             model.train()
             b = _training_batch(c, step, tok)
-            pl = b.pop("patch_labels")
+            pl = b.pop("cell_labels")
             out = model(**b)
-            aux_loss = F.cross_entropy(aux(feats["v"][:, 1:]).flatten(0, 1), pl.flatten())
+            aux_loss, _ = _aux_loss(aux, feats["v"][:, 1:], pl, c)
             loss = out.loss + c.aux_weight * aux_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -330,7 +391,7 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
             train_time += time.perf_counter() - t0
             loss_ema = out.loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * out.loss.item()
             if progress and (step + 1) % c.log_every == 0:
-                eta = train_time / (step + 1) * (c.steps - step - 1)
+                eta = (train_time - vision_time) / (step + 1) * (c.steps - step - 1)
                 print(f"step {step + 1}/{c.steps} lm_loss={loss_ema:.3f} aux={aux_loss.item():.3f} "
                       f"lr={sched.get_last_lr()[0]:.2e} {train_time:.0f}s (eta {eta / 60:.1f} min)", flush=True)
             if (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
@@ -350,7 +411,7 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
             "val_acc": history[-1]["val_acc"], "val_acc_by_type": history[-1]["val_acc_by_type"],
             "chance_by_type": _chance(test), "train_time_s": train_time,
             "test_eval_time_s": time.perf_counter() - t_eval, "total_time_s": time.perf_counter() - t_start,
-            "steps": c.steps, "sequences_seen": c.steps * c.batch_size, "num_threads": c.num_threads,
+            "steps": c.steps, "vision_steps": c.vision_steps, "sequences_seen": c.steps * c.batch_size, "num_threads": c.num_threads,
             "num_params": sum(p.numel() for p in model.parameters()), "history": history,
             "config_hash": c.config_hash(), "checkpoint": str(out_dir),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

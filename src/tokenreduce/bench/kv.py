@@ -1,0 +1,517 @@
+"""`tokenreduce bench kv`: KV-cache methods on the real Gemma 3 270M (CPU), in one process per part:
+
+* **passcode** — retrieval of a 5-digit pass key hidden at several depths in real English filler (Lee corpus),
+  contexts of ``--lengths`` tokens; the question is kept uncompressed (``question_len``); accuracy per
+  method x keep with the *real* KV kept (bytes of the cache tensors right after the prompt / the unreduced
+  cache's bytes) and the kept entries per layer;
+* **ppl** — perplexity of real text streamed token by token past a fixed cache budget (StreamingLLM's
+  experiment): the full cache, window attention (no sinks), StreamingLLM, H2O, TOVA;
+* **timing** — prefill seconds, decode tokens/s, peak tensor memory and KV bytes against the unreduced model,
+  interleaved in the same process (``--timing-lengths``), also with generate()'s chunked prefill;
+* **kvpress** — side by side with NVIDIA kvpress 0.5.5 (its own venv; ``scripts/kvpress_compare.py`` reads the
+  prompts this bench exports and writes ``kvpress.jsonl``): accuracies, timings, and agreement of the kept
+  positions for identically configured methods (ours with ``rounding="floor"`` like kvpress's ``int(n k)``).
+
+Results: ``<out>/kv.jsonl`` (one run per invocation, with metadata), ``<out>/*.png`` and ``<out>/report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["VARIANTS", "PPL_VARIANTS", "TIMING_CANDIDATES", "AGREEMENT_CONFIGS", "register_cli", "run_kv_bench",
+           "build_report", "passcode_prompts"]
+
+# label -> (registered method, keyword arguments); "question" windows use the question as SnapKV's window
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "streaming-llm": ("streaming-llm", {}),
+    "h2o": ("h2o", {}),
+    "tova": ("tova", {}),
+    "snapkv": ("snapkv", {}),  # paper defaults: window 32, avgpool kernel 5
+    "snapkv-q": ("snapkv", {"window_size": "question"}),
+    "snapkv-q-max9": ("snapkv", {"window_size": "question", "pooling": "maxpool", "kernel_size": 9}),
+    "pyramidkv-q": ("pyramidkv", {"window_size": "question"}),
+    "knorm": ("knorm", {}),
+    "random": ("random", {}),
+    "tokenselect": ("tokenselect", {"n_init": 4, "n_local": 16}),  # paper's 128/512 exceed 1k-token budgets
+}
+PPL_VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "full cache": (None, {}),
+    "window (no sinks)": ("streaming-llm", {"sinks": 0}),
+    "streaming-llm": ("streaming-llm", {"sinks": 4}),
+    "h2o": ("h2o", {}),
+    "tova": ("tova", {}),
+}
+# label -> (method or None, keep, generate() prefill chunk or None, kwargs)
+TIMING_CANDIDATES: dict[str, tuple[str | None, float | None, int | None, dict[str, Any]]] = {
+    "none": (None, None, None, {}),
+    "none + chunked prefill": (None, None, 512, {}),
+    "snapkv-q-max9@0.25": ("snapkv", 0.25, None, {"window_size": "question", "pooling": "maxpool", "kernel_size": 9}),
+    "knorm@0.25": ("knorm", 0.25, None, {}),
+    "streaming-llm@0.25 + chunked": ("streaming-llm", 0.25, 512, {}),
+    "tova@0.25 + chunked": ("tova", 0.25, 512, {}),
+}
+# configurations ours and kvpress share exactly (context compressed alone, no question, floor budgets)
+AGREEMENT_CONFIGS: dict[str, dict[str, Any]] = {
+    "snapkv": {"ours": ("snapkv", {"window_size": 64, "kernel_size": 5}), "kvpress": ("SnapKVPress",
+                                                                                      {"window_size": 64,
+                                                                                       "kernel_size": 5})},
+    "knorm": {"ours": ("knorm", {}), "kvpress": ("KnormPress", {})},
+    "streaming-llm": {"ours": ("streaming-llm", {"sinks": 4}), "kvpress": ("StreamingLLMPress", {"n_sink": 4})},
+    "tova": {"ours": ("tova", {}), "kvpress": ("TOVAPress", {})},
+}
+DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
+
+
+@dataclass
+class KVBenchConfig:
+    parts: Sequence[str] = ("passcode", "ppl", "timing")
+    variants: Sequence[str] = tuple(VARIANTS)
+    keeps: Sequence[float] = (0.5, 0.25, 0.1)
+    lengths: Sequence[int] = (1100,)
+    n_prompts: int = 8
+    max_new_tokens: int = 7
+    ppl_tokens: int = 1536
+    ppl_budget: int = 256
+    ppl_segment: int = 256
+    timing_lengths: Sequence[int] = (1024, 4096)
+    timing_new_tokens: int = 32
+    repeats: int = 3
+    agreement_keeps: Sequence[float] = (0.5, 0.25)
+    threads: int | None = 2
+    dtype: str = "fp32"
+    attn: str = "sdpa"
+    out: str = "results/kv"
+    seed: int = 0
+
+
+# ============================================================================ shared helpers
+def _load(cfg: KVBenchConfig):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..models.gemma import gemma_cache_ready, load_gemma
+
+    if not gemma_cache_ready():
+        raise FileNotFoundError("the Gemma 3 270M checkpoint is not cached; build it with "
+                                "`python scripts/convert_gemma.py` first")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    model, tok = load_gemma(dtype=dtype, attn_implementation=cfg.attn)
+    model.generation_config.eos_token_id = None  # fixed-length continuations
+    return model, tok
+
+
+def passcode_prompts(tok: Any, length: int, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Passcode prompts (real filler) as dicts: prompt, context, answer, depth, tokens, question_len."""
+    from ..adapters.llm import question_length
+    from ..data.passcode import make_passcode_samples
+
+    samples = make_passcode_samples(n, length, lambda s: len(tok(s).input_ids), depths=DEPTHS, seed=seed)
+    out = []
+    for i, s in enumerate(samples):
+        out.append({"id": f"{length}-{i}", "prompt": s.prompt, "context": s.context,
+                    "question": s.prompt[len(s.context):], "answer": s.answer, "depth": s.depth,
+                    "tokens": len(tok(s.prompt).input_ids), "question_len": question_length(tok, s.context, s.prompt),
+                    "length": length})
+    return out
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _greedy(model: Any, ids: torch.Tensor, n: int, **kw: Any) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kw)
+
+
+# ============================================================================ (a) passcode
+def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+    import tokenreduce as tr
+
+    rows: list[dict[str, Any]] = []
+    for length in cfg.lengths:
+        prompts = passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)
+        writer.write(part="prompts", length=length, prompts=prompts)
+        combos = [(v, k) for v in cfg.variants for k in cfg.keeps]
+        per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in [("none", 1.0), *combos]}
+        bar = _progress(len(prompts) * (len(combos) + 1), f"passcode {length} tok")
+        for p in prompts:
+            ids = tok(p["prompt"], return_tensors="pt").input_ids
+            for variant, keep in [("none", 1.0), *combos]:
+                t0 = time.perf_counter()
+                rec: dict[str, Any] = {"prompt": p["id"], "depth": p["depth"], "tokens": p["tokens"]}
+                try:
+                    if variant == "none":
+                        out = _greedy(model, ids, cfg.max_new_tokens)
+                        rec.update(kv_fraction=1.0, kv_bytes=None, kept=None)
+                    else:
+                        name, kw = VARIANTS[variant]
+                        with tr.apply(model, name, keep=keep, question_len=p["question_len"], **kw) as h:
+                            out = _greedy(model, ids, cfg.max_new_tokens)
+                            st = h.stats
+                        rec.update(kv_fraction=st.prefill_kept_fraction, kv_bytes=st.prefill_kv_bytes,
+                                   kv_bytes_unreduced=st.prefill_kv_bytes_unreduced,
+                                   kept=[k[0] for k in st.prefill_kept])
+                    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                    rec.update(output=text, correct=p["answer"] in text, error=None)
+                except (ValueError, TypeError) as e:  # e.g. a budget smaller than a method's window
+                    rec.update(output=None, correct=None, error=str(e))
+                rec["seconds"] = time.perf_counter() - t0
+                per[(variant, keep)].append(rec)
+                writer.write(part="passcode_sample", variant=variant, keep=keep, length=length, **rec)
+                bar.update(1)
+        bar.close()
+        for (variant, keep), recs in per.items():
+            ok = [r for r in recs if r["error"] is None]
+            n_correct = sum(bool(r["correct"]) for r in ok)
+            fr = [r["kv_fraction"] for r in ok]
+            kept = [r["kept"] for r in ok if r.get("kept")]
+            row = {
+                "part": "passcode", "variant": variant, "method": VARIANTS.get(variant, ("none", {}))[0],
+                "keep": keep, "length": length, "tokens": sum(r["tokens"] for r in recs) / len(recs),
+                "n": len(ok), "correct": n_correct, "accuracy": n_correct / len(ok) if ok else None,
+                "kv_fraction": sum(fr) / len(fr) if fr else None,
+                "kv_saved": 1 - sum(fr) / len(fr) if fr else None,
+                "kv_bytes": (sum(r["kv_bytes"] for r in ok) / len(ok)) if ok and ok[0]["kv_bytes"] else None,
+                "kept_per_layer": [sum(k[i] for k in kept) / len(kept) for i in range(len(kept[0]))] if kept else None,
+                "errors": len(recs) - len(ok), "error": next((r["error"] for r in recs if r["error"]), None),
+                "seconds": sum(r["seconds"] for r in recs) / len(recs),
+            }
+            rows.append(writer.write(row))
+    return rows
+
+
+# ============================================================================ (b) streaming perplexity
+def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+    import tokenreduce as tr
+    from transformers import DynamicCache
+
+    from ..adapters.llm import kv_bytes
+    from ..data.text import english_text
+
+    text = english_text(cfg.ppl_tokens * 8)
+    ids = tok(text, return_tensors="pt").input_ids[:, : cfg.ppl_tokens + 1]
+    T = ids.shape[1] - 1
+    rows = []
+    for label, (name, kw) in PPL_VARIANTS.items():
+        handle = tr.apply(model, name, keep=cfg.ppl_budget, **kw) if name else None
+        cache = DynamicCache(config=model.config)
+        nll = torch.zeros(T)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for t in _iter_progress(T, f"ppl {label}"):
+                    logits = model(ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
+                    nll[t] = torch.nn.functional.cross_entropy(logits[None], ids[0, t + 1: t + 2])
+            st = handle.stats if handle else None
+        finally:
+            if handle:
+                handle.remove()
+        seg = cfg.ppl_segment
+        segs = [float(math.exp(nll[s: s + seg].mean())) for s in range(0, T, seg)]
+        by = kv_bytes(cache)["tensor"]
+        row = {"part": "ppl", "variant": label, "method": name or "none", "budget": None if not name else cfg.ppl_budget,
+               "tokens": T, "ppl": float(math.exp(nll.mean())), "ppl_segments": segs, "segment": seg,
+               "ppl_last_segment": segs[-1], "kv_bytes_end": by,
+               "kv_fraction_end": st.kv_kept_fraction if st else 1.0, "seconds": time.perf_counter() - t0,
+               "tokens_per_s": T / (time.perf_counter() - t0)}
+        rows.append(writer.write(row))
+    return rows
+
+
+def _iter_progress(n: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc=desc, leave=False, dynamic_ncols=True, mininterval=2.0)
+
+
+# ============================================================================ (c) timing
+def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+    import tokenreduce as tr
+
+    from .memory import peak_memory
+    from .timing import interleaved, speedup
+
+    rows = []
+    T = cfg.timing_new_tokens
+    for length in cfg.timing_lengths:
+        p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
+        ids = tok(p["prompt"], return_tensors="pt").input_ids
+        info: dict[str, dict[str, Any]] = {}
+
+        def make(label: str, n: int):
+            name, keep, chunk, kw = TIMING_CANDIDATES[label]
+            extra = {"prefill_chunk_size": chunk} if chunk else {}
+
+            def fn():
+                if name is None:
+                    return _greedy(model, ids, n, **extra)
+                with tr.apply(model, name, keep=keep, question_len=p["question_len"], **kw) as h:
+                    out = _greedy(model, ids, n, **extra)
+                    info[label] = {"kv_bytes": h.stats.prefill_kv_bytes, "kv_fraction": h.stats.prefill_kept_fraction,
+                                   "kv_bytes_end": h.stats.kv_bytes, "reduce_s_last": h.stats.reduce_seconds,
+                                   "output": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}
+                return out
+            return fn
+
+        fns = {}
+        for label in TIMING_CANDIDATES:
+            fns[f"{label}|prefill"] = make(label, 1)
+            fns[f"{label}|total"] = make(label, 1 + T)
+        bar = _progress(cfg.repeats, f"timing {length} tok")
+        res = interleaved(fns, warmup=1, repeats=cfg.repeats, on_round=lambda i: bar.update(1))
+        bar.close()
+        base_pre, base_tot = res["none|prefill"], res["none|total"]
+        for label in TIMING_CANDIDATES:
+            pre, tot = res[f"{label}|prefill"], res[f"{label}|total"]
+            dec = max(tot.median - pre.median, 1e-9)
+            sp = speedup(base_tot, tot, paired=True)
+            spp = speedup(base_pre, pre, paired=True)
+            mem = peak_memory(make(label, 1 + T))
+            row = {"part": "timing", "candidate": label, "length": length, "tokens": ids.shape[1],
+                   "new_tokens": T, "prefill_s": pre.median, "prefill_iqr": pre.iqr, "total_s": tot.median,
+                   "total_iqr": tot.iqr, "decode_tok_s": T / dec, "speedup_total": sp.ratio,
+                   "speedup_total_low": sp.low, "speedup_total_high": sp.high, "speedup_prefill": spp.ratio,
+                   "peak_mem_bytes": mem, **info.get(label, {"kv_fraction": 1.0}),
+                   "prefill_times": pre.times, "total_times": tot.times}
+            rows.append(writer.write(row))
+    return rows
+
+
+# ============================================================================ (d) kvpress side by side
+def export_for_kvpress(tok: Any, cfg: KVBenchConfig, path: Path) -> Path:
+    """Prompts + the configs both sides run, for ``scripts/kvpress_compare.py`` (runs in kvpress's venv)."""
+    prompts = [p for length in cfg.lengths for p in passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)]
+    data = {"prompts": prompts, "agreement": {k: v["kvpress"] for k, v in AGREEMENT_CONFIGS.items()},
+            "agreement_keeps": list(cfg.agreement_keeps), "max_new_tokens": cfg.max_new_tokens,
+            "global_layers": None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def run_agreement(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+    """Our kept positions for the configurations kvpress shares (context alone, no question, floor budgets)."""
+    import tokenreduce as tr
+    from transformers import DynamicCache
+
+    rows = []
+    prompts = [p for length in cfg.lengths for p in passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)]
+    bar = _progress(len(prompts) * len(AGREEMENT_CONFIGS) * len(cfg.agreement_keeps), "kept positions (ours)")
+    for p in prompts:
+        n_ctx = len(tok(p["context"]).input_ids)  # the prompt's own tokens up to the context boundary
+        ids = tok(p["prompt"], return_tensors="pt").input_ids[:, :n_ctx]
+        for label, conf in AGREEMENT_CONFIGS.items():
+            name, kw = conf["ours"]
+            for keep in cfg.agreement_keeps:
+                with tr.apply(model, name, keep=keep, rounding="floor", **kw), torch.inference_mode():
+                    cache = DynamicCache(config=model.config)
+                    model(ids, past_key_values=cache, use_cache=True)
+                kept = {li: sorted(set(layer.pos[0, 0][layer.pos[0, 0] >= 0].tolist()))
+                        for li, layer in enumerate(cache.layers)}
+                rows.append(writer.write(part="kept_ours", config=label, keep=keep, prompt=p["id"], kept=kept,
+                                         n_layers=len(cache.layers)))
+                bar.update(1)
+    bar.close()
+    return rows
+
+
+def _agreement_rows(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    idx = {(r["config"], float(r["keep"]), r["prompt"]): r for r in theirs if r.get("kept")}
+    acc: dict[tuple[str, float, str], list[float]] = {}
+    for r in ours:
+        t = idx.get((r["config"], float(r["keep"]), r["prompt"]))
+        if t is None:
+            continue
+        for li, pos in r["kept"].items():
+            a, b = set(pos), set(t["kept"].get(str(li), t["kept"].get(li, [])))
+            kind = "sliding" if t.get("layer_types", {}).get(str(li), "") == "sliding_attention" else "global"
+            if not a and not b:
+                continue
+            acc.setdefault((r["config"], float(r["keep"]), kind), []).append(len(a & b) / max(len(a | b), 1))
+    return [{"part": "agreement", "config": c, "keep": k, "layers": kind, "jaccard_mean": sum(v) / len(v),
+             "jaccard_min": min(v), "identical_fraction": sum(x == 1.0 for x in v) / len(v), "n_layer_prompts": len(v)}
+            for (c, k, kind), v in sorted(acc.items())]
+
+
+# ============================================================================ report
+def _latest(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the latest run that produced each part (parts may come from separate invocations)."""
+    from .results import read_runs
+
+    parts: dict[str, list[dict[str, Any]]] = {}
+    meta: dict[str, Any] = {}
+    if not path.exists():
+        return parts
+    for rid, (m, rows) in read_runs(path).items():
+        got: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            got.setdefault(r.get("part", "?"), []).append(r)
+        for k, v in got.items():
+            parts[k] = v
+        meta = m
+    parts["_meta"] = [meta]
+    return parts
+
+
+def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
+    from .report import format_table, html_report, pareto_plot
+
+    out = Path(out)
+    parts = _latest(out / "kv.jsonl")
+    meta = parts.pop("_meta", [{}])[0]
+    tables: list[tuple[str, list[dict[str, Any]]]] = []
+    images: list[tuple[str, Path]] = []
+    pc = parts.get("passcode", [])
+    if pc:
+        cols = ["variant", "keep", "length", "tokens", "accuracy", "correct", "n", "kv_fraction", "kv_bytes", "errors"]
+        tables.append(("Passcode retrieval (question kept; kv_fraction = real KV bytes after the prompt / unreduced)",
+                       [{c: r.get(c) for c in cols} for r in pc]))
+        for length in sorted({r["length"] for r in pc}):
+            sub = [dict(r, variant=r["variant"]) for r in pc if r["length"] == length and r.get("accuracy") is not None]
+            if sub:
+                images.append((f"Passcode accuracy vs KV saved ({length}-token contexts)",
+                               pareto_plot(sub, x="kv_saved", y="accuracy", group="variant", label="keep",
+                                           path=out / f"passcode_{length}.png", xlabel="KV bytes saved (1 - kept)",
+                                           ylabel="passcode accuracy",
+                                           title=f"Gemma 3 270M, passcode, {length}-token contexts")))
+    pp = parts.get("ppl", [])
+    if pp:
+        tables.append(("Streaming perplexity (token by token, fixed cache budget per layer)",
+                       [{k: r.get(k) for k in ("variant", "budget", "tokens", "ppl", "ppl_last_segment",
+                                               "ppl_segments", "kv_fraction_end", "tokens_per_s")} for r in pp]))
+        images.append(("Streaming perplexity per segment", _ppl_plot(pp, out / "ppl.png")))
+    tm = parts.get("timing", [])
+    if tm:
+        tables.append(("Timing vs the unreduced model (same process, interleaved; medians)",
+                       [{k: r.get(k) for k in ("candidate", "tokens", "prefill_s", "total_s", "decode_tok_s",
+                                               "speedup_total", "speedup_total_low", "speedup_total_high",
+                                               "speedup_prefill", "peak_mem_bytes", "kv_fraction", "kv_bytes")}
+                        for r in tm]))
+    kvp_path = Path(kvpress) if kvpress else out / "kvpress.jsonl"
+    if kvp_path.exists():
+        kp = _latest(kvp_path)
+        kp.pop("_meta", None)
+        acc = kp.get("kvpress_passcode", [])
+        if acc:
+            side = []
+            for r in acc:
+                ours = next((o for o in pc if o["variant"] == r.get("ours_variant") and
+                             abs(o["keep"] - r["keep"]) < 1e-9), None)
+                side.append({"method": r["press"], "layers": r["layers"], "keep": r["keep"],
+                             "kvpress_accuracy": r["accuracy"], "kvpress_kv_fraction": r["kv_fraction"],
+                             "ours_variant": r.get("ours_variant"),
+                             "ours_accuracy": ours["accuracy"] if ours else None,
+                             "ours_kv_fraction": ours["kv_fraction"] if ours else None,
+                             "kvpress_prefill_s": r.get("prefill_s"), "kvpress_decode_tok_s": r.get("decode_tok_s"),
+                             "kvpress_error": r.get("error")})
+            tables.append(("Side by side with kvpress 0.5.5 (same model, prompts, question kept)", side))
+        ag = _agreement_rows(parts.get("kept_ours", []), kp.get("kvpress_kept", []))
+        if ag:
+            tables.append(("Kept positions, identical configurations (Jaccard of kept sets per layer)", ag))
+        kt = kp.get("kvpress_timing", [])
+        if kt:
+            tables.append(("kvpress timings (its own process/venv)", kt))
+    text = "\n\n".join(format_table(rows, title=cap) for cap, rows in tables if rows)
+    (out / "report.txt").write_text(text + "\n")
+    return html_report("tokenreduce bench kv — Gemma 3 270M", meta, tables, images, out / "report.html",
+                       notes="KV-cache reduction measured on CPU; KV bytes are the real cache tensors.")
+
+
+def _ppl_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for r in rows:
+        seg = r["segment"]
+        xs = [seg * (i + 1) for i in range(len(r["ppl_segments"]))]
+        ax.plot(xs, r["ppl_segments"], marker="o", label=f"{r['variant']} ({r['ppl']:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens streamed")
+    ax.set_ylabel(f"perplexity of each {rows[0]['segment']}-token segment")
+    ax.set_title(f"Gemma 3 270M, cache budget {next((r['budget'] for r in rows if r['budget']), '-')} per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    return path
+
+
+# ============================================================================ entry point
+def run_kv_bench(cfg: KVBenchConfig) -> Path:
+    from .results import ResultWriter
+    from .timing import fixed_threads
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; accepted: {', '.join(VARIANTS)}")
+    bad = [p for p in cfg.parts if p not in ("passcode", "ppl", "timing", "agreement", "export")]
+    if bad:
+        raise ValueError(f"unknown parts {bad}; accepted: passcode, ppl, timing, agreement, export")
+    model, tok = _load(cfg)
+    with fixed_threads(cfg.threads), ResultWriter(out / "kv.jsonl", extra_meta={"config": cfg.__dict__}) as w:
+        if "export" in cfg.parts:
+            export_for_kvpress(tok, cfg, out / "kvpress_prompts.json")
+        if "passcode" in cfg.parts:
+            run_passcode(model, tok, cfg, w)
+        if "agreement" in cfg.parts:
+            run_agreement(model, tok, cfg, w)
+        if "ppl" in cfg.parts:
+            run_ppl(model, tok, cfg, w)
+        if "timing" in cfg.parts:
+            run_timing(model, tok, cfg, w)
+    return build_report(out)
+
+
+def register_cli(bench_app: Any) -> None:
+    import typer
+
+    @bench_app.command("kv")
+    def kv(
+        parts: str = typer.Option("passcode,ppl,timing", help="passcode, ppl, timing, agreement, export"),
+        variants: str = typer.Option(",".join(VARIANTS), help="passcode variants (see bench/kv.py VARIANTS)"),
+        keeps: str = typer.Option("0.5,0.25,0.1", help="keep values (keep=1 is the unreduced baseline, always run)"),
+        lengths: str = typer.Option("1100", help="passcode context lengths in tokens"),
+        n_prompts: int = typer.Option(8, help="passcode prompts per length"),
+        ppl_tokens: int = typer.Option(1536, help="tokens streamed for perplexity"),
+        ppl_budget: int = typer.Option(256, help="cache entries per layer for the streaming perplexity"),
+        timing_lengths: str = typer.Option("1024,4096", help="prompt lengths for timing"),
+        timing_new_tokens: int = typer.Option(32, help="decoded tokens in the timed generate()"),
+        repeats: int = typer.Option(3, help="timed rounds (interleaved)"),
+        threads: int = typer.Option(2, help="torch threads"),
+        dtype: str = typer.Option("fp32", help="fp32 or bf16"),
+        attn: str = typer.Option("sdpa", help="sdpa or eager"),
+        out: str = typer.Option("results/kv", help="output directory"),
+        quick: bool = typer.Option(False, help="a smoke run: 2 prompts, keep 0.25, short ppl/timing"),
+        report_only: bool = typer.Option(False, help="only rebuild the report from <out>/kv.jsonl"),
+    ) -> None:
+        """KV-cache methods on Gemma 3 270M: passcode retrieval, streaming perplexity, timings (+ kvpress)."""
+        if report_only:
+            print(build_report(out))
+            return
+        split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+        cfg = KVBenchConfig(parts=split(parts), variants=split(variants), keeps=[float(k) for k in split(keeps)],
+                            lengths=[int(x) for x in split(lengths)], n_prompts=n_prompts, ppl_tokens=ppl_tokens,
+                            ppl_budget=ppl_budget, timing_lengths=[int(x) for x in split(timing_lengths)],
+                            timing_new_tokens=timing_new_tokens, repeats=repeats, threads=threads, dtype=dtype,
+                            attn=attn, out=out)
+        if quick:
+            cfg.n_prompts, cfg.keeps, cfg.ppl_tokens, cfg.ppl_budget = 2, [0.25], 256, 64
+            cfg.timing_lengths, cfg.repeats, cfg.timing_new_tokens = [512], 1, 8
+        path = run_kv_bench(cfg)
+        print((Path(cfg.out) / "report.txt").read_text())
+        print(f"report: {path}")

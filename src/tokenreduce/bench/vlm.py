@@ -1,0 +1,408 @@
+"""`tokenreduce bench vlm`: visual token reduction on the small LLaVA-style VLM (digit-scene VQA).
+
+For every (method, keep) the run measures, in one process:
+
+* accuracy per question type (greedy ``generate``, first answer word) on the held-out test questions, and
+  agreement with the unreduced model's answers;
+* analytic prefill FLOPs (vision tower + projector + LLM layers from the real per-layer token counts in
+  ``Handle.stats``; scoring overhead excluded and reported as time) and decode FLOPs per token, the
+  LLM's visual tokens averaged over layers, KV-cache bytes actually allocated;
+* wall-clock of the prefill (one forward with cache) and of ``generate`` of a fixed number of tokens, on one
+  batch, interleaved round-robin with the unreduced model (paired per-round speedups);
+* peak tensor memory of the prefill (exact allocation tracking, :func:`~tokenreduce.bench.memory.peak_memory`).
+
+Results: JSONL (with hardware/software metadata), plots (accuracy per type vs keep, accuracy vs measured
+prefill speedup and vs FLOPs, and the patches each method keeps on one scene) and a self-contained HTML report.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import tokenreduce as tr
+
+from .memory import peak_memory
+from .report import format_table, html_report, pareto_plot
+from .results import ResultWriter
+from .timing import fixed_threads, interleaved, speedup
+
+__all__ = ["VlmBenchConfig", "register_cli", "run_vlm_bench", "vlm_prefill_flops"]
+
+DEFAULT_METHODS = ("visionzip", "divprune", "hiprune", "pool", "random", "fastv", "sparsevlm", "pdrop", "todre")
+DEFAULT_KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
+
+
+@dataclass
+class VlmBenchConfig:
+    methods: Sequence[str] = DEFAULT_METHODS
+    keeps: Sequence[float] = DEFAULT_KEEPS
+    per_type: int = 100
+    eval_batch: int = 50
+    time_batch: int = 8
+    gen_tokens: int = 8
+    warmup: int = 1
+    repeats: int = 5
+    threads: int = 1
+    out: str = "results/vlm"
+    viz_keep: float = 0.25
+    method_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+def _llm_layer_flops(n: float, kv: float, c: Any) -> float:
+    """One decoder layer, ``n`` query tokens attending ``kv`` keys (2 FLOPs per multiply-add)."""
+    d, H = c.hidden_size, c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or d // H
+    Hkv = c.num_key_value_heads
+    proj = 2 * n * d * (2 * H * hd + 2 * Hkv * hd)  # q, o + k, v
+    attn = 4 * n * kv * H * hd  # QK^T and AV
+    mlp = 2 * n * 3 * d * c.intermediate_size  # gate, up, down
+    return proj + attn + mlp
+
+
+def vlm_prefill_flops(model: Any, stats: Any | None, prompt_tokens: float, n_images: float = 1.0
+                      ) -> dict[str, float]:
+    """Per-sample prefill FLOPs: vision tower (+ patch embedding), projector, LLM layers (from
+    ``stats.tokens_attn``, else ``prompt_tokens`` at every layer), LM head on the last token; and the decode
+    FLOPs of the next token (projections + attention over each layer's cache). ``model``: a LLaVA model or
+    its config."""
+    cfg = getattr(model, "config", model)
+    v, t = cfg.vision_config, cfg.text_config
+    g = v.image_size // v.patch_size
+    N = g * g + 1
+    dv, iv = v.hidden_size, v.intermediate_size
+    vision = n_images * (2 * g * g * 3 * v.patch_size ** 2 * dv + v.num_hidden_layers * (
+        2 * N * 4 * dv * dv + 4 * N * N * dv + 4 * N * dv * iv))
+    depth = t.num_hidden_layers
+    tokens = list(stats.tokens_attn) if stats is not None and stats.tokens_attn else [prompt_tokens] * depth
+    visual_in = stats.visual_input if stats is not None and stats.tokens_attn else None
+    n_proj = (visual_in if visual_in is not None else g * g * n_images)
+    projector = 2 * n_proj * (dv * t.hidden_size + t.hidden_size * t.hidden_size)
+    llm = sum(_llm_layer_flops(n, n, t) for n in tokens)
+    head = 2 * t.hidden_size * t.vocab_size
+    decode = sum(_llm_layer_flops(1, n + 1, t) for n in tokens) + head
+    total = vision + projector + llm + head
+    return {"vision": vision, "projector": projector, "llm": llm, "head": head, "total": total,
+            "gflops": total / 1e9, "decode_gflops": decode / 1e9}
+
+
+# ---------------------------------------------------------------------------- helpers
+def _answers(model: nn.Module, tok: Any, data: Any, batch: int) -> list[str]:
+    from ..models.small_vlm import answer_questions
+
+    return answer_questions(model, tok, data.images, data.qas, batch_size=batch, generate=True)
+
+
+def _accuracy(preds: Sequence[str], data: Any) -> dict[str, float]:
+    per: dict[str, list[int]] = {}
+    for qa, p in zip(data.qas, preds):
+        per.setdefault(qa.qtype, []).append(int(p == qa.answer))
+    out = {f"acc_{k}": sum(v) / len(v) for k, v in per.items()}
+    out["accuracy"] = sum(map(sum, per.values())) / max(1, len(preds))
+    return out
+
+
+def _time_batch(tok: Any, data: Any, n: int, n_img_tokens: int) -> dict[str, torch.Tensor]:
+    from ..models.small_vlm import encode_prompts
+
+    qas = data.qas[:n]
+    return encode_prompts(tok, [q.question for q in qas], data.images[[q.scene for q in qas]], n_img_tokens)
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[float] = DEFAULT_KEEPS,
+                  out: str = "results/vlm", per_type: int = 100, repeats: int = 5, warmup: int = 1,
+                  time_batch: int = 8, gen_tokens: int = 8, threads: int = 1, eval_batch: int = 50,
+                  train_if_missing: bool = False, model: nn.Module | None = None, tokenizer: Any = None,
+                  data: Any = None, progress: bool = True, method_kw: dict[str, dict[str, Any]] | None = None,
+                  viz_keep: float = 0.25) -> list[dict[str, Any]]:
+    """Run the VLM benchmark; returns the result rows (also written to ``out/results.jsonl``).
+
+    ``model``/``tokenizer``/``data`` override the trained small VLM and its test set (tests use tiny ones).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = VlmBenchConfig(methods=list(methods), keeps=list(keeps), per_type=per_type, eval_batch=eval_batch,
+                         time_batch=time_batch, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
+                         threads=threads, out=out, viz_keep=viz_keep, method_kw=method_kw or {})
+    info: dict[str, Any] = {}
+    if model is None:
+        from ..models.small_vlm import eval_set, load_small_vlm
+
+        model, tokenizer, info = load_small_vlm(train_if_missing=train_if_missing)
+        data = eval_set("test", info["config"], per_type=per_type)
+    model.eval()
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    n_img = model.config.image_seq_length
+    tb = _time_batch(tokenizer, data, time_batch, n_img)
+    prompt_tokens = float(tb["attention_mask"].sum(1).float().mean())
+    gen_kw = {"max_new_tokens": gen_tokens, "min_new_tokens": gen_tokens, "do_sample": False}
+    rows: list[dict[str, Any]] = []
+    extra = {"bench": "vlm", "config": asdict(cfg), "model_metrics": {k: v for k, v in info.get("metrics", {}).items()
+                                                                       if k != "history"},
+             "model_path": str(info.get("path", "")), "n_questions": len(data.qas),
+             "questions_per_type": {k: len(v) for k, v in data.by_type().items()}}
+    viz: dict[str, Any] = {}
+    with fixed_threads(threads), ResultWriter(outdir / "results.jsonl", extra_meta=extra) as writer, torch.no_grad():
+        base_pred = _answers(model, tokenizer, data, eval_batch)
+        model(**tb, use_cache=True)
+        base_fl = vlm_prefill_flops(model, None, prompt_tokens)
+        base_kv = _kv_bytes(model, tb)
+        base_row = {"method": "none", "keep": 1.0, **_accuracy(base_pred, data), "agreement": 1.0,
+                    "gflops": base_fl["gflops"], "flops_ratio": 1.0, "decode_gflops": base_fl["decode_gflops"],
+                    "visual_tokens_avg": float(n_img), "llm_input_tokens": prompt_tokens, "kv_bytes": base_kv,
+                    "peak_mem_mb": peak_memory(lambda: model(**tb, use_cache=True)) / 2**20}
+        jobs = [(m, k) for m in cfg.methods for k in cfg.keeps]
+        bar = tqdm(total=len(jobs), desc="vlm bench", disable=not progress)
+        timing_rows: list[dict[str, Any]] = []
+        for method in cfg.methods:
+            kw = cfg.method_kw.get(method, {})
+            per_keep: dict[float, dict[str, Any]] = {}
+            for keep in cfg.keeps:
+                row: dict[str, Any] = {"method": method, "keep": keep}
+                try:
+                    with tr.apply(model, method, keep=keep, **kw) as h:
+                        pred = _answers(model, tokenizer, data, eval_batch)
+                        model(**tb, use_cache=True)
+                        st = h.stats
+                        mem = peak_memory(lambda: model(**tb, use_cache=True)) / 2**20
+                except (ValueError, RuntimeError) as e:  # e.g. keep leaves zero tokens for this method
+                    row["error"] = str(e)
+                    writer.write(row)
+                    rows.append(row)
+                    bar.update(1)
+                    continue
+                fl = vlm_prefill_flops(model, st, prompt_tokens)
+                row.update({**_accuracy(pred, data),
+                            "agreement": sum(a == b for a, b in zip(pred, base_pred)) / max(1, len(pred)),
+                            "gflops": fl["gflops"], "flops_ratio": base_fl["total"] / fl["total"],
+                            "decode_gflops": fl["decode_gflops"],
+                            "visual_tokens_avg": sum(st.visual_tokens) / max(1, len(st.visual_tokens)),
+                            "visual_tokens_in": st.visual_input, "visual_tokens_last": st.visual_tokens[-1],
+                            "llm_input_tokens": st.llm_input_tokens, "kv_bytes": st.kv_bytes,
+                            "kv_ratio": st.kv_bytes / base_kv if base_kv else None, "peak_mem_mb": mem,
+                            "tokens_attn": st.tokens_attn, "visual_tokens": st.visual_tokens})
+                per_keep[keep] = row
+            # timing: one interleaved group per method (unreduced + each keep), prefill and generate
+            fns: dict[str, Callable[[], Any]] = {"none/prefill": lambda: model(**tb, use_cache=True),
+                                                 "none/gen": lambda: model.generate(**tb, **gen_kw)}
+            copies, overhead = [], {}
+            for keep in per_keep:
+                m2 = copy.deepcopy(model)
+                h2 = tr.apply(m2, method, keep=keep, **kw)
+                copies.append(h2)
+                sink = overhead.setdefault(keep, [])
+                fns[f"{keep}/prefill"] = _prefill_call(m2, h2, tb, sink)
+                fns[f"{keep}/gen"] = (lambda m=m2: m.generate(**tb, **gen_kw))
+            timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True)
+            for h2 in copies:
+                h2.remove()
+            timing_rows.append({k: v.median * 1e3 for k, v in timings.items()})
+            for keep, row in per_keep.items():
+                sp = speedup(timings["none/prefill"], timings[f"{keep}/prefill"], paired=True)
+                sg = speedup(timings["none/gen"], timings[f"{keep}/gen"], paired=True)
+                ov = sorted(overhead[keep][cfg.warmup:] or [0.0])
+                row.update({"prefill_ms": timings[f"{keep}/prefill"].median * 1e3,
+                            "base_prefill_ms": timings["none/prefill"].median * 1e3,
+                            "prefill_speedup": sp.ratio, "prefill_speedup_low": sp.low, "prefill_speedup_high": sp.high,
+                            "gen_ms": timings[f"{keep}/gen"].median * 1e3,
+                            "base_gen_ms": timings["none/gen"].median * 1e3,
+                            "gen_speedup": sg.ratio, "gen_speedup_low": sg.low, "gen_speedup_high": sg.high,
+                            "overhead_ms": ov[len(ov) // 2] * 1e3})
+                writer.write(row)
+                rows.append(row)
+                bar.update(1)
+            if not base_row.get("prefill_ms"):
+                base_row.update({"prefill_ms": timings["none/prefill"].median * 1e3,
+                                 "gen_ms": timings["none/gen"].median * 1e3, "prefill_speedup": 1.0,
+                                 "gen_speedup": 1.0})
+            viz[method] = _kept_for_viz(model, tokenizer, data, method, cfg.viz_keep, kw)
+        bar.close()
+        writer.write(base_row)
+        rows.insert(0, base_row)
+    _report(rows, outdir, cfg, writer.meta, data, viz)
+    return rows
+
+
+def _prefill_call(m: nn.Module, h: Any, tb: dict[str, torch.Tensor], sink: list[float]) -> Callable[[], Any]:
+    def call() -> Any:
+        y = m(**tb, use_cache=True)
+        sink.append(h.stats.reduce_seconds)
+        return y
+
+    return call
+
+
+def _kv_bytes(model: nn.Module, tb: dict[str, torch.Tensor]) -> int:
+    cache = model(**tb, use_cache=True).past_key_values
+    return int(sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers))
+
+
+def _viz_question(data: Any) -> Any:
+    for qa in data.qas:
+        if qa.qtype == "detail":
+            return qa
+    return data.qas[0]
+
+
+def _kept_for_viz(model: nn.Module, tok: Any, data: Any, method: str, keep: float, kw: dict[str, Any]) -> dict[str, Any]:
+    """Patch indices a method keeps on one scene: at the LLM input and, for inside-LLM methods, after its
+    first in-LLM stage."""
+    from ..models.small_vlm import encode_prompts
+
+    qa = _viz_question(data)
+    batch = encode_prompts(tok, [qa.question], data.images[[qa.scene]], model.config.image_seq_length)
+    try:
+        with tr.apply(model, method, keep=keep, **kw) as h:
+            model(**batch, use_cache=True)
+            st = h.stats
+    except (ValueError, RuntimeError) as e:
+        return {"error": str(e)}
+    entry = st.kept_patches[0][0] if st.kept_patches and st.kept_patches[0] else []
+    out = {"input": entry, "stage": None, "stage_layer": None}
+    if st.stage_patches:
+        ords = st.stage_patches[0][0]
+        out["stage"] = [entry[o] for o in ords if 0 <= o < len(entry)]
+        out["stage_layer"] = st.stage_layers[0]
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+COLUMNS = ["method", "keep", "accuracy", "acc_identity", "acc_counting", "acc_spatial", "acc_comparison",
+           "acc_detail", "agreement", "visual_tokens_avg", "gflops", "flops_ratio", "prefill_ms", "prefill_speedup",
+           "gen_ms", "gen_speedup", "overhead_ms", "kv_bytes", "peak_mem_mb"]
+
+
+def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VlmBenchConfig, meta: dict[str, Any], data: Any,
+            viz: dict[str, Any]) -> None:
+    ok = [r for r in rows if "error" not in r]
+    table = [{c: r.get(c) for c in COLUMNS} for r in ok]
+    errors = [{"method": r["method"], "keep": r["keep"], "error": r["error"]} for r in rows if "error" in r]
+    print(format_table(table, COLUMNS, title="small VLM: accuracy per question type vs speed"))
+    if errors:
+        print(format_table(errors, title="not run"))
+    images = []
+    for r in ok:
+        r.setdefault("prefill_speedup", 1.0)
+    images.append(("accuracy per question type vs keep", _acc_plot(ok, outdir / "accuracy_vs_keep.png")))
+    images.append(("accuracy vs measured prefill speedup (same run)", pareto_plot(
+        ok, x="prefill_speedup", y="accuracy", group="method", path=outdir / "pareto_prefill.png",
+        title="small VLM: accuracy vs measured prefill speedup", xlabel="prefill speedup vs unreduced (x)",
+        ylabel="VQA accuracy")))
+    images.append(("accuracy vs analytic prefill FLOPs reduction", pareto_plot(
+        ok, x="flops_ratio", y="accuracy", group="method", path=outdir / "pareto_flops.png",
+        title="accuracy vs prefill FLOPs reduction", xlabel="FLOPs ratio (x)", ylabel="VQA accuracy")))
+    images.append((f"patches kept on one test scene at keep={cfg.viz_keep} (dimmed = dropped)",
+                   _viz_plot(viz, data, outdir / "kept_patches.png")))
+    notes = ("Accuracy: greedy generate, first answer word, on held-out digit scenes (base digits disjoint from "
+             "training). keep: see tokenreduce.methods.vlm (fraction of visual tokens per image before the LLM; "
+             "FastV 1-R; PDrop lambda; SparseVLM layer-averaged; ToDRE stage-1 fraction, all visual tokens dropped "
+             "mid-LLM). visual_tokens_avg: visual tokens averaged over LLM layers. Speedups: median of per-round "
+             f"ratios vs the unreduced model, interleaved in the same run ({cfg.repeats} rounds, {cfg.threads} "
+             f"thread(s), batch {cfg.time_batch}; generate = {cfg.gen_tokens} new tokens). gflops: analytic "
+             "prefill FLOPs per sample (vision + projector + LLM + head), scoring excluded (overhead_ms).")
+    tables = [("results", table)] + ([("not run (clear errors)", errors)] if errors else [])
+    html_report("tokenreduce: visual token reduction on the small VLM", meta, tables, images,
+                outdir / "report.html", notes=notes)
+
+
+def _acc_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = ["accuracy", "acc_identity", "acc_counting", "acc_spatial", "acc_comparison", "acc_detail"]
+    fig = Figure(figsize=(13, 7))
+    FigureCanvasAgg(fig)
+    base = next((r for r in rows if r["method"] == "none"), None)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    for i, col in enumerate(cols):
+        ax = fig.add_subplot(2, 3, i + 1)
+        for j, m in enumerate(methods):
+            rs = sorted((r for r in rows if r["method"] == m and r.get(col) is not None), key=lambda r: r["keep"])
+            if rs:
+                ax.plot([r["keep"] for r in rs], [r[col] for r in rs], marker="o", ms=3, color=f"C{j % 10}",
+                        ls="-" if j < 10 else "--", label=m)
+        if base is not None and base.get(col) is not None:
+            ax.axhline(base[col], color="black", ls=":", lw=1, label="unreduced")
+        ax.set_xscale("log")
+        ax.set_title(col.replace("acc_", ""))
+        ax.set_xlabel("keep")
+        ax.grid(True, alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _viz_plot(viz: dict[str, Any], data: Any, path: Path) -> Path:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..data.vqa import render_scenes
+
+    qa = _viz_question(data)
+    img = render_scenes(data.images[[qa.scene]], data.config)[0].astype(float) / 255
+    H = img.shape[0]
+    g = round((len(next(iter([v["input"] for v in viz.values() if "input" in v]), [])) or 0) ** 0.5) or 12
+    panels = [("image", None)] + [(m, v) for m, v in viz.items()]
+    cols = min(5, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows_n))
+    FigureCanvasAgg(fig)
+    for i, (name, v) in enumerate(panels):
+        ax = fig.add_subplot(rows_n, cols, i + 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if v is None:
+            ax.imshow(img)
+            ax.set_title(f"Q: {qa.question}\nA: {qa.answer}", fontsize=6)
+            continue
+        if "error" in v:
+            ax.imshow(img * 0.2)
+            ax.set_title(f"{name}: n/a", fontsize=8)
+            continue
+        kept = v["stage"] if v.get("stage") is not None else v["input"]
+        grid = H // 8 if H % 8 == 0 else g
+        p = H // grid
+        mask = np.zeros((grid, grid))
+        for k in kept:
+            if 0 <= k < grid * grid:
+                mask[k // grid, k % grid] = 1
+        m = np.kron(mask, np.ones((p, p)))[..., None]
+        ax.imshow(img * (0.2 + 0.8 * m))
+        where = f"after layer {v['stage_layer']}" if v.get("stage") is not None else "LLM input"
+        ax.set_title(f"{name}: {len(kept)} kept\n({where})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def register_cli(bench_app: Any) -> None:
+    import typer
+
+    @bench_app.command("vlm")
+    def vlm(
+        methods: str = typer.Option(",".join(DEFAULT_METHODS), help="comma-separated method names"),
+        keep: str = typer.Option(",".join(str(k) for k in DEFAULT_KEEPS), help="comma-separated keep values"),
+        out: str = typer.Option("results/vlm", help="output directory"),
+        per_type: int = typer.Option(100, help="test questions per question type"),
+        repeats: int = typer.Option(5, help="timed rounds (interleaved)"),
+        time_batch: int = typer.Option(8, help="prompts per timed prefill/generate"),
+        gen_tokens: int = typer.Option(8, help="new tokens per timed generate"),
+        threads: int = typer.Option(1, help="torch threads (1 is steadiest on a shared 2-core box)"),
+        train: bool = typer.Option(False, help="train the small VLM if it is not cached (25-40 min)"),
+    ) -> None:
+        """Visual token reduction on the small VLM: accuracy per question type, agreement, FLOPs, latency, memory."""
+        run_vlm_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
+                      keeps=[float(k) for k in keep.split(",")], out=out, per_type=per_type, repeats=repeats,
+                      time_batch=time_batch, gen_tokens=gen_tokens, threads=threads, train_if_missing=train)

@@ -1,0 +1,394 @@
+"""KV-cache methods on tiny random-weight Llama / Qwen2 / Mistral / Gemma 3 models (real transformers classes).
+
+Invariants (DESIGN.md) for every registered kv-cache method: identity at keep=1 (generate() bit-identical,
+model restored after exit), batch consistency with left padding and ragged kept counts, the cache really
+shrinks (bytes of the real tensors), positions stay right after eviction (checked against a hand-built
+attention mask on the unpatched model), determinism, clear errors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import tokenreduce as tr  # noqa: E402
+from tokenreduce.adapters.llm import LLMAdapter, kv_bytes  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    DynamicCache,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    StaticCache,
+)
+
+KV_METHODS = [r["name"] for r in tr.methods("kv-cache")]
+# knobs scaled to 40-token prompts (paper defaults assume thousands of tokens)
+SMALL = {"snapkv": {"window_size": 4}, "pyramidkv": {"window_size": 4}, "tokenselect": {"n_init": 2, "n_local": 4}}
+KEEP = {"pyramidkv": 0.7}  # a 4-layer pyramid at 0.5 would give the top layer < window
+GEN = dict(do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+SLIDING = 16
+
+
+def _tiny(family: str, impl: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+    if family == "llama":
+        cfg, cls = LlamaConfig(**common), LlamaForCausalLM
+    elif family == "qwen2":
+        cfg, cls = Qwen2Config(**common), Qwen2ForCausalLM
+    elif family == "mistral":
+        cfg, cls = MistralConfig(**common, sliding_window=SLIDING), MistralForCausalLM
+    elif family == "gemma3":
+        cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=SLIDING,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                            "sliding_attention"])
+        cls = Gemma3ForCausalLM
+    else:
+        raise ValueError(family)
+    cfg._attn_implementation = impl
+    model = cls(cfg).eval()
+    with torch.no_grad():  # Gemma's q/k RMSNorm weights start at 0: give them spread, as trained ones have
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.normal_(0, 0.5)
+    model.generation_config.eos_token_id = None
+    return model.to(dtype)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and immune to other jobs on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict = {}
+
+    def get(family: str, impl: str = "sdpa", dtype: torch.dtype = torch.float32):
+        key = (family, impl, dtype)
+        if key not in cache:
+            cache[key] = _tiny(family, impl, dtype)
+        return cache[key]
+
+    return get
+
+
+def _prompts(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(3, 128, (1, 40), generator=g)
+    b = torch.randint(3, 128, (1, 28), generator=g)
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    ids[0], ids[1, 12:] = a, b
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :12] = 0
+    return a, b, ids, mask
+
+
+def _apply(model, name, keep=None, **kw):
+    return tr.apply(model, name, keep=KEEP.get(name, 0.5) if keep is None else keep, **{**SMALL.get(name, {}), **kw})
+
+
+def _logits(out):
+    return torch.stack(out.logits, 1)
+
+
+# ---------------------------------------------------------------------------- registry / matching
+def test_all_methods_registered():
+    expected = {"streaming-llm", "h2o", "snapkv", "tova", "knorm", "pyramidkv", "tokenselect", "random"}
+    assert expected <= set(KV_METHODS)
+    for r in tr.methods("kv-cache"):
+        assert r["paper"] and r["equation"] and r["modality"] == "language"
+        assert tr.registry.get_method(r["name"], "kv-cache").factory.__doc__
+
+
+def test_adapter_matches_decoder_llms_only(models):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    ad = LLMAdapter()
+    for fam in ("llama", "qwen2", "mistral", "gemma3"):
+        m = models(fam)
+        assert ad.matches(m) and ad.matches(m.base_model)
+    vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16)
+    txt = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vis, text_config=txt, image_token_index=299))
+    assert not ad.matches(llava)
+
+
+# ---------------------------------------------------------------------------- invariant 1: identity
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3"])
+@pytest.mark.parametrize("name", KV_METHODS)
+def test_identity_keep_1_is_bit_identical(models, family, name):
+    m = models(family)
+    a, _, ids, mask = _prompts()
+    ref = m.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN)
+    with _apply(m, name, keep=1.0) as h:
+        out = m.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(_logits(out), _logits(ref))
+    assert not h.active and m.config._attn_implementation == "sdpa"
+    assert "_tokenreduce_handle" not in m.__dict__
+    assert not m.model._forward_pre_hooks and not m.model._forward_hooks
+    assert all("_tokenreduce_kv" not in layer.self_attn.__dict__ for layer in m.model.layers)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_identity_eager_and_restore_serialisation(models, family):
+    m = models(family, "eager")
+    a, _, _, _ = _prompts()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg = m.config.to_dict()
+    ref = m.generate(a, max_new_tokens=6, **GEN)
+    with _apply(m, "snapkv", keep=1.0):
+        out = m.generate(a, max_new_tokens=6, **GEN)
+    assert torch.equal(_logits(out), _logits(ref))
+    with _apply(m, "streaming-llm", keep=0.5):
+        m.generate(a, max_new_tokens=3, **GEN)
+    assert m.config.to_dict() == cfg and m.config._attn_implementation == "eager"
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    assert torch.equal(_logits(m.generate(a, max_new_tokens=6, **GEN)), _logits(ref))
+
+
+# ---------------------------------------------------------------------------- invariant 2: batch consistency
+BATCH_CASES = [(f, i, n) for f, i in (("llama", "sdpa"), ("gemma3", "sdpa")) for n in KV_METHODS] + [
+    (f, i, n) for f, i in (("gemma3", "eager"), ("qwen2", "eager"), ("mistral", "sdpa"))
+    for n in ("snapkv", "streaming-llm", "h2o", "tokenselect")]
+
+
+@pytest.mark.parametrize("family,impl,name", BATCH_CASES)
+def test_batch_with_left_padding_matches_each_sample_alone(models, family, impl, name):
+    m = models(family, impl)
+    a, b, ids, mask = _prompts()
+    with _apply(m, name) as h:
+        batch = m.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN)
+        kept = h.stats.kept
+        alone_a = m.generate(a, max_new_tokens=8, **GEN)
+        alone_b = m.generate(b, max_new_tokens=8, **GEN)
+    assert torch.equal(batch.sequences[0, 40:], alone_a.sequences[0, 40:])
+    assert torch.equal(batch.sequences[1, 40:], alone_b.sequences[0, 28:])
+    torch.testing.assert_close(_logits(batch)[0], _logits(alone_a)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(batch)[1], _logits(alone_b)[0], atol=1e-4, rtol=1e-4)
+    if name != "tokenselect" and family != "mistral":  # ragged: samples keep different numbers of entries
+        assert any(k[0] != k[1] for k in kept)  # (Mistral here: every layer is a 16-token window)
+
+
+# ---------------------------------------------------------------------------- invariant: the cache shrinks
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", [n for n in KV_METHODS if n != "tokenselect"])
+def test_cache_really_shrinks(models, family, name):
+    m = models(family)
+    a, _, _, _ = _prompts()
+    keep = KEEP.get(name, 0.5)
+    full = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(a, past_key_values=full)
+    with _apply(m, name, keep=keep) as h, torch.no_grad():
+        cache = DynamicCache(config=m.config)
+        m(a, past_key_values=cache)
+        st = h.stats
+    assert st.kv_bytes_unreduced == kv_bytes(full)["tensor"]
+    assert st.kv_bytes == kv_bytes(cache)["tensor"] < 0.8 * st.kv_bytes_unreduced
+    for li, layer in enumerate(cache.layers):
+        n_full = full.layers[li].keys.shape[-2]
+        assert layer.keys.shape[-2] == st.slots[li] <= n_full
+        assert st.slots[li] < n_full or (name == "pyramidkv" and li == 0)  # pyramid: layer 0 may keep all
+        assert layer.get_seq_length() == 40  # logical length: position ids continue at 40
+        if layer.compact:
+            assert layer.pos.shape == layer.keys.shape[:3]
+            real = layer.pos[layer.pos >= 0].view(layer.pos.shape[0], layer.pos.shape[1], -1)
+            assert torch.all(real[..., 1:] > real[..., :-1]), "kept entries must stay in positional order"
+    if name != "pyramidkv":  # one budget for every layer: bytes follow keep (rounding per layer)
+        assert st.kv_kept_fraction == pytest.approx(keep, abs=0.06)
+    else:
+        ratios = [st.tokens_attn[li] / full.layers[li].keys.shape[-2] for li in range(len(cache.layers))]
+        assert ratios == sorted(ratios, reverse=True) and ratios[0] > ratios[-1]  # lower layers keep more
+
+
+def test_decoding_methods_hold_the_budget_while_generating(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    for name in ("streaming-llm", "h2o", "tova"):
+        with _apply(m, name, keep=20) as h:  # a count: a fixed cache size (the papers' setting)
+            m.generate(a, max_new_tokens=12, **GEN)
+            assert all(k[0] == 20 for k in h.stats.kept), (name, h.stats.kept)
+            assert h.stats.logical_length == 40 + 11
+        with _apply(m, name, keep=0.25) as h:  # a ratio: a fraction of the unreduced cache at every step
+            m.generate(a, max_new_tokens=12, **GEN)
+            assert all(k[0] == round(0.25 * 51) for k in h.stats.kept), (name, h.stats.kept)
+            assert h.stats.kv_kept_fraction == pytest.approx(13 / 51)
+    with _apply(m, "snapkv", keep=0.5) as h:  # prefill method: compressed once, then the cache grows
+        m.generate(a, max_new_tokens=12, **GEN)
+        assert all(round(k[0]) == 20 + 11 for k in h.stats.kept)
+
+
+def test_tokenselect_attends_to_the_budget_and_keeps_the_cache(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    with _apply(m, "tokenselect", keep=0.5, reuse_threshold=None) as h:
+        m.generate(a, max_new_tokens=4, **GEN)
+        st = h.stats
+    assert st.kv_kept_fraction == 1.0
+    assert all(x == round(0.5 * 43) for x in st.attended), st.attended  # 40 + 3 fed tokens
+
+
+# ---------------------------------------------------------------------------- positions after compression
+def _stream_reference(m, seq, n_prompt, rows):
+    """Logits of the unpatched model with a hand-built mask: prompt rows causal, decode rows see only what a
+    StreamingLLM cache holds (``rows(layer_type, i)`` -> allowed columns of row i)."""
+    L = seq.shape[1]
+    masks = {}
+    for kind in ("full_attention", "sliding_attention"):
+        allow = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        if kind == "sliding_attention":
+            allow &= ~torch.tril(torch.ones(L, L, dtype=torch.bool), diagonal=-SLIDING)
+        for i in range(n_prompt, L):
+            row = torch.zeros(L, dtype=torch.bool)
+            row[rows(kind, i)] = True
+            allow[i] = row
+        masks[kind] = torch.zeros(1, 1, L, L).masked_fill(~allow, torch.finfo(torch.float32).min)
+    am = masks if isinstance(m, Gemma3ForCausalLM) else masks["full_attention"]
+    with torch.no_grad():
+        return m(seq, attention_mask=am).logits[0, n_prompt - 1:]
+
+
+@pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("llama", "eager"), ("gemma3", "sdpa")])
+def test_positions_after_eviction_match_hand_reference(models, family, impl):
+    """StreamingLLM keeps sinks + a rolling window: decode token i must see exactly cols [0,4) + [i-W, i] with
+    its true position (RoPE) — compared with the unpatched model under an explicit attention mask."""
+    m = models(family, impl)
+    a, _, _, _ = _prompts()
+    n, sinks, T = 40, 4, 8
+    with tr.apply(m, "streaming-llm", keep=20, sinks=sinks):  # a fixed cache of 20 entries per layer
+        out = m.generate(a, max_new_tokens=T, **GEN)
+    w_full = 20 - sinks  # global layers: 4 sinks + 16 recent entries, + the new token
+
+    def rows(kind, i):
+        if kind == "full_attention":
+            return list(range(sinks)) + list(range(i - w_full, i + 1))
+        return list(range(i - SLIDING + 1, i + 1))  # a 16-token window holds 15 < 20 entries: untouched
+
+    ref = _stream_reference(m, out.sequences[:, : n + T - 1], n, rows)
+    torch.testing.assert_close(_logits(out)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_forward_loop_uses_logical_positions(models):
+    """Without generate(): a manual decode loop (no position_ids, no mask) continues at the logical length."""
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    with tr.apply(m, "streaming-llm", keep=20, sinks=4), torch.no_grad():
+        cache = DynamicCache(config=m.config)
+        out = m(a, past_key_values=cache)
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = m(nxt, past_key_values=cache).logits[0, -1]
+    seq = torch.cat([a, nxt], 1)
+    ref = _stream_reference(m, seq, 40, lambda kind, i: list(range(4)) + list(range(i - 16, i + 1)))[-1]
+    torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- question kept, determinism
+def test_question_tokens_are_never_evicted(models):
+    m = models("gemma3")
+    a, _, _, _ = _prompts()
+    for name in ("snapkv", "knorm", "streaming-llm", "h2o", "tova", "random"):
+        with _apply(m, name, keep=0.5, question_len=6) as h, torch.no_grad():
+            cache = DynamicCache(config=m.config)
+            m(a, past_key_values=cache)
+            for layer in cache.layers:
+                for col in range(34, 40):
+                    assert bool((layer.pos == col).any(-1).all()), (name, col)
+            assert h.stats.question_entries == [6]
+
+
+def test_random_is_deterministic_per_seed(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+
+    def kept_positions(seed):
+        with tr.apply(m, "random", keep=0.5, seed=seed), torch.no_grad():
+            cache = DynamicCache(config=m.config)
+            m(a, past_key_values=cache)
+            return [layer.pos.clone() for layer in cache.layers]
+
+    p0, p0b, p1 = kept_positions(0), kept_positions(0), kept_positions(1)
+    assert all(torch.equal(x, y) for x, y in zip(p0, p0b))
+    assert any(not torch.equal(x, y) for x, y in zip(p0, p1))
+
+
+def test_bf16_runs_and_shrinks(models):
+    m = models("gemma3", "sdpa", torch.bfloat16)
+    a, _, ids, mask = _prompts()
+    ref = m.generate(a, max_new_tokens=4, **GEN)
+    with _apply(m, "snapkv", keep=1.0):
+        assert torch.equal(m.generate(a, max_new_tokens=4, **GEN).sequences, ref.sequences)
+    with _apply(m, "snapkv", keep=0.5) as h:
+        out = m.generate(ids, attention_mask=mask, max_new_tokens=4, **GEN)
+        assert out.sequences.shape == (2, 44)
+        assert h.stats.kv_kept_fraction < 0.8
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, 0])
+def test_keep_out_of_range(models, keep):
+    with pytest.raises(ValueError, match=r"keep=.*out of range"):
+        tr.apply(models("llama"), "snapkv", keep=keep)
+
+
+def test_clear_errors(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    with pytest.raises(TypeError, match="keep must be"):
+        tr.apply(m, "snapkv", keep="half")
+    with pytest.raises(TypeError, match="accepted keywords"):
+        tr.apply(m, "snapkv", keep=0.5, windw=3)
+    with pytest.raises(ValueError, match="did you mean"):
+        tr.apply(m, "snapk", keep=0.5)
+    with pytest.raises(TypeError, match="unsupported model .*Llama"):
+        tr.apply(torch.nn.Linear(2, 2), "snapkv", keep=0.5)
+    with tr.apply(m, "streaming-llm", keep=3, sinks=4), pytest.raises(ValueError, match=r"sinks \(4\)"):
+        m.generate(a, max_new_tokens=2, **GEN)
+    with tr.apply(m, "snapkv", keep=0.1, window_size=8), pytest.raises(ValueError, match="observation window"):
+        m.generate(a, max_new_tokens=2, **GEN)
+    with tr.apply(m, "snapkv", keep=0.5), pytest.raises(TypeError, match="unsupported cache type StaticCache"):
+        m(a, past_key_values=StaticCache(config=m.config, max_cache_len=64))
+    with pytest.raises(ValueError, match="question_len"):
+        with tr.apply(m, "snapkv", keep=0.5, question_len=50):
+            m.generate(a, max_new_tokens=2, **GEN)
+    with pytest.raises(TypeError, match="pyramidkv .*ratio"):
+        tr.apply(m, "pyramidkv", keep=10)
+
+
+def test_budget_larger_than_sequence_evicts_nothing_and_says_so(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    ref = m.generate(a, max_new_tokens=4, **GEN)
+    with tr.apply(m, "knorm", keep=1000) as h:
+        out = m.generate(a, max_new_tokens=4, **GEN)
+        assert h.stats.kv_kept_fraction == 1.0
+    with tr.apply(m, "knorm", keep=1000) as h, torch.no_grad():
+        m(a, past_key_values=DynamicCache(config=m.config))
+        assert any("nothing evicted" in n for n in h.stats.notes), h.stats.notes
+    assert torch.equal(_logits(out), _logits(ref))
+
+
+def test_flash_attention_is_rejected():
+    m = _tiny("llama")
+    m.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(TypeError, match="attn_implementation='flash_attention_2' is not supported.*accepted: sdpa, eager"):
+        tr.apply(m, "snapkv", keep=0.5)

@@ -1,0 +1,110 @@
+"""Pure functions behind the VLM methods (tokenreduce.core.visual), checked against naive versions of the
+papers' algorithms and for their conservation / budget properties."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenreduce.core import visual as V
+
+
+def _divprune_official(x: torch.Tensor, k: int) -> list[int]:
+    """DivPrune's released loop (Alg. 1), written out naively for one image."""
+    m = torch.nn.functional.normalize(x.float(), dim=-1)
+    d = 1 - m @ m.T
+    sel: list[int] = []
+    for i in range(k):
+        if i == 0:
+            scores = torch.topk(d, 2, dim=0, largest=False).values[1]
+        else:
+            scores = d[sel].min(0).values
+        sel.append(int(scores.argmax()))
+    return sel
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(3, 20), k=st.integers(1, 20), seed=st.integers(0, 10_000))
+def test_divprune_matches_official_greedy(n, k, seed):
+    k = min(k, n)
+    x = torch.randn(1, n, 6, generator=torch.Generator().manual_seed(seed))
+    s = V.divprune_scores(x, torch.ones(1, n, dtype=torch.bool))
+    ours = s[0].argsort(descending=True)[:k].tolist()
+    assert ours == _divprune_official(x[0], k)
+
+
+def test_divprune_ignores_invalid_and_is_batch_independent():
+    x = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 7:] = False
+    s = V.divprune_scores(x, valid)
+    assert torch.isinf(s[1, 7:]).all()
+    alone = V.divprune_scores(x[1:, :7], valid[1:, :7])
+    assert s[1, :7].argsort(descending=True).tolist() == alone[0].argsort(descending=True).tolist()
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(4, 30), dom=st.integers(0, 10), ctx=st.integers(0, 10), seed=st.integers(0, 1000))
+def test_visionzip_conserves_tokens(n, dom, ctx, seed):
+    dom, ctx = min(dom, n), min(ctx, n - min(dom, n))
+    if dom + ctx == 0:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x, a, k = torch.randn(2, n, 5, generator=g), torch.rand(2, n, generator=g), torch.randn(2, n, 3, generator=g)
+    tok, src, size = V.visionzip_merge(x, a, k, dom, ctx)
+    assert tok.shape[1] == src.shape[1] == size.shape[1] <= dom + ctx
+    if ctx:
+        assert torch.allclose(size.sum(1), torch.full((2,), float(n)))  # every patch accounted for once
+    assert (src.diff(dim=1) > 0).all()  # original order of representatives
+    top = a.argsort(1, descending=True)[:, :dom]
+    for b in range(2):
+        assert set(top[b].tolist()) <= set(src[b].tolist())  # dominant tokens survive unchanged
+        for j, sidx in enumerate(src[b].tolist()):
+            if sidx in top[b].tolist():
+                assert torch.equal(tok[b, j], x[b, sidx])
+
+
+def test_hiprune_budget_and_neighbours():
+    g = torch.Generator().manual_seed(0)
+    shallow, deep = torch.rand(3, 36, generator=g), torch.rand(3, 36, generator=g)
+    for count in (1, 5, 12, 36):
+        keep = V.hiprune_keep(shallow, deep, (6, 6), count, alpha=0.5)
+        assert keep.sum(1).tolist() == [count] * 3
+    keep = V.hiprune_keep(shallow, deep, (6, 6), 20, alpha=0.5)  # 2 anchors + their 4-neighbours
+    for b in range(3):
+        a = int(shallow[b].argmax())
+        r, c = divmod(a, 6)
+        for rr, cc in ((r, c), (r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= rr < 6 and 0 <= cc < 6:
+                assert keep[b, rr * 6 + cc]
+
+
+def test_attention_probs_rows_are_distributions():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    allowed = torch.rand(2, 3, 10, generator=g) > 0.3
+    allowed[1, 2] = False
+    p = V.attention_probs(q, k, allowed, 8 ** -0.5)
+    assert p.shape == (2, 4, 3, 10)
+    assert torch.allclose(p.sum(-1)[0], torch.ones(4, 3)) and (p[~allowed[:, None].expand_as(p)] == 0).all()
+    assert (p[1, :, 2] == 0).all()
+
+
+def test_schedules_hit_their_layer_average():
+    layers, depth = (8, 16, 24), 32
+    for keep in (0.9, 0.5, 0.2, 0.05):
+        lam = V.pdrop_lambda(keep, layers, depth)
+        avg = V.stage_average([lam, lam ** 2, lam ** 3], layers, depth, layers[0])
+        assert abs(avg - keep) < 1e-6
+        fr = V.sparsevlm_schedule(keep, (3, 7, 16), depth)
+        assert abs(V.stage_average(fr, (3, 7, 16), depth, 3) - keep) < 1e-6
+        assert fr[0] >= fr[1] >= fr[2]
+    assert V.sparsevlm_schedule(1.0, (3, 7, 16), 32) == (1.0, 1.0, 1.0)
+
+
+def test_sparsevlm_raters_above_mean():
+    vis = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    text = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [0.0, 0.0]]])
+    r = V.sparsevlm_raters(vis, text, torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool))
+    assert r.tolist() == [[True, False, False]]

@@ -1,0 +1,150 @@
+"""The digit-scene VQA set, the small VLM's tokenizer/prompt encoding and the VLM benchmark (fast: tiny
+random-weight model, a handful of questions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tokenreduce.data.digits import split_indices
+from tokenreduce.data.vqa import (
+    POSITION_NAMES,
+    QUESTION_TYPES,
+    VOCAB,
+    SceneConfig,
+    cell_of_patch,
+    generate_scenes,
+    make_vqa_set,
+)
+
+
+@pytest.fixture(scope="module")
+def vqa():
+    return make_vqa_set("test", 60, seed=1, per_type=10)
+
+
+def test_shapes_types_and_balance(vqa):
+    assert vqa.images.shape[1:] == (3, 96, 96) and vqa.images.dtype == torch.float32
+    assert {k: len(v) for k, v in vqa.by_type().items()} == {t: 10 for t in QUESTION_TYPES}
+    assert all(0 <= qa.scene < vqa.images.shape[0] for qa in vqa.qas)
+    words = set(VOCAB)
+    assert all(set(qa.question.split()) <= words and qa.answer in words for qa in vqa.qas)
+
+
+def test_deterministic_and_split_dependent():
+    a = make_vqa_set("val", 5, seed=3)
+    b = make_vqa_set("val", 5, seed=3)
+    c = make_vqa_set("test", 5, seed=3)
+    assert torch.equal(a.images, b.images) and a.qas == b.qas
+    assert not torch.equal(a.images, c.images)
+
+
+def test_answers_follow_the_scene(vqa):
+    for qa in vqa.qas:
+        s = vqa.scenes[qa.scene]
+        if qa.qtype == "identity":
+            pos = qa.question.split("the ", 1)[1].rsplit(" ?", 1)[0]
+            assert s.digits[POSITION_NAMES.index(pos)] == int(qa.answer)
+        elif qa.qtype == "counting":
+            assert int(qa.answer) == s.count and 2 <= s.count <= 5
+        elif qa.qtype == "detail":
+            assert s.small_cell >= 0 and s.digits[s.small_cell] == int(qa.answer)
+        elif qa.qtype == "comparison":
+            assert int(qa.answer) in s.digits
+    spatial = [qa.answer for qa in vqa.qas if qa.qtype == "spatial"]
+    assert set(spatial) == {"yes", "no"}
+
+
+def test_digits_are_drawn_where_annotated():
+    _, scenes, ink = generate_scenes("train", 8, seed=0)
+    for i, s in enumerate(scenes):
+        for cell, v in enumerate(s.digits):
+            t, l, size = s.boxes[cell]
+            inside = ink[i, t:t + size, l:l + size].sum() if v >= 0 else 0
+            assert (v >= 0) == (inside > 0)
+        assert len({v for v in s.digits if v >= 0}) == s.count  # distinct values
+
+
+def test_held_out_digits_are_disjoint():
+    assert not set(split_indices("train")) & set(split_indices("test"))
+
+
+def test_cell_of_patch_layout():
+    cells = cell_of_patch(12, 96).reshape(12, 12)
+    assert cells[0, 0] == 0 and cells[0, 11] == 2 and cells[11, 0] == 6 and cells[5, 5] == 4
+
+
+def test_bad_config_and_args():
+    with pytest.raises(ValueError, match="image_size"):
+        SceneConfig(image_size=100)
+    with pytest.raises(ValueError, match="split"):
+        generate_scenes("dev", 3)
+    with pytest.raises(ValueError, match="unknown question types"):
+        make_vqa_set("test", 3, types=("colour",))
+
+
+# ---------------------------------------------------------------------------- tokenizer / model building
+def test_tokenizer_and_prompts():
+    from tokenreduce.models.small_vlm import build_tokenizer, encode_prompts
+
+    tok = build_tokenizer()
+    ids = tok("what digit is at the top left ? answer : 3", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 11 and tok.unk_token_id not in ids
+    assert tok.convert_tokens_to_ids("<image>") == VOCAB.index("<image>")
+    b = encode_prompts(tok, ["how many digits are there ?", "what is the small digit ?"], torch.zeros(2, 3, 96, 96))
+    assert (b["input_ids"] == VOCAB.index("<image>")).sum(1).tolist() == [144, 144]
+    assert b["attention_mask"][:, -1].all()  # left padding for generation
+
+
+def test_small_vlm_is_a_real_llava_and_config_hash():
+    from transformers import LlavaForConditionalGeneration
+
+    from tokenreduce.models.small_vlm import VLMTrainConfig, build_small_vlm
+
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1)
+    m = build_small_vlm(c)
+    assert isinstance(m, LlavaForConditionalGeneration) and m.config.image_seq_length == 144
+    assert c.config_hash() == VLMTrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))).config_hash()
+    assert c.config_hash() != VLMTrainConfig(steps=3).config_hash()
+    assert c.config_hash() == VLMTrainConfig(**{**c.__dict__, "num_threads": 2}).config_hash()
+    with pytest.raises(ValueError, match="patch_size"):
+        VLMTrainConfig(patch_size=7)
+
+
+def test_missing_checkpoint_error(tmp_path, monkeypatch):
+    from tokenreduce.models.small_vlm import VLMTrainConfig, load_small_vlm
+
+    monkeypatch.setenv("TOKENREDUCE_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="tokenreduce train vlm"):
+        load_small_vlm(config=VLMTrainConfig(steps=1))
+
+
+# ---------------------------------------------------------------------------- benchmark (smoke)
+def test_vlm_bench_smoke(tmp_path):
+    from tokenreduce.bench.results import read_results
+    from tokenreduce.bench.vlm import run_vlm_bench
+    from tokenreduce.models.small_vlm import VLMTrainConfig, build_small_vlm, build_tokenizer, eval_set
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=4, text_heads=2, text_kv_heads=1)
+        torch.manual_seed(0)
+        m, tok = build_small_vlm(c), build_tokenizer()
+        data = eval_set("test", c, per_type=2)
+        rows = run_vlm_bench(methods=["fastv", "visionzip"], keeps=[1.0, 0.25, 0.003], out=str(tmp_path),
+                             per_type=2, repeats=1, warmup=0, time_batch=2, gen_tokens=2, model=m, tokenizer=tok,
+                             data=data, eval_batch=10, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    meta, written = read_results(tmp_path / "results.jsonl")
+    assert meta["bench"] == "vlm" and len(written) == len(rows) == 1 + 2 * 3
+    ok = {(r["method"], r["keep"]): r for r in rows if "error" not in r}
+    assert ok[("fastv", 1.0)]["agreement"] == 1.0 and ok[("fastv", 1.0)]["flops_ratio"] == pytest.approx(1.0)
+    assert ok[("visionzip", 0.25)]["flops_ratio"] > 1.5 and ok[("visionzip", 0.25)]["kv_ratio"] < 0.5
+    assert all(k in ok[("fastv", 0.25)] for k in ("prefill_speedup", "gen_speedup", "peak_mem_mb", "acc_detail"))
+    assert any("leaves zero" in r.get("error", "") for r in rows)  # keep=0.003 of 144 tokens: a clear error
+    for f in ("report.html", "accuracy_vs_keep.png", "pareto_prefill.png", "kept_patches.png"):
+        assert (tmp_path / f).stat().st_size > 1000
