@@ -61,10 +61,14 @@ def test_deterministic_for_a_seed_and_different_across_seeds_and_splits():
 
 
 def test_labels_match_base_digits():
-    from sklearn.datasets import load_digits
+    from tokenreduce.data.digits import _base_digits
 
+    images, target = _base_digits()
+    # sklearn's load_digits: 1797 images, labels start 0..9 and have these class counts
+    assert images.shape == (1797, 8, 8) and float(images.max()) == 1.0
+    assert target[:10].tolist() == list(range(10))
+    assert np.bincount(target).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
     b = generate_cluttered_digits("test", 100, seed=1)
-    target = load_digits().target
     assert np.array_equal(b.labels.numpy(), target[b.base_indices.numpy()])
 
 

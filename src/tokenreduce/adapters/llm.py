@@ -443,7 +443,7 @@ class _KVRun:
         end = layer.logical_length()
         return torch.arange(end - f.q_len, end, device=device)
 
-    def _mask(self, layer: Any, f: _Forward, query: Tensor, n_keys: int, module: nn.Module) -> Tensor:
+    def _mask(self, layer: Any, f: _Forward, query: Tensor, n_keys: int, module: nn.Module) -> Tensor | None:
         pos = layer.pos
         if pos is None or pos.shape[-1] != n_keys:
             raise RuntimeError(f"tokenreduce: layer {module.layer_idx} holds {None if pos is None else pos.shape[-1]}"
@@ -456,6 +456,8 @@ class _KVRun:
         window = getattr(layer, "sliding_window", None)
         if window is not None:
             allowed = allowed & (q - p < window)
+        if f.q_len == 1 and bool(allowed.all()):
+            return None  # one query that sees every entry: no mask (the attention's fastest path)
         return self._to_attn_mask(allowed, layer.per_head, query)
 
     def _to_attn_mask(self, allowed: Tensor, per_head: bool, query: Tensor) -> Tensor:
@@ -671,6 +673,14 @@ class _KVRun:
             budgets.append(None if b is None else b.tolist())
         by = kv_bytes(cache)
         cs = f.cstate
+        # analytic attention FLOPs of one decoded token (QK^T and AV, 2 FLOPs per multiply-add), per sample
+        hq = int(self.config.num_attention_heads)
+        hd = int(getattr(self.config, "head_dim", None) or self.config.hidden_size // hq)
+        per_entry = 4.0 * hq * hd
+        flops = {"attention_per_token": per_entry * sum(sum(k) / max(len(k), 1) for k in kept),
+                 "attention_per_token_unreduced": per_entry * sum(
+                     (layer.logical_length() if getattr(layer, "sliding_window", None) is None
+                      else min(layer.logical_length(), layer.sliding_window - 1)) for layer in cache.layers)}
         if cs.prompt_end is not None:
             qent = (cs.prompt_end - cs.question_start).tolist()
         st = KVStats(
@@ -680,6 +690,7 @@ class _KVRun:
             final_tokens=[int(round(sum(k[b] for k in kept))) for b in range(B)] if kept else [],
             reduce_seconds=f.reduce_seconds,
             notes=list(dict.fromkeys(f.notes)),
+            flops=flops,
             kept=kept,
             slots=slots,
             budgets=budgets,

@@ -139,6 +139,24 @@ def _conv_patch_flops(num_patches: int, in_chans: int, patch_hw: tuple[int, int]
     return 2.0 * num_patches * in_chans * patch_hw[0] * patch_hw[1] * dim
 
 
+def _counted_flops(module: Any, model: Any) -> float:
+    """FLOPs of ``module`` on one image at the model's input size, by ``torch.utils.flop_counter``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = getattr(module, "img_size", None) or getattr(model.patch_embed, "img_size", None)
+    chans = getattr(model, "in_chans", None) or 3
+    if size is None:
+        return 0.0
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    p = next(module.parameters(), None)
+    x = torch.zeros(1, chans, h, w, dtype=p.dtype if p is not None else torch.float32)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(x)
+    return float(counter.get_total_flops())
+
+
 def timm_vit_dims(model: Any) -> ViTDims:
     """Dims of a timm ``VisionTransformer`` (and close relatives such as DeiT).
 
@@ -161,8 +179,8 @@ def timm_vit_dims(model: Any) -> ViTDims:
         patch_flops = _conv_patch_flops(num_patches, proj.in_channels, (kh, kw), proj.out_channels)
     elif isinstance(proj, nn.Linear):
         patch_flops = 2.0 * num_patches * proj.in_features * proj.out_features
-    else:  # unknown embedding (e.g. hybrid CNN stem): leave it out rather than guess
-        patch_flops = 0.0
+    else:  # other embeddings (e.g. a conv stem): count them once with torch's FLOP counter
+        patch_flops = _counted_flops(pe, model)
     head = getattr(model, "head", None)
     head_flops = 2.0 * head.in_features * head.out_features if isinstance(head, nn.Linear) else 0.0
     return ViTDims(dim, mlp_hidden, depth, num_patches + prefix, patch_flops, head_flops)
