@@ -209,3 +209,26 @@ def test_methods_table_lists_papers():
     names = {r["name"] for r in rows}
     assert {"tome", "evit", "token-transforming", "cluster", "pool", "random"} <= names
     assert all(r["paper"] and r["integration"] == "vit-layers" for r in rows)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_reference_vit_accuracy_under_reduction():
+    """On the trained reference ViT (cached; skipped if missing): keep=1 reproduces the recorded test
+    accuracy on the same images, and every method at keep=0.75 stays within 10 points of it."""
+    from tokenreduce.models.reference_vit import checkpoint_dir, load_reference_vit, reference_eval_set
+
+    if not (checkpoint_dir() / "model.pt").is_file():
+        pytest.skip("reference ViT not trained (tokenreduce train vit)")
+    model, info = load_reference_vit()
+    images, labels = reference_eval_set("test", info["config"])
+    images, labels = images[:500], labels[:500]
+    base = (model(images).argmax(-1) == labels).float().mean().item()
+    assert base > 0.5, f"reference ViT accuracy {base:.3f} is not clearly above chance (0.1)"
+    for method in VISION_METHODS:
+        with tr.apply(model, method, keep=1.0):
+            assert (model(images).argmax(-1) == labels).float().mean().item() == base
+        with tr.apply(model, method, keep=0.75) as h:
+            acc = (model(images).argmax(-1) == labels).float().mean().item()
+        assert acc > base - 0.10, f"{method} at keep=0.75: {acc:.3f} vs unreduced {base:.3f}"
+        assert h.stats.mean_keep < 1.0

@@ -426,8 +426,6 @@ class _KVRun:
             t0 = time.perf_counter()
             self._reduce(li, layer, f, query, key, value, module, kwargs)
             f.reduce_seconds += time.perf_counter() - t0
-        elif method.phase == "select" and f.is_prefill:
-            self._set_budget(li, layer, f)
         return out
 
     # ------------------------------------------------------------------ helpers
@@ -543,10 +541,7 @@ class _KVRun:
         keys, values, pos = self._entries(layer, f, key, value)
         if method.phase == "prefill" and not f.is_prefill:
             return
-        if f.is_prefill or li not in f.cstate.budgets or isinstance(method.layer_keep(li, self.num_layers), float):
-            budget = self._set_budget(li, layer, f)
-        else:
-            budget = f.cstate.budgets[li]
+        budget = self._set_budget(li, layer, f)  # grows with the sequence (ratio) or up to a fixed count
         valid, alive, question = self._regions(layer, f, pos)
         cand = alive
         n = cand.sum(-1)  # (B, H)
@@ -581,11 +576,7 @@ class _KVRun:
                 attention_mask: Any, module: nn.Module, kwargs: dict) -> tuple[Tensor, Tensor, Any]:
         method = self.method
         keys, values, pos = self._entries(layer, f, key, value)
-        if li not in f.cstate.budgets:
-            return key, value, attention_mask
-        budget = f.cstate.budgets[li]
-        if isinstance(method.layer_keep(li, self.num_layers), float):
-            budget = self._set_budget(li, layer, f)
+        budget = self._set_budget(li, layer, f)
         valid, alive, question = self._regions(layer, f, pos)
         qpos = self._qpos(layer, f, pos.device)
         alive = alive & (pos <= qpos[0])  # entries visible to this forward's first query

@@ -236,11 +236,24 @@ def _iter_progress(n: int, desc: str):
 
 
 # ============================================================================ (c) timing
+class _Stamps:
+    """A logits processor that timestamps every generation step: the first call comes right after the prefill
+    forward, the next ones after each decoding forward (so one generate() gives both phases)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
     import tokenreduce as tr
+    from transformers import LogitsProcessorList
 
     from .memory import peak_memory
-    from .timing import interleaved, speedup
+    from .timing import Timing, interleaved, speedup
 
     rows = []
     T = cfg.timing_new_tokens
@@ -248,42 +261,49 @@ def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
         p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
         ids = tok(p["prompt"], return_tensors="pt").input_ids
         info: dict[str, dict[str, Any]] = {}
+        split: dict[str, list[tuple[float, float]]] = {label: [] for label in TIMING_CANDIDATES}
 
-        def make(label: str, n: int):
+        def make(label: str, record: bool = True):
             name, keep, chunk, kw = TIMING_CANDIDATES[label]
             extra = {"prefill_chunk_size": chunk} if chunk else {}
 
             def fn():
+                stamps = _Stamps()
+                t0 = time.perf_counter()
                 if name is None:
-                    return _greedy(model, ids, n, **extra)
-                with tr.apply(model, name, keep=keep, question_len=p["question_len"], **kw) as h:
-                    out = _greedy(model, ids, n, **extra)
-                    info[label] = {"kv_bytes": h.stats.prefill_kv_bytes, "kv_fraction": h.stats.prefill_kept_fraction,
-                                   "kv_bytes_end": h.stats.kv_bytes, "reduce_s_last": h.stats.reduce_seconds,
-                                   "output": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}
+                    out = _greedy(model, ids, 1 + T, logits_processor=LogitsProcessorList([stamps]), **extra)
+                else:
+                    with tr.apply(model, name, keep=keep, question_len=p["question_len"], **kw) as h:
+                        out = _greedy(model, ids, 1 + T, logits_processor=LogitsProcessorList([stamps]), **extra)
+                        info[label] = {"kv_bytes": h.stats.prefill_kv_bytes,
+                                       "kv_fraction": h.stats.prefill_kept_fraction, "kv_bytes_end": h.stats.kv_bytes,
+                                       "kv_fraction_end": h.stats.kv_kept_fraction}
+                if record:
+                    split[label].append((stamps.times[0] - t0, stamps.times[-1] - stamps.times[0]))
+                    info.setdefault(label, {})["output"] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                 return out
             return fn
 
-        fns = {}
-        for label in TIMING_CANDIDATES:
-            fns[f"{label}|prefill"] = make(label, 1)
-            fns[f"{label}|total"] = make(label, 1 + T)
         bar = _progress(cfg.repeats, f"timing {length} tok")
-        res = interleaved(fns, warmup=1, repeats=cfg.repeats, on_round=lambda i: bar.update(1))
+        res = interleaved({label: make(label) for label in TIMING_CANDIDATES}, warmup=1, repeats=cfg.repeats,
+                          on_round=lambda i: bar.update(1))
         bar.close()
-        base_pre, base_tot = res["none|prefill"], res["none|total"]
+        for label in TIMING_CANDIDATES:  # drop the warm-up round from the phase splits
+            split[label] = split[label][-cfg.repeats:]
+        base, base_pre = res["none"], Timing([s[0] for s in split["none"]])
         for label in TIMING_CANDIDATES:
-            pre, tot = res[f"{label}|prefill"], res[f"{label}|total"]
-            dec = max(tot.median - pre.median, 1e-9)
-            sp = speedup(base_tot, tot, paired=True)
+            tot = res[label]
+            pre = Timing([s[0] for s in split[label]])
+            dec = Timing([s[1] for s in split[label]])
+            sp = speedup(base, tot, paired=True)
             spp = speedup(base_pre, pre, paired=True)
-            mem = peak_memory(make(label, 1 + T))
+            mem = peak_memory(make(label, record=False))
             row = {"part": "timing", "candidate": label, "length": length, "tokens": ids.shape[1],
-                   "new_tokens": T, "prefill_s": pre.median, "prefill_iqr": pre.iqr, "total_s": tot.median,
-                   "total_iqr": tot.iqr, "decode_tok_s": T / dec, "speedup_total": sp.ratio,
-                   "speedup_total_low": sp.low, "speedup_total_high": sp.high, "speedup_prefill": spp.ratio,
-                   "peak_mem_bytes": mem, **info.get(label, {"kv_fraction": 1.0}),
-                   "prefill_times": pre.times, "total_times": tot.times}
+                   "new_tokens": T, "prefill_s": pre.median, "prefill_iqr": pre.iqr, "decode_s": dec.median,
+                   "decode_tok_s": T / dec.median, "total_s": tot.median, "total_iqr": tot.iqr,
+                   "speedup_total": sp.ratio, "speedup_total_low": sp.low, "speedup_total_high": sp.high,
+                   "speedup_prefill": spp.ratio, "peak_mem_bytes": mem, **info.get(label, {}),
+                   "total_times": tot.times, "prefill_times": pre.times, "decode_times": dec.times}
             rows.append(writer.write(row))
     return rows
 
@@ -394,9 +414,10 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
     tm = parts.get("timing", [])
     if tm:
         tables.append(("Timing vs the unreduced model (same process, interleaved; medians)",
-                       [{k: r.get(k) for k in ("candidate", "tokens", "prefill_s", "total_s", "decode_tok_s",
+                       [{k: r.get(k) for k in ("candidate", "tokens", "prefill_s", "decode_tok_s", "total_s",
                                                "speedup_total", "speedup_total_low", "speedup_total_high",
-                                               "speedup_prefill", "peak_mem_bytes", "kv_fraction", "kv_bytes")}
+                                               "speedup_prefill", "peak_mem_bytes", "kv_fraction", "kv_bytes",
+                                               "kv_fraction_end")}
                         for r in tm]))
     kvp_path = Path(kvpress) if kvpress else out / "kvpress.jsonl"
     if kvp_path.exists():

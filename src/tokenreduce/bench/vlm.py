@@ -109,11 +109,12 @@ def _accuracy(preds: Sequence[str], data: Any) -> dict[str, float]:
     return out
 
 
-def _time_batch(tok: Any, data: Any, n: int, n_img_tokens: int) -> dict[str, torch.Tensor]:
+def _time_batch(tok: Any, data: Any, n: int, n_img_tokens: int, fmt: str = "image_first") -> dict[str, torch.Tensor]:
     from ..models.small_vlm import encode_prompts
 
     qas = data.qas[:n]
-    return encode_prompts(tok, [q.question for q in qas], data.images[[q.scene for q in qas]], n_img_tokens)
+    return encode_prompts(tok, [q.question for q in qas], data.images[[q.scene for q in qas]], n_img_tokens,
+                          prompt=fmt)
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -139,10 +140,16 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
         model, tokenizer, info = load_small_vlm(train_if_missing=train_if_missing)
         data = eval_set("test", info["config"], per_type=per_type)
     model.eval()
+    from ..models.small_vlm import prompt_format
+
+    if prompt_format(model) == "question_first":  # SparseVLM's raters must see the question
+        cfg.method_kw.setdefault("sparsevlm", {}).setdefault("raters_from", "all_text")
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     n_img = model.config.image_seq_length
-    tb = _time_batch(tokenizer, data, time_batch, n_img)
+    from ..models.small_vlm import prompt_format
+
+    tb = _time_batch(tokenizer, data, time_batch, n_img, prompt_format(model))
     prompt_tokens = float(tb["attention_mask"].sum(1).float().mean())
     gen_kw = {"max_new_tokens": gen_tokens, "min_new_tokens": gen_tokens, "do_sample": False}
     rows: list[dict[str, Any]] = []
@@ -259,7 +266,10 @@ def _kept_for_viz(model: nn.Module, tok: Any, data: Any, method: str, keep: floa
     from ..models.small_vlm import encode_prompts
 
     qa = _viz_question(data)
-    batch = encode_prompts(tok, [qa.question], data.images[[qa.scene]], model.config.image_seq_length)
+    from ..models.small_vlm import prompt_format
+
+    batch = encode_prompts(tok, [qa.question], data.images[[qa.scene]], model.config.image_seq_length,
+                           prompt=prompt_format(model))
     try:
         with tr.apply(model, method, keep=keep, **kw) as h:
             model(**batch, use_cache=True)

@@ -253,7 +253,7 @@ def _textures() -> tuple[np.ndarray, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def split_indices_cached(split: str, fractions: tuple[float, float, float], split_seed: int) -> np.ndarray:
+def _split_indices_cached(split: str, fractions: tuple[float, float, float], split_seed: int) -> np.ndarray:
     """Stratified, disjoint split of the base-digit indices (cached helper)."""
     _, labels = _base_digits()
     rng = np.random.default_rng(np.random.SeedSequence([split_seed, 0xD161]))
@@ -278,7 +278,7 @@ def split_indices(split: str, config: ClutteredDigitsConfig | None = None) -> np
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: must be one of {SPLITS}")
     config = config or ClutteredDigitsConfig()
-    return split_indices_cached(split, tuple(config.split_fractions), config.split_seed)
+    return _split_indices_cached(split, tuple(config.split_fractions), config.split_seed)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -13,17 +13,15 @@ its own number of tokens. Pool sentence embeddings with :func:`tokenreduce.adapt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor
 
-from ..core.budget import Keep, KeepLike, validate_keep_value
 from ..core.state import TokenState
 from ..core.text import pool1d
-from ..registry import register
-from .vision import EViT, RandomPrune, ToMe, VisionMethod, _StageMethod
+from ..registry import register_dataclass
+from .vision import EViT, RandomPrune, ToMe, _StageMethod
 
-__all__ = ["TextPool"]
+__all__ = ["TextEViT", "TextPool"]
 
 ENCODER = "encoder-layers"
 
@@ -39,25 +37,22 @@ class TextPool(_StageMethod):
         return pool1d(state, self.counts(layer, state))
 
 
-def _reg(name: str, cls: type, paper: str, equation: str, **defaults: Any) -> None:
-    def factory(keep: KeepLike = 1.0, **kw: Any) -> VisionMethod:
-        if not isinstance(keep, (Keep, list, tuple)):
-            validate_keep_value(keep)
-        try:
-            return cls(keep=keep, **{**defaults, **kw})
-        except TypeError as e:
-            allowed = [f for f in cls.__dataclass_fields__ if f != "needs"]
-            raise TypeError(f"{name}: {e}; accepted keywords: {allowed}") from None
+@dataclass
+class TextEViT(EViT):
+    """EViT for text encoders: the fused token is the attention-weighted *mean* x = sum a_i x_i / sum a_i of the
+    tokens it absorbs (``normalize_fused=True``; False = the paper's sum, Eq. 4), because the mean-pooled sentence
+    embedding weights it by their number."""
 
-    factory.__doc__ = cls.__doc__
-    register(name, modality="language", integration=ENCODER, paper=paper, equation=equation)(factory)
+    normalize_fused: bool = True
+
+
+def _reg(name: str, cls: type, paper: str, equation: str) -> None:
+    register_dataclass(name, cls, modality="language", integration=ENCODER, paper=paper, equation=equation)
 
 
 _reg("tome", ToMe, "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (applied to text encoders)",
      "bipartite soft matching on keys; x=sum s_i x_i/sum s_i; softmax(QK^T/sqrt(d)+log s)")
-# EViT's fused token is sum_i a_i x_i (Eq. 4); a text encoder's mean-pooled embedding weights it by the number
-# of tokens it absorbed, so here it is the attention-weighted *mean* (normalize_fused=True; False = the paper's sum)
-_reg("evit", EViT, "Liang et al., EViT, ICLR 2022 (CLS-attention pruning applied to text encoders)",
-     "top-k by mean_h A[cls,i]; x_fused=sum a_i x_i / sum a_i", normalize_fused=True)
+_reg("evit", TextEViT, "Liang et al., EViT, ICLR 2022 (CLS-attention pruning applied to text encoders)",
+     "top-k by mean_h A[cls,i]; x_fused=sum a_i x_i / sum a_i")
 _reg("random", RandomPrune, "random pruning baseline", "keep a seeded random subset")
 _reg("pool", TextPool, "1D average pooling baseline", "consecutive bins, size-weighted")

@@ -32,7 +32,7 @@ import torch
 
 from ..compress import Prompt, refine_units
 from ..core.text import fill_budget, group_units
-from ..registry import register
+from ..registry import register_dataclass
 
 __all__ = [
     "Extractive",
@@ -476,15 +476,8 @@ class Extractive(PromptMethod):
 
 # ---------------------------------------------------------------------------- registration
 def _reg(name: str, cls: type, paper: str, equation: str) -> None:
-    def factory(**kw: Any) -> PromptMethod:
-        try:
-            return cls(**kw)
-        except TypeError as e:  # unknown keyword
-            allowed = list(cls.__dataclass_fields__)
-            raise TypeError(f"{name}: {e}; accepted keywords: {allowed}") from None
-
-    factory.__doc__ = cls.__doc__
-    register(name, modality="language", integration=PROMPT, paper=paper, equation=equation)(factory)
+    register_dataclass(name, cls, modality="language", integration=PROMPT, paper=paper, equation=equation,
+                       hidden=())
 
 
 _reg("truncate", Truncate, "truncation baseline", "keep x_1..x_k")

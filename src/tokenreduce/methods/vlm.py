@@ -359,7 +359,8 @@ class SparseVLM(VlmMethod):
     """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
     Model Inference", ICML 2025).
 
-    Raters: the text tokens after the image whose relevance R_j = mean_i softmax_j(v_i . t_j) (visual x text
+    Raters: the text tokens after the image (``raters_from="after_image"``, LLaVA's question; "all_text" for
+    prompts that put the question first) whose relevance R_j = mean_i softmax_j(v_i . t_j) (visual x text
     input embeddings) exceeds the mean (:func:`~tokenreduce.core.visual.sparsevlm_raters`). At each pruning layer
     l (paper: 2, 6, 15 of 32, scaled to the model) visual token i is scored by the raters' attention in
     layer l, s_i = mean_{j in R} mean_h A^{(l)}_h[j, i]; the top tokens are kept from layer l+1 on.
@@ -372,6 +373,7 @@ class SparseVLM(VlmMethod):
     keep: KeepLike = 64 / 576
     layers: Sequence[int] | None = None
     recycle: float = 0.3
+    raters_from: str = "after_image"
     positions: ClassVar[str] = "compact"
 
     def setup(self, info: ModelInfo) -> None:
@@ -393,10 +395,13 @@ class SparseVLM(VlmMethod):
 
     def reduce_stage(self, view: StageView) -> StageDecision:
         if view.stage == 0 or getattr(self, "_raters", None) is None or self._raters.shape != view.lm_real.shape:
-            # raters come from the text after the image (the question), as in the official code
+            # raters come from the text after the image (LLaVA's question), as in the official code, or from
+            # all prompt text (prompts that put the question before the image)
+            if self.raters_from not in ("after_image", "all_text"):
+                raise ValueError(f"raters_from={self.raters_from!r}: accepted 'after_image', 'all_text'")
             ar = torch.arange(view.lm_real.shape[1], device=view.lm_real.device)[None]
             after = ar > torch.where(view.lm_visual, ar, -1).amax(1, keepdim=True)
-            text0 = view.lm_real & ~view.lm_visual & after
+            text0 = view.lm_real & ~view.lm_visual & (after | (self.raters_from == "all_text"))
             text0 = torch.where(text0.any(1, keepdim=True), text0, view.lm_real & ~view.lm_visual)
             self._raters = V.sparsevlm_raters(view.lm_input, view.lm_input, view.lm_visual, text0)
         raters = torch.zeros_like(view.real)

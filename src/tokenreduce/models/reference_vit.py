@@ -206,9 +206,10 @@ class ConvStemPatchEmbed(PatchEmbed):
     ``extra_convs`` 3x3 stride-1 convs at token resolution (same width), then a 1x1
     conv to ``embed_dim``. Early convolutions make ViTs train far faster on small
     data (Xiao et al., 2021): each token then describes a local shape (receptive
-    field 23 px by default) instead of a raw 4x4 patch; a plain linear patch
-    embedding stays at chance for hundreds of steps on this dataset. The stem
-    costs a few percent of the transformer blocks' FLOPs (see :meth:`flops`).
+    field 23 px by default) instead of a raw 4x4 patch. On this dataset a linear
+    patch embedding learned far more slowly (about 21% val accuracy after 8k
+    training images, vs 66% with this stem). The stem costs about 6% of the
+    reference model's FLOPs (see :meth:`flops`).
     """
 
     def __init__(self, *args: Any, stem_channels: int = 24, extra_convs: int = 2, **kwargs: Any) -> None:
@@ -484,7 +485,7 @@ def load_reference_vit(
     if not path.is_file():
         if not train_if_missing:
             raise FileNotFoundError(
-                f"no trained reference ViT at {path}; {_TRAIN_HINT} (about 10-15 min on 2 CPU cores), "
+                f"no trained reference ViT at {path}; {_TRAIN_HINT} (CPU only; tens of minutes), "
                 "or call load_reference_vit(train_if_missing=True)"
             )
         train_reference_vit(config, progress=progress)
@@ -503,7 +504,7 @@ def register_cli(train_app: Any) -> None:
     @train_app.command("vit")
     def train_vit(
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
-        threads: int = typer.Option(TrainConfig.num_threads, help="torch threads (does not change the weights)"),
+        threads: int = typer.Option(TrainConfig.num_threads, help="torch threads (speed only; not part of the checkpoint hash)"),
         progress: bool = typer.Option(True, help="Show a progress bar"),
     ) -> None:
         """Train the reference ViT on cluttered digits (cached in ~/.cache/tokenreduce/reference_vit)."""

@@ -56,6 +56,7 @@ from tokenreduce.data.vqa import (
 
 __all__ = [
     "MODEL_VERSION",
+    "PROMPT_FORMATS",
     "VLMTrainConfig",
     "answer_questions",
     "build_small_vlm",
@@ -65,11 +66,16 @@ __all__ = [
     "eval_set",
     "evaluate_vqa",
     "load_small_vlm",
+    "prompt_format",
     "register_cli",
     "train_small_vlm",
 ]
 
 MODEL_VERSION = 1
+#: "image_first": ``<image> q answer :`` (LLaVA's layout); "question_first": ``q <image> answer :`` (the
+#: instruction before the image, as InstructBLIP/Qwen-VL-style prompts do), which lets the visual tokens
+#: attend to the question in the causal LLM.
+PROMPT_FORMATS = ("image_first", "question_first")
 _HASH_EXCLUDED = frozenset({"num_threads", "eval_every", "log_every"})
 _TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
 
@@ -92,8 +98,11 @@ class VLMTrainConfig:
     vision_batch_size: int = 32
     vision_lr: float = 5e-3
     steps: int = 700
+    restart_steps: int = 600
+    restart_lr: float = 1e-3
     batch_size: int = 16
     qa_per_image: int = 4
+    prompt: str = "question_first"
     describe_prob: float = 0.5
     aux_weight: float = 0.5
     lr: float = 1.5e-3
@@ -120,6 +129,8 @@ class VLMTrainConfig:
             raise ValueError(f"patch_size={self.patch_size} must divide scene.image_size={self.scene.image_size}")
         if self.text_heads % self.text_kv_heads or self.text_dim % self.text_heads:
             raise ValueError("text_kv_heads must divide text_heads, which must divide text_dim")
+        if self.prompt not in PROMPT_FORMATS:
+            raise ValueError(f"prompt={self.prompt!r} is invalid: accepted {PROMPT_FORMATS}")
         if not 0 < self.lr <= 1:
             raise ValueError(f"lr={self.lr!r} must be in (0, 1]")
 
@@ -141,8 +152,15 @@ class VLMTrainConfig:
             d["scene"] = SceneConfig.from_dict(d["scene"])
         return cls(**d)
 
+    def parent(self) -> VLMTrainConfig | None:
+        """The configuration this one continues from (a warm restart of the joint phase), if any."""
+        return dataclasses.replace(self, restart_steps=0) if self.restart_steps > 0 else None
+
     def config_hash(self) -> str:
         payload = {k: v for k, v in self.to_dict().items() if k not in _HASH_EXCLUDED}
+        if self.restart_steps == 0:  # no warm restart: the fields do not exist for this model
+            payload.pop("restart_steps")
+            payload.pop("restart_lr")
         payload["_versions"] = {"model": MODEL_VERSION, "vqa": VQA_VERSION}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -179,6 +197,7 @@ def build_small_vlm(config: VLMTrainConfig | None = None, attn_implementation: s
                       image_seq_length=c.num_image_tokens, vision_feature_layer=-1,
                       vision_feature_select_strategy="default", projector_hidden_act="gelu",
                       pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
+    cfg.vqa_prompt = c.prompt  # read back by answer_questions / the benchmark
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
     model.generation_config.pad_token_id = ids["pad"]
     model.generation_config.eos_token_id = ids["eos"]
@@ -187,11 +206,15 @@ def build_small_vlm(config: VLMTrainConfig | None = None, attn_implementation: s
 
 
 def encode_prompts(tokenizer, questions: Sequence[str], images: torch.Tensor | None = None,
-                   num_image_tokens: int | None = None, answers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """LLaVA-style batch: ``<image>`` x N + question + ``answer :`` (left-padded), ``pixel_values``.
+                   num_image_tokens: int | None = None, answers: Sequence[str] | None = None,
+                   prompt: str = "question_first") -> dict[str, torch.Tensor]:
+    """LLaVA-style batch: ``<image>`` x N + question + ``answer :`` (or the question first, see
+    :data:`PROMPT_FORMATS`), left-padded, and ``pixel_values``.
 
     ``num_image_tokens`` defaults to a square patch grid of ``images`` at patch 8.
     """
+    if prompt not in PROMPT_FORMATS:
+        raise ValueError(f"prompt={prompt!r} is invalid: accepted {PROMPT_FORMATS}")
     if images is not None and images.shape[0] != len(questions):
         raise ValueError(f"{len(questions)} questions but {images.shape[0]} images")
     if num_image_tokens is None:
@@ -199,8 +222,9 @@ def encode_prompts(tokenizer, questions: Sequence[str], images: torch.Tensor | N
             raise ValueError("give images or num_image_tokens")
         num_image_tokens = (images.shape[-1] // 8) ** 2
     img = " ".join([SPECIAL_TOKENS["image"]] * num_image_tokens)
-    texts = [f"{img} {q} answer :" + (f" {a}" if answers is not None else "") for q, a in
-             zip(questions, answers if answers is not None else [None] * len(questions))]
+    texts = [(f"{img} {q} answer :" if prompt == "image_first" else f"{q} {img} answer :") +
+             (f" {a}" if answers is not None else "")
+             for q, a in zip(questions, answers if answers is not None else [None] * len(questions))]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if images is not None:
@@ -244,9 +268,13 @@ def _training_batch(c: VLMTrainConfig, step: int, tok) -> dict[str, torch.Tensor
         qas = qas[: c.qa_per_image]
         if rng.random() < c.describe_prob:
             qas = qas[: c.qa_per_image - 1] + questions_for(s, i, rng, ("describe",))
-        ids, lab = list(ids_img), [-100] * len(ids_img)
-        for qa in qas:
-            q = tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
+        ids, lab = [], []
+        for j, qa in enumerate(qas):
+            if j == 0 and c.prompt == "question_first":
+                q = tok(qa.question, add_special_tokens=False)["input_ids"] + ids_img + \
+                    tok("answer :", add_special_tokens=False)["input_ids"]
+            else:
+                q = (ids_img if j == 0 else []) + tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
             a = tok(qa.answer, add_special_tokens=False)["input_ids"] + [eos]
             ids += q + a
             lab += [-100] * len(q) + a
@@ -276,6 +304,11 @@ def eval_set(split: str, config: VLMTrainConfig | None = None, per_type: int | N
 
 
 @torch.no_grad()
+def prompt_format(model) -> str:
+    """The prompt layout a small VLM was trained with (stored on its config; default image first)."""
+    return getattr(model.config, "vqa_prompt", "image_first")
+
+
 def answer_questions(model, tok, images: torch.Tensor, qas: Sequence[QA], batch_size: int = 32,
                      generate: bool = False, max_new_tokens: int = 2) -> list[str]:
     """First answer word for each question (greedy): by ``generate`` or, equivalently for one-word
@@ -285,7 +318,8 @@ def answer_questions(model, tok, images: torch.Tensor, qas: Sequence[QA], batch_
     out: list[str] = []
     for i in range(0, len(qas), batch_size):
         chunk = qas[i : i + batch_size]
-        batch = encode_prompts(tok, [q.question for q in chunk], images[[q.scene for q in chunk]], n_img)
+        batch = encode_prompts(tok, [q.question for q in chunk], images[[q.scene for q in chunk]], n_img,
+                               prompt=prompt_format(model))
         if generate:
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
             first = gen[:, batch["input_ids"].shape[1]]
@@ -318,15 +352,58 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _lr(step: int, c: VLMTrainConfig) -> float:
-    if step < c.warmup_steps:
-        return (step + 1) / c.warmup_steps
-    t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-    return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr: float, warmup: int,
+                 seed_offset: int, val, history: list, progress: bool, t_offset: float) -> float:
+    """LLaVA-style joint training (answers' LM loss + the auxiliary vision loss); returns seconds spent."""
+    params = list(model.parameters()) + list(aux.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+    def lr_at(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        t = (s - warmup) / max(1, steps - warmup)
+        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    spent, loss_ema = 0.0, None
+    for step in range(steps):
+        t0 = time.perf_counter()
+        model.train()
+        b = _training_batch(c, seed_offset + step, tok)
+        pl = b.pop("cell_labels")
+        out = model(**b)
+        aux_loss, _ = _aux_loss(aux, feats["v"][:, 1:], pl, c)
+        loss = out.loss + c.aux_weight * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        opt.step()
+        sched.step()
+        spent += time.perf_counter() - t0
+        loss_ema = out.loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * out.loss.item()
+        if progress and (step + 1) % c.log_every == 0:
+            eta = spent / (step + 1) * (steps - step - 1)
+            print(f"step {seed_offset + step + 1} ({step + 1}/{steps}) lm_loss={loss_ema:.3f} aux={aux_loss.item():.3f} "
+                  f"lr={sched.get_last_lr()[0]:.2e} {t_offset + spent:.0f}s (eta {eta / 60:.1f} min)", flush=True)
+        if (step + 1) % c.eval_every == 0 or step + 1 == steps:
+            r = evaluate_vqa(model, tok, val)
+            history.append({"step": seed_offset + step + 1, "lm_loss": loss_ema, "val_acc": r["acc"],
+                            "val_acc_by_type": r["acc_by_type"], "train_time_s": t_offset + spent})
+            if progress:
+                print(f"  val acc {r['acc']:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in r["acc_by_type"].items()),
+                      flush=True)
+    return spent
 
 
 def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate (val during training, test at the end, per question type), cache, return metrics."""
+    """Train, evaluate (val during training, test at the end, per question type), cache, return metrics.
+
+    With ``restart_steps > 0`` the model continues from its :meth:`~VLMTrainConfig.parent` checkpoint
+    (trained first if missing) with a warm restart of the joint phase (``restart_lr``, new data).
+    """
     import transformers
 
     c = config or VLMTrainConfig()
@@ -341,66 +418,48 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
         feats: dict[str, torch.Tensor] = {}
         hook = model.model.vision_tower.register_forward_hook(
             lambda m, a, o: feats.__setitem__("v", o.hidden_states[-1] if o.hidden_states is not None else o.last_hidden_state))
-        params = list(model.parameters()) + list(aux.parameters())
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=c.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, c))
         val = eval_set("val", c)
         history: list[dict[str, Any]] = []
-        train_time, loss_ema = 0.0, None
-        # phase 1: the vision tower alone learns per-patch cell digits (LLaVA starts from a trained encoder)
-        vparams = list(model.model.vision_tower.parameters()) + list(aux.parameters())
-        vopt = torch.optim.AdamW(vparams, lr=c.vision_lr, weight_decay=c.weight_decay)
-        for step in range(c.vision_steps):
-            t0 = time.perf_counter()
-            model.train()
-            images, scenes, _ = generate_scenes("train", c.vision_batch_size, seed=c.seed * 7_000_003 + step,
-                                                config=c.scene)
-            for g in vopt.param_groups:
-                g["lr"] = c.vision_lr * min(1.0, (step + 1) / c.warmup_steps) * (
-                    0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / c.vision_steps)))
-            out = model.model.vision_tower(images, output_hidden_states=True)
-            pl = _cell_labels(scenes)
-            vloss, logits = _aux_loss(aux, out.hidden_states[-1][:, 1:], pl, c)
-            vopt.zero_grad(set_to_none=True)
-            vloss.backward()
-            torch.nn.utils.clip_grad_norm_(vparams, c.grad_clip)
-            vopt.step()
-            train_time += time.perf_counter() - t0
-            if progress and (step + 1) % c.log_every == 0:
-                occ = pl != 10
-                acc = (logits.argmax(-1) == pl)[occ].float().mean().item()
-                print(f"vision step {step + 1}/{c.vision_steps} loss={vloss.item():.3f} cell_acc(occupied)={acc:.3f} "
-                      f"{train_time:.0f}s", flush=True)
-        vision_time = train_time
-        for step in range(c.steps):
-            t0 = time.perf_counter()
-            model.train()
-            b = _training_batch(c, step, tok)
-            pl = b.pop("cell_labels")
-            out = model(**b)
-            aux_loss, _ = _aux_loss(aux, feats["v"][:, 1:], pl, c)
-            loss = out.loss + c.aux_weight * aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-            opt.step()
-            sched.step()
-            train_time += time.perf_counter() - t0
-            loss_ema = out.loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * out.loss.item()
-            if progress and (step + 1) % c.log_every == 0:
-                eta = (train_time - vision_time) / (step + 1) * (c.steps - step - 1)
-                print(f"step {step + 1}/{c.steps} lm_loss={loss_ema:.3f} aux={aux_loss.item():.3f} "
-                      f"lr={sched.get_last_lr()[0]:.2e} {train_time:.0f}s (eta {eta / 60:.1f} min)", flush=True)
-            if (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
-                r = evaluate_vqa(model, tok, val)
-                history.append({"step": step + 1, "lm_loss": loss_ema, "val_acc": r["acc"],
-                                "val_acc_by_type": r["acc_by_type"], "train_time_s": train_time})
-                if progress:
-                    print(f"  val acc {r['acc']:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in r["acc_by_type"].items()),
-                          flush=True)
+        train_time = 0.0
+        parent = c.parent()
+        if parent is not None:
+            ppath = checkpoint_dir(parent) / "model.pt"
+            if not ppath.is_file():
+                train_small_vlm(parent, progress=progress)
+            model.load_state_dict(torch.load(ppath, map_location="cpu", weights_only=True))
+            pm = json.loads(ppath.with_name("metrics.json").read_text())
+            history = list(pm.get("history", []))
+            train_time = float(pm.get("train_time_s", 0.0))
+            train_time += _joint_phase(model, aux, feats, tok, c, c.restart_steps, c.restart_lr, 10, c.steps, val,
+                                       history, progress, train_time)
+        else:
+            # phase 1: the vision tower alone learns what/where per cell (LLaVA starts from a trained encoder)
+            vparams = list(model.model.vision_tower.parameters()) + list(aux.parameters())
+            vopt = torch.optim.AdamW(vparams, lr=c.vision_lr, weight_decay=c.weight_decay)
+            for step in range(c.vision_steps):
+                t0 = time.perf_counter()
+                model.train()
+                images, scenes, _ = generate_scenes("train", c.vision_batch_size, seed=c.seed * 7_000_003 + step,
+                                                    config=c.scene)
+                for g in vopt.param_groups:
+                    g["lr"] = c.vision_lr * min(1.0, (step + 1) / c.warmup_steps) * (
+                        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / c.vision_steps)))
+                out = model.model.vision_tower(images, output_hidden_states=True)
+                pl = _cell_labels(scenes)
+                vloss, logits = _aux_loss(aux, out.hidden_states[-1][:, 1:], pl, c)
+                vopt.zero_grad(set_to_none=True)
+                vloss.backward()
+                torch.nn.utils.clip_grad_norm_(vparams, c.grad_clip)
+                vopt.step()
+                train_time += time.perf_counter() - t0
+                if progress and (step + 1) % c.log_every == 0:
+                    occ = pl != 10
+                    acc = (logits.argmax(-1) == pl)[occ].float().mean().item()
+                    print(f"vision step {step + 1}/{c.vision_steps} loss={vloss.item():.3f} "
+                          f"cell_acc(occupied)={acc:.3f} {train_time:.0f}s", flush=True)
+            # phase 2: joint
+            train_time += _joint_phase(model, aux, feats, tok, c, c.steps, c.lr, c.warmup_steps, 0, val, history,
+                                       progress, train_time)
         hook.remove()
         test = eval_set("test", c)
         t_eval = time.perf_counter()
@@ -411,8 +470,10 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
             "val_acc": history[-1]["val_acc"], "val_acc_by_type": history[-1]["val_acc_by_type"],
             "chance_by_type": _chance(test), "train_time_s": train_time,
             "test_eval_time_s": time.perf_counter() - t_eval, "total_time_s": time.perf_counter() - t_start,
-            "steps": c.steps, "vision_steps": c.vision_steps, "sequences_seen": c.steps * c.batch_size, "num_threads": c.num_threads,
+            "steps": c.steps + c.restart_steps, "vision_steps": c.vision_steps,
+            "sequences_seen": (c.steps + c.restart_steps) * c.batch_size, "num_threads": c.num_threads,
             "num_params": sum(p.numel() for p in model.parameters()), "history": history,
+            "parent": parent.config_hash() if parent is not None else None,
             "config_hash": c.config_hash(), "checkpoint": str(out_dir),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
