@@ -37,11 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
-
-import kvpress  # noqa: E402
-from kvpress.pipeline import KVPressTextGenerationPipeline  # noqa: E402
+import kvpress
+import torch
+from kvpress.pipeline import KVPressTextGenerationPipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 PRESSES = {  # label -> (press class, kwargs, our comparable bench variant)
     "SnapKVPress": ("SnapKVPress", {}, "snapkv"),
@@ -119,7 +118,7 @@ def main() -> None:
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tok)
     layer_types = {str(i): t for i, t in enumerate(model.config.layer_types)}
     run_id = uuid.uuid4().hex[:12]
-    out = open(args.out, "a")
+    out = open(args.out, "a")  # noqa: SIM115 (closed at the end of main; rows flushed one by one)
     meta = {"type": "meta", "run_id": run_id, "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__")
             else "0.5.5", "transformers": __import__("transformers").__version__, "torch": torch.__version__,
             "threads": args.threads, "model": args.model}
@@ -134,8 +133,7 @@ def main() -> None:
         # unreduced reference in this process: accuracy, KV bytes, prefill/decode time
         def run(press, p):
             ctx, q = split_ids(tok, p)
-            inputs = {"context_ids": ctx, "questions_ids": [q]}
-            cache = DynamicCache()
+            cache = DynamicCache()  # what KVPressTextGenerationPipeline._forward uses
             t0 = time.perf_counter()
             with torch.inference_mode():
                 with (press(model) if press is not None else contextlib.nullcontext()):
@@ -164,17 +162,17 @@ def main() -> None:
                     for p in prompts:
                         try:
                             ans, by, tp, td = run(press, p)
-                        except Exception as e:  # report what kvpress does, do not hide it
+                        except Exception as e:  # noqa: BLE001 (report what kvpress does, do not hide it)
                             err = f"{type(e).__name__}: {e}"
                             break
                         recs.append((p, ans, by / base[p["id"]][1], tp, td))
                     n_ok = sum(p["answer"] in a for p, a, *_ in recs)
-                    row = dict(part="kvpress_passcode", press=label, layers=mode, keep=keep, n=len(recs),
-                               correct=n_ok, accuracy=n_ok / len(recs) if recs else None,
-                               kv_fraction=sum(r[2] for r in recs) / len(recs) if recs else None,
-                               prefill_s=sum(r[3] for r in recs) / len(recs) if recs else None,
-                               decode_tok_s=len(recs) * max_new / sum(r[4] for r in recs) if recs else None,
-                               outputs=[r[1] for r in recs], error=err, ours_variant=ours)
+                    row = {"part": "kvpress_passcode", "press": label, "layers": mode, "keep": keep, "n": len(recs),
+                           "correct": n_ok, "accuracy": n_ok / len(recs) if recs else None,
+                           "kv_fraction": sum(r[2] for r in recs) / len(recs) if recs else None,
+                           "prefill_s": sum(r[3] for r in recs) / len(recs) if recs else None,
+                           "decode_tok_s": len(recs) * max_new / sum(r[4] for r in recs) if recs else None,
+                           "outputs": [r[1] for r in recs], "error": err, "ours_variant": ours}
                     write(**row)
                     print(label, mode, keep, f"{n_ok}/{len(recs)}", "kv %.3f" % (row["kv_fraction"] or -1),
                           err or "", flush=True)
@@ -188,7 +186,8 @@ def main() -> None:
                     kept: dict[str, list[int]] = {}
                     orig = press.score
 
-                    def score(module, hidden_states, keys, values, attentions, kwargs, _o=orig):
+                    def score(module, hidden_states, keys, values, attentions, kwargs, _o=orig, press=press,
+                              kept=kept):
                         s = _o(module, hidden_states, keys, values, attentions, kwargs)
                         n_keys = keys.shape[2]
                         n_kept = kvpress.utils.compute_n_kept(n_keys, press.compression_ratio)

@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tokenreduce.models.gemma import gemma_cache_ready  # noqa: E402
+from tokenreduce.models.gemma import gemma_cache_ready
 
 pytestmark = [
     pytest.mark.slow,

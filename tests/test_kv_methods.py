@@ -15,11 +15,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import tokenreduce as tr  # noqa: E402
-from tokenreduce.adapters.llm import LLMAdapter, kv_bytes  # noqa: E402
+import tokenreduce as tr
+from tokenreduce.adapters.llm import LLMAdapter, kv_bytes
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
+from transformers import (
     DynamicCache,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -36,14 +36,14 @@ KV_METHODS = [r["name"] for r in tr.methods("kv-cache")]
 # knobs scaled to 40-token prompts (paper defaults assume thousands of tokens)
 SMALL = {"snapkv": {"window_size": 4}, "pyramidkv": {"window_size": 4}, "tokenselect": {"n_init": 2, "n_local": 4}}
 KEEP = {"pyramidkv": 0.7}  # a 4-layer pyramid at 0.5 would give the top layer < window
-GEN = dict(do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+GEN = {"do_sample": False, "pad_token_id": 0, "output_logits": True, "return_dict_in_generate": True}
 SLIDING = 16
 
 
 def _tiny(family: str, impl: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
     torch.manual_seed(seed)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+    common = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "pad_token_id": 0}
     if family == "llama":
         cfg, cls = LlamaConfig(**common), LlamaForCausalLM
     elif family == "qwen2":
@@ -137,7 +137,7 @@ def test_adapter_matches_decoder_llms_only(models):
 @pytest.mark.parametrize("name", KV_METHODS)
 def test_identity_keep_1_is_bit_identical(models, family, name):
     m = models(family)
-    a, _, ids, mask = _prompts()
+    _, _, ids, mask = _prompts()
     ref = m.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN)
     with _apply(m, name, keep=1.0) as h:
         out = m.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN)
@@ -367,9 +367,8 @@ def test_clear_errors(models):
         m.generate(a, max_new_tokens=2, **GEN)
     with tr.apply(m, "snapkv", keep=0.5), pytest.raises(TypeError, match="unsupported cache type StaticCache"):
         m(a, past_key_values=StaticCache(config=m.config, max_cache_len=64))
-    with pytest.raises(ValueError, match="question_len"):
-        with tr.apply(m, "snapkv", keep=0.5, question_len=50):
-            m.generate(a, max_new_tokens=2, **GEN)
+    with pytest.raises(ValueError, match="question_len"), tr.apply(m, "snapkv", keep=0.5, question_len=50):
+        m.generate(a, max_new_tokens=2, **GEN)
     with pytest.raises(TypeError, match="pyramidkv .*ratio"):
         tr.apply(m, "pyramidkv", keep=10)
 
@@ -392,3 +391,39 @@ def test_flash_attention_is_rejected():
     m.config._attn_implementation = "flash_attention_2"
     with pytest.raises(TypeError, match="attn_implementation='flash_attention_2' is not supported.*accepted: sdpa, eager"):
         tr.apply(m, "snapkv", keep=0.5)
+
+
+def test_chunked_prefill_with_decoding_methods(models):
+    """generate(prefill_chunk_size=...) works with eviction between chunks: the cache holds ``keep`` of the
+    unreduced cache after every chunk, the question (in the last chunk) is kept."""
+    m = models("gemma3")
+    a, _, _, _ = _prompts()
+    for name in ("streaming-llm", "tova", "h2o"):
+        with _apply(m, name, keep=0.5, question_len=3) as h:
+            out = m.generate(a, max_new_tokens=3, prefill_chunk_size=16, **GEN)
+            st = h.stats
+        assert out.sequences.shape == (1, 43)
+        assert st.prefill_kept_fraction == pytest.approx(0.5, abs=0.04)
+        assert st.question_entries == [3]
+    with _apply(m, "tova", keep=0.5, question_len=3) as h, torch.no_grad():
+        cache = DynamicCache(config=m.config)
+        for s in range(0, 40, 16):  # the same chunks by hand: the question is the end of the last chunk
+            m(a[:, s: s + 16], past_key_values=cache)
+        for layer in cache.layers:
+            assert all(bool((layer.pos == c).any()) for c in range(37, 40))
+
+
+def test_snapkv_question_window_per_sample(models):
+    """window_size='question' with a different question length per sample: batch == each sample alone."""
+    m = models("llama")
+    a, b, ids, mask = _prompts()
+    with tr.apply(m, "snapkv", keep=0.5, window_size="question", question_len=[6, 4]):
+        batch = m.generate(ids, attention_mask=mask, max_new_tokens=5, **GEN)
+    with tr.apply(m, "snapkv", keep=0.5, window_size="question", question_len=6):
+        alone_a = m.generate(a, max_new_tokens=5, **GEN)
+    with tr.apply(m, "snapkv", keep=0.5, window_size="question", question_len=4):
+        alone_b = m.generate(b, max_new_tokens=5, **GEN)
+    torch.testing.assert_close(_logits(batch)[0], _logits(alone_a)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(batch)[1], _logits(alone_b)[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="window_size='question' needs question_len"):
+        tr.apply(m, "snapkv", keep=0.5, window_size="question")

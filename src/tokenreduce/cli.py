@@ -77,10 +77,10 @@ def demo(
 
     run_vit_bench(
         methods=["tome", "evit", "token-transforming", "cluster", "pool", "random"],
-        keeps=[1.0, 0.5, 0.35] if quick else [1.0, 0.75, 0.5, 0.35, 0.25],
+        keeps=[1.0, 0.5] if quick else [1.0, 0.5, 0.25],
         out=out,
-        n_images=256 if quick else 1000,
-        repeats=3 if quick else 7,
+        n_images=200 if quick else 500,
+        repeats=3 if quick else 5,
         train_if_missing=True,
     )
 

@@ -20,14 +20,28 @@ decoding, through transformers' own extension points — no copied forward pass:
   hook records :class:`KVStats` (KV bytes of the real tensors, kept entries per layer and sample).
 
 ``Handle.remove()`` restores ``attn_implementation`` and removes hooks/attributes: the model is exactly as before.
+
+Usage::
+
+    with tr.apply(model, "snapkv", keep=0.25, question_len=17, window_size="question") as h:
+        out = model.generate(**enc, max_new_tokens=16)          # batches with left padding work too
+    h.stats.prefill_kept_fraction, h.stats.kv_bytes, h.stats.kept  # real bytes, entries per layer/sample
+    with tr.apply(model, "streaming-llm", keep=1024):           # a fixed 1024-entry cache per layer
+        model.generate(**enc, prefill_chunk_size=512)           # chunked prefill: eviction between chunks
+
+``keep`` applies to every layer's cache as it exists (a sliding-window layer holds at most window-1 entries);
+``layers=`` restricts a method to some layers; ``question_len`` trailing prompt tokens are never evicted and
+count in the budget. Not supported (clear errors): StaticCache/quantized/offloaded caches, flash/flex
+attention, 4D attention masks, cropping a compressed cache (assisted decoding).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +50,8 @@ from ..core import kv as K
 from ..methods.kv import KVContext, KVMethod
 from .base import Handle, Patcher, Stats, register_adapter
 
-__all__ = ["LLMAdapter", "KVLayer", "KVSlidingLayer", "KVStats", "FAMILIES", "kv_bytes", "question_length"]
+__all__ = ["FAMILIES", "KVLayer", "KVSlidingLayer", "KVStats", "LLMAdapter", "generate_with_question", "kv_bytes",
+           "question_length"]
 
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "LlamaModel"),
@@ -251,6 +266,26 @@ def kv_bytes(cache: Any) -> dict[str, int]:
     return {"storage": storage, "tensor": tensor}
 
 
+def generate_with_question(model: nn.Module, tokenizer: Any, context: str, question: str, method: str,
+                           keep: Any, max_new_tokens: int = 32, **kw: Any) -> tuple[str, KVStats]:
+    """QA-pipeline convenience: ``context + question`` as one prompt, the question kept uncompressed
+    (``question_len`` counted from the tokenizer), greedy decoding. Returns (generated text, stats).
+
+    >>> text, st = generate_with_question(model, tok, document, "\nWhat is the pass key?\n", "snapkv", 0.25,
+    ...                                   window_size="question")
+    """
+    import tokenreduce as tr
+
+    prompt = context + question
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    ql = question_length(tokenizer, context, prompt)
+    with tr.apply(model, method, keep=keep, question_len=ql, **kw) as h, torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+        stats = h.stats
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), stats
+
+
 def question_length(tokenizer: Any, context: str, full_prompt: str) -> int:
     """Tokens of ``full_prompt`` after its ``context`` prefix (the part to keep uncompressed)."""
     n_full = len(tokenizer(full_prompt).input_ids)
@@ -301,6 +336,8 @@ class _CacheState:
 
     prompt_end: Tensor | None = None  # (B,) first column after the prompt
     question_start: Tensor | None = None  # (B,) first question column
+    question_len: Tensor | None = None  # (B,)
+    decoding: bool = False  # a one-token forward came after the prompt (chunked prefill is over)
     first_col: Tensor | None = None  # (B,) first real column (left padding)
     budgets: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B,) budget
     compact: bool = False
@@ -370,7 +407,7 @@ class _KVRun:
             qlt = torch.as_tensor([ql] * B if isinstance(ql, int) else list(ql), dtype=torch.long, device=dev)
             if qlt.numel() != B:
                 raise ValueError(f"question_len has {qlt.numel()} values but the batch has {B} samples")
-            cstate.prompt_end, cstate.question_start = end, end - qlt
+            cstate.prompt_end, cstate.question_start, cstate.question_len = end, end - qlt, qlt
             if mask2d is not None:
                 if mask2d.shape[1] < q_len:
                     raise ValueError(f"attention_mask has {mask2d.shape[1]} columns for {q_len} tokens")
@@ -383,9 +420,16 @@ class _KVRun:
                 cstate.first_col = torch.zeros(B, dtype=torch.long, device=dev)
                 if int(qlt.max()) > q_len:
                     raise ValueError(f"question_len={ql} is longer than the prompt ({q_len} tokens)")
-        elif cstate.compact:
-            for layer in cache.layers:
-                layer.to_compact()
+        else:
+            if not cstate.decoding and q_len > 1 and cstate.prompt_end is not None:
+                # chunked prefill: the prompt (and its question, at its end) extends to this chunk
+                cstate.prompt_end = torch.full_like(cstate.prompt_end, past + q_len)
+                cstate.question_start = cstate.prompt_end - cstate.question_len
+            elif q_len == 1:
+                cstate.decoding = True
+            if cstate.compact:
+                for layer in cache.layers:
+                    layer.to_compact()
         self.fwd = _Forward(cache, mask2d, q_len, B, is_prefill, cstate)
         return args, kwargs
 
@@ -527,7 +571,8 @@ class _KVRun:
             raise ValueError(
                 f"{method.name}: the budget of layer {li} is {b} entries (keep="
                 f"{method.layer_keep(li, self.num_layers)} of {int(n.max())} entries), smaller than "
-                f"{method.forced_desc() or 'the forced entries'}{' + the question' if self._has_question() else ''}"
+                f"{method.forced_desc() or 'the forced entries'}"
+                f"{' + the question' if self._has_question() and 'question' not in method.forced_desc() else ''}"
                 f" = {k} entries; accepted: a keep giving at least {k} entries per layer")
 
     def _has_question(self) -> bool:
@@ -577,7 +622,7 @@ class _KVRun:
         method = self.method
         keys, values, pos = self._entries(layer, f, key, value)
         budget = self._set_budget(li, layer, f)
-        valid, alive, question = self._regions(layer, f, pos)
+        _, alive, question = self._regions(layer, f, pos)
         qpos = self._qpos(layer, f, pos.device)
         alive = alive & (pos <= qpos[0])  # entries visible to this forward's first query
         n = alive[:, 0].sum(-1)
@@ -678,7 +723,7 @@ class _KVRun:
             method=self.name,
             input_tokens=cache.get_seq_length(),
             tokens_attn=[sum(k) / max(len(k), 1) for k in kept],
-            final_tokens=[int(round(sum(k[b] for k in kept))) for b in range(B)] if kept else [],
+            final_tokens=[round(sum(k[b] for k in kept)) for b in range(B)] if kept else [],
             reduce_seconds=f.reduce_seconds,
             notes=list(dict.fromkeys(f.notes)),
             flops=flops,

@@ -28,8 +28,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["VARIANTS", "PPL_VARIANTS", "TIMING_CANDIDATES", "AGREEMENT_CONFIGS", "register_cli", "run_kv_bench",
-           "build_report", "passcode_prompts"]
+__all__ = [
+    "AGREEMENT_CONFIGS",
+    "PPL_VARIANTS",
+    "TIMING_CANDIDATES",
+    "VARIANTS",
+    "build_report",
+    "passcode_prompts",
+    "register_cli",
+    "run_kv_bench",
+]
 
 # label -> (registered method, keyword arguments); "question" windows use the question as SnapKV's window
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -193,8 +201,9 @@ def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[
 
 # ============================================================================ (b) streaming perplexity
 def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
-    import tokenreduce as tr
     from transformers import DynamicCache
+
+    import tokenreduce as tr
 
     from ..adapters.llm import kv_bytes
     from ..data.text import english_text
@@ -248,9 +257,37 @@ class _Stamps:
         return scores
 
 
-def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
-    import tokenreduce as tr
+def _timing_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], label: str, T: int,
+                 info: dict[str, dict[str, Any]], split: dict[str, list[tuple[float, float]]] | None):
+    """One timed generate() of ``1 + T`` tokens for a candidate; records (prefill s, decode s) in ``split``."""
     from transformers import LogitsProcessorList
+
+    import tokenreduce as tr
+
+    name, keep, chunk, kw = TIMING_CANDIDATES[label]
+    extra = {"prefill_chunk_size": chunk} if chunk else {}
+
+    def fn():
+        stamps = _Stamps()
+        t0 = time.perf_counter()
+        procs = LogitsProcessorList([stamps])
+        if name is None:
+            out = _greedy(model, ids, 1 + T, logits_processor=procs, **extra)
+        else:
+            with tr.apply(model, name, keep=keep, question_len=p["question_len"], **kw) as h:
+                out = _greedy(model, ids, 1 + T, logits_processor=procs, **extra)
+                info[label] = {"kv_bytes": h.stats.prefill_kv_bytes, "kv_fraction": h.stats.prefill_kept_fraction,
+                               "kv_bytes_end": h.stats.kv_bytes, "kv_fraction_end": h.stats.kv_kept_fraction}
+        if split is not None:
+            split[label].append((stamps.times[0] - t0, stamps.times[-1] - stamps.times[0]))
+            info.setdefault(label, {})["output"] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return out
+
+    return fn
+
+
+def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+
 
     from .memory import peak_memory
     from .timing import Timing, interleaved, speedup
@@ -263,30 +300,12 @@ def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
         info: dict[str, dict[str, Any]] = {}
         split: dict[str, list[tuple[float, float]]] = {label: [] for label in TIMING_CANDIDATES}
 
-        def make(label: str, record: bool = True):
-            name, keep, chunk, kw = TIMING_CANDIDATES[label]
-            extra = {"prefill_chunk_size": chunk} if chunk else {}
-
-            def fn():
-                stamps = _Stamps()
-                t0 = time.perf_counter()
-                if name is None:
-                    out = _greedy(model, ids, 1 + T, logits_processor=LogitsProcessorList([stamps]), **extra)
-                else:
-                    with tr.apply(model, name, keep=keep, question_len=p["question_len"], **kw) as h:
-                        out = _greedy(model, ids, 1 + T, logits_processor=LogitsProcessorList([stamps]), **extra)
-                        info[label] = {"kv_bytes": h.stats.prefill_kv_bytes,
-                                       "kv_fraction": h.stats.prefill_kept_fraction, "kv_bytes_end": h.stats.kv_bytes,
-                                       "kv_fraction_end": h.stats.kv_kept_fraction}
-                if record:
-                    split[label].append((stamps.times[0] - t0, stamps.times[-1] - stamps.times[0]))
-                    info.setdefault(label, {})["output"] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                return out
-            return fn
+        def make(label: str, record: bool = True, ids=ids, p=p, info=info, split=split):
+            return _timing_call(model, tok, ids, p, label, T, info, split if record else None)
 
         bar = _progress(cfg.repeats, f"timing {length} tok")
         res = interleaved({label: make(label) for label in TIMING_CANDIDATES}, warmup=1, repeats=cfg.repeats,
-                          on_round=lambda i: bar.update(1))
+                          on_round=lambda i, bar=bar: bar.update(1))
         bar.close()
         for label in TIMING_CANDIDATES:  # drop the warm-up round from the phase splits
             split[label] = split[label][-cfg.repeats:]
@@ -322,8 +341,9 @@ def export_for_kvpress(tok: Any, cfg: KVBenchConfig, path: Path) -> Path:
 
 def run_agreement(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
     """Our kept positions for the configurations kvpress shares (context alone, no question, floor budgets)."""
-    import tokenreduce as tr
     from transformers import DynamicCache
+
+    import tokenreduce as tr
 
     rows = []
     prompts = [p for length in cfg.lengths for p in passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)]
@@ -373,7 +393,7 @@ def _latest(path: Path) -> dict[str, list[dict[str, Any]]]:
     meta: dict[str, Any] = {}
     if not path.exists():
         return parts
-    for rid, (m, rows) in read_runs(path).items():
+    for m, rows in read_runs(path).values():
         got: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             got.setdefault(r.get("part", "?"), []).append(r)
@@ -524,7 +544,7 @@ def register_cli(bench_app: Any) -> None:
         if report_only:
             print(build_report(out))
             return
-        split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+        split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
         cfg = KVBenchConfig(parts=split(parts), variants=split(variants), keeps=[float(k) for k in split(keeps)],
                             lengths=[int(x) for x in split(lengths)], n_prompts=n_prompts, ppl_tokens=ppl_tokens,
                             ppl_budget=ppl_budget, timing_lengths=[int(x) for x in split(timing_lengths)],

@@ -381,7 +381,8 @@ def _viz_plot(viz: dict[str, Any], data: Any, path: Path) -> Path:
             ax.imshow(img * 0.2)
             ax.set_title(f"{name}: n/a", fontsize=8)
             continue
-        kept = v["stage"] if v.get("stage") is not None else v["input"]
+        staged = v.get("stage") is not None and len(v["stage"]) > 0
+        kept = v["stage"] if staged else v["input"]
         grid = H // 8 if H % 8 == 0 else g
         p = H // grid
         mask = np.zeros((grid, grid))
@@ -390,8 +391,11 @@ def _viz_plot(viz: dict[str, Any], data: Any, path: Path) -> Path:
                 mask[k // grid, k % grid] = 1
         m = np.kron(mask, np.ones((p, p)))[..., None]
         ax.imshow(img * (0.2 + 0.8 * m))
-        where = f"after layer {v['stage_layer']}" if v.get("stage") is not None else "LLM input"
-        ax.set_title(f"{name}: {len(kept)} kept\n({where})", fontsize=8)
+        where = f"after layer {v['stage_layer']}" if staged else "LLM input"
+        if v.get("stage") is not None and not staged:
+            where += f"; none after layer {v['stage_layer']}"
+        what = "cells (first patch shown)" if name == "pool" else "kept"
+        ax.set_title(f"{name}: {len(kept)} {what}\n({where})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

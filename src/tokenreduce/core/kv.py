@@ -117,8 +117,8 @@ def head_soft_vote(query: Tensor, keys: Tensor, eligible: Tensor) -> Tensor:
     normalised by a softmax over tokens per head, then summed over all heads,
     ``S_i = sum_h softmax_i(q_h k_{h,i}^T)`` (the reference code uses unscaled dot products; the queries of
     one forward are averaged first). query (B,Hq,Q,D), keys (B,Hkv,N,D), eligible (B,1,N) -> (B, 1, N)."""
-    B, Hq, Q, D = query.shape
-    Hkv, N = keys.shape[1], keys.shape[2]
+    B, Hq, _, D = query.shape
+    Hkv = keys.shape[1]
     G = Hq // Hkv
     q = query.float().mean(dim=2).reshape(B, Hkv, G, D)
     logits = q @ keys.float().transpose(-1, -2)  # (B, Hkv, G, N)

@@ -22,8 +22,9 @@ the question in that setting (``window_size="question"`` makes it exactly the qu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -32,8 +33,19 @@ from ..core import kv as K
 from ..core.budget import Keep, KeepLike, validate_keep_value
 from ..registry import register
 
-__all__ = ["KVContext", "KVMethod", "StreamingLLM", "H2O", "SnapKV", "TOVA", "Knorm", "PyramidKV", "TokenSelect",
-           "RandomKV", "KV"]
+__all__ = [
+    "H2O",
+    "KV",
+    "TOVA",
+    "KVContext",
+    "KVMethod",
+    "Knorm",
+    "PyramidKV",
+    "RandomKV",
+    "SnapKV",
+    "StreamingLLM",
+    "TokenSelect",
+]
 
 KV = "kv-cache"
 
@@ -332,6 +344,8 @@ class SnapKV(KVMethod):
         return ctx.prompt_tail(self.window(ctx))[:, :1]
 
     def forced_desc(self) -> str:
+        if self.window_size == "question":
+            return "the observation window (the question)"
         return f"the observation window ({self.window_size} tokens)"
 
     def score(self, ctx: KVContext) -> Tensor:

@@ -98,7 +98,7 @@ class VLMTrainConfig:
     vision_batch_size: int = 32
     vision_lr: float = 5e-3
     steps: int = 700
-    restart_steps: int = 600
+    restart_steps: int = 0
     restart_lr: float = 1e-3
     batch_size: int = 16
     qa_per_image: int = 4
