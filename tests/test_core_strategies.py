@@ -212,3 +212,31 @@ def test_reducer_composition_and_errors():
         tr.Reducer("attention", "prune", 0.5)(state)
     with pytest.raises(ValueError, match="NaN"):
         tr.Reducer("norm", "prune", 0.5)(tr.TokenState.from_tensor(x.masked_fill(x > 1, float("nan")), check=False))
+
+
+# ---------------------------------------------------------------------------- fast paths == general paths
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 40), st.integers(0, 3), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_dpc_knn_suffix_fast_path_matches_masked_path(n, lead, k, seed):
+    """The unmasked block path (protected prefix, no padding) gives the masked path's scores."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(3, n + lead, 5, generator=g)
+    valid = torch.ones(3, n + lead, dtype=torch.bool)
+    valid[:, :lead] = False
+    fast = S.dpc_knn_centers(m, valid, k=k)
+    general = S._dpc_knn_scores(m, valid, k, n + lead)
+    assert torch.equal(torch.isinf(fast), torch.isinf(general))
+    torch.testing.assert_close(fast[valid], general[valid], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_topk_last_matches_torch_topk(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, n, generator=g)
+    k = min(k, n)
+    v, i = S.topk_last(x, k)
+    tv, _ = x.topk(k, dim=-1)
+    torch.testing.assert_close(v, tv)
+    assert torch.equal(x.gather(-1, i), v)
+    assert all(len(set(row.tolist())) == k for row in i.reshape(-1, k))  # distinct indices

@@ -24,7 +24,7 @@ from torch import Tensor
 
 __all__ = ["Keep", "KeepLike", "validate_keep_value"]
 
-Number = Union[int, float]
+Number = int | float
 KeepLike = Union["Keep", int, float, Sequence[Number]]
 
 
