@@ -261,7 +261,9 @@ def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int) -
     dv = d2 if valid is None else d2.masked_fill(~valid.unsqueeze(1), big).masked_fill(~valid.unsqueeze(2), big)
     kk = max(1, min(k, N - 1)) if N > 1 else 1
     if N > 1:  # the k nearest other tokens: drop the smallest (the token itself)
-        knn = dv.topk(kk + 1 if N > kk else kk, dim=-1, largest=False).values[..., 1:]
+        # non-negative floats order like their int32 bit patterns; int32 topk is ~1.5x faster on CPU
+        knn = dv.view(torch.int32).topk(kk + 1 if N > kk else kk, dim=-1, largest=False).values
+        knn = knn.view(torch.float32)[..., 1:]
     else:
         knn = dv.new_zeros(B, N, 1)
     if valid is not None:  # fewer than k valid neighbours: average over those that exist
