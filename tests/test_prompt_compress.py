@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 import tokenreduce as tr
 from tokenreduce.compress import RATIO_TOLERANCE, CausalScorer
@@ -282,3 +283,113 @@ def test_sampled_normaliser_is_close_to_the_exact_head(text, lm, tok):
     assert np.corrcoef(approx[1:], exact[1:])[0, 1] > 0.99
     with pytest.raises(ValueError, match="head_mode"):
         CausalScorer(lm, tok, head_mode="fast")
+
+
+# ---------------------------------------------------------------------------- scorer: own attention, copies, packing
+def _gemma3(tok, sliding: int = 5):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                           sliding_window=sliding, pad_token_id=tok.pad_token_id,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           attn_implementation="sdpa")
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["causal", "cache", "sliding", "sliding-mask", "padding", "additive"])
+def test_scorer_attention_matches_sdpa(kind):
+    from tokenreduce.compress import scorer_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, L, D = 2, 4, 2, 23, 8
+    S = L + (6 if kind == "cache" else 0)
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, L), (Hk, S), (Hk, S)))
+    qpos, kpos = torch.arange(S - L, S)[:, None], torch.arange(S)[None]
+    allowed = kpos <= qpos
+    window = 5 if kind.startswith("sliding") else None
+    if window:
+        allowed &= kpos > qpos - window
+    allowed = allowed.expand(B, 1, L, S).clone()
+    if kind == "padding":
+        allowed[1, :, :, 15:] = False  # sample 1 is padded after 15 tokens
+        allowed[0, :, 3] = False  # a fully masked query row (padding) gives zeros, never NaN
+    mask: Tensor | None = None
+    if kind in ("sliding-mask", "padding"):
+        mask = allowed
+    elif kind == "additive":
+        mask = torch.zeros(B, 1, L, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(H // Hk, 1),
+                                                           v.repeat_interleave(H // Hk, 1), attn_mask=allowed)
+    ref = ref.transpose(1, 2)
+    for block in (4, 256):
+        got, w = scorer_attention(None, q, k, v, mask, sliding_window=window if mask is None else None, block=block)
+        assert w is None and got.shape == (B, L, H, D)
+        if kind == "padding":
+            assert (got[0, 3] == 0).all()
+            got, ref = got.clone(), ref.clone()
+            got[0, 3] = ref[0, 3] = 0
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scorer_copy_with_own_attention_matches_the_lm(text, tok):
+    lm = _gemma3(tok)
+    ids = tok(text, add_special_tokens=False).input_ids[:300]
+    ref = CausalScorer(lm, tok, head_mode="exact").text_logprobs(ids)
+    sc = CausalScorer(lm, tok, head_mode="exact", attention="blocked")
+    assert sc.twin is not None and sc.twin is not lm
+    np.testing.assert_allclose(sc.text_logprobs(ids), ref, atol=1e-4)
+    # a text longer than the sliding window, in packed documents, equals the documents run one by one
+    seqs = [ids[:40], ids[40:41], ids[41:120]]
+    packed = sc.hidden_states(seqs)
+    assert sc.pack
+    for s_, h in zip(seqs, packed):
+        torch.testing.assert_close(h, sc.hidden(torch.tensor([s_]))[0], atol=1e-5, rtol=1e-4)
+    # the caller's LM is untouched
+    assert lm.config._attn_implementation == "sdpa" and next(lm.parameters()).dtype == torch.float32
+    bf = CausalScorer(lm, tok, head_mode="exact", body_dtype=torch.bfloat16)
+    lp = bf.text_logprobs(ids)
+    assert bf.body_dtype == torch.bfloat16 and next(bf.twin.parameters()).dtype == torch.bfloat16, bf.notes
+    assert np.corrcoef(lp[1:], ref[1:])[0, 1] > 0.99
+    assert next(lm.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="attention"):
+        CausalScorer(lm, tok, attention="flash")
+    with pytest.raises(ValueError, match="body_dtype"):
+        CausalScorer(lm, tok, body_dtype="half")
+
+
+def test_packed_sequences_equal_padded_batches(lm, tok):
+    sc = CausalScorer(lm, tok, head_mode="exact")
+    seqs = [tok(s, add_special_tokens=False).input_ids for s in ("a short one", "x", english_text(200, start=4))]
+    packed = sc.hidden_states(seqs)
+    assert sc.pack and not sc.notes
+    sc.pack = False
+    padded = sc.hidden_states(seqs)
+    for a, b in zip(packed, padded):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("method", "forwards"), [("selective-context", 1), ("llmlingua", 1), ("longllmlingua", 2)])
+def test_scorer_forwards_per_compression(method, forwards, text, lm, tok):
+    """selective-context and llmlingua (iterative="reuse") run the LM body once over the prompt; longllmlingua
+    twice (packed documents + question, then the question + the documents that must lose tokens)."""
+    tr.compress(text, method=method, keep=0.4, lm=lm, tokenizer=tok, question=QUESTION)  # scorer built + checked
+    calls = []
+    h = lm.model.register_forward_hook(lambda m, a, kw, out: calls.append(1), with_kwargs=True)
+    try:
+        res = tr.compress(text, method=method, keep=0.4, lm=lm, tokenizer=tok, question=QUESTION)
+    finally:
+        h.remove()
+    _check(res, text, tok)
+    assert len(calls) == forwards
+
+
+@pytest.mark.parametrize("iterative", ["reuse", "kv"])
+def test_llmlingua_iterative_modes(iterative, text, lm, tok, encoder):
+    a = _run(text, "llmlingua", 0.4, lm, tok, encoder, iterative=iterative)
+    b = _run(text, "llmlingua", 0.4, lm, tok, encoder, iterative=iterative)
+    _check(a, text, tok)
+    assert a.text == b.text
+    with pytest.raises(ValueError, match="reuse"):
+        _run(text, "llmlingua", 0.4, lm, tok, encoder, iterative="exact")

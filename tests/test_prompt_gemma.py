@@ -42,13 +42,32 @@ def test_fast_scorer_matches_gemma_logits(gemma, samples):
     assert exact.fast
     bf16 = CausalScorer(model, tok, head_mode="exact")  # bf16 head matmul where the CPU has it
     assert np.corrcoef(bf16.text_logprobs(ids), ref)[0, 1] > 0.999
-    fast = CausalScorer(model, tok)  # the default for a 262k vocabulary: sampled normaliser (+ bf16)
+    fast = CausalScorer(model, tok)  # the default for a 262k vocabulary: sampled normaliser, bf16 copy
     assert fast.head_mode == "sampled"
     got = fast.text_logprobs(ids)
     assert np.corrcoef(got, ref)[0, 1] > 0.99
-    # measured: mean |error| 0.156 nats on this 96-token text, 0.068 on a 1100-token passcode prompt (the
-    # candidate set grows with the text), with 98.5% of the top-50% tokens shared with the exact head
     assert np.abs(got - ref).mean() < 0.25
+    assert not fast.notes, fast.notes  # the bf16 copy and packing passed their probes
+
+
+def test_default_scorer_ranks_tokens_like_the_exact_fp32_head(gemma):
+    """On a full 1,100-token passcode prompt: the default scorer (bf16 copy with its own attention, sampled
+    normaliser every 16th row) against the fp32 LM with the exact 262k-way log-softmax. Measured when written:
+    corr 0.996, mean |error| 0.11 nats, 98.5% of the top-50% most informative tokens shared."""
+    from tokenreduce.data.passcode import make_passcode_samples
+
+    model, tok = gemma
+    s = make_passcode_samples(1, 1100, lambda t: len(tok(t, add_special_tokens=False).input_ids), seed=0)[0]
+    ids = tok(s.context, add_special_tokens=False).input_ids
+    ref = CausalScorer(model, tok, head_mode="exact", head_dtype=torch.float32, body_dtype="model").text_logprobs(ids)
+    sc = CausalScorer(model, tok)
+    got = sc.text_logprobs(ids)
+    if sc.body_dtype is not None:
+        assert sc.body_dtype == torch.bfloat16 and sc.twin is not None
+    assert np.corrcoef(got, ref)[0, 1] > 0.99
+    assert np.abs(got - ref).mean() < 0.2
+    k = len(ids) // 2
+    assert len(set(np.argsort(got)[:k]) & set(np.argsort(ref)[:k])) / k > 0.95
 
 
 @pytest.mark.parametrize("method", ["longllmlingua", "extractive"])
@@ -64,11 +83,12 @@ def test_question_aware_methods_keep_and_answer_the_passcode(gemma, samples, met
         assert s.correct(g), (method, g)
 
 
-@pytest.mark.parametrize("method", ["selective-context", "llmlingua", "truncate", "random"])
-def test_every_method_honours_the_ratio_on_gemma_tokens(gemma, samples, method):
+@pytest.mark.parametrize(("method", "kw"), [("selective-context", {}), ("llmlingua", {}),
+                                           ("llmlingua", {"iterative": "kv"}), ("truncate", {}), ("random", {})])
+def test_every_method_honours_the_ratio_on_gemma_tokens(gemma, samples, method, kw):
     model, tok = gemma
     s = samples[1]
-    a = tr.compress(s.context, method=method, keep=0.4, lm=model, tokenizer=tok)
+    a = tr.compress(s.context, method=method, keep=0.4, lm=model, tokenizer=tok, **kw)
     assert abs(a.kept_ratio - 0.4) <= RATIO_TOLERANCE * 0.4
     assert a.n_kept == len(tok(a.text, add_special_tokens=False).input_ids)
     if method == "selective-context":

@@ -82,6 +82,100 @@ def _bf16_matmul_ok(device: torch.device) -> bool:
         return False
 
 
+SCORER_ATTENTION = "tokenreduce_scorer"
+
+
+def scorer_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+                     block: int = 256, **kwargs: Any) -> tuple[Tensor, None]:
+    """Attention for the scorer's own copy of the LM (a transformers ``AttentionInterface`` function).
+
+    Plain matmul-softmax-matmul in the query's dtype (bf16 matmuls on CPUs that have them: torch's CPU flash
+    kernel does not use them and took ~40% of a bf16 Gemma forward), grouped-query heads folded into rows
+    instead of repeated, and queries in blocks of ``block`` rows that only touch the key columns their mask
+    can reach (a sliding-window layer never multiplies keys outside its window). Softmax in fp32; fully
+    masked rows (padding) give zeros. ``attention_mask``: boolean (True = attend, as transformers' sdpa masks)
+    or additive float, (B or 1, 1, L, S); None = causal, aligned to the end of the keys (cache continuation).
+    """
+    B, H, L, D = query.shape
+    Hk, S = key.shape[1], key.shape[2]
+    r = H // Hk
+    scale = D ** -0.5 if scaling is None else float(scaling)
+    softcap = kwargs.get("softcap")
+    q = query.reshape(B, Hk, r, L, D)  # head h uses kv head h // r (transformers' repeat_kv layout)
+    out = query.new_empty(B, Hk, r, L, D)
+    off = S - L
+    for i in range(0, L, block):
+        j = min(L, i + block)
+        lo, hi = 0, off + j
+        m = None
+        if attention_mask is not None:
+            m = attention_mask[:, :, i:j, :hi]
+            reach = (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2).any(-2).flatten(0, -2).any(0)
+            nz = torch.nonzero(reach)
+            if len(nz) == 0:
+                out[:, :, :, i:j] = 0
+                continue
+            lo, hi = int(nz[0]), int(nz[-1]) + 1
+            m = m[..., lo:hi]
+        elif sliding_window:
+            lo = max(0, off + i - int(sliding_window) + 1)
+        bq = j - i
+        qb = q[:, :, :, i:j].reshape(B, Hk, r * bq, D)
+        s = torch.matmul(qb, key[:, :, lo:hi].transpose(-1, -2)).float().mul_(scale).view(B, Hk, r, bq, hi - lo)
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        if m is not None:
+            if m.dtype == torch.bool:
+                s = s.masked_fill(~m[:, :, None], float("-inf"))
+            else:
+                s = s + m[:, :, None].float()
+        else:
+            qpos = torch.arange(off + i, off + j, device=s.device)[:, None]
+            kpos = torch.arange(lo, hi, device=s.device)[None]
+            bad = kpos > qpos
+            if sliding_window:
+                bad |= kpos <= qpos - int(sliding_window)
+            s = s.masked_fill(bad, float("-inf"))
+        pr = torch.softmax(s, dim=-1).nan_to_num_(0.0).to(value.dtype).view(B, Hk, r * bq, hi - lo)
+        out[:, :, :, i:j] = torch.matmul(pr, value[:, :, lo:hi]).view(B, Hk, r, bq, D)
+    return out.view(B, H, L, D).transpose(1, 2).contiguous(), None
+
+
+def _register_scorer_attention() -> bool:
+    """Register :func:`scorer_attention` (and sdpa's boolean masks for it) with transformers; False if this
+    transformers has no attention registry."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # pragma: no cover - old transformers
+        return False
+    AttentionInterface.register(SCORER_ATTENTION, scorer_attention)
+    AttentionMaskInterface.register(SCORER_ATTENTION, sdpa_mask)
+    return True
+
+
+def _scoring_copy(lm: nn.Module, dtype: torch.dtype | None, own_attention: bool = True) -> nn.Module | None:
+    """A private copy of ``lm`` in ``dtype`` running :func:`scorer_attention`; None if the LM cannot switch
+    its attention implementation (then the scorer uses the LM itself)."""
+    import copy
+
+    if own_attention and (not hasattr(lm, "set_attn_implementation") or not _register_scorer_attention()):
+        return None
+    twin = copy.deepcopy(lm)
+    if dtype is not None:
+        twin = twin.to(dtype)
+    if not own_attention:
+        return twin.eval()
+    try:
+        twin.set_attn_implementation(SCORER_ATTENTION)
+    except (ValueError, TypeError, AttributeError):  # pragma: no cover - models without the attention interface
+        return None
+    if getattr(twin.config, "_attn_implementation", None) != SCORER_ATTENTION:
+        return None
+    return twin.eval()
+
+
 class CausalScorer:
     """Token log-probabilities log p(x_t | x_<t) under a causal LM, batched.
 
@@ -95,11 +189,20 @@ class CausalScorer:
     Fast path: the LM's base model gives hidden states, the output embedding is applied only to the rows
     that are scored (in chunks), with Gemma-style final logit soft-capping. It is checked once against the
     LM's own forward on a short probe; models whose logits need more (extra scaling) use the full forward.
+
+    Body: ``body_dtype`` ("auto": bfloat16 for an fp32 LM with a >= 32k vocabulary on CPUs with native bf16
+    matmuls, else the LM's own dtype) and ``attention`` ("auto": :func:`scorer_attention` whenever the scorer
+    runs its own copy; "blocked": always a copy with it; "model": the LM's attention). A copy of the LM is made
+    (once per LM, :func:`get_scorer` caches scorers) only when one of them asks for it; the caller's LM is never
+    modified. The bf16 copy is checked against the fp32 LM on the probe (mean |error| of log-probs < 0.15
+    nats) and dropped otherwise. Measured on Gemma 3 270M, 1,064 tokens, one thread: log-probs correlate 0.9999
+    with fp32, the body forward is ~1.6x faster (bf16 matmuls) and the attention ~3x faster.
     """
 
     def __init__(self, lm: nn.Module, tokenizer: Any, max_window: int = 2048, overlap: int = 256,
                  batch_tokens: int = 8192, head_dtype: str | torch.dtype = "auto", head_mode: str = "auto",
-                 anchor_stride: int = 8, anchor_topk: int = 256) -> None:
+                 anchor_stride: int = 16, anchor_topk: int = 256, body_dtype: str | torch.dtype | None = "auto",
+                 attention: str = "auto") -> None:
         if not isinstance(lm, nn.Module):
             raise TypeError(f"lm must be a causal LM (torch.nn.Module), got {type(lm).__name__}")
         self.lm, self.tokenizer = lm, tokenizer
@@ -129,6 +232,26 @@ class CausalScorer:
             raise ValueError(f"head_mode must be 'auto', 'exact' or 'sampled', got {head_mode!r}")
         self.head_mode = ("sampled" if vocab >= 65536 else "exact") if head_mode == "auto" else head_mode
         self.anchor_stride, self.anchor_topk = int(anchor_stride), int(anchor_topk)
+        if attention not in ("auto", "blocked", "model"):
+            raise ValueError(f"attention must be 'auto', 'blocked' or 'model', got {attention!r}")
+        lm_dtype = next(lm.parameters()).dtype
+        if body_dtype == "auto":
+            body = torch.bfloat16 if (lm_dtype == torch.float32 and vocab >= 32768 and _bf16_matmul_ok(self.device)) \
+                else None
+        elif body_dtype is None or body_dtype == "model":
+            body = None
+        elif isinstance(body_dtype, torch.dtype):
+            body = body_dtype
+        else:
+            raise ValueError(f"body_dtype must be 'auto', 'model', None or a torch dtype, got {body_dtype!r}")
+        body = None if body == lm_dtype else body
+        self.twin: nn.Module | None = None
+        if self.fast and (body is not None or attention == "blocked"):
+            self.twin = _scoring_copy(lm, body, own_attention=attention != "model")
+            if self.twin is not None:
+                self.base = self.twin.base_model
+        self.body_dtype = body if self.twin is not None else None
+        self.pack = True  # checked on the probe (see _check_fast)
         self._w: Tensor | None = None
         self._w_key: tuple | None = None
         self._checked = False
@@ -139,6 +262,10 @@ class CausalScorer:
         w = self.head.weight
         if self.head_dtype is None or self.head_dtype == w.dtype:
             return w
+        if self.twin is not None:  # the bf16 copy's own head: no second copy of the vocabulary matrix
+            tw = self.twin.get_output_embeddings().weight
+            if tw.dtype == self.head_dtype:
+                return tw
         key = (w.data_ptr(), w._version)
         if self._w is None or self._w_key != key:
             self._w, self._w_key = w.detach().to(self.head_dtype), key
@@ -197,8 +324,8 @@ class CausalScorer:
         return tgt - lse
 
     @torch.inference_mode()
-    def hidden(self, ids: Tensor, mask: Tensor | None = None, cache: Any = None) -> Tensor:
-        """Final hidden states (B, L, D) of the base model (optionally continuing ``cache``)."""
+    def hidden(self, ids: Tensor, mask: Tensor | None = None, cache: Any = None, base: nn.Module | None = None) -> Tensor:
+        """Final hidden states (B, L, D) of the scoring body (optionally continuing ``cache``)."""
         kw: dict[str, Any] = {"input_ids": ids.to(self.device)}
         if mask is not None:
             kw["attention_mask"] = mask.to(self.device)
@@ -206,7 +333,7 @@ class CausalScorer:
             kw.update(past_key_values=cache, use_cache=True)
         else:
             kw["use_cache"] = False
-        return self.base(**kw).last_hidden_state
+        return (self.base if base is None else base)(**kw).last_hidden_state
 
     def _check_fast(self, seq: list[int]) -> None:
         """Compare the fast path with the LM's own logits once, on a short probe."""
@@ -222,12 +349,27 @@ class CausalScorer:
             ref = ref.gather(1, probe[0, 1:, None])[:, 0]
             saved, self.head_dtype = self.head_dtype, None
             try:
-                got = self.head_logprobs(self.hidden(probe)[0, :-1], probe[0, 1:], exact=True)
+                got = self.head_logprobs(self.hidden(probe, base=self.lm.base_model)[0, :-1], probe[0, 1:], exact=True)
+                twin = None if self.twin is None else self.head_logprobs(self.hidden(probe)[0, :-1].float(),
+                                                                           probe[0, 1:], exact=True)
             finally:
                 self.head_dtype = saved
+            if probe.shape[1] >= 4:  # packing two sequences must equal running them one by one
+                a_, b_ = probe[0, : probe.shape[1] // 2].tolist(), probe[0, probe.shape[1] // 2:].tolist()
+                packed = self.hidden_packed([a_, b_])
+                alone = [self.hidden(torch.tensor([x_]))[0] for x_ in (a_, b_)]
+                tol = 1e-4 if packed[0].dtype == torch.float32 else 3e-2
+                if not all(float((u - v).abs().max()) <= tol * max(1.0, float(v.abs().max()))
+                           for u, v in zip(packed, alone)):
+                    self.pack = False
+                    self.notes.append("scorer: packed sequences did not match separate ones; padding batches instead")
         if not torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
-            self.fast = False
+            self.fast, self.twin, self.base = False, None, self.lm.base_model
             self.notes.append("scorer: base-model + head path disagreed with the LM's logits; using the full forward")
+        elif twin is not None and float((twin - ref).abs().mean()) >= 0.15:
+            self.notes.append(f"scorer: the {self.body_dtype} copy disagreed with the LM (mean |error| "
+                              f"{float((twin - ref).abs().mean()):.3f} nats); scoring with the LM itself")
+            self.twin, self.base, self.body_dtype = None, self.lm.base_model, None
 
     # -- batched log-probs
     @torch.inference_mode()
@@ -295,6 +437,20 @@ class CausalScorer:
         if not self.fast:
             return None
         out: list[Tensor | None] = [None] * len(seqs)
+        if self.pack:
+            # packed: consecutive sequences share one row (positions restart at 0 for each, transformers then
+            # masks attention block-diagonally), so no compute goes to padding
+            i = 0
+            while i < len(seqs):
+                j, tot = i + 1, len(seqs[i])
+                while j < len(seqs) and tot + len(seqs[j]) <= self.batch_tokens:
+                    tot += len(seqs[j])
+                    j += 1
+                h = self.hidden_packed(seqs[i:j])
+                for k, hk in zip(range(i, j), h):
+                    out[k] = hk
+                i = j
+            return out  # type: ignore[return-value]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         i = 0
         while i < len(order):
@@ -313,6 +469,14 @@ class CausalScorer:
                 out[k] = h[r, : len(seqs[k])]
             i = j
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def hidden_packed(self, seqs: Sequence[Sequence[int]], base: nn.Module | None = None) -> list[Tensor]:
+        """Hidden states of several sequences run as one packed row (block-diagonal causal attention)."""
+        ids = torch.tensor([[t for s_ in seqs for t in s_]], dtype=torch.long, device=self.device)
+        pos = torch.cat([torch.arange(len(s_)) for s_ in seqs])[None].to(self.device)
+        h = (self.base if base is None else base)(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
+        return list(torch.split(h, [len(s_) for s_ in seqs]))
 
     def seq_logprobs(self, h: Tensor, seq: Sequence[int], a: int, b: int) -> np.ndarray:
         """log p(seq[t] | seq[:t]) for t in [a, b) from the sequence's hidden states ``h`` (a >= 1)."""
@@ -481,7 +645,8 @@ def compress(
     scorer (methods that need one); ``tokenizer``: its *fast* tokenizer (always needed: the budget is in its
     tokens). ``question``: for question-aware methods (``longllmlingua``, ``extractive``); the question itself
     is not part of ``text`` and not compressed. Method knobs are keywords (see ``tr.methods("prompt")``),
-    scorer knobs ``max_window``, ``overlap``, ``batch_tokens``, ``head_dtype``, ``head_mode`` (see
+    scorer knobs ``max_window``, ``overlap``, ``batch_tokens``, ``head_dtype``, ``head_mode``, ``anchor_stride``,
+    ``anchor_topk``, ``body_dtype``, ``attention`` (see
     :class:`CausalScorer`).
 
     Same input and settings -> same output. ``keep=1`` returns ``text`` unchanged without running a model.
@@ -506,7 +671,7 @@ def compress(
     validate_keep_value(keep)
     spec = get_method(method, "prompt")
     scorer_kw = {k: kwargs.pop(k) for k in ("max_window", "overlap", "batch_tokens", "head_dtype", "head_mode",
-                                                        "anchor_stride", "anchor_topk") if k in kwargs}
+                                                        "anchor_stride", "anchor_topk", "body_dtype", "attention") if k in kwargs}
     impl = spec.build(**kwargs)
     if impl.needs_question and question is None:
         raise ValueError(f"method {method!r} is question-aware: pass question=<the question the prompt must answer>")

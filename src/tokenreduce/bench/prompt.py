@@ -58,6 +58,18 @@ def _answer(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> tuple[str
     return g, time.perf_counter() - t0
 
 
+def _forward(model: Any, tok: Any, text: str) -> float:
+    """Seconds of one plain forward of the LM (its own dtype and attention) over <bos> + ``text``: the unit
+    "one forward of the scorer" that compression latency is compared with."""
+    import torch
+
+    ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False, verbose=False).input_ids])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+
 def _full_prompt(context: str, s: Any) -> str:
     return f"{context}\n{s.question}\n{s.answer_prefix}"
 
@@ -109,11 +121,13 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
         for m in cfg.methods:
             tr.compress(warm, method=m, keep=0.5, lm=model, tokenizer=tok, question=samples[0].question)
         _answer(model, tok, _full_prompt(warm, samples[0]), 2)
+        _forward(model, tok, warm)
         for i, s in enumerate(samples):
+            tf = _forward(model, tok, s.context)
             g, ta = _answer(model, tok, s.prompt, max_new_tokens)
             row = {"kind": "sample", "method": "none", "keep": 1.0, "sample": i, "depth": s.depth,
                    "n_tokens": count(s.context), "kept_ratio": 1.0, "passcode_kept": True, "correct": s.correct(g),
-                   "compress_s": 0.0, "answer_s": ta, "e2e_s": ta, "generated": g}
+                   "compress_s": 0.0, "answer_s": ta, "e2e_s": ta, "forward_s": tf, "generated": g}
             writer.write(row)
             base.append(row)
             log(f"[{i}] none: {g!r} correct={row['correct']} answer={ta:.2f}s")
@@ -157,7 +171,8 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
         for r in rows:
             writer.write({"kind": "summary", **r})
     cols = ["method", "keep", "achieved", "achieved_min", "achieved_max", "max_rel_dev", "passcode_kept", "correct",
-            "compress_s", "answer_s", "e2e_s", "base_e2e_s", "e2e_speedup", "compress_per_base_answer"]
+            "compress_s", "answer_s", "e2e_s", "base_e2e_s", "e2e_speedup", "compress_per_base_answer",
+            "forward_s", "compress_per_forward"]
     table = format_table(rows, cols, title=f"passcode retrieval, Gemma 3 270M, {n_samples} prompts of ~{target_tokens} "
                                            f"tokens ({threads} threads; medians of seconds)")
     print(table)
@@ -166,7 +181,9 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
                 [("summary", [{c: r.get(c) for c in cols} for r in rows])], [], outdir / "report.html",
                 notes="achieved: Gemma tokens of the compressed context / original (mean, min, max); passcode_kept "
                       "and correct are counts out of the prompts; seconds are medians over prompts; "
-                      "e2e = compression + answer; base = the uncompressed prompt answered in the same run.")
+                      "e2e = compression + answer; base = the uncompressed prompt answered in the same run; "
+                      "forward_s = one plain fp32 forward of Gemma over the context in the same run, "
+                      "compress_per_forward = median over prompts of compression seconds / that forward.")
     return rows
 
 
@@ -178,6 +195,10 @@ def _summary(method: str, keep: float, rs: list[dict[str, Any]], base: list[dict
     ach = [r["kept_ratio"] for r in ok]
     be = _med([b["e2e_s"] for b in base])
     e2e = _med([r["e2e_s"] for r in ok])
+    fw = _med([b["forward_s"] for b in base if "forward_s" in b])
+    # per prompt: compression seconds / the same prompt's plain forward in this run
+    fwd = {b["sample"]: b.get("forward_s") for b in base}
+    cpf = [r["compress_s"] / fwd[r["sample"]] for r in ok if fwd.get(r["sample"])]
     return {
         "method": method, "keep": keep, "n": n,
         "achieved": statistics.fmean(ach), "achieved_min": min(ach), "achieved_max": max(ach),
@@ -187,6 +208,7 @@ def _summary(method: str, keep: float, rs: list[dict[str, Any]], base: list[dict
         "compress_s": _med([r["compress_s"] for r in ok]), "answer_s": _med([r["answer_s"] for r in ok]),
         "e2e_s": e2e, "base_e2e_s": be, "e2e_speedup": be / e2e if e2e else float("nan"),
         "compress_per_base_answer": _med([r["compress_s"] for r in ok]) / be if be else float("nan"),
+        "forward_s": fw, "compress_per_forward": _med(cpf),
     }
 
 

@@ -14,11 +14,13 @@ __all__ = ["english_text", "gensim_test_data", "lee_documents", "lee_similarity_
 
 def gensim_test_data() -> Path:
     """Directory of gensim's bundled test data (needs ``pip install gensim``)."""
-    try:
-        import gensim
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("real text data needs gensim: pip install 'tokenreduce[llm]' (gensim==4.4.0)") from e
-    path = Path(gensim.__file__).parent / "test" / "test_data"
+    import importlib.util
+
+    # locate the package without importing it (importing gensim takes seconds; only its data files are read)
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - depends on the environment
+        raise ImportError("real text data needs gensim: pip install 'tokenreduce[llm]' (gensim==4.4.0)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
     if not path.is_dir():
         raise FileNotFoundError(f"gensim test data not found at {path}")
     return path

@@ -150,20 +150,32 @@ class LLMLingua(PromptMethod):
     """LLMLingua (Jiang et al., "LLMLingua: Compressing Prompts for Accelerated Inference of Large Language
     Models", EMNLP 2023).
 
-    1. Budget controller (Sec. 3.1, Alg. 1 lines 1-6): sentences ranked by perplexity under the small LM
-       (one batched pass), whole sentences kept until ``coarse_factor * target`` tokens (the granular control
-       coefficient k; at least ``target``).
+    1. Budget controller (Sec. 3.1, Alg. 1 lines 1-6): sentences ranked by perplexity under the small LM,
+       whole sentences kept until ``coarse_factor * target`` tokens (the granular control coefficient k; at
+       least ``target``).
     2. Iterative token-level compression (Sec. 3.2, Alg. 1 lines 7-13): the kept text is cut into segments of
-       ``segment_tokens``; each segment is scored conditioned on the *already compressed* prefix (KV cache),
-       tokens with the highest conditional self-information are kept (per-segment budgets summing exactly to
-       the target), and the removed tokens' entries are dropped from the cache before the next segment (as in
-       LLMLingua's code: one forward per segment, kept tokens keep their keys/values).
+       ``segment_tokens``; in each segment the tokens with the highest self-information are kept, with a
+       threshold per segment (per-segment budgets proportional to the segment's tokens, summing exactly to
+       the target: the segment-wise gamma_j of Alg. 1).
+
+    ``iterative`` chooses what the segment's self-information is conditioned on:
+
+    * ``"reuse"`` (default, one LM forward in all): the per-token losses of the single forward over the whole
+      prompt that also gives the sentence perplexities of step 1, i.e. conditioned on the *uncompressed* prefix.
+      This is the approximation: Alg. 1 conditions segment j on the compressed segments < j, so a token that
+      becomes surprising once its context is dropped (e.g. a repeated name whose first mention went) is
+      kept more often by the paper's method than here.
+    * ``"kv"`` (the paper's conditioning, ~1 + k*keep forwards): each segment is run on a KV cache holding the
+      *compressed* prefix; the removed tokens' entries are dropped from the cache before the next segment
+      (as LLMLingua's code does: kept tokens keep the keys/values computed when their segment was run).
+
     Distribution alignment (Sec. 3.3, instruction-tuning the small LM) is not done. ``unit``: token | word.
     """
 
     coarse_factor: float = 1.5
     segment_tokens: int = 100
     unit: str = "token"
+    iterative: str = "reuse"
     needs_lm: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -173,6 +185,9 @@ class LLMLingua(PromptMethod):
             raise ValueError(f"segment_tokens must be >= 1, got {self.segment_tokens}")
         if self.unit not in ("token", "word"):
             raise ValueError(f"llmlingua unit must be 'token' or 'word', got {self.unit!r}")
+        if self.iterative not in ("reuse", "kv"):
+            raise ValueError(f"llmlingua iterative must be 'reuse' (one forward) or 'kv' (compressed-prefix KV "
+                             f"cache per segment), got {self.iterative!r}")
 
     def prepare(self, p: Prompt, target: int) -> dict[str, np.ndarray]:
         pc = p.pieces
@@ -180,20 +195,20 @@ class LLMLingua(PromptMethod):
         ppl = group_units(sent[pc.piece_of_token], p.self_information, int(sent.max()) + 1, "mean")
         coarse = _coarse_keep(sent, pc.ntok, ppl, min(p.n, int(np.ceil(self.coarse_factor * target))), target)
         units = refine_units(p.units(self.unit), sent)
-        cond, chosen = self._itpc(p, units, coarse, target)
+        if self.iterative == "kv":
+            cond, chosen = self._itpc(p, units, coarse, target)
+        else:
+            cond, chosen = self._itpc_reuse(p, units, coarse, target)
         U = int(units.max()) + 1
         tier = np.zeros(U)
         tier[units[coarse]] = 1
         tier[units[chosen]] = 2
         return {"units": units, "tier": tier, "score": group_units(units, cond, U, "sum")}
 
-    def _itpc(self, p: Prompt, units: np.ndarray, coarse: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
-        """Conditional self-information per piece (fp64, NaN outside ``coarse``) and the pieces ITPC keeps."""
-        sc = p.need_scorer("llmlingua")
-        t0 = time.perf_counter()
+    def _segments(self, p: Prompt, units: np.ndarray, coarse: np.ndarray) -> list[np.ndarray]:
+        """Consecutive kept pieces, about ``segment_tokens`` tokens each, never splitting a unit."""
         pc = p.pieces
         idx = np.flatnonzero(coarse)
-        # segments: consecutive kept units, about segment_tokens tokens each
         segs: list[np.ndarray] = []
         cur: list[int] = []
         ntok_cur = 0
@@ -206,6 +221,28 @@ class LLMLingua(PromptMethod):
                 cur, ntok_cur = [], 0
         if cur:
             segs.append(np.asarray(cur))
+        return segs
+
+    def _itpc_reuse(self, p: Prompt, units: np.ndarray, coarse: np.ndarray,
+                    target: int) -> tuple[np.ndarray, np.ndarray]:
+        """Segment-wise thresholds on the losses of the single forward (``iterative="reuse"``)."""
+        pc = p.pieces
+        piece_si = pc.token_sums(p.self_information)
+        segs = self._segments(p, units, coarse)
+        budgets = _allocate(target, np.asarray([pc.ntok[s].sum() for s in segs], dtype=np.float64))
+        chosen = np.zeros(pc.num_pieces, dtype=bool)
+        for seg, k_seg in zip(segs, budgets):
+            _, local = np.unique(units[seg], return_inverse=True)
+            uscore = group_units(local, piece_si[seg], int(local.max()) + 1, "sum")
+            chosen[seg[fill_budget(local, pc.ntok[seg], uscore, int(k_seg))]] = True
+        return piece_si, chosen
+
+    def _itpc(self, p: Prompt, units: np.ndarray, coarse: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+        """Conditional self-information per piece (fp64, NaN outside ``coarse``) and the pieces ITPC keeps."""
+        sc = p.need_scorer("llmlingua")
+        t0 = time.perf_counter()
+        pc = p.pieces
+        segs = self._segments(p, units, coarse)
         budgets = _allocate(target, np.asarray([pc.ntok[s].sum() for s in segs], dtype=np.float64))
         cond = np.full(pc.num_pieces, np.nan)
         chosen = np.zeros(pc.num_pieces, dtype=bool)
@@ -290,21 +327,29 @@ class LongLLMLingua(PromptMethod):
     """LongLLMLingua (Jiang et al., "LongLLMLingua: Accelerating and Enhancing LLMs in Long Context Scenarios
     via Prompt Compression", ACL 2024), question-aware.
 
-    * Documents: the context cut into chunks of consecutive sentences (``chunk_tokens``).
+    * Documents: the context cut into chunks of consecutive sentences (``chunk_tokens``, default 128: about the
+      size of the paper's retrieved passages; every document costs one more copy of the question in pass 1).
     * Coarse, question-aware (Sec. 4.1, Eq. 2): r_k = mean_i log p(x^{que,restrict}_i | x^{doc}_k), the
       question followed by "We can get the answer to this question in the given documents." conditioned on
-      each document; documents kept best-first until ``coarse_factor * target`` tokens.
+      each document; documents kept best-first until ``coarse_factor * target`` tokens (default 1.25, near the
+      package's default coarse budget of target + 100 tokens at ~500-token targets).
     * Document reordering (Sec. 4.2): kept documents in descending r_k (``reorder=True``).
     * Dynamic compression ratio (Sec. 4.3): per-document keep ratio base + ``dynamic`` * (1 - 2 rank/(K-1)),
       base solved so the budgets sum to the target (better documents are compressed less).
     * Fine, question-aware (Sec. 4.1, Eq. 3): contrastive perplexity
       s_i = log p(x_i | x^que, x_<i) - log p(x_i | x_<i) per token, top units per document.
-    Both passes are batched over documents (the unconditional log-probs come from the coarse pass).
+
+    Cost: two batched forwards -- pass 1 over every document followed by the question (the coarse ranking and,
+    from the same hidden states, the unconditional log-probs), pass 2 over the documents that must lose
+    tokens with the question in front (about ``coarse_factor * keep`` of the prompt) -- and two calls of the LM
+    head. Approximation: the context is cut into pseudo-documents of consecutive sentences, and each is scored
+    on its own (the paper's documents are the retrieved passages; its unconditional perplexity runs over the
+    whole prompt), so attention is local to a document.
     Subsequence recovery (Sec. 4.4) is about the LLM's response and is not part of compression.
     """
 
-    chunk_tokens: int = 64
-    coarse_factor: float = 1.5
+    chunk_tokens: int = 128
+    coarse_factor: float = 1.25
     dynamic: float = 0.3
     reorder: bool = True
     unit: str = "word"
@@ -334,18 +379,22 @@ class LongLLMLingua(PromptMethod):
         D = int(doc.max()) + 1
         doc_tok = doc[pc.piece_of_token]
         ids = p.ids
-        # pass 1: [<bos>, doc_k, question + restriction]; the LM head runs on the question rows of every
-        # document (coarse ranking) and on the document rows of the kept documents only
-        seqs = [pre + ids[doc_tok == k].tolist() + cond_ids for k in range(D)]
-        nks = [int((doc_tok == k).sum()) for k in range(D)]
+        docs = [ids[doc_tok == k].tolist() for k in range(D)]
+        nks = [len(d) for d in docs]
         off = len(pre)
+        nq = len(cond_ids)
+        # pass 1 (one batched forward): [<bos>, doc_k, question + restriction] for every document. One head
+        # call on the question rows of all documents gives the coarse ranking (Eq. 2); the same hidden states
+        # give the unconditional log p(x_i | x_<i) of the document tokens (kept until the fine stage).
+        seqs = [pre + d + cond_ids for d in docs]
         hs = sc.hidden_states(seqs)
         if hs is None:  # LM without a separable head: full log-probs
             full = [np.concatenate([[np.nan], lp]) for lp in sc.logprobs(seqs)]  # full[k][t] = log p(seq[t]|seq[:t])
-        r = np.empty(D)
-        for k in range(D):
-            a_, b_ = off + nks[k], len(seqs[k])
-            r[k] = (full[k][a_:b_] if hs is None else sc.seq_logprobs(hs[k], seqs[k], a_, b_)).mean()
+            r = np.asarray([full[k][off + nks[k]:].mean() for k in range(D)])
+        else:
+            rows = torch.cat([hs[k][off + nks[k] - 1: len(seqs[k]) - 1] for k in range(D)])
+            tg = torch.tensor(cond_ids * D, dtype=torch.long, device=rows.device)
+            r = sc.head_logprobs(rows, tg).cpu().numpy().astype(np.float64).reshape(D, nq).mean(1)
         doc_size = _unit_tokens(doc, pc.ntok)
         kept_doc = np.zeros(D, dtype=bool)
         kept_doc[np.unique(doc[_coarse_keep(doc, pc.ntok, r, min(p.n, int(np.ceil(self.coarse_factor * target))),
@@ -355,19 +404,32 @@ class LongLLMLingua(PromptMethod):
         # dynamic compression ratio -> per-document budgets summing to the target
         budgets = self._budgets(doc_size[kd], target)
         # fine stage only where a document must lose tokens: contrastive perplexity from pass 1 (unconditional)
-        # and pass 2: [<bos>, question, doc_k] (conditioned on the question)
-        fine = [k for k, bud in zip(kd, budgets) if bud < doc_size[k]]
-        seqs2 = [pre + q_ids + ids[doc_tok == k].tolist() for k in fine]
-        lp2 = sc.logprobs(seqs2, [(len(pre) + len(q_ids), len(s_)) for s_ in seqs2]) if seqs2 else []
+        # and pass 2 (one batched forward over those documents only): [<bos>, question, doc_k]
+        fine = [int(k) for k, bud in zip(kd, budgets) if bud < doc_size[k]]
         contrast = np.zeros(p.n)
-        for k, lp in zip(fine, lp2):
-            m = doc_tok == k
+        if fine:
+            nqq = off + len(q_ids)
+            seqs2 = [pre + q_ids + docs[k] for k in fine]
             if hs is None:
-                u = full[k][off: off + nks[k]]
+                lp2 = sc.logprobs(seqs2, [(nqq, len(s_)) for s_ in seqs2])
+                unc = [full[k][off: off + nks[k]] for k in fine]
             else:
-                u = np.concatenate([[np.nan], sc.seq_logprobs(hs[k], seqs[k], 1, off + nks[k])])[off:] if off == 0 \
-                    else sc.seq_logprobs(hs[k], seqs[k], off, off + nks[k])
-            contrast[m] = np.where(np.isnan(u), 0.0, lp - np.nan_to_num(u))
+                hs2 = sc.hidden_states(seqs2)
+                assert hs2 is not None
+                # one head call: unconditional rows (pass 1) and conditional rows (pass 2) of every fine document
+                first = 1 if off == 0 else 0  # without <bos> a document's first token has no unconditional prediction
+                rows_u = [hs[k][off - 1 + first: off + nks[k] - 1] for k in fine]
+                rows_c = [h2[nqq - 1: nqq + nks[k] - 1] for k, h2 in zip(fine, hs2)]
+                tg = [docs[k][first:] for k in fine] + [docs[k] for k in fine]
+                lp = sc.head_logprobs(torch.cat(rows_u + rows_c),
+                                      torch.tensor([t for x in tg for t in x], dtype=torch.long,
+                                                   device=rows_u[0].device)).cpu().numpy().astype(np.float64)
+                del hs2
+                parts = np.split(lp, np.cumsum([nks[k] - first for k in fine] + [nks[k] for k in fine])[:-1])
+                unc = [np.concatenate([[np.nan] * first, u]) for u in parts[: len(fine)]]
+                lp2 = parts[len(fine):]
+            for k, u, c in zip(fine, unc, lp2):
+                contrast[doc_tok == k] = np.where(np.isnan(u), 0.0, c - np.nan_to_num(u))
         del hs
         units = refine_units(p.units(self.unit), doc)
         U = int(units.max()) + 1
