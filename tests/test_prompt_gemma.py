@@ -37,10 +37,10 @@ def test_fast_scorer_matches_gemma_logits(gemma, samples):
     with torch.no_grad():
         ref = torch.log_softmax(model(input_ids=torch.tensor([[tok.bos_token_id] + ids])).logits[0, :-1].float(), -1)
     ref = ref.gather(1, torch.tensor(ids)[:, None])[:, 0].numpy()
-    exact = CausalScorer(model, tok, head_dtype=torch.float32, head_mode="exact")
+    exact = CausalScorer(model, tok, head_dtype=torch.float32, head_mode="exact", body_dtype="model")
     np.testing.assert_allclose(exact.text_logprobs(ids), ref, atol=2e-3)
     assert exact.fast
-    bf16 = CausalScorer(model, tok, head_mode="exact")  # bf16 head matmul where the CPU has it
+    bf16 = CausalScorer(model, tok, head_mode="exact", body_dtype="model")  # bf16 head matmul where the CPU has it
     assert np.corrcoef(bf16.text_logprobs(ids), ref)[0, 1] > 0.999
     fast = CausalScorer(model, tok)  # the default for a 262k vocabulary: sampled normaliser, bf16 copy
     assert fast.head_mode == "sampled"

@@ -286,11 +286,12 @@ class CausalScorer:
 
         ``exact`` (default: ``head_mode="exact"`` or a vocabulary < 64k): the full log-softmax, rows in chunks so
         the (M, vocab) logits never exist at once. Otherwise the *sampled normaliser*: the full vocabulary is
-        scored only on anchor rows (every ``anchor_stride``-th and the last); every row's log-normaliser is
-        computed over the union C of the anchors' ``anchor_topk`` best tokens and all targets, and corrected by
-        the anchors' exact offset logsumexp(V) - logsumexp(C), interpolated between anchors (anchor rows are
-        exact). For a 262k vocabulary this costs about a fifth of the exact head and changes self-information
-        by a few hundredths of a nat (tested against the exact head).
+        scored only on anchor rows (every ``anchor_stride``-th, denser for inputs under 32 strides, and the last);
+        every row's log-normaliser is computed over the union C of the anchors' ``anchor_topk`` best tokens and
+        all targets, and corrected by the anchors' exact offset logsumexp(V) - logsumexp(C), interpolated between
+        anchors (anchor rows are exact). For a 262k vocabulary (stride 16, top 256) this costs about a tenth of
+        the exact head; on a 1,064-token passcode prompt the log-probs correlate 0.996 with the exact fp32 head
+        (mean |error| 0.11 nats) and 98% of the top-50% most informative tokens are shared.
         """
         w = self._head_weight()
         M = h.shape[0]
@@ -302,7 +303,9 @@ class CausalScorer:
                 z = self._logits(h[i: i + rows], w)
                 out[i: i + rows] = z.gather(1, targets[i: i + rows, None])[:, 0] - torch.logsumexp(z, dim=-1)
             return out
-        anchors = torch.arange(0, M, self.anchor_stride, device=h.device)
+        # at least ~32 anchors: short inputs get denser anchors (cheap there), long ones every anchor_stride-th row
+        stride = max(1, min(self.anchor_stride, M // 32))
+        anchors = torch.arange(0, M, stride, device=h.device)
         if anchors[-1] != M - 1:
             anchors = torch.cat([anchors, anchors.new_tensor([M - 1])])
         lse_a = torch.empty(len(anchors), dtype=torch.float32, device=h.device)
