@@ -83,10 +83,26 @@ class _Press:
     """Wraps a press so ``press(model)`` hooks all layers or only global ones."""
 
     def __init__(self, press, mode):
-        self.press, self.mode = press, mode
+        self.press, self.mode = press, mode  # mode: "all" | "global"
 
     def __call__(self, model):
         return global_only(self.press, model) if self.mode == "global" else self.press(model)
+
+
+def answer_stepwise(model, tok, question_ids, cache, context_length, max_new_tokens) -> str:
+    """kvpress's generate_answer, but the question enters one token per forward (same logical positions)."""
+    pos = context_length
+    logits = None
+    for i in range(question_ids.shape[1]):
+        logits = model(input_ids=question_ids[:, i: i + 1], past_key_values=cache,
+                       position_ids=torch.tensor([[pos]])).logits
+        pos += 1
+    out = [logits[0, -1].argmax()]
+    for _ in range(max_new_tokens - 1):
+        logits = model(input_ids=out[-1].view(1, 1), past_key_values=cache, position_ids=torch.tensor([[pos]])).logits
+        pos += 1
+        out.append(logits[0, -1].argmax())
+    return str(tok.decode(torch.stack(out), skip_special_tokens=True))
 
 
 def split_ids(tok, prompt: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +122,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-passcode", action="store_true")
     ap.add_argument("--skip-kept", action="store_true")
+    ap.add_argument("--question-stepwise", action="store_true",
+                    help="feed the question one token per forward (diagnostic: no multi-token forward on a "
+                         "compressed cache, whose causal mask transformers 5.2 builds from the logical "
+                         "cache_position of layer 0 against physical key indices)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = json.loads(Path(args.prompts).read_text())
@@ -131,43 +151,57 @@ def main() -> None:
     keeps = [float(k) for k in args.keeps.split(",")]
     if not args.skip_passcode:
         # unreduced reference in this process: accuracy, KV bytes, prefill/decode time
-        def run(press, p):
+        def run(press, p, mode):
             ctx, q = split_ids(tok, p)
-            cache = DynamicCache()  # what KVPressTextGenerationPipeline._forward uses
+            # "all": the cache KVPressTextGenerationPipeline._forward creates (no config: every layer a plain
+            # DynamicLayer). "global": kvpress's Gemma 3 default (sliding layers skipped) only runs with the
+            # config-aware cache generate() uses — with the pipeline's cache the masks of the uncompressed
+            # sliding layers and the compressed global ones disagree in length and the forward fails.
+            cache = DynamicCache(config=model.config) if mode == "global" else DynamicCache()
             t0 = time.perf_counter()
             with torch.inference_mode():
                 with (press(model) if press is not None else contextlib.nullcontext()):
                     model.model(input_ids=ctx, past_key_values=cache)
                 t1 = time.perf_counter()
                 by = kv_bytes(cache)
-                answer = pipe.generate_answer(q, cache, ctx.shape[1], max_new)
+                if args.question_stepwise:
+                    answer = answer_stepwise(model, tok, q, cache, ctx.shape[1], max_new)
+                else:
+                    answer = pipe.generate_answer(q, cache, ctx.shape[1], max_new)
             t2 = time.perf_counter()
             return answer, by, t1 - t0, t2 - t1
 
-        base = {}
-        for p in prompts:
-            base[p["id"]] = run(None, p)
-            print("none", p["id"], repr(base[p["id"]][0]), flush=True)
-        n_ok = sum(p["answer"] in base[p["id"]][0] for p in prompts)
-        write(part="kvpress_passcode", press="none", layers="-", keep=1.0, accuracy=n_ok / len(prompts),
-              correct=n_ok, n=len(prompts), kv_fraction=1.0,
-              prefill_s=sum(b[2] for b in base.values()) / len(base),
-              decode_tok_s=len(base) * max_new / sum(b[3] for b in base.values()), ours_variant="none")
+        modes = args.modes.split(",")
+        base = {}  # unreduced reference per cache type, in this process: accuracy, KV bytes, prefill/decode time
+        for mode in modes:
+            for p in prompts:
+                base[(mode, p["id"])] = run(None, p, mode)
+                print("none", mode, p["id"], repr(base[(mode, p["id"])][0]), flush=True)
+            bm = [base[(mode, p["id"])] for p in prompts]
+            n_ok = sum(p["answer"] in b[0] for p, b in zip(prompts, bm))
+            write(part="kvpress_passcode", press="none",
+                  layers=mode + (" (question stepwise)" if args.question_stepwise else ""), keep=1.0,
+                  accuracy=n_ok / len(prompts),
+                  correct=n_ok, n=len(prompts), kv_fraction=1.0, kv_bytes=sum(b[1] for b in bm) / len(bm),
+                  prefill_s=sum(b[2] for b in bm) / len(bm), decode_tok_s=len(bm) * max_new / sum(b[3] for b in bm),
+                  ours_variant="none")
         for label in args.presses.split(","):
             cls_name, kw, ours = PRESSES[label]
-            for mode in args.modes.split(","):
+            for mode in modes:
                 for keep in keeps:
                     press = _Press(getattr(kvpress, cls_name)(compression_ratio=1 - keep, **kw), mode)
                     recs, err = [], None
                     for p in prompts:
                         try:
-                            ans, by, tp, td = run(press, p)
+                            ans, by, tp, td = run(press, p, mode)
                         except Exception as e:  # noqa: BLE001 (report what kvpress does, do not hide it)
                             err = f"{type(e).__name__}: {e}"
                             break
-                        recs.append((p, ans, by / base[p["id"]][1], tp, td))
+                        recs.append((p, ans, by / base[(mode, p["id"])][1], tp, td))
                     n_ok = sum(p["answer"] in a for p, a, *_ in recs)
-                    row = {"part": "kvpress_passcode", "press": label, "layers": mode, "keep": keep, "n": len(recs),
+                    row = {"part": "kvpress_passcode", "press": label,
+                           "layers": mode + (" (question stepwise)" if args.question_stepwise else ""),
+                           "keep": keep, "n": len(recs),
                            "correct": n_ok, "accuracy": n_ok / len(recs) if recs else None,
                            "kv_fraction": sum(r[2] for r in recs) / len(recs) if recs else None,
                            "prefill_s": sum(r[3] for r in recs) / len(recs) if recs else None,

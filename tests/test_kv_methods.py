@@ -427,3 +427,35 @@ def test_snapkv_question_window_per_sample(models):
     torch.testing.assert_close(_logits(batch)[1], _logits(alone_b)[0], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="window_size='question' needs question_len"):
         tr.apply(m, "snapkv", keep=0.5, window_size="question")
+
+
+# ---------------------------------------------------------------------------- prefill capture / replay (bench)
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", KV_METHODS)
+def test_replayed_prefill_equals_generate(models, family, name):
+    """bench kv evaluates many methods on one captured prompt forward: the replay must give generate()'s tokens,
+    logits and kept entries exactly (padded batch, question kept)."""
+    from tokenreduce.adapters.llm import capture_prefill, replay_prefill
+
+    m = models(family)
+    _, _, ids, mask = _prompts()
+    cap = capture_prefill(m, ids, mask)
+    kw = {"question_len": 3} if name in ("snapkv", "pyramidkv") else {}
+    with _apply(m, name, **kw) as h:
+        ref = m.generate(ids, attention_mask=mask, max_new_tokens=5, **GEN)
+        st_ref = h.stats
+        prefill_ref = (st_ref.prefill_kv_bytes, st_ref.prefill_kept)
+        cache = replay_prefill(h, cap)
+        assert (h.stats.prefill_kv_bytes, h.stats.prefill_kept) == prefill_ref
+        nxt = cap.last_logits.argmax(-1, keepdim=True)
+        logits, toks, mk = [cap.last_logits], [nxt], mask
+        with torch.no_grad():
+            for _ in range(4):
+                mk = torch.cat([mk, mk.new_ones(2, 1)], 1)
+                lg = m(input_ids=nxt, attention_mask=mk, past_key_values=cache, use_cache=True).logits[:, -1]
+                nxt = lg.argmax(-1, keepdim=True)
+                logits.append(lg)
+                toks.append(nxt)
+        assert h.stats.kv_bytes == st_ref.kv_bytes
+    assert torch.equal(torch.cat(toks, 1), ref.sequences[:, 40:])
+    torch.testing.assert_close(torch.stack(logits, 1), _logits(ref), atol=1e-5, rtol=1e-5)

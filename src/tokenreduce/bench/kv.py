@@ -51,7 +51,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "knorm": ("knorm", {}),
     "random": ("random", {}),
     "tokenselect": ("tokenselect", {"n_init": 4, "n_local": 16}),  # paper's 128/512 exceed 1k-token budgets
+    # diagnostics (not run by default): StreamingLLM on Gemma's global layers only, sliding layers untouched
+    # (what kvpress's default does), to separate the method from the cost of shrinking the sliding windows
+    "streaming-llm-global": ("streaming-llm", {"layers": "global"}),
 }
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "streaming-llm-global")
 PPL_VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "full cache": (None, {}),
     "window (no sinks)": ("streaming-llm", {"sinks": 0}),
@@ -83,16 +87,20 @@ DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
 @dataclass
 class KVBenchConfig:
     parts: Sequence[str] = ("passcode", "ppl", "timing")
-    variants: Sequence[str] = tuple(VARIANTS)
+    variants: Sequence[str] = DEFAULT_VARIANTS
     keeps: Sequence[float] = (0.5, 0.25, 0.1)
     lengths: Sequence[int] = (1100,)
     n_prompts: int = 8
     max_new_tokens: int = 7
     ppl_tokens: int = 1536
     ppl_budget: int = 256
-    ppl_segment: int = 256
+    ppl_segment: int = 128
+    ppl_streams: int = 2
+    ppl_chunk: int = 8
     timing_lengths: Sequence[int] = (1024, 4096)
     timing_new_tokens: int = 32
+    timing_candidates: Sequence[str] = tuple(TIMING_CANDIDATES)
+    timing_memory: bool = True  # peak memory inside the timing part (else: the separate "memory" part)
     repeats: int = 3
     agreement_keeps: Sequence[float] = (0.5, 0.25)
     threads: int | None = 2
@@ -100,6 +108,9 @@ class KVBenchConfig:
     attn: str = "sdpa"
     out: str = "results/kv"
     seed: int = 0
+    baseline: bool = True  # run the unreduced model in the passcode part (skip when merging runs)
+    replay: bool = True  # one prompt forward per prompt, replayed for every method (adapters.llm.replay_prefill)
+    check_replay: int = 1  # prompts on which every cell is also run through generate() to check the replay
 
 
 # ============================================================================ shared helpers
@@ -137,39 +148,85 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def _resolve(model: Any, kw: dict[str, Any]) -> dict[str, Any]:
+    """``layers="global"|"sliding"`` -> the indices of those layers in the model's ``config.layer_types``."""
+    if kw.get("layers") in ("global", "sliding"):
+        want = "full_attention" if kw["layers"] == "global" else "sliding_attention"
+        types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+        kw = dict(kw, layers=[i for i, t in enumerate(types) if t == want])
+    return kw
+
+
 def _greedy(model: Any, ids: torch.Tensor, n: int, **kw: Any) -> torch.Tensor:
     with torch.inference_mode():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kw)
 
 
 # ============================================================================ (a) passcode
+def _replay_greedy(model: Any, handle: Any | None, cap: Any, n: int) -> torch.Tensor:
+    """Greedy continuation of ``n`` tokens after a replayed prefill (:func:`~tokenreduce.adapters.llm.replay_prefill`):
+    the same forwards ``generate()`` makes (one token each, logical positions from the cache). Returns
+    prompt + continuation like ``generate()``. ``handle=None``: the unreduced model, from the captured cache."""
+    from ..adapters.llm import replay_prefill
+
+    cache = replay_prefill(handle, cap) if handle is not None else cap.cache
+    nxt = cap.last_logits.argmax(-1, keepdim=True)
+    toks, mask = [nxt], cap.attention_mask
+    with torch.inference_mode():
+        for _ in range(n - 1):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+    return torch.cat([cap.input_ids, *toks], dim=1)
+
+
 def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
     import tokenreduce as tr
+
+    from ..adapters.llm import capture_prefill
 
     rows: list[dict[str, Any]] = []
     for length in cfg.lengths:
         prompts = passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)
         writer.write(part="prompts", length=length, prompts=prompts)
         combos = [(v, k) for v in cfg.variants for k in cfg.keeps]
-        per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in [("none", 1.0), *combos]}
-        bar = _progress(len(prompts) * (len(combos) + 1), f"passcode {length} tok")
-        for p in prompts:
+        if cfg.baseline:
+            combos = [("none", 1.0), *combos]
+        per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in combos}
+        bar = _progress(len(prompts) * len(combos), f"passcode {length} tok")
+        for pi, p in enumerate(prompts):
             ids = tok(p["prompt"], return_tensors="pt").input_ids
-            for variant, keep in [("none", 1.0), *combos]:
+            cap = capture_prefill(model, ids) if cfg.replay else None  # one prompt forward for every method
+            for variant, keep in combos:
                 t0 = time.perf_counter()
                 rec: dict[str, Any] = {"prompt": p["id"], "depth": p["depth"], "tokens": p["tokens"]}
                 try:
                     if variant == "none":
-                        out = _greedy(model, ids, cfg.max_new_tokens)
-                        rec.update(kv_fraction=1.0, kv_bytes=None, kept=None)
+                        if cap is not None and pi >= cfg.check_replay:
+                            out = _replay_greedy(model, None, cap, cfg.max_new_tokens)
+                        else:
+                            out = _greedy(model, ids, cfg.max_new_tokens)
+                        rec.update(kv_fraction=1.0, kv_bytes=None, kept=None, replayed=pi >= cfg.check_replay)
                     else:
                         name, kw = VARIANTS[variant]
-                        with tr.apply(model, name, keep=keep, question_len=p["question_len"], **kw) as h:
-                            out = _greedy(model, ids, cfg.max_new_tokens)
+                        with tr.apply(model, name, keep=keep, question_len=p["question_len"],
+                                      **_resolve(model, kw)) as h:
+                            if cap is not None:
+                                out = _replay_greedy(model, h, cap, cfg.max_new_tokens)
+                            else:
+                                out = _greedy(model, ids, cfg.max_new_tokens)
                             st = h.stats
                         rec.update(kv_fraction=st.prefill_kept_fraction, kv_bytes=st.prefill_kv_bytes,
                                    kv_bytes_unreduced=st.prefill_kv_bytes_unreduced,
-                                   kept=[k[0] for k in st.prefill_kept])
+                                   kept=[k[0] for k in st.prefill_kept], replayed=cap is not None)
+                        if cap is not None and pi < cfg.check_replay:  # the real path must give the same tokens
+                            with tr.apply(model, name, keep=keep, question_len=p["question_len"],
+                                          **_resolve(model, kw)) as h2:
+                                ref = _greedy(model, ids, cfg.max_new_tokens)
+                            rec["replay_matches_generate"] = bool(torch.equal(ref, out))
+                            rec["replay_matches_kv_bytes"] = h2.stats.prefill_kv_bytes == st.prefill_kv_bytes
                     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                     rec.update(output=text, correct=p["answer"] in text, error=None)
                 except (ValueError, TypeError) as e:  # e.g. a budget smaller than a method's window
@@ -178,6 +235,7 @@ def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[
                 per[(variant, keep)].append(rec)
                 writer.write(part="passcode_sample", variant=variant, keep=keep, length=length, **rec)
                 bar.update(1)
+            del cap
         bar.close()
         for (variant, keep), recs in per.items():
             ok = [r for r in recs if r["error"] is None]
@@ -201,6 +259,11 @@ def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[
 
 # ============================================================================ (b) streaming perplexity
 def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+    """StreamingLLM's language-modelling experiment (Xiao et al. 2024, Sec. 4.1): real text streamed through the
+    model with the cache held at a fixed budget (``--ppl-budget`` entries per layer, a count keep), the next-token
+    NLL of every position. ``ppl_streams`` independent texts run as one batch; tokens enter ``ppl_chunk`` at a
+    time (1 = token by token as in the paper; c > 1 evicts after every c tokens, so the cache holds between the
+    budget and budget + c - 1 entries while a chunk is processed)."""
     from transformers import DynamicCache
 
     import tokenreduce as tr
@@ -208,40 +271,49 @@ def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[
     from ..adapters.llm import kv_bytes
     from ..data.text import english_text
 
-    text = english_text(cfg.ppl_tokens * 8)
-    ids = tok(text, return_tensors="pt").input_ids[:, : cfg.ppl_tokens + 1]
-    T = ids.shape[1] - 1
+    T, S, C = cfg.ppl_tokens, cfg.ppl_streams, cfg.ppl_chunk
+    streams = []
+    for si in range(S):
+        text = english_text(T * 8, start=37 * si)
+        streams.append(tok(text, return_tensors="pt").input_ids[:, : T + 1])
+    ids = torch.cat(streams, dim=0)
+    if ids.shape[1] < T + 1:
+        raise ValueError(f"the text gave {ids.shape[1]} tokens, fewer than ppl_tokens + 1 = {T + 1}")
     rows = []
     for label, (name, kw) in PPL_VARIANTS.items():
         handle = tr.apply(model, name, keep=cfg.ppl_budget, **kw) if name else None
         cache = DynamicCache(config=model.config)
-        nll = torch.zeros(T)
+        nll = torch.zeros(S, T)
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                for t in _iter_progress(T, f"ppl {label}"):
-                    logits = model(ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
-                    nll[t] = torch.nn.functional.cross_entropy(logits[None], ids[0, t + 1: t + 2])
+                for t in _iter_progress(range(0, T, C), f"ppl {label}"):
+                    e = min(T, t + C)
+                    logits = model(ids[:, t:e], past_key_values=cache, use_cache=True).logits.float()
+                    nll[:, t:e] = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), ids[:, t + 1: e + 1].reshape(-1),
+                        reduction="none").view(S, e - t)
             st = handle.stats if handle else None
         finally:
             if handle:
                 handle.remove()
         seg = cfg.ppl_segment
-        segs = [float(math.exp(nll[s: s + seg].mean())) for s in range(0, T, seg)]
+        segs = [float(math.exp(nll[:, s: s + seg].mean())) for s in range(0, T, seg)]
         by = kv_bytes(cache)["tensor"]
+        sec = time.perf_counter() - t0
         row = {"part": "ppl", "variant": label, "method": name or "none", "budget": None if not name else cfg.ppl_budget,
-               "tokens": T, "ppl": float(math.exp(nll.mean())), "ppl_segments": segs, "segment": seg,
-               "ppl_last_segment": segs[-1], "kv_bytes_end": by,
-               "kv_fraction_end": st.kv_kept_fraction if st else 1.0, "seconds": time.perf_counter() - t0,
-               "tokens_per_s": T / (time.perf_counter() - t0)}
+               "tokens": T, "streams": S, "chunk": C, "ppl": float(math.exp(nll.mean())), "ppl_segments": segs,
+               "segment": seg, "ppl_last_segment": segs[-1],
+               "ppl_past_budget": float(math.exp(nll[:, cfg.ppl_budget:].mean())), "kv_bytes_end": by,
+               "kv_fraction_end": st.kv_kept_fraction if st else 1.0, "seconds": sec, "tokens_per_s": S * T / sec}
         rows.append(writer.write(row))
     return rows
 
 
-def _iter_progress(n: int, desc: str):
+def _iter_progress(it: Any, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(range(n), desc=desc, leave=False, dynamic_ncols=True, mininterval=2.0)
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, mininterval=2.0)
 
 
 # ============================================================================ (c) timing
@@ -276,8 +348,9 @@ def _timing_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], lab
         else:
             with tr.apply(model, name, keep=keep, question_len=p["question_len"], **kw) as h:
                 out = _greedy(model, ids, 1 + T, logits_processor=procs, **extra)
-                info[label] = {"kv_bytes": h.stats.prefill_kv_bytes, "kv_fraction": h.stats.prefill_kept_fraction,
-                               "kv_bytes_end": h.stats.kv_bytes, "kv_fraction_end": h.stats.kv_kept_fraction}
+                info.setdefault(label, {}).update(
+                    kv_bytes=h.stats.prefill_kv_bytes, kv_fraction=h.stats.prefill_kept_fraction,
+                    kv_bytes_end=h.stats.kv_bytes, kv_fraction_end=h.stats.kv_kept_fraction)
         if split is not None:
             split[label].append((stamps.times[0] - t0, stamps.times[-1] - stamps.times[0]))
             info.setdefault(label, {})["output"] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -298,25 +371,27 @@ def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
         p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
         ids = tok(p["prompt"], return_tensors="pt").input_ids
         info: dict[str, dict[str, Any]] = {}
-        split: dict[str, list[tuple[float, float]]] = {label: [] for label in TIMING_CANDIDATES}
+        cands = list(cfg.timing_candidates)
+        split: dict[str, list[tuple[float, float]]] = {label: [] for label in cands}
 
         def make(label: str, record: bool = True, ids=ids, p=p, info=info, split=split):
             return _timing_call(model, tok, ids, p, label, T, info, split if record else None)
 
         bar = _progress(cfg.repeats, f"timing {length} tok")
-        res = interleaved({label: make(label) for label in TIMING_CANDIDATES}, warmup=1, repeats=cfg.repeats,
-                          on_round=lambda i, bar=bar: bar.update(1))
+        # rotate the order every round (ABC, BCA, ...): on a shared machine a fixed order biases candidates
+        res = interleaved({label: make(label) for label in cands}, warmup=1, repeats=cfg.repeats,
+                          rotate=True, on_round=lambda i, bar=bar: bar.update(1))
         bar.close()
-        for label in TIMING_CANDIDATES:  # drop the warm-up round from the phase splits
+        for label in cands:  # drop the warm-up round from the phase splits
             split[label] = split[label][-cfg.repeats:]
         base, base_pre = res["none"], Timing([s[0] for s in split["none"]])
-        for label in TIMING_CANDIDATES:
+        for label in cands:
             tot = res[label]
             pre = Timing([s[0] for s in split[label]])
             dec = Timing([s[1] for s in split[label]])
             sp = speedup(base, tot, paired=True)
             spp = speedup(base_pre, pre, paired=True)
-            mem = peak_memory(make(label, record=False))
+            mem = peak_memory(make(label, record=False)) if cfg.timing_memory else None
             row = {"part": "timing", "candidate": label, "length": length, "tokens": ids.shape[1],
                    "new_tokens": T, "prefill_s": pre.median, "prefill_iqr": pre.iqr, "decode_s": dec.median,
                    "decode_tok_s": T / dec.median, "total_s": tot.median, "total_iqr": tot.iqr,
@@ -324,6 +399,24 @@ def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
                    "speedup_prefill": spp.ratio, "peak_mem_bytes": mem, **info.get(label, {}),
                    "total_times": tot.times, "prefill_times": pre.times, "decode_times": dec.times}
             rows.append(writer.write(row))
+    return rows
+
+
+def run_memory(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+    """Peak tensor memory and KV bytes of each timing candidate (deterministic, so it need not run inside the
+    timing lock): one traced generate() per candidate on the timing prompt."""
+    from .memory import peak_memory
+
+    rows = []
+    T = cfg.timing_new_tokens
+    for length in cfg.timing_lengths:
+        p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
+        ids = tok(p["prompt"], return_tensors="pt").input_ids
+        info: dict[str, dict[str, Any]] = {}
+        for label in cfg.timing_candidates:
+            mem = peak_memory(_timing_call(model, tok, ids, p, label, T, info, None))
+            rows.append(writer.write(part="memory", candidate=label, length=length, tokens=ids.shape[1],
+                                     peak_mem_bytes=mem, **info.get(label, {})))
     return rows
 
 
@@ -341,9 +434,9 @@ def export_for_kvpress(tok: Any, cfg: KVBenchConfig, path: Path) -> Path:
 
 def run_agreement(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
     """Our kept positions for the configurations kvpress shares (context alone, no question, floor budgets)."""
-    from transformers import DynamicCache
-
     import tokenreduce as tr
+
+    from ..adapters.llm import capture_prefill, replay_prefill
 
     rows = []
     prompts = [p for length in cfg.lengths for p in passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)]
@@ -351,17 +444,21 @@ def run_agreement(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list
     for p in prompts:
         n_ctx = len(tok(p["context"]).input_ids)  # the prompt's own tokens up to the context boundary
         ids = tok(p["prompt"], return_tensors="pt").input_ids[:, :n_ctx]
+        cap = capture_prefill(model, ids)  # one context forward, replayed per configuration (= the real path)
         for label, conf in AGREEMENT_CONFIGS.items():
             name, kw = conf["ours"]
             for keep in cfg.agreement_keeps:
-                with tr.apply(model, name, keep=keep, rounding="floor", **kw), torch.inference_mode():
-                    cache = DynamicCache(config=model.config)
-                    model(ids, past_key_values=cache, use_cache=True)
-                kept = {li: sorted(set(layer.pos[0, 0][layer.pos[0, 0] >= 0].tolist()))
-                        for li, layer in enumerate(cache.layers)}
+                with tr.apply(model, name, keep=keep, rounding="floor", **kw) as h:
+                    cache = replay_prefill(h, cap)
+                kept = {}
+                for li, layer in enumerate(cache.layers):
+                    layer.to_compact()  # a layer with nothing to evict gets its (dense) positions
+                    pos = layer.pos[0, 0]
+                    kept[li] = sorted(set(pos[pos >= 0].tolist()))
                 rows.append(writer.write(part="kept_ours", config=label, keep=keep, prompt=p["id"], kept=kept,
                                          n_layers=len(cache.layers)))
                 bar.update(1)
+        del cap
     bar.close()
     return rows
 
@@ -385,23 +482,31 @@ def _agreement_rows(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) ->
 
 
 # ============================================================================ report
+_KEYS = {"passcode": ("variant", "keep", "length"), "passcode_sample": ("variant", "keep", "length", "prompt"),
+         "ppl": ("variant", "budget", "tokens"), "timing": ("candidate", "length"), "prompts": ("length",),
+         "memory": ("candidate", "length"),
+         "kept_ours": ("config", "keep", "prompt"), "kvpress_passcode": ("press", "layers", "keep"),
+         "kvpress_kept": ("config", "keep", "prompt")}
+
+
 def _latest(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Rows of the latest run that produced each part (parts may come from separate invocations)."""
+    """Rows of every run, per part, the latest run winning for the same configuration (parts and lengths may
+    come from separate invocations); ``_meta`` holds the latest run's metadata."""
     from .results import read_runs
 
-    parts: dict[str, list[dict[str, Any]]] = {}
+    parts: dict[str, dict[Any, dict[str, Any]]] = {}
     meta: dict[str, Any] = {}
     if not path.exists():
-        return parts
+        return {}
     for m, rows in read_runs(path).values():
-        got: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            got.setdefault(r.get("part", "?"), []).append(r)
-        for k, v in got.items():
-            parts[k] = v
+        for i, r in enumerate(rows):
+            part = r.get("part", "?")
+            key = tuple(json.dumps(r.get(k), sort_keys=True) for k in _KEYS[part]) if part in _KEYS else (m["run_id"], i)
+            parts.setdefault(part, {})[key] = r
         meta = m
-    parts["_meta"] = [meta]
-    return parts
+    out = {k: list(v.values()) for k, v in parts.items()}
+    out["_meta"] = [meta]
+    return out
 
 
 def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
@@ -413,10 +518,32 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
     tables: list[tuple[str, list[dict[str, Any]]]] = []
     images: list[tuple[str, Path]] = []
     pc = parts.get("passcode", [])
+    samples = parts.get("passcode_sample", [])
+    for r in pc:  # the unreduced cache's bytes (measured by the adapter for the same prompts)
+        un = [x["kv_bytes_unreduced"] for x in samples if x.get("kv_bytes_unreduced") and x["length"] == r["length"]
+              and x["variant"] == r["variant"] and x["keep"] == r["keep"]]
+        if not un:
+            un = [x["kv_bytes_unreduced"] for x in samples if x.get("kv_bytes_unreduced") and x["length"] == r["length"]]
+        r["kv_bytes_unreduced"] = sum(un) / len(un) if un else None
+        if r["variant"] == "none":
+            r["kv_bytes"] = r["kv_bytes_unreduced"]
     if pc:
-        cols = ["variant", "keep", "length", "tokens", "accuracy", "correct", "n", "kv_fraction", "kv_bytes", "errors"]
+        cols = ["variant", "keep", "length", "tokens", "accuracy", "correct", "n", "kv_fraction", "kv_bytes",
+                "kv_bytes_unreduced", "errors"]
         tables.append(("Passcode retrieval (question kept; kv_fraction = real KV bytes after the prompt / unreduced)",
                        [{c: r.get(c) for c in cols} for r in pc]))
+        by_depth: dict[tuple[str, float, int], dict[float, list[bool]]] = {}
+        for x in samples:
+            if x.get("error") is None and x.get("correct") is not None:
+                by_depth.setdefault((x["variant"], x["keep"], x["length"]), {}).setdefault(x["depth"], []).append(
+                    bool(x["correct"]))
+        if by_depth:
+            depths = sorted({d for v in by_depth.values() for d in v})
+            tables.append(("Passcode retrieval per depth of the pass key (correct / prompts)",
+                           [{"variant": k[0], "keep": k[1], "length": k[2],
+                             **{f"depth {d:g}": (f"{sum(v[d])}/{len(v[d])}" if d in v else "-") for d in depths}}
+                            for k, v in sorted(by_depth.items(), key=lambda kv: (kv[0][2], kv[0][0] != "none",
+                                                                                  kv[0][0], -kv[0][1]))]))
         for length in sorted({r["length"] for r in pc}):
             sub = [dict(r, variant=r["variant"]) for r in pc if r["length"] == length and r.get("accuracy") is not None]
             if sub:
@@ -428,10 +555,17 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
     pp = parts.get("ppl", [])
     if pp:
         tables.append(("Streaming perplexity (token by token, fixed cache budget per layer)",
-                       [{k: r.get(k) for k in ("variant", "budget", "tokens", "ppl", "ppl_last_segment",
+                       [{k: r.get(k) for k in ("variant", "budget", "tokens", "streams", "chunk", "ppl", "ppl_past_budget", "ppl_last_segment",
                                                "ppl_segments", "kv_fraction_end", "tokens_per_s")} for r in pp]))
         images.append(("Streaming perplexity per segment", _ppl_plot(pp, out / "ppl.png")))
     tm = parts.get("timing", [])
+    for r in tm:
+        m = next((x for x in parts.get("memory", []) if x["candidate"] == r["candidate"]
+                  and x["length"] == r["length"]), None)
+        if m is not None and r.get("peak_mem_bytes") is None:
+            r["peak_mem_bytes"] = m["peak_mem_bytes"]
+            for k in ("kv_bytes", "kv_fraction", "kv_fraction_end"):
+                r.setdefault(k, m.get(k))
     if tm:
         tables.append(("Timing vs the unreduced model (same process, interleaved; medians)",
                        [{k: r.get(k) for k in ("candidate", "tokens", "prefill_s", "decode_tok_s", "total_s",
@@ -500,9 +634,13 @@ def run_kv_bench(cfg: KVBenchConfig) -> Path:
     unknown = [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; accepted: {', '.join(VARIANTS)}")
-    bad = [p for p in cfg.parts if p not in ("passcode", "ppl", "timing", "agreement", "export")]
+    bad_c = [c for c in cfg.timing_candidates if c not in TIMING_CANDIDATES]
+    if bad_c or "none" not in cfg.timing_candidates:
+        raise ValueError(f"timing candidates {list(cfg.timing_candidates)}: unknown {bad_c} or 'none' (the reference) "
+                         f"missing; accepted: {', '.join(TIMING_CANDIDATES)}")
+    bad = [p for p in cfg.parts if p not in ("passcode", "ppl", "timing", "memory", "agreement", "export")]
     if bad:
-        raise ValueError(f"unknown parts {bad}; accepted: passcode, ppl, timing, agreement, export")
+        raise ValueError(f"unknown parts {bad}; accepted: passcode, ppl, timing, memory, agreement, export")
     model, tok = _load(cfg)
     with fixed_threads(cfg.threads), ResultWriter(out / "kv.jsonl", extra_meta={"config": cfg.__dict__}) as w:
         if "export" in cfg.parts:
@@ -515,6 +653,8 @@ def run_kv_bench(cfg: KVBenchConfig) -> Path:
             run_ppl(model, tok, cfg, w)
         if "timing" in cfg.parts:
             run_timing(model, tok, cfg, w)
+        if "memory" in cfg.parts:
+            run_memory(model, tok, cfg, w)
     return build_report(out)
 
 
@@ -523,15 +663,23 @@ def register_cli(bench_app: Any) -> None:
 
     @bench_app.command("kv")
     def kv(
-        parts: str = typer.Option("passcode,ppl,timing", help="passcode, ppl, timing, agreement, export"),
-        variants: str = typer.Option(",".join(VARIANTS), help="passcode variants (see bench/kv.py VARIANTS)"),
-        keeps: str = typer.Option("0.5,0.25,0.1", help="keep values (keep=1 is the unreduced baseline, always run)"),
+        parts: str = typer.Option("passcode,ppl,timing", help="passcode, ppl, timing, memory, agreement, export"),
+        variants: str = typer.Option(",".join(DEFAULT_VARIANTS),
+                                     help=f"passcode variants, of: {', '.join(VARIANTS)} (see bench/kv.py VARIANTS)"),
+        keeps: str = typer.Option("0.5,0.25,0.1", help="keep values (keep=1 is the unreduced baseline)"),
+        baseline: bool = typer.Option(True, help="also run the unreduced model on the passcode prompts"),
+        replay: bool = typer.Option(True, help="capture each prompt's forward once and replay it per method"),
+        check_replay: int = typer.Option(1, help="prompts on which each cell is re-run with generate() as a check"),
         lengths: str = typer.Option("1100", help="passcode context lengths in tokens"),
         n_prompts: int = typer.Option(8, help="passcode prompts per length"),
         ppl_tokens: int = typer.Option(1536, help="tokens streamed for perplexity"),
         ppl_budget: int = typer.Option(256, help="cache entries per layer for the streaming perplexity"),
+        ppl_streams: int = typer.Option(2, help="independent texts streamed as one batch"),
+        ppl_chunk: int = typer.Option(8, help="tokens per forward while streaming (1 = token by token)"),
         timing_lengths: str = typer.Option("1024,4096", help="prompt lengths for timing"),
         timing_new_tokens: int = typer.Option(32, help="decoded tokens in the timed generate()"),
+        timing_candidates: str = typer.Option(",".join(TIMING_CANDIDATES), help="timed candidates ('none' first)"),
+        timing_memory: bool = typer.Option(True, help="peak memory inside the timing part (else: part 'memory')"),
         repeats: int = typer.Option(3, help="timed rounds (interleaved)"),
         threads: int = typer.Option(2, help="torch threads"),
         dtype: str = typer.Option("fp32", help="fp32 or bf16"),
@@ -547,9 +695,12 @@ def register_cli(bench_app: Any) -> None:
         split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
         cfg = KVBenchConfig(parts=split(parts), variants=split(variants), keeps=[float(k) for k in split(keeps)],
                             lengths=[int(x) for x in split(lengths)], n_prompts=n_prompts, ppl_tokens=ppl_tokens,
-                            ppl_budget=ppl_budget, timing_lengths=[int(x) for x in split(timing_lengths)],
-                            timing_new_tokens=timing_new_tokens, repeats=repeats, threads=threads, dtype=dtype,
-                            attn=attn, out=out)
+                            ppl_budget=ppl_budget, ppl_streams=ppl_streams, ppl_chunk=ppl_chunk,
+                            timing_lengths=[int(x) for x in split(timing_lengths)],
+                            timing_new_tokens=timing_new_tokens, timing_candidates=split(timing_candidates),
+                            timing_memory=timing_memory,
+                            repeats=repeats, threads=threads, dtype=dtype,
+                            attn=attn, out=out, baseline=baseline, replay=replay, check_replay=check_replay)
         if quick:
             cfg.n_prompts, cfg.keeps, cfg.ppl_tokens, cfg.ppl_budget = 2, [0.25], 256, 64
             cfg.timing_lengths, cfg.repeats, cfg.timing_new_tokens = [512], 1, 8
