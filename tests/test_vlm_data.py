@@ -67,6 +67,23 @@ def test_digits_are_drawn_where_annotated():
         assert len({v for v in s.digits if v >= 0}) == s.count  # distinct values
 
 
+def test_digits_snap_to_the_patch_grid():
+    c = SceneConfig()
+    _, scenes, ink = generate_scenes("train", 16, seed=2)
+    for i, s in enumerate(scenes):
+        for cell, v in enumerate(s.digits):
+            if v < 0:
+                continue
+            t, l, size = s.boxes[cell]
+            assert t % c.align == 0 and l % c.align == 0 and size == (8 if cell == s.small_cell else 16)
+            assert divmod(t, 32)[0] * 3 + divmod(l, 32)[0] == cell  # inside its cell
+            assert ink[i, t:t + size, l:l + size].sum() == ink[i].reshape(3, 32, 3, 32)[cell // 3, :, cell % 3].sum()
+    with pytest.raises(ValueError, match="align"):
+        SceneConfig(align=40)
+    free = generate_scenes("train", 2, seed=2, config=SceneConfig(align=0))[0]
+    assert free.shape == (2, 3, 96, 96)
+
+
 def test_held_out_digits_are_disjoint():
     assert not set(split_indices("train")) & set(split_indices("test"))
 
@@ -113,6 +130,41 @@ def test_small_vlm_is_a_real_llava_and_config_hash():
         VLMTrainConfig(patch_size=7)
 
 
+def test_conv_stem_and_patch_labels():
+    from tokenreduce.models.small_vlm import (
+        ConvStemPatchEmbed,
+        VLMTrainConfig,
+        _patch_class,
+        _patch_labels,
+        build_small_vlm,
+    )
+
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1)
+    m = build_small_vlm(c)
+    stem = m.model.vision_tower.embeddings.patch_embedding
+    assert isinstance(stem, ConvStemPatchEmbed) and stem(torch.zeros(1, 3, 96, 96)).shape == (1, 32, 12, 12)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        stem(torch.zeros(1, 3, 96, 96))
+    assert stem.flops(96) == pytest.approx(fc.get_total_flops())
+    images, scenes, ink = generate_scenes("train", 4, seed=0)
+    assert m.model.vision_tower(images).last_hidden_state.shape == (4, 145, 32)
+    lab = _patch_labels(scenes, ink, c)
+    assert lab.shape == (4, 144)
+    for i, s in enumerate(scenes):  # every digit owns at least one patch, with its own class
+        for cell, v in enumerate(s.digits):
+            if v >= 0:
+                assert (lab[i] == _patch_class(cell, v, cell == s.small_cell)).any()
+        assert set(lab[i].tolist()) <= {0} | {_patch_class(k, v, k == s.small_cell)
+                                           for k, v in enumerate(s.digits) if v >= 0}
+    with pytest.raises(ValueError, match="patch_size"):
+        ConvStemPatchEmbed(6, 32)
+    plain = build_small_vlm(VLMTrainConfig(stem_channels=0, vision_dim=32, vision_layers=1, text_dim=32,
+                                           text_layers=1, text_heads=2, text_kv_heads=1))
+    assert isinstance(plain.model.vision_tower.embeddings.patch_embedding, torch.nn.Conv2d)
+
+
 def test_missing_checkpoint_error(tmp_path, monkeypatch):
     from tokenreduce.models.small_vlm import VLMTrainConfig, load_small_vlm
 
@@ -130,17 +182,31 @@ def test_vlm_bench_smoke(tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=4, text_heads=2, text_kv_heads=1)
+        # linear patches: at this toy width a conv stem would dominate the (unreduced) vision FLOPs
+        c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=4, text_heads=2, text_kv_heads=1,
+                           stem_channels=0)
         torch.manual_seed(0)
         m, tok = build_small_vlm(c), build_tokenizer()
         data = eval_set("test", c, per_type=2)
-        rows = run_vlm_bench(methods=["fastv", "visionzip"], keeps=[1.0, 0.25, 0.003], out=str(tmp_path),
-                             per_type=2, repeats=1, warmup=0, time_batch=2, gen_tokens=2, model=m, tokenizer=tok,
-                             data=data, eval_batch=10, progress=False)
+        kw = {"methods": ["fastv", "visionzip"], "keeps": [1.0, 0.25, 0.003], "out": str(tmp_path), "per_type": 2,
+              "repeats": 1, "warmup": 0, "time_batch": 2, "gen_tokens": 2, "model": m, "tokenizer": tok, "data": data,
+              "eval_batch": 10, "progress": False}
+        with pytest.raises(FileNotFoundError, match="accuracy"):
+            run_vlm_bench(**kw, parts="timing")
+        acc_rows = run_vlm_bench(**kw, parts="accuracy")  # no wall-clock ...
+        assert not any("prefill_ms" in r for r in acc_rows)
+        rows = run_vlm_bench(**kw, parts="timing")  # ... then only wall-clock, for the same rows
     finally:
         torch.set_num_threads(n)
     meta, written = read_results(tmp_path / "results.jsonl")
-    assert meta["bench"] == "vlm" and len(written) == len(rows) == 1 + 2 * 3
+    assert meta["bench"] == "vlm" and meta["parts"] == "timing" and len(written) == len(rows) == 1 + 2 * 3
+    strip = ("prefill_ms", "base_prefill_ms", "prefill_speedup", "prefill_speedup_low", "prefill_speedup_high",
+             "gen_ms", "base_gen_ms", "gen_speedup", "gen_speedup_low", "gen_speedup_high", "overhead_ms")
+    def key(r):
+        return r["method"], r["keep"]
+
+    assert sorted(({k: v for k, v in r.items() if k not in strip} for r in rows), key=key) == \
+        sorted(acc_rows, key=key)  # the accuracy columns are carried over unchanged
     ok = {(r["method"], r["keep"]): r for r in rows if "error" not in r}
     assert ok[("fastv", 1.0)]["agreement"] == 1.0 and ok[("fastv", 1.0)]["flops_ratio"] == pytest.approx(1.0)
     assert ok[("visionzip", 0.25)]["flops_ratio"] > 1.5 and ok[("visionzip", 0.25)]["kv_ratio"] < 0.5

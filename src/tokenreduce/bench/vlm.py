@@ -78,7 +78,12 @@ def vlm_prefill_flops(model: Any, stats: Any | None, prompt_tokens: float, n_ima
     g = v.image_size // v.patch_size
     N = g * g + 1
     dv, iv = v.hidden_size, v.intermediate_size
-    vision = n_images * (2 * g * g * 3 * v.patch_size ** 2 * dv + v.num_hidden_layers * (
+    patch = 2 * g * g * 3 * v.patch_size ** 2 * dv  # CLIP's linear patch embedding
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    embed = getattr(getattr(tower, "embeddings", None), "patch_embedding", None)
+    if embed is not None and hasattr(embed, "flops"):  # the small VLM's conv stem
+        patch = embed.flops(v.image_size)
+    vision = n_images * (patch + v.num_hidden_layers * (
         2 * N * 4 * dv * dv + 4 * N * N * dv + 4 * N * dv * iv))
     depth = t.num_hidden_layers
     tokens = list(stats.tokens_attn) if stats is not None and stats.tokens_attn else [prompt_tokens] * depth
@@ -118,21 +123,46 @@ def _time_batch(tok: Any, data: Any, n: int, n_img_tokens: int, fmt: str = "imag
 
 
 # ---------------------------------------------------------------------------- the benchmark
+PARTS = ("all", "accuracy", "timing")
+
+
 def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[float] = DEFAULT_KEEPS,
                   out: str = "results/vlm", per_type: int = 100, repeats: int = 5, warmup: int = 1,
                   time_batch: int = 8, gen_tokens: int = 8, threads: int = 1, eval_batch: int = 50,
                   train_if_missing: bool = False, model: nn.Module | None = None, tokenizer: Any = None,
                   data: Any = None, progress: bool = True, method_kw: dict[str, dict[str, Any]] | None = None,
-                  viz_keep: float = 0.25) -> list[dict[str, Any]]:
+                  viz_keep: float = 0.25, parts: str = "all") -> list[dict[str, Any]]:
     """Run the VLM benchmark; returns the result rows (also written to ``out/results.jsonl``).
 
-    ``model``/``tokenizer``/``data`` override the trained small VLM and its test set (tests use tiny ones).
+    ``parts``: "all" (one process measures everything), "accuracy" (everything but wall-clock: run it at low
+    priority) or "timing" (wall-clock only, for the (method, keep) rows of the last "accuracy" run in
+    ``out/results.jsonl``, which it copies with the timing columns added as a new run: run it alone, e.g.
+    under a lock, on a shared machine). ``model``/``tokenizer``/``data`` override the trained small VLM and
+    its test set (tests use tiny ones).
     """
     from tqdm.auto import tqdm
 
+    if parts not in PARTS:
+        raise ValueError(f"parts={parts!r} is invalid: accepted {PARTS}")
     cfg = VlmBenchConfig(methods=list(methods), keeps=list(keeps), per_type=per_type, eval_batch=eval_batch,
                          time_batch=time_batch, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
                          threads=threads, out=out, viz_keep=viz_keep, method_kw=method_kw or {})
+    outdir = Path(out)
+    prior: list[dict[str, Any]] = []
+    if parts == "timing":
+        from .results import read_results
+
+        src = outdir / "results.jsonl"
+        if not src.is_file():
+            raise FileNotFoundError(f"parts='timing' needs the rows of an accuracy run in {src}; run parts='accuracy' first")
+        prior_meta, prior = read_results(src)
+        pc = prior_meta.get("config", {})
+        cfg.methods = [m for m in cfg.methods if any(r["method"] == m for r in prior)]
+        cfg.per_type = pc.get("per_type", cfg.per_type)
+        cfg.eval_batch = pc.get("eval_batch", cfg.eval_batch)
+        cfg.viz_keep = pc.get("viz_keep", cfg.viz_keep)
+        cfg.method_kw = pc.get("method_kw", cfg.method_kw)
+        per_type = cfg.per_type
     info: dict[str, Any] = {}
     if model is None:
         from ..models.small_vlm import eval_set, load_small_vlm
@@ -144,37 +174,52 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
 
     if prompt_format(model) == "question_first":  # SparseVLM's raters must see the question
         cfg.method_kw.setdefault("sparsevlm", {}).setdefault("raters_from", "all_text")
-    outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     n_img = model.config.image_seq_length
-    from ..models.small_vlm import prompt_format
-
     tb = _time_batch(tokenizer, data, time_batch, n_img, prompt_format(model))
     prompt_tokens = float(tb["attention_mask"].sum(1).float().mean())
     gen_kw = {"max_new_tokens": gen_tokens, "min_new_tokens": gen_tokens, "do_sample": False}
     rows: list[dict[str, Any]] = []
-    extra = {"bench": "vlm", "config": asdict(cfg), "model_metrics": {k: v for k, v in info.get("metrics", {}).items()
-                                                                       if k != "history"},
+    extra = {"bench": "vlm", "parts": parts, "config": asdict(cfg),
+             "model_metrics": {k: v for k, v in info.get("metrics", {}).items() if k != "history"},
              "model_path": str(info.get("path", "")), "n_questions": len(data.qas),
              "questions_per_type": {k: len(v) for k, v in data.by_type().items()}}
     viz: dict[str, Any] = {}
+    timed = parts in ("all", "timing")
     with fixed_threads(threads), ResultWriter(outdir / "results.jsonl", extra_meta=extra) as writer, torch.no_grad():
-        base_pred = _answers(model, tokenizer, data, eval_batch)
-        model(**tb, use_cache=True)
-        base_fl = vlm_prefill_flops(model, None, prompt_tokens)
-        base_kv = _kv_bytes(model, tb)
-        base_row = {"method": "none", "keep": 1.0, **_accuracy(base_pred, data), "agreement": 1.0,
-                    "gflops": base_fl["gflops"], "flops_ratio": 1.0, "decode_gflops": base_fl["decode_gflops"],
-                    "visual_tokens_avg": float(n_img), "llm_input_tokens": prompt_tokens, "kv_bytes": base_kv,
-                    "peak_mem_mb": peak_memory(lambda: model(**tb, use_cache=True)) / 2**20}
+        if parts == "timing":
+            base_row = dict(next(r for r in prior if r["method"] == "none"))
+        else:
+            base_pred = _answers(model, tokenizer, data, eval_batch)
+            model(**tb, use_cache=True)
+            base_fl = vlm_prefill_flops(model, None, prompt_tokens)
+            base_kv = _kv_bytes(model, tb)
+            base_row = {"method": "none", "keep": 1.0, **_accuracy(base_pred, data), "agreement": 1.0,
+                        "gflops": base_fl["gflops"], "flops_ratio": 1.0, "decode_gflops": base_fl["decode_gflops"],
+                        "visual_tokens_avg": float(n_img), "llm_input_tokens": prompt_tokens, "kv_bytes": base_kv,
+                        "peak_mem_mb": peak_memory(lambda: model(**tb, use_cache=True)) / 2**20}
+        for k in ("run_id", "type"):
+            base_row.pop(k, None)
         jobs = [(m, k) for m in cfg.methods for k in cfg.keeps]
-        bar = tqdm(total=len(jobs), desc="vlm bench", disable=not progress)
-        timing_rows: list[dict[str, Any]] = []
+        bar = tqdm(total=len(jobs), desc=f"vlm bench ({parts})", disable=not progress)
         for method in cfg.methods:
             kw = cfg.method_kw.get(method, {})
             per_keep: dict[float, dict[str, Any]] = {}
             for keep in cfg.keeps:
-                row: dict[str, Any] = {"method": method, "keep": keep}
+                if parts == "timing":
+                    old = next((r for r in prior if r["method"] == method and r["keep"] == keep), None)
+                    if old is None:
+                        bar.update(1)
+                        continue
+                    row = {k: v for k, v in old.items() if k not in ("run_id", "type")}
+                    if "error" in row:
+                        writer.write(row)
+                        rows.append(row)
+                        bar.update(1)
+                    else:
+                        per_keep[keep] = row
+                    continue
+                row = {"method": method, "keep": keep}
                 try:
                     with tr.apply(model, method, keep=keep, **kw) as h:
                         pred = _answers(model, tokenizer, data, eval_batch)
@@ -198,45 +243,52 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
                             "kv_ratio": st.kv_bytes / base_kv if base_kv else None, "peak_mem_mb": mem,
                             "tokens_attn": st.tokens_attn, "visual_tokens": st.visual_tokens})
                 per_keep[keep] = row
-            # timing: one interleaved group per method (unreduced + each keep), prefill and generate
-            fns: dict[str, Callable[[], Any]] = {"none/prefill": lambda: model(**tb, use_cache=True),
-                                                 "none/gen": lambda: model.generate(**tb, **gen_kw)}
-            copies, overhead = [], {}
-            for keep in per_keep:
-                m2 = copy.deepcopy(model)
-                h2 = tr.apply(m2, method, keep=keep, **kw)
-                copies.append(h2)
-                sink = overhead.setdefault(keep, [])
-                fns[f"{keep}/prefill"] = _prefill_call(m2, h2, tb, sink)
-                fns[f"{keep}/gen"] = (lambda m=m2: m.generate(**tb, **gen_kw))
-            timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True)
-            for h2 in copies:
-                h2.remove()
-            timing_rows.append({k: v.median * 1e3 for k, v in timings.items()})
-            for keep, row in per_keep.items():
-                sp = speedup(timings["none/prefill"], timings[f"{keep}/prefill"], paired=True)
-                sg = speedup(timings["none/gen"], timings[f"{keep}/gen"], paired=True)
-                ov = sorted(overhead[keep][cfg.warmup:] or [0.0])
-                row.update({"prefill_ms": timings[f"{keep}/prefill"].median * 1e3,
-                            "base_prefill_ms": timings["none/prefill"].median * 1e3,
-                            "prefill_speedup": sp.ratio, "prefill_speedup_low": sp.low, "prefill_speedup_high": sp.high,
-                            "gen_ms": timings[f"{keep}/gen"].median * 1e3,
-                            "base_gen_ms": timings["none/gen"].median * 1e3,
-                            "gen_speedup": sg.ratio, "gen_speedup_low": sg.low, "gen_speedup_high": sg.high,
-                            "overhead_ms": ov[len(ov) // 2] * 1e3})
+            if timed and per_keep:
+                _time_method(model, method, kw, per_keep, tb, gen_kw, cfg, base_row)
+            for row in per_keep.values():
                 writer.write(row)
                 rows.append(row)
                 bar.update(1)
-            if not base_row.get("prefill_ms"):
-                base_row.update({"prefill_ms": timings["none/prefill"].median * 1e3,
-                                 "gen_ms": timings["none/gen"].median * 1e3, "prefill_speedup": 1.0,
-                                 "gen_speedup": 1.0})
             viz[method] = _kept_for_viz(model, tokenizer, data, method, cfg.viz_keep, kw)
         bar.close()
         writer.write(base_row)
         rows.insert(0, base_row)
     _report(rows, outdir, cfg, writer.meta, data, viz)
     return rows
+
+
+def _time_method(model: nn.Module, method: str, kw: dict[str, Any], per_keep: dict[float, dict[str, Any]],
+                 tb: dict[str, torch.Tensor], gen_kw: dict[str, Any], cfg: VlmBenchConfig,
+                 base_row: dict[str, Any]) -> None:
+    """One interleaved timing group per method (unreduced + each keep; prefill and generate); adds the
+    timing columns to the rows in ``per_keep`` (and to ``base_row`` the first time)."""
+    fns: dict[str, Callable[[], Any]] = {"none/prefill": lambda: model(**tb, use_cache=True),
+                                         "none/gen": lambda: model.generate(**tb, **gen_kw)}
+    copies, overhead = [], {}
+    for keep in per_keep:
+        m2 = copy.deepcopy(model)
+        h2 = tr.apply(m2, method, keep=keep, **kw)
+        copies.append(h2)
+        sink = overhead.setdefault(keep, [])
+        fns[f"{keep}/prefill"] = _prefill_call(m2, h2, tb, sink)
+        fns[f"{keep}/gen"] = (lambda m=m2: m.generate(**tb, **gen_kw))
+    timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True)
+    for h2 in copies:
+        h2.remove()
+    for keep, row in per_keep.items():
+        sp = speedup(timings["none/prefill"], timings[f"{keep}/prefill"], paired=True)
+        sg = speedup(timings["none/gen"], timings[f"{keep}/gen"], paired=True)
+        ov = sorted(overhead[keep][cfg.warmup:] or [0.0])
+        row.update({"prefill_ms": timings[f"{keep}/prefill"].median * 1e3,
+                    "base_prefill_ms": timings["none/prefill"].median * 1e3,
+                    "prefill_speedup": sp.ratio, "prefill_speedup_low": sp.low, "prefill_speedup_high": sp.high,
+                    "gen_ms": timings[f"{keep}/gen"].median * 1e3,
+                    "base_gen_ms": timings["none/gen"].median * 1e3,
+                    "gen_speedup": sg.ratio, "gen_speedup_low": sg.low, "gen_speedup_high": sg.high,
+                    "overhead_ms": ov[len(ov) // 2] * 1e3})
+    if not base_row.get("prefill_ms"):
+        base_row.update({"prefill_ms": timings["none/prefill"].median * 1e3,
+                         "gen_ms": timings["none/gen"].median * 1e3, "prefill_speedup": 1.0, "gen_speedup": 1.0})
 
 
 def _prefill_call(m: nn.Module, h: Any, tb: dict[str, torch.Tensor], sink: list[float]) -> Callable[[], Any]:
@@ -299,14 +351,13 @@ def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VlmBenchConfig, meta:
     print(format_table(table, COLUMNS, title="small VLM: accuracy per question type vs speed"))
     if errors:
         print(format_table(errors, title="not run"))
-    images = []
-    for r in ok:
-        r.setdefault("prefill_speedup", 1.0)
-    images.append(("accuracy per question type vs keep", _acc_plot(ok, outdir / "accuracy_vs_keep.png")))
-    images.append(("accuracy vs measured prefill speedup (same run)", pareto_plot(
-        ok, x="prefill_speedup", y="accuracy", group="method", path=outdir / "pareto_prefill.png",
-        title="small VLM: accuracy vs measured prefill speedup", xlabel="prefill speedup vs unreduced (x)",
-        ylabel="VQA accuracy")))
+    images = [("accuracy per question type vs keep", _acc_plot(ok, outdir / "accuracy_vs_keep.png"))]
+    if any(r.get("prefill_ms") is not None for r in ok if r["method"] != "none"):  # timing measured
+        timed = [r for r in ok if r.get("prefill_speedup") is not None]
+        images.append(("accuracy vs measured prefill speedup (same run)", pareto_plot(
+            timed, x="prefill_speedup", y="accuracy", group="method", path=outdir / "pareto_prefill.png",
+            title="small VLM: accuracy vs measured prefill speedup", xlabel="prefill speedup vs unreduced (x)",
+            ylabel="VQA accuracy")))
     images.append(("accuracy vs analytic prefill FLOPs reduction", pareto_plot(
         ok, x="flops_ratio", y="accuracy", group="method", path=outdir / "pareto_flops.png",
         title="accuracy vs prefill FLOPs reduction", xlabel="FLOPs ratio (x)", ylabel="VQA accuracy")))
@@ -414,9 +465,12 @@ def register_cli(bench_app: Any) -> None:
         time_batch: int = typer.Option(8, help="prompts per timed prefill/generate"),
         gen_tokens: int = typer.Option(8, help="new tokens per timed generate"),
         threads: int = typer.Option(1, help="torch threads (1 is steadiest on a shared 2-core box)"),
-        train: bool = typer.Option(False, help="train the small VLM if it is not cached (25-40 min)"),
+        train: bool = typer.Option(False, help="train the small VLM if it is not cached (25-45 min)"),
+        parts: str = typer.Option("all", help="all | accuracy (no wall-clock; run niced) | timing (wall-clock for "
+                                              "the rows of the last accuracy run in --out; run alone/under a lock)"),
     ) -> None:
         """Visual token reduction on the small VLM: accuracy per question type, agreement, FLOPs, latency, memory."""
         run_vlm_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
                       keeps=[float(k) for k in keep.split(",")], out=out, per_type=per_type, repeats=repeats,
-                      time_batch=time_batch, gen_tokens=gen_tokens, threads=threads, train_if_missing=train)
+                      time_batch=time_batch, gen_tokens=gen_tokens, threads=threads, train_if_missing=train,
+                      parts=parts)
