@@ -111,6 +111,7 @@ class KVBenchConfig:
     baseline: bool = True  # run the unreduced model in the passcode part (skip when merging runs)
     replay: bool = True  # one prompt forward per prompt, replayed for every method (adapters.llm.replay_prefill)
     check_replay: int = 1  # prompts on which every cell is also run through generate() to check the replay
+    prompt_range: tuple[int, int] | None = None  # run only prompts [a, b) of the n (the report merges samples)
 
 
 # ============================================================================ shared helpers
@@ -191,6 +192,8 @@ def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[
     for length in cfg.lengths:
         prompts = passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)
         writer.write(part="prompts", length=length, prompts=prompts)
+        if cfg.prompt_range is not None:  # a slice of the n prompts (parallel runs merged by the report)
+            prompts = prompts[cfg.prompt_range[0]: cfg.prompt_range[1]]
         combos = [(v, k) for v in cfg.variants for k in cfg.keeps]
         if cfg.baseline:
             combos = [("none", 1.0), *combos]
@@ -509,6 +512,30 @@ def _latest(path: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _passcode_summary(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Passcode rows per (variant, keep, length) from the per-prompt samples (the latest sample of each prompt),
+    so runs over disjoint prompt ranges, or a run stopped early, still give exact counts (``n`` says how many)."""
+    groups: dict[tuple[str, float, int], list[dict[str, Any]]] = {}
+    for x in samples:
+        groups.setdefault((x["variant"], x["keep"], x["length"]), []).append(x)
+    rows = []
+    for (variant, keep, length), recs in groups.items():
+        ok = [r for r in recs if r.get("error") is None]
+        fr = [r["kv_fraction"] for r in ok if r.get("kv_fraction") is not None]
+        kb = [r["kv_bytes"] for r in ok if r.get("kv_bytes")]
+        rows.append({"part": "passcode", "variant": variant, "keep": keep, "length": length,
+                     "method": VARIANTS.get(variant, ("none", {}))[0],
+                     "tokens": sum(r["tokens"] for r in recs) / len(recs), "n": len(ok),
+                     "correct": sum(bool(r["correct"]) for r in ok),
+                     "accuracy": sum(bool(r["correct"]) for r in ok) / len(ok) if ok else None,
+                     "kv_fraction": sum(fr) / len(fr) if fr else None, "kv_saved": 1 - sum(fr) / len(fr) if fr else None,
+                     "kv_bytes": sum(kb) / len(kb) if kb else None, "errors": len(recs) - len(ok),
+                     "replay_checked": sum(r.get("replay_matches_generate") is not None for r in recs),
+                     "replay_mismatches": sum(r.get("replay_matches_generate") is False for r in recs)})
+    order = {v: i for i, v in enumerate(["none", *VARIANTS])}
+    return sorted(rows, key=lambda r: (r["length"], order.get(r["variant"], 99), -r["keep"]))
+
+
 def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
     from .report import format_table, html_report, pareto_plot
 
@@ -517,8 +544,8 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
     meta = parts.pop("_meta", [{}])[0]
     tables: list[tuple[str, list[dict[str, Any]]]] = []
     images: list[tuple[str, Path]] = []
-    pc = parts.get("passcode", [])
     samples = parts.get("passcode_sample", [])
+    pc = _passcode_summary(samples) or parts.get("passcode", [])
     for r in pc:  # the unreduced cache's bytes (measured by the adapter for the same prompts)
         un = [x["kv_bytes_unreduced"] for x in samples if x.get("kv_bytes_unreduced") and x["length"] == r["length"]
               and x["variant"] == r["variant"] and x["keep"] == r["keep"]]
@@ -529,7 +556,7 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
             r["kv_bytes"] = r["kv_bytes_unreduced"]
     if pc:
         cols = ["variant", "keep", "length", "tokens", "accuracy", "correct", "n", "kv_fraction", "kv_bytes",
-                "kv_bytes_unreduced", "errors"]
+                "kv_bytes_unreduced", "errors", "replay_checked", "replay_mismatches"]
         tables.append(("Passcode retrieval (question kept; kv_fraction = real KV bytes after the prompt / unreduced)",
                        [{c: r.get(c) for c in cols} for r in pc]))
         by_depth: dict[tuple[str, float, int], dict[float, list[bool]]] = {}
@@ -670,6 +697,7 @@ def register_cli(bench_app: Any) -> None:
         baseline: bool = typer.Option(True, help="also run the unreduced model on the passcode prompts"),
         replay: bool = typer.Option(True, help="capture each prompt's forward once and replay it per method"),
         check_replay: int = typer.Option(1, help="prompts on which each cell is re-run with generate() as a check"),
+        prompt_range: str = typer.Option("", help="a:b = only passcode prompts a..b-1 of the n (parallel runs)"),
         lengths: str = typer.Option("1100", help="passcode context lengths in tokens"),
         n_prompts: int = typer.Option(8, help="passcode prompts per length"),
         ppl_tokens: int = typer.Option(1536, help="tokens streamed for perplexity"),
@@ -700,7 +728,8 @@ def register_cli(bench_app: Any) -> None:
                             timing_new_tokens=timing_new_tokens, timing_candidates=split(timing_candidates),
                             timing_memory=timing_memory,
                             repeats=repeats, threads=threads, dtype=dtype,
-                            attn=attn, out=out, baseline=baseline, replay=replay, check_replay=check_replay)
+                            attn=attn, out=out, baseline=baseline, replay=replay, check_replay=check_replay,
+                            prompt_range=tuple(int(x) for x in prompt_range.split(":")) if prompt_range else None)
         if quick:
             cfg.n_prompts, cfg.keeps, cfg.ppl_tokens, cfg.ppl_budget = 2, [0.25], 256, 64
             cfg.timing_lengths, cfg.repeats, cfg.timing_new_tokens = [512], 1, 8
