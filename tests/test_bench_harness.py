@@ -493,3 +493,20 @@ def test_bench_package_exports():
     for name in bench.__all__:
         assert hasattr(bench, name), name
     assert math.isclose(bench.flops_speedup(2.0, 1.0), 2.0)
+
+
+def test_cpu_clock_ignores_sleep_and_wall_clock_counts_it():
+    """The CPU clock measures this process's compute: a sleeping call costs ~0 CPU but its full wall time."""
+    import time as _time
+
+    def nap() -> None:
+        _time.sleep(0.02)
+
+    wall = measure(nap, warmup=0, repeats=3, clock="wall")
+    cpu = measure(nap, warmup=0, repeats=3, clock="cpu")
+    assert wall.median >= 0.019
+    assert cpu.median < wall.median / 2
+    res = interleaved({"a": nap}, warmup=0, repeats=2, clock="cpu")
+    assert res["a"].n == 2
+    with pytest.raises(ValueError, match="clock must be one of"):
+        measure(nap, clock="gpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tokenreduce.bench.vit import run_vit_bench, zero_overhead_forward
@@ -48,3 +49,15 @@ def test_run_vit_bench_writes_results(tmp_path):
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64" in html and "tome" in html
+
+
+def test_run_vit_bench_cpu_clock_needs_one_thread(tmp_path):
+    m = _tiny()
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    with pytest.raises(ValueError, match="needs threads=1"):
+        run_vit_bench(methods=["random"], keeps=[0.5], out=str(tmp_path), n_images=8, repeats=1, warmup=0,
+                      time_batch=8, threads=2, model=m, images=images, labels=labels, progress=False, clock="cpu")
+    rows = run_vit_bench(methods=["random"], keeps=[0.5], out=str(tmp_path), n_images=8, repeats=2, warmup=0,
+                         time_batch=8, threads=1, model=m, images=images, labels=labels, progress=False,
+                         clock="cpu")
+    assert rows[1]["speedup"] > 0 and rows[1]["limit_speedup"] > 0

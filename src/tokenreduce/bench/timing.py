@@ -166,16 +166,29 @@ def _resolve_sync(sync: SyncArg) -> Callable[[], None] | None:
     raise ValueError(f"sync must be a callable, 'auto' or None, got {sync!r}")
 
 
-def _time_once(fn: Callable[[], Any], sync: Callable[[], None] | None, number: int = 1) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _clock(clock: str) -> Callable[[], float]:
+    """``"wall"``: elapsed time. ``"cpu"``: CPU seconds of this process, immune to time slices lost to other
+    processes on a shared machine; it equals the compute time of a call only with one torch thread (with
+    more, it sums every thread's CPU, spin-waits included)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    return CLOCKS[clock]
+
+
+def _time_once(fn: Callable[[], Any], sync: Callable[[], None] | None, number: int = 1,
+               clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds per call, averaged over ``number`` back-to-back calls."""
     if sync is not None:
         sync()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(number):
         fn()
     if sync is not None:
         sync()
-    return (time.perf_counter() - start) / number
+    return (clock() - start) / number
 
 
 @contextmanager
@@ -204,6 +217,7 @@ def measure(
     number: int = 1,
     sync: SyncArg = "auto",
     pause_gc: bool = True,
+    clock: str = "wall",
 ) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls.
 
@@ -215,17 +229,20 @@ def measure(
     if CUDA is initialised). Python's cyclic GC is paused while timing (like
     :mod:`timeit`) unless ``pause_gc=False``.
 
+    ``clock``: ``"wall"`` (default) or ``"cpu"`` (process CPU time, see :func:`_clock`).
+
     Prefer :func:`interleaved` when comparing candidates on a shared machine.
     """
     if warmup < 0 or repeats < 1 or number < 1:
         raise ValueError("need warmup >= 0, repeats >= 1 and number >= 1")
     sync_fn = _resolve_sync(sync)
+    tick = _clock(clock)
     for _ in range(warmup):
         fn()
     times: list[float] = []
     with _gc_paused(pause_gc):
         while len(times) < repeats or (sum(times) * number < min_time and len(times) < max_repeats):
-            times.append(_time_once(fn, sync_fn, number))
+            times.append(_time_once(fn, sync_fn, number, tick))
     return Timing(times)
 
 
@@ -239,6 +256,7 @@ def interleaved(
     sync: SyncArg = "auto",
     pause_gc: bool = True,
     on_round: Callable[[int], None] | None = None,
+    clock: str = "wall",
 ) -> dict[str, Timing]:
     """Time several candidates round-robin (ABCABC...) so machine noise hits all of them.
 
@@ -248,8 +266,8 @@ def interleaved(
     a candidate always running right after a cache-thrashing one). Sample ``i`` of
     every candidate comes from round ``i``, so samples are paired across candidates
     (see ``speedup(..., paired=True)``). ``on_round(i)`` is called after each timed
-    round (progress bars). ``number``: calls per sample, as in :func:`measure`.
-    Returns ``{name: Timing}`` in the order of ``fns``.
+    round (progress bars). ``number``: calls per sample and ``clock`` (``"wall"`` or ``"cpu"``), as in
+    :func:`measure`. Returns ``{name: Timing}`` in the order of ``fns``.
     """
     if not fns:
         raise ValueError("interleaved() needs at least one candidate")
@@ -257,6 +275,7 @@ def interleaved(
         raise ValueError("need warmup >= 0, repeats >= 1 and number >= 1")
     names = list(fns)
     sync_fn = _resolve_sync(sync)
+    tick = _clock(clock)
 
     def order(round_idx: int) -> list[str]:
         if not rotate:
@@ -271,7 +290,7 @@ def interleaved(
     with _gc_paused(pause_gc):
         for r in range(repeats):
             for name in order(r):
-                samples[name].append(_time_once(fns[name], sync_fn, number))
+                samples[name].append(_time_once(fns[name], sync_fn, number, tick))
             if on_round is not None:
                 on_round(r)
     return {name: Timing(samples[name]) for name in names}
