@@ -29,22 +29,31 @@ def vlm():
     torch.set_num_threads(n)
 
 
-def test_trained_accuracy_recorded_and_counting_learned(vlm):
-    """What the cached checkpoint is known to do (see its metrics.json): counting is learned well above the
-    majority baseline; identity/comparison/detail, which need the LLM to route a position word to one cell's
-    patches, are near chance for this budget (reported, not hidden)."""
+def test_trained_accuracy_recorded(vlm):
+    """What the cached checkpoint is known to do (its metrics.json, measured on 200 held-out questions per
+    type): position routing is learned — identity and comparison well above their majority baselines — and
+    counting above its baseline. (Spatial and detail: see the metrics; not asserted because the model does
+    not beat their baselines.)"""
     _, _, info, _ = vlm
     m = info["metrics"]
-    assert set(m["test_acc_by_type"]) == {"identity", "counting", "spatial", "comparison", "detail"}
-    assert m["test_acc_by_type"]["counting"] > m["chance_by_type"]["counting"] + 0.2
+    acc, chance = m["test_acc_by_type"], m["chance_by_type"]
+    assert set(acc) == {"identity", "counting", "spatial", "comparison", "detail"}
+    assert acc["identity"] > chance["identity"] + 0.15
+    assert acc["comparison"] > chance["comparison"] + 0.15
+    assert acc["counting"] > chance["counting"] + 0.1
+    assert m["vision_probe"]["cell_readout"] > 0.85  # the frozen tower reads held-out digits per cell
 
 
-def test_reported_counting_accuracy_reproduces(vlm):
+def test_reported_accuracy_reproduces(vlm):
+    """A 20-per-type prefix of the reported test set, answered by generate(): the routing types stay above
+    their baselines."""
     from tokenreduce.models.small_vlm import evaluate_vqa
 
     model, tok, info, data = vlm
-    r = evaluate_vqa(model, tok, data, generate=True)  # a prefix of the reported test set
-    assert r["acc_by_type"]["counting"] > info["metrics"]["chance_by_type"]["counting"] + 0.15
+    r = evaluate_vqa(model, tok, data, generate=True)
+    chance = info["metrics"]["chance_by_type"]
+    assert r["acc_by_type"]["identity"] > chance["identity"]
+    assert r["acc_by_type"]["comparison"] > chance["comparison"]
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "todre"])

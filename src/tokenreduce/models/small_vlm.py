@@ -110,7 +110,7 @@ class VLMTrainConfig:
     vision_steps: int = 400
     vision_batch_size: int = 32
     vision_lr: float = 2e-3
-    steps: int = 2000
+    steps: int = 1100
     restart_steps: int = 0
     restart_lr: float = 1e-3
     batch_size: int = 16
@@ -648,10 +648,14 @@ def register_cli(train_app) -> None:
         steps: int = typer.Option(VLMTrainConfig.steps, help="Optimisation steps"),
         batch_size: int = typer.Option(VLMTrainConfig.batch_size, help="Scenes per step"),
         threads: int = typer.Option(VLMTrainConfig.num_threads, help="torch threads (1 is fastest on a busy 2-core box)"),
+        restart_steps: int = typer.Option(VLMTrainConfig.restart_steps,
+                                          help="Continue the --steps model for this many more steps (warm restart)"),
+        restart_lr: float = typer.Option(VLMTrainConfig.restart_lr, help="Peak learning rate of the warm restart"),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
     ) -> None:
         """Train the small LLaVA-style VLM on digit-scene VQA (cached in ~/.cache/tokenreduce/small_vlm)."""
-        c = VLMTrainConfig(steps=steps, batch_size=batch_size, num_threads=threads)
+        c = VLMTrainConfig(steps=steps, batch_size=batch_size, num_threads=threads, restart_steps=restart_steps,
+                           restart_lr=restart_lr)
         path = checkpoint_dir(c) / "model.pt"
         if path.is_file() and not force:
             m = json.loads(path.with_name("metrics.json").read_text())
