@@ -82,6 +82,17 @@ AGREEMENT_CONFIGS: dict[str, dict[str, Any]] = {
     "tova": {"ours": ("tova", {}), "kvpress": ("TOVAPress", {})},
 }
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
+REPORT_NOTES = (
+    "KV-cache reduction measured on CPU (fp32, SDPA). kv_fraction = bytes of the real cache tensors right after the "
+    "prompt / the bytes transformers' default DynamicCache(config) holds for the same prompt (Gemma 3: 15 sliding "
+    "layers hold their last 511 entries, 3 global layers the whole prompt); every layer is compressed. Passcode "
+    "cells are evaluated from one captured prompt forward replayed per method (adapters.llm.replay_prefill; "
+    "replay_checked cells were also run through generate(): replay_mismatches must be 0). tokenselect selects per "
+    "query from the whole cache (kv_fraction 1 by design). kvpress rows: 'all' = its pipeline's config-less cache "
+    "(sliding layers hold the whole prompt, so its fractions are relative to a 1.8x larger cache); 'global' = its "
+    "Gemma 3 default (sliding layers untouched: real fraction 0.93/0.85/0.78 at keep 0.75/0.5/0.25); '(question "
+    "stepwise)' = the question fed one token per forward, which avoids the non-causal question mask transformers "
+    "5.2 builds for a multi-token forward on a compressed cache.")
 
 
 @dataclass
@@ -627,7 +638,7 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
     text = "\n\n".join(format_table(rows, title=cap) for cap, rows in tables if rows)
     (out / "report.txt").write_text(text + "\n")
     return html_report("tokenreduce bench kv — Gemma 3 270M", meta, tables, images, out / "report.html",
-                       notes="KV-cache reduction measured on CPU; KV bytes are the real cache tensors.")
+                       notes=REPORT_NOTES)
 
 
 def _ppl_plot(rows: list[dict[str, Any]], path: Path) -> Path:
