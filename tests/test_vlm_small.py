@@ -31,9 +31,9 @@ def vlm():
 
 def test_trained_accuracy_recorded(vlm):
     """What the cached checkpoint is known to do (its metrics.json, measured on 200 held-out questions per
-    type): position routing is learned — identity and comparison well above their majority baselines — and
-    counting above its baseline. (Spatial and detail: see the metrics; not asserted because the model does
-    not beat their baselines.)"""
+    type; measured: identity 0.74 vs majority 0.14, comparison 0.59 vs 0.215, counting 0.495 vs 0.355):
+    position routing is learned and counting is above its baseline. Spatial (0.54 vs 0.505) and detail
+    (0.055 vs 0.115) are not above their baselines, so they are not asserted."""
     _, _, info, _ = vlm
     m = info["metrics"]
     acc, chance = m["test_acc_by_type"], m["chance_by_type"]

@@ -111,7 +111,7 @@ class VLMTrainConfig:
     vision_batch_size: int = 32
     vision_lr: float = 2e-3
     steps: int = 1100
-    restart_steps: int = 0
+    restart_steps: int = 600
     restart_lr: float = 1e-3
     batch_size: int = 16
     qa_per_image: int = 6
@@ -549,6 +549,7 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
             model.load_state_dict(torch.load(ppath, map_location="cpu", weights_only=True))
             pm = json.loads(ppath.with_name("metrics.json").read_text())
             history = list(pm.get("history", []))
+            vision_probe = pm.get("vision_probe")  # the tower is the parent's (frozen in the joint phase)
             train_time = float(pm.get("train_time_s", 0.0))
             train_time += _joint_phase(model, aux, feats, tok, c, c.restart_steps, c.restart_lr, 10, c.steps, val,
                                        history, progress, train_time)
