@@ -373,17 +373,21 @@ def _timing_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], lab
     return fn
 
 
+def _timing_prompt(tok: Any, cfg: KVBenchConfig, length: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """The one passcode prompt of ``length`` tokens that the timing and memory parts share, and its ids."""
+    p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
+    return p, tok(p["prompt"], return_tensors="pt").input_ids
+
+
 def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
-
-
+    """Prefill + decode wall-clock of each timing candidate against the unreduced model, interleaved."""
     from .memory import peak_memory
     from .timing import Timing, interleaved, speedup
 
     rows = []
     T = cfg.timing_new_tokens
     for length in cfg.timing_lengths:
-        p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
-        ids = tok(p["prompt"], return_tensors="pt").input_ids
+        p, ids = _timing_prompt(tok, cfg, length)
         info: dict[str, dict[str, Any]] = {}
         cands = list(cfg.timing_candidates)
         split: dict[str, list[tuple[float, float]]] = {label: [] for label in cands}
@@ -424,8 +428,7 @@ def run_memory(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
     rows = []
     T = cfg.timing_new_tokens
     for length in cfg.timing_lengths:
-        p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
-        ids = tok(p["prompt"], return_tensors="pt").input_ids
+        p, ids = _timing_prompt(tok, cfg, length)
         info: dict[str, dict[str, Any]] = {}
         for label in cfg.timing_candidates:
             mem = peak_memory(_timing_call(model, tok, ids, p, label, T, info, None))
