@@ -13,5 +13,16 @@ from .core import Keep, Reducer, TokenState, criteria, strategies
 
 __version__ = "0.1.0"
 
-__all__ = ["apply", "methods", "TokenState", "Keep", "Reducer", "Handle", "Stats", "criteria", "strategies",
-           "compress", "__version__"]
+__all__ = [
+           "Handle",
+           "Keep",
+           "Reducer",
+           "Stats",
+           "TokenState",
+           "__version__",
+           "apply",
+           "compress",
+           "criteria",
+           "methods",
+           "strategies",
+]

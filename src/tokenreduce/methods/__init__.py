@@ -1,4 +1,7 @@
-"""Built-in methods; importing this package registers them (see ``tokenreduce.registry``)."""
+"""Built-in methods; importing this package registers them (see ``tokenreduce.registry``).
+
+The import order is the registration order, which is the order ``tr.methods()`` lists them in."""
+# ruff: noqa: I001
 
 from . import vision  # noqa: F401
 from . import kv  # noqa: F401
