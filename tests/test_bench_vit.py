@@ -33,7 +33,7 @@ def test_run_vit_bench_writes_results(tmp_path):
     images, labels = torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 5, (24,), generator=g)
     rows = run_vit_bench(methods=["tome", "random"], keeps=[1.0, 0.5], out=str(tmp_path), n_images=24,
                          repeats=2, warmup=1, time_batch=8, threads=1, model=m, images=images, labels=labels,
-                         progress=False)
+                         progress=False, malloc="default")
     assert [r["method"] for r in rows] == ["none", "tome", "tome", "random", "random"]
     base = rows[0]
     for r in rows[1:]:
@@ -45,7 +45,8 @@ def test_run_vit_bench_writes_results(tmp_path):
         else:
             assert r["flops_ratio"] > 1.0 and r["mean_tokens"] < base["mean_tokens"]
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert json.loads(lines[0])["type"] == "meta" and len(lines) == 1 + len(rows)
+    meta = json.loads(lines[0])
+    assert meta["type"] == "meta" and len(lines) == 1 + len(rows) and meta["allocator"] == "default"
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64" in html and "tome" in html
@@ -61,3 +62,12 @@ def test_run_vit_bench_cpu_clock_needs_one_thread(tmp_path):
                          time_batch=8, threads=1, model=m, images=images, labels=labels, progress=False,
                          clock="cpu")
     assert rows[1]["speedup"] > 0 and rows[1]["limit_speedup"] > 0
+
+
+def test_run_vit_bench_rejects_unknown_malloc_mode(tmp_path):
+    m = _tiny()
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    with pytest.raises(ValueError, match="malloc must be one of"):
+        run_vit_bench(methods=["random"], keeps=[0.5], out=str(tmp_path), n_images=8, repeats=1, warmup=0,
+                      time_batch=8, threads=1, model=m, images=images, labels=labels, progress=False,
+                      malloc="jemalloc")

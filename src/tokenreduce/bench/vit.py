@@ -31,12 +31,13 @@ from .flops import ViTDims, timm_vit_dims
 from .memory import peak_memory
 from .report import format_table, html_report, pareto_plot
 from .results import ResultWriter
-from .timing import fixed_threads, interleaved, speedup
+from .timing import fixed_threads, interleaved, retain_freed_memory, speedup
 
 __all__ = ["VitBenchConfig", "register_cli", "run_vit_bench", "zero_overhead_forward"]
 
 DEFAULT_METHODS = ("tome", "evit", "token-transforming", "cluster", "pool", "random")
 DEFAULT_KEEPS = (1.0, 0.75, 0.5, 0.35, 0.25)
+MALLOC_MODES = ("retain", "default")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class VitBenchConfig:
     repeats: int = 7
     threads: int = 2
     clock: str = "wall"
+    malloc: str = "retain"
     out: str = "results/vit"
     method_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -95,20 +97,25 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
                   time_batch: int = 64, threads: int = 2, train_if_missing: bool = False,
                   model: nn.Module | None = None, images: Tensor | None = None, labels: Tensor | None = None,
                   progress: bool = True, method_kw: dict[str, dict[str, Any]] | None = None,
-                  clock: str = "wall") -> list[dict[str, Any]]:
+                  clock: str = "wall", malloc: str = "retain") -> list[dict[str, Any]]:
     """Run the ViT benchmark; returns the result rows (also written to ``out/results.jsonl``).
 
     ``model``/``images``/``labels`` override the reference ViT and its test set (tests use tiny ones).
     ``clock="cpu"`` times with the process CPU clock (robust to a shared machine's lost time slices); it
-    needs ``threads=1``.
+    needs ``threads=1``. ``malloc="retain"`` (default) keeps freed memory in the process heap for the
+    whole run (:func:`~tokenreduce.bench.timing.retain_freed_memory`: no page fault per fresh activation
+    tensor, for the unreduced model, the limit and every method alike); ``"default"`` leaves glibc alone.
     """
     from tqdm.auto import tqdm
 
     if clock == "cpu" and threads != 1:
         raise ValueError(f"clock='cpu' measures one thread's compute and needs threads=1, got threads={threads}")
+    if malloc not in MALLOC_MODES:
+        raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {malloc!r}")
     cfg = VitBenchConfig(methods=list(methods), keeps=list(keeps), n_images=n_images, time_batch=time_batch,
-                         warmup=warmup, repeats=repeats, threads=threads, clock=clock, out=out,
+                         warmup=warmup, repeats=repeats, threads=threads, clock=clock, malloc=malloc, out=out,
                          method_kw=method_kw or {})
+    allocator = retain_freed_memory() if malloc == "retain" else "default"
     info: dict[str, Any] = {}
     if model is None:
         model, info, images, labels = _load(train_if_missing)
@@ -121,7 +128,7 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     base_flops = dims.flops()
     tbatch = images[:time_batch]
     rows: list[dict[str, Any]] = []
-    extra = {"bench": "vit", "config": asdict(cfg), "model_metrics": info.get("metrics", {}),
+    extra = {"bench": "vit", "config": asdict(cfg), "allocator": allocator, "model_metrics": info.get("metrics", {}),
              "model_path": str(info.get("path", ""))}
     with fixed_threads(threads), ResultWriter(outdir / "results.jsonl", extra_meta=extra) as writer, \
             torch.inference_mode():
@@ -218,7 +225,8 @@ def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VitBenchConfig, meta:
     png2 = pareto_plot(rows, x="flops_ratio", y="accuracy", group="method", path=outdir / "pareto_flops.png",
                        title="accuracy vs analytic FLOPs reduction", xlabel="FLOPs ratio (x)", ylabel="top-1")
     notes = ("speedup: median of per-round ratios vs the unreduced model, interleaved in the same run "
-             f"({cfg.repeats} rounds, {cfg.threads} threads, batch {cfg.time_batch}, {cfg.clock} clock); limit_speedup: the same "
+             f"({cfg.repeats} rounds, {cfg.threads} threads, batch {cfg.time_batch}, {cfg.clock} clock, "
+             f"allocator: {meta.get('allocator', 'default')}); limit_speedup: the same "
              "blocks run directly on the kept token counts (zero overhead); efficiency = speedup / limit.")
     html_report("tokenreduce: vision methods on the reference ViT", meta, [("results", table)],
                 [("accuracy vs measured speedup", png), ("accuracy vs FLOPs ratio", png2)],
@@ -239,8 +247,11 @@ def register_cli(bench_app: Any) -> None:
         threads: int = typer.Option(2, help="torch threads"),
         clock: str = typer.Option("wall", help="wall (elapsed) or cpu (process CPU time; needs --threads 1)"),
         train: bool = typer.Option(True, help="train the reference ViT if it is not cached"),
+        malloc: str = typer.Option("retain", help="retain (keep freed memory in the heap: no page fault per "
+                                   "fresh activation) or default (glibc's adaptive mmap threshold)"),
     ) -> None:
         """Vision methods on the reference ViT: accuracy, agreement, FLOPs, measured speedup vs limit."""
         run_vit_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
                       keeps=[float(k) for k in keep.split(",")], out=out, n_images=n_images, repeats=repeats,
-                      time_batch=time_batch, threads=threads, train_if_missing=train, clock=clock)
+                      time_batch=time_batch, threads=threads, train_if_missing=train, clock=clock,
+                      malloc=malloc)

@@ -233,8 +233,9 @@ def _pairwise_sqdist(a: Tensor, b: Tensor) -> Tensor:
     ``|a|^2 + |b|^2 - 2 a.b`` in one ``baddbmm`` (3x faster than ``torch.cdist`` on CPU, which also takes
     the square root that DPC-KNN does not need until the end)."""
     a, b = a.float(), b.float()
-    sq = torch.baddbmm((a * a).sum(-1, keepdim=True), a, b.transpose(1, 2), alpha=-2).add_((b * b).sum(-1)[:, None])
-    return sq.clamp_(min=0).div_(a.shape[-1])
+    inv_c = 1.0 / a.shape[-1]  # folded into the norms and alpha: no extra pass over the (B, N, M) result
+    na, nb = (a * a).sum(-1, keepdim=True) * inv_c, (b * b).sum(-1) * inv_c
+    return torch.baddbmm(na, a, b.transpose(1, 2), alpha=-2 * inv_c).add_(nb[:, None]).clamp_(min=0)
 
 
 def dpc_knn_centers(metric: Tensor, valid: Tensor, k: int = 5) -> Tensor:
@@ -246,15 +247,23 @@ def dpc_knn_centers(metric: Tensor, valid: Tensor, k: int = 5) -> Tensor:
     per token at the end); when the valid tokens are a common suffix (protected prefix, no padding) the
     N x N work runs on that block only, without masks.
     """
+    return _dpc_knn(metric, valid, k)[0]
+
+
+def _dpc_knn(metric: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
+    """:func:`dpc_knn_centers` plus what the assignment step reuses (as TCFormer reuses its distance
+    matrix): the squared distances ``d2`` of tokens ``lead:`` among themselves (``lead`` = 0 on the
+    masked path, where ``d2`` covers all N tokens)."""
     B, N, _ = metric.shape
     lead = int((~valid).sum(1).max()) if N else 0
     if 0 < lead < N and bool(valid[:, lead:].all()) and not bool(valid[:, :lead].any()):
-        sub = _dpc_knn_scores(metric[:, lead:], None, k, N)
-        return torch.cat([sub.new_full((B, lead), NEG), sub], 1)
-    return _dpc_knn_scores(metric, None if bool(valid.all()) else valid, k, N)
+        sub, d2 = _dpc_knn_scores(metric[:, lead:], None, k, N)
+        return torch.cat([sub.new_full((B, lead), NEG), sub], 1), d2, lead
+    score, d2 = _dpc_knn_scores(metric, None if bool(valid.all()) else valid, k, N)
+    return score, d2, 0
 
 
-def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int) -> Tensor:
+def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int) -> tuple[Tensor, Tensor]:
     B, N, _ = metric.shape
     d2 = _pairwise_sqdist(metric, metric)
     big = torch.finfo(d2.dtype).max
@@ -277,10 +286,10 @@ def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int) -
     if valid is not None:
         lower = lower | ~valid.unsqueeze(1)
     d2max = (d2 if valid is None else d2.masked_fill(~valid.unsqueeze(1), 0)).amax(-1)
-    delta2 = d2.masked_fill_(lower, big).amin(-1)  # d2 is not needed after this
+    delta2 = torch.where(lower, big, d2).amin(-1)
     delta = torch.where(delta2 >= big, d2max, delta2).sqrt()
     score = rho * delta
-    return score if valid is None else score.masked_fill(~valid, NEG)
+    return (score if valid is None else score.masked_fill(~valid, NEG)), d2
 
 
 def kmeans_assign(metric: Tensor, valid: Tensor, center_mask: Tensor, weight: Tensor, iters: int = 10) -> Tensor:
@@ -318,19 +327,21 @@ def cluster_merge(state: TokenState, metric: Tensor, counts: Tensor, algo: str =
     if algo not in ("dpc-knn", "kmeans"):
         raise ValueError(f"cluster algo {algo!r} not supported; accepted: 'dpc-knn', 'kmeans'")
     red = state.reducible()
-    score = dpc_knn_centers(metric, red, k=k)
+    score, d2, lead = _dpc_knn(metric, red, k=k)
     is_center = topk_mask(state, score, counts)
     B, N, _C = metric.shape
+    ar = torch.arange(N, device=metric.device).expand(B, N)
     if algo == "kmeans":
         cid = kmeans_assign(metric, red, is_center, state.size, iters=iters)
     else:
-        # nearest center: distances to the centers only (B, N, K), not the full N x N matrix
+        # nearest center: the center columns of the DPC-KNN distance matrix (TCFormer reuses it too)
         cidx, cval = _select_mask_plain(is_center)
-        d = _pairwise_sqdist(metric, batched_index_select(metric, cidx))
+        dc = d2.gather(2, (cidx - lead).clamp(min=0).unsqueeze(1).expand(B, d2.shape[1], -1))
         if not bool(cval.all()):
-            d = d.masked_fill(~cval.unsqueeze(1), float("inf"))
-        cid = cidx.gather(1, d.argmin(-1))
-    ar = torch.arange(N, device=metric.device).expand(B, N)
+            dc = dc.masked_fill(~cval.unsqueeze(1), float("inf"))
+        cid = cidx.gather(1, dc.argmin(-1))
+        if lead:
+            cid = torch.cat([ar[:, :lead], cid], 1)
     dst = torch.where(red, cid, torch.where(state.mask, ar, torch.full_like(ar, -1)))
     # samples that keep 0 reducible tokens: drop their reducible tokens
     dst = torch.where(red & (counts == 0).unsqueeze(1), torch.full_like(dst, -1), dst)
