@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -400,20 +400,7 @@ class CausalScorer:
         if not self._checked and seqs:
             self._check_fast(list(max(seqs, key=len)))
         out: list[np.ndarray | None] = [None] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        i = 0
-        while i < len(order):
-            L = len(seqs[order[i]])
-            j = i + 1
-            while j < len(order) and (j - i + 1) * L <= self.batch_tokens:
-                j += 1
-            batch = order[i:j]
-            ids = torch.full((len(batch), L), self.pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), L), dtype=torch.long)
-            for r, k in enumerate(batch):
-                ids[r, : len(seqs[k])] = torch.tensor(list(seqs[k]), dtype=torch.long)
-                mask[r, : len(seqs[k])] = 1
-            m = None if bool(mask.all()) else mask
+        for batch, ids, m in self._padded_batches(seqs):
             rows, tgts, owners = [], [], []
             if self.fast:
                 h = self.hidden(ids, m)
@@ -437,7 +424,6 @@ class CausalScorer:
             for k, ln in owners:
                 out[k] = lp[off: off + ln].numpy().astype(np.float64)
                 off += ln
-            i = j
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -463,6 +449,15 @@ class CausalScorer:
                     out[k] = hk
                 i = j
             return out  # type: ignore[return-value]
+        for batch, ids, mask in self._padded_batches(seqs):
+            h = self.hidden(ids, mask)
+            for r, k in enumerate(batch):
+                out[k] = h[r, : len(seqs[k])]
+        return out  # type: ignore[return-value]
+
+    def _padded_batches(self, seqs: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], Tensor, Tensor | None]]:
+        """Right-padded batches of the sequences, longest first, at most ``batch_tokens`` (rows x longest
+        length) each: (indices into ``seqs``, ids (b, L), attention mask or None when nothing is padded)."""
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         i = 0
         while i < len(order):
@@ -476,11 +471,8 @@ class CausalScorer:
             for r, k in enumerate(batch):
                 ids[r, : len(seqs[k])] = torch.tensor(list(seqs[k]), dtype=torch.long)
                 mask[r, : len(seqs[k])] = 1
-            h = self.hidden(ids, None if bool(mask.all()) else mask)
-            for r, k in enumerate(batch):
-                out[k] = h[r, : len(seqs[k])]
+            yield batch, ids, None if bool(mask.all()) else mask
             i = j
-        return out  # type: ignore[return-value]
 
     @torch.inference_mode()
     def hidden_packed(self, seqs: Sequence[Sequence[int]], base: nn.Module | None = None) -> list[Tensor]:
