@@ -250,3 +250,26 @@ def test_topk_last_matches_stable_sort(n, k, seed, kind, dtype):
 def test_topk_last_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be in 0..3"):
         S.topk_last(torch.zeros(2, 3), 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 70), st.integers(0, 9), st.integers(0, 2**31 - 1),
+       st.sampled_from(["uniform", "ties", "near", "big"]))
+def test_k_smallest_equals_topk(n, k, seed, kind):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(3, 5, n, generator=g) * 4
+    if kind == "ties":  # duplicate tokens: many equal distances, zeros of both signs
+        d = torch.tensor([0.0, -0.0, 0.25, 1.0])[torch.randint(0, 4, d.shape, generator=g)]
+    elif kind == "near":  # values closer than the key's truncated bits: the exact fallback must run
+        d = 1.0 + torch.randint(0, 3, d.shape, generator=g) * 1e-7
+    elif kind == "big":  # masked entries, as DPC-KNN uses them
+        d = d.masked_fill(torch.rand(d.shape, generator=g) < 0.3, torch.finfo(torch.float32).max)
+    k = min(k, n)
+    got = S.k_smallest(d, k)
+    want = d.topk(k, dim=-1, largest=False).values
+    assert torch.equal(got.abs(), want.abs())  # -0.0 and +0.0 may swap places
+
+
+def test_k_smallest_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be in 0..4"):
+        S.k_smallest(torch.zeros(2, 4), 5)
