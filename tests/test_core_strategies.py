@@ -273,3 +273,46 @@ def test_k_smallest_equals_topk(n, k, seed, kind):
 def test_k_smallest_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be in 0..4"):
         S.k_smallest(torch.zeros(2, 4), 5)
+
+
+def _tome_reference(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, cls: bool
+                    ) -> dict[int, tuple[torch.Tensor, float]]:
+    """ToMe's bipartite_soft_matching + merge_wavg (Bolya et al., ICLR 2023; the structure of the official
+    code), one sample: {position of the surviving token: (merged feature, size)}."""
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = m[::2], m[1::2]
+    scores = a @ b.T
+    if cls:
+        scores[0, :] = float("-inf")
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(descending=True)
+    src_idx, unm_idx = edge_idx[:r], edge_idx[r:]
+    dst_idx = node_idx[src_idx]
+    xs, ss = x * size[:, None], size.clone()
+    xa, xb, sa, sb = xs[::2], xs[1::2].clone(), ss[::2], ss[1::2].clone()
+    xb.index_add_(0, dst_idx, xa[src_idx])
+    sb.index_add_(0, dst_idx, sa[src_idx])
+    out = {2 * int(i): (xa[i] / sa[i], float(sa[i])) for i in unm_idx}
+    out.update({2 * j + 1: (xb[j] / sb[j], float(sb[j])) for j in range(len(sb))})
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(4, 40), st.integers(1, 3), st.integers(0, 2**31 - 1), st.booleans(), st.floats(0.05, 1.0))
+def test_bipartite_merge_equals_tome_reference(n, batch, seed, cls, frac):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 5, generator=g, dtype=torch.float64)
+    metric = torch.randn(batch, n, 3, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (batch, n), generator=g).double()
+    state = tr.TokenState.from_tensor(x, protected=int(cls))
+    state.size = size
+    r = max(1, int(frac * ((n + 1) // 2 - int(cls))))
+    r = min(r, (n + 1) // 2 - int(cls), n // 2)
+    out = S.bipartite_merge(state, metric, state.reducible_counts() - r)
+    for b in range(batch):
+        ref = _tome_reference(x[b], metric[b], size[b], r, cls)
+        got = {int(p): (out.x[b, i], float(out.size[b, i])) for i, p in enumerate(out.pos[b]) if out.mask[b, i]}
+        assert sorted(got) == sorted(ref)
+        for p, (v, s) in ref.items():
+            torch.testing.assert_close(got[p][0], v)
+            assert got[p][1] == s
