@@ -405,6 +405,11 @@ def test_chunked_prefill_with_decoding_methods(models):
         assert out.sequences.shape == (1, 43)
         assert st.prefill_kept_fraction == pytest.approx(0.5, abs=0.04)
         assert st.question_entries == [3]
+        # "after the prompt" = after its last chunk (not the first one)
+        with torch.no_grad():
+            full = DynamicCache(config=m.config)
+            m(a, past_key_values=full)
+        assert st.prefill_kv_bytes_unreduced == kv_bytes(full)["tensor"]
     with _apply(m, "tova", keep=0.5, question_len=3) as h, torch.no_grad():
         cache = DynamicCache(config=m.config)
         for s in range(0, 40, 16):  # the same chunks by hand: the question is the end of the last chunk

@@ -178,8 +178,10 @@ def _compressible(parent: type, name: str, doc: str) -> type:
             if not self.compact:
                 return super().get_mask_sizes(query_length)  # type: ignore[misc]
             # the model's own mask is not used for compact layers (the attention wrapper builds one from
-            # `pos`); keep the one the model builds as small as possible
-            return query_length, 0
+            # `pos`); keep the one the model builds as small as possible. (transformers < 5.3 passes the
+            # cache_position tensor instead of the query length: kvpress's venv, for the same-process timings)
+            q = int(query_length.shape[0]) if isinstance(query_length, Tensor) else query_length
+            return q, 0
 
         def crop(self, tokens_to_remove: int) -> None:
             if self.compact:
@@ -823,7 +825,7 @@ class _KVRun:
             evicted=f.evicted,
             attended=[f.attended.get(li, float("nan")) for li in range(len(kept))] if f.attended else [],
         )
-        if f.is_prefill:
+        if f.is_prefill or (not cs.decoding and f.q_len > 1):  # after the prompt (its last chunk if chunked)
             cs.prefill = {"prefill_kv_bytes": st.kv_bytes, "prefill_kv_bytes_unreduced": st.kv_bytes_unreduced,
                           "prefill_kept": kept}
         for k, v in cs.prefill.items():

@@ -7,20 +7,28 @@
 * **ppl** — perplexity of real text streamed token by token past a fixed cache budget (StreamingLLM's
   experiment): the full cache, window attention (no sinks), StreamingLLM, H2O, TOVA;
 * **timing** — prefill seconds, decode tokens/s, peak tensor memory and KV bytes against the unreduced model,
-  interleaved in the same process (``--timing-lengths``), also with generate()'s chunked prefill;
+  interleaved in the same process (``--timing-lengths``), also with generate()'s chunked prefill (then the
+  decoding methods evict between chunks, so prefill attention itself shrinks); every ratio is the median of the
+  per-round paired ratios with quartiles and extremes; ``--clock cpu --threads 1`` times process CPU seconds
+  (robust on a shared machine; the 1-min load average is recorded); ``--timing-kvpress`` adds kvpress presses
+  to the same rounds (run in kvpress's venv, prompts from ``--timing-prompts``, the export part's JSON);
 * **kvpress** — side by side with NVIDIA kvpress 0.5.5 (its own venv; ``scripts/kvpress_compare.py`` reads the
   prompts this bench exports and writes ``kvpress.jsonl``): accuracies, timings, and agreement of the kept
   positions for identically configured methods (ours with ``rounding="floor"`` like kvpress's ``int(n k)``).
 
 Results: ``<out>/kv.jsonl`` (one run per invocation, with metadata), ``<out>/*.png`` and ``<out>/report.html``.
+Parts run separately (other venvs, prompt ranges, lengths) are combined with ``--merge a.jsonl,b.jsonl@part``
+(appended to ``<out>/kv.jsonl``; the report keeps the latest run per configuration).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +42,8 @@ __all__ = [
     "TIMING_CANDIDATES",
     "VARIANTS",
     "build_report",
+    "merge_results",
+    "parse_kvpress_candidate",
     "passcode_prompts",
     "register_cli",
     "run_kv_bench",
@@ -92,7 +102,15 @@ REPORT_NOTES = (
     "(sliding layers hold the whole prompt, so its fractions are relative to a 1.8x larger cache); 'global' = its "
     "Gemma 3 default (sliding layers untouched: real fraction 0.93/0.85/0.78 at keep 0.75/0.5/0.25); '(question "
     "stepwise)' = the question fed one token per forward, which avoids the non-causal question mask transformers "
-    "5.2 builds for a multi-token forward on a compressed cache.")
+    "5.2 builds for a multi-token forward on a compressed cache. Timing: '+ chunked' = generate(prefill_chunk_size="
+    "512); the decoding methods (streaming-llm, tova) evict between chunks, snapkv/knorm compress once after the "
+    "full prompt. 'vs none+chunked' compares with the unreduced model under the same chunked prefill (chunking "
+    "alone is faster on CPU: SDPA's masked sliding-window layers attend to the whole prompt in one forward). "
+    "kvpress:* rows = kvpress's own path (context forward under press(model), then its pipeline's generate_answer) "
+    "in the same process and rounds (kvpress's venv, transformers 5.2); kvpress:none = that path without a press. "
+    "kv_bytes = after the prompt, kv_bytes_end = after the last token; peak memory and KV bytes come from the "
+    "untimed memory part when it ran (before 2026-11-25 the adapter's prompt snapshot under chunked prefill was "
+    "taken after the first chunk).")
 
 
 @dataclass
@@ -112,6 +130,10 @@ class KVBenchConfig:
     timing_new_tokens: int = 32
     timing_candidates: Sequence[str] = tuple(TIMING_CANDIDATES)
     timing_memory: bool = True  # peak memory inside the timing part (else: the separate "memory" part)
+    timing_kvpress: Sequence[str] = ()  # kvpress presses timed in the same rounds ("SnapKVPress@0.25[/global]")
+    timing_prompts: str | None = None  # JSON with "timing" prompts (export part): venvs without the text data
+    timing_label: str = "main"  # names a timing run (the report shows one table per label, e.g. "kvpress venv")
+    clock: str = "wall"  # "cpu": process CPU time (one thread), immune to time slices lost on a shared machine
     repeats: int = 3
     agreement_keeps: Sequence[float] = (0.5, 0.25)
     threads: int | None = 2
@@ -333,29 +355,37 @@ def _iter_progress(it: Any, desc: str):
 # ============================================================================ (c) timing
 class _Stamps:
     """A logits processor that timestamps every generation step: the first call comes right after the prefill
-    forward, the next ones after each decoding forward (so one generate() gives both phases)."""
+    forward, the next ones after each decoding forward (so one generate() gives both phases). ``tick``: the
+    clock (``bench.timing.CLOCKS``: wall or process CPU time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tick: Any = time.perf_counter) -> None:
         self.times: list[float] = []
+        self.tick = tick
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.times.append(time.perf_counter())
+        self.times.append(self.tick())
         return scores
 
 
 def _timing_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], label: str, T: int,
-                 info: dict[str, dict[str, Any]], split: dict[str, list[tuple[float, float]]] | None):
+                 info: dict[str, dict[str, Any]], split: dict[str, list[tuple[float, float]]] | None,
+                 clock: str = "wall"):
     """One timed generate() of ``1 + T`` tokens for a candidate; records (prefill s, decode s) in ``split``."""
     from transformers import LogitsProcessorList
 
     import tokenreduce as tr
 
+    from .timing import CLOCKS
+
+    if label.startswith("kvpress:"):
+        return _kvpress_call(model, tok, ids, p, label, T, info, split, clock)
     name, keep, chunk, kw = TIMING_CANDIDATES[label]
     extra = {"prefill_chunk_size": chunk} if chunk else {}
+    tick = CLOCKS[clock]
 
     def fn():
-        stamps = _Stamps()
-        t0 = time.perf_counter()
+        stamps = _Stamps(tick)
+        t0 = tick()
         procs = LogitsProcessorList([stamps])
         if name is None:
             out = _greedy(model, ids, 1 + T, logits_processor=procs, **extra)
@@ -373,49 +403,202 @@ def _timing_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], lab
     return fn
 
 
+KVPRESS_MODES = ("all", "global")
+
+
+def parse_kvpress_candidate(label: str) -> tuple[str | None, float, str]:
+    """``"kvpress:SnapKVPress@0.25"`` -> (press class, keep, mode); ``/global`` = kvpress's Gemma 3 default (sliding
+    layers untouched, transformers' config-aware cache), else ``all`` (every layer hooked, the config-less
+    cache of kvpress's pipeline). ``"kvpress:none"``: the pipeline's path without a press (its own reference)."""
+    if not label.startswith("kvpress:"):
+        raise ValueError(f"not a kvpress candidate: {label!r}")
+    body, _, mode = label[len("kvpress:"):].partition("/")
+    mode = mode or "all"
+    if mode not in KVPRESS_MODES:
+        raise ValueError(f"kvpress candidate {label!r}: mode must be one of {KVPRESS_MODES}")
+    if body == "none":
+        return None, 1.0, mode
+    press, sep, keep = body.partition("@")
+    if not sep or not press:
+        raise ValueError(f"kvpress candidate {label!r}: expected kvpress:<Press>@<keep>[/global] or kvpress:none")
+    k = float(keep)
+    if not 0.0 < k < 1.0:
+        raise ValueError(f"kvpress candidate {label!r}: keep must be in (0, 1), got {k}")
+    return press, k, mode
+
+
+def _kvpress_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], label: str, T: int,
+                  info: dict[str, dict[str, Any]], split: dict[str, list[tuple[float, float]]] | None,
+                  clock: str = "wall"):
+    """kvpress's own path, timed like ours: the context forward under the press (``press(model)`` hooks), then
+    its pipeline's ``generate_answer`` (question forward with logical position ids + greedy tokens), ``1 + T``
+    generated tokens. Prefill = the context forward; decode = question + tokens (the question is ~20 tokens).
+    kvpress is imported here only (an optional peer: run this in kvpress's venv)."""
+    import contextlib
+
+    from transformers import DynamicCache
+
+    from ..adapters.llm import kv_bytes
+    from .timing import CLOCKS
+
+    try:
+        import kvpress
+        from kvpress.pipeline import KVPressTextGenerationPipeline
+    except ImportError as e:  # pragma: no cover - depends on the venv
+        raise ImportError("kvpress timing candidates need kvpress (its own venv: `make peers`, then run the bench "
+                          "with that venv's python after `pip install -e . --no-deps`)") from e
+    press_name, keep, mode = parse_kvpress_candidate(label)
+    tick = CLOCKS[clock]
+    n_ctx = ids.shape[1] - int(p["question_len"])
+    ctx, q = ids[:, :n_ctx], ids[:, n_ctx:]
+    # its pipeline's own generate_answer, bound to the model and tokenizer (the method reads only these two)
+    pipe = types.SimpleNamespace(model=model, tokenizer=tok)
+    generate_answer = KVPressTextGenerationPipeline.generate_answer
+    press = None if press_name is None else getattr(kvpress, press_name)(compression_ratio=1 - keep)
+
+    def hooks():
+        if press is None:
+            return contextlib.nullcontext()
+        if mode == "all":
+            return press(model)
+        return _kvpress_global_only(press, model)
+
+    def fn():
+        cache = DynamicCache(config=model.config) if mode == "global" else DynamicCache()
+        with torch.inference_mode():
+            t0 = tick()
+            with hooks():
+                model.model(input_ids=ctx, past_key_values=cache)
+            t1 = tick()
+            by_prefill = kv_bytes(cache)["tensor"]  # outside both timed phases
+            t1b = tick()
+            answer = generate_answer(pipe, q, cache, n_ctx, 1 + T)
+            t2 = tick()
+        info.setdefault(label, {}).update(kv_bytes=by_prefill, kv_bytes_end=kv_bytes(cache)["tensor"])
+        if split is not None:
+            split[label].append((t1 - t0, t2 - t1b))
+            info[label]["output"] = answer
+        return answer
+
+    return fn
+
+
+@contextlib.contextmanager
+def _kvpress_global_only(press: Any, model: Any):
+    """kvpress's ``BasePress.__call__`` with its Gemma3ForConditionalGeneration rule (sliding layers skipped)."""
+    press.post_init_from_model(model)
+    hooks = []
+    try:
+        lm = model.model
+        for layer in lm.layers:
+            if layer.self_attn.is_sliding:
+                continue
+            layer.self_attn.rotary_emb = lm.rotary_emb
+            hooks.append(layer.self_attn.register_forward_hook(press.forward_hook, with_kwargs=True))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _timing_prompt(tok: Any, cfg: KVBenchConfig, length: int) -> tuple[dict[str, Any], torch.Tensor]:
-    """The one passcode prompt of ``length`` tokens that the timing and memory parts share, and its ids."""
-    p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
-    return p, tok(p["prompt"], return_tensors="pt").input_ids
+    """The one passcode prompt of ``length`` tokens that the timing and memory parts share, and its ids
+    (from ``cfg.timing_prompts``, the export part's JSON, if given: same prompt in a venv without the text)."""
+    if cfg.timing_prompts:
+        data = json.loads(Path(cfg.timing_prompts).read_text())
+        found = [x for x in data.get("timing", []) if x["length"] == length and x.get("seed") == cfg.seed + 7]
+        if not found:
+            raise ValueError(f"{cfg.timing_prompts} has no timing prompt of length {length} (seed {cfg.seed + 7}); "
+                             f"write it with --parts export --timing-lengths {length}")
+        p = found[0]
+    else:
+        p = passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0]
+    ids = tok(p["prompt"], return_tensors="pt").input_ids
+    if ids.shape[1] != p["tokens"]:
+        raise ValueError(f"the timing prompt has {ids.shape[1]} tokens here, {p['tokens']} where it was exported")
+    return p, ids
+
+
+def _paired(base: list[float], other: list[float]) -> dict[str, float]:
+    """Per-round ratios base/other (> 1: ``other`` is faster): median, quartiles, min, max."""
+    from .timing import quantile
+
+    r = [b / o for b, o in zip(base, other, strict=True)]
+    return {"ratio": quantile(r, 0.5), "q1": quantile(r, 0.25), "q3": quantile(r, 0.75), "min": min(r),
+            "max": max(r)}
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
 
 
 def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
-    """Prefill + decode wall-clock of each timing candidate against the unreduced model, interleaved."""
+    """Prefill + decode time of each timing candidate against the unreduced model, interleaved in the same
+    rounds (order rotated every round). Every ratio is the median of the per-round paired ratios, with its
+    quartiles (``*_q1``/``*_q3``) and extremes over the rounds; ``vs_chunked_*`` against the unreduced model with
+    the same chunked prefill (when timed). ``cfg.clock="cpu"`` (one thread) times the process's CPU seconds."""
     from .memory import peak_memory
-    from .timing import Timing, interleaved, speedup
+    from .timing import Timing, interleaved
 
+    if cfg.clock == "cpu" and cfg.threads != 1:
+        raise ValueError(f"clock='cpu' measures one thread's compute and needs threads=1, got threads={cfg.threads}")
     rows = []
     T = cfg.timing_new_tokens
+    cands = list(cfg.timing_candidates) + [f"kvpress:{k}" if not k.startswith("kvpress:") else k
+                                           for k in cfg.timing_kvpress]
+    for c in cands:
+        if c.startswith("kvpress:"):
+            parse_kvpress_candidate(c)
     for length in cfg.timing_lengths:
         p, ids = _timing_prompt(tok, cfg, length)
         info: dict[str, dict[str, Any]] = {}
-        cands = list(cfg.timing_candidates)
         split: dict[str, list[tuple[float, float]]] = {label: [] for label in cands}
 
         def make(label: str, record: bool = True, ids=ids, p=p, info=info, split=split):
-            return _timing_call(model, tok, ids, p, label, T, info, split if record else None)
+            return _timing_call(model, tok, ids, p, label, T, info, split if record else None, cfg.clock)
 
         bar = _progress(cfg.repeats, f"timing {length} tok")
+        load_before = os.getloadavg()
+        t_start = time.time()
         # rotate the order every round (ABC, BCA, ...): on a shared machine a fixed order biases candidates
         res = interleaved({label: make(label) for label in cands}, warmup=1, repeats=cfg.repeats,
-                          rotate=True, on_round=lambda i, bar=bar: bar.update(1))
+                          rotate=True, on_round=lambda i, bar=bar: bar.update(1), clock=cfg.clock)
+        load_after = os.getloadavg()
+        wall = time.time() - t_start
         bar.close()
         for label in cands:  # drop the warm-up round from the phase splits
             split[label] = split[label][-cfg.repeats:]
-        base, base_pre = res["none"], Timing([s[0] for s in split["none"]])
+        refs = {"": "none", "vs_chunked_": "none + chunked prefill", "vs_kvpress_none_": "kvpress:none"}
         for label in cands:
             tot = res[label]
-            pre = Timing([s[0] for s in split[label]])
-            dec = Timing([s[1] for s in split[label]])
-            sp = speedup(base, tot, paired=True)
-            spp = speedup(base_pre, pre, paired=True)
+            pre = [s[0] for s in split[label]]
+            dec = [s[1] for s in split[label]]
+            tp, td = Timing(pre), Timing(dec)
+            row = {"part": "timing", "timing_label": cfg.timing_label, "candidate": label, "length": length,
+                   "tokens": ids.shape[1], "transformers": _transformers_version(),
+                   "new_tokens": T, "clock": cfg.clock, "threads": cfg.threads, "rounds": cfg.repeats,
+                   "loadavg_before": list(load_before), "loadavg_after": list(load_after), "part_wall_s": wall,
+                   "prefill_s": tp.median, "prefill_iqr": tp.iqr, "decode_s": td.median, "decode_iqr": td.iqr,
+                   "decode_tok_s": T / td.median, "total_s": tot.median, "total_iqr": tot.iqr}
+            for prefix, ref in refs.items():
+                if ref not in cands:
+                    continue
+                rpre = [s[0] for s in split[ref]]
+                rdec = [s[1] for s in split[ref]]
+                for what, a, b in (("total", res[ref].times, tot.times), ("prefill", rpre, pre),
+                                   ("decode", rdec, dec)):
+                    st = _paired(a, b)
+                    row[f"{prefix}speedup_{what}"] = st["ratio"]
+                    for k in ("q1", "q3", "min", "max"):
+                        row[f"{prefix}speedup_{what}_{k}"] = st[k]
+            # the previous report's column names (total speed-up vs the unreduced model, its quartiles)
+            if "speedup_total" in row:
+                row["speedup_total_low"], row["speedup_total_high"] = row["speedup_total_q1"], row["speedup_total_q3"]
             mem = peak_memory(make(label, record=False)) if cfg.timing_memory else None
-            row = {"part": "timing", "candidate": label, "length": length, "tokens": ids.shape[1],
-                   "new_tokens": T, "prefill_s": pre.median, "prefill_iqr": pre.iqr, "decode_s": dec.median,
-                   "decode_tok_s": T / dec.median, "total_s": tot.median, "total_iqr": tot.iqr,
-                   "speedup_total": sp.ratio, "speedup_total_low": sp.low, "speedup_total_high": sp.high,
-                   "speedup_prefill": spp.ratio, "peak_mem_bytes": mem, **info.get(label, {}),
-                   "total_times": tot.times, "prefill_times": pre.times, "decode_times": dec.times}
+            row.update(peak_mem_bytes=mem, **info.get(label, {}), total_times=tot.times, prefill_times=pre,
+                       decode_times=dec)
             rows.append(writer.write(row))
     return rows
 
@@ -430,10 +613,11 @@ def run_memory(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
     for length in cfg.timing_lengths:
         p, ids = _timing_prompt(tok, cfg, length)
         info: dict[str, dict[str, Any]] = {}
-        for label in cfg.timing_candidates:
-            mem = peak_memory(_timing_call(model, tok, ids, p, label, T, info, None))
-            rows.append(writer.write(part="memory", candidate=label, length=length, tokens=ids.shape[1],
-                                     peak_mem_bytes=mem, **info.get(label, {})))
+        for label in [*cfg.timing_candidates, *(f"kvpress:{k}" if not k.startswith("kvpress:") else k
+                                                for k in cfg.timing_kvpress)]:
+            mem = peak_memory(_timing_call(model, tok, ids, p, label, T, info, None, cfg.clock))
+            rows.append(writer.write(part="memory", timing_label=cfg.timing_label, candidate=label, length=length,
+                                     tokens=ids.shape[1], new_tokens=T, peak_mem_bytes=mem, **info.get(label, {})))
     return rows
 
 
@@ -441,7 +625,9 @@ def run_memory(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
 def export_for_kvpress(tok: Any, cfg: KVBenchConfig, path: Path) -> Path:
     """Prompts + the configs both sides run, for ``scripts/kvpress_compare.py`` (runs in kvpress's venv)."""
     prompts = [p for length in cfg.lengths for p in passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)]
-    data = {"prompts": prompts, "agreement": {k: v["kvpress"] for k, v in AGREEMENT_CONFIGS.items()},
+    timing = [dict(passcode_prompts(tok, length, 1, seed=cfg.seed + 7)[0], seed=cfg.seed + 7)
+              for length in cfg.timing_lengths]
+    data = {"prompts": prompts, "timing": timing, "agreement": {k: v["kvpress"] for k, v in AGREEMENT_CONFIGS.items()},
             "agreement_keeps": list(cfg.agreement_keeps), "max_new_tokens": cfg.max_new_tokens,
             "global_layers": None}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -500,8 +686,8 @@ def _agreement_rows(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) ->
 
 # ============================================================================ report
 _KEYS = {"passcode": ("variant", "keep", "length"), "passcode_sample": ("variant", "keep", "length", "prompt"),
-         "ppl": ("variant", "budget", "tokens"), "timing": ("candidate", "length"), "prompts": ("length",),
-         "memory": ("candidate", "length"),
+         "ppl": ("variant", "budget", "tokens"), "timing": ("timing_label", "candidate", "length"), "prompts": ("length",),
+         "memory": ("timing_label", "candidate", "length"),
          "kept_ours": ("config", "keep", "prompt"), "kvpress_passcode": ("press", "layers", "keep"),
          "kvpress_kept": ("config", "keep", "prompt")}
 
@@ -526,6 +712,40 @@ def _latest(path: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def merge_results(sources: Sequence[str | Path], dest: str | Path) -> dict[str, int]:
+    """Append the runs of several results files (JSONL, one run = a meta line + its rows) to ``dest``, in the
+    order given, so the report's later-run-wins rule picks the newest part. A source ``"path@part1+part2"`` keeps
+    only those parts' rows (the meta line stays). Runs already in ``dest`` (same ``run_id``) are skipped, so a
+    merge can be re-run. Returns ``{"runs": n, "rows": m}`` appended."""
+    from .results import read_runs
+
+    dest = Path(dest)
+    have = set(read_runs(dest)) if dest.exists() else set()
+    lines: list[str] = []
+    runs = rows = 0
+    for src in sources:
+        path_s, _, keep = str(src).partition("@")
+        path = Path(path_s)
+        if not path.exists():
+            raise FileNotFoundError(f"merge: {path} does not exist")
+        parts = set(keep.split("+")) if keep else None
+        for rid, (meta, rs) in read_runs(path).items():
+            if rid in have:
+                continue
+            sel = [r for r in rs if parts is None or r.get("part") in parts]
+            if parts is not None and not sel:
+                continue
+            have.add(rid)
+            lines.append(json.dumps({"type": "meta", **meta}))
+            lines += [json.dumps({"type": "row", **r}) for r in sel]
+            runs, rows = runs + 1, rows + len(sel)
+    if lines:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with dest.open("a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return {"runs": runs, "rows": rows}
+
+
 def _passcode_summary(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Passcode rows per (variant, keep, length) from the per-prompt samples (the latest sample of each prompt),
     so runs over disjoint prompt ranges, or a run stopped early, still give exact counts (``n`` says how many)."""
@@ -548,6 +768,11 @@ def _passcode_summary(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "replay_mismatches": sum(r.get("replay_matches_generate") is False for r in recs)})
     order = {v: i for i, v in enumerate(["none", *VARIANTS])}
     return sorted(rows, key=lambda r: (r["length"], order.get(r["variant"], 99), -r["keep"]))
+
+
+_TIMING_OLD_COLS = ("candidate", "tokens", "prefill_s", "decode_tok_s", "total_s", "speedup_total", "speedup_total_low",
+                    "speedup_total_high", "speedup_prefill", "peak_mem_bytes", "kv_fraction", "kv_bytes",
+                    "kv_fraction_end")
 
 
 def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
@@ -602,18 +827,38 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
     tm = parts.get("timing", [])
     for r in tm:
         m = next((x for x in parts.get("memory", []) if x["candidate"] == r["candidate"]
-                  and x["length"] == r["length"]), None)
-        if m is not None and r.get("peak_mem_bytes") is None:
+                  and x["length"] == r["length"] and x.get("timing_label") == r.get("timing_label")), None)
+        if m is not None and r.get("peak_mem_bytes") is None:  # the memory part (same candidates, untimed)
             r["peak_mem_bytes"] = m["peak_mem_bytes"]
-            for k in ("kv_bytes", "kv_fraction", "kv_fraction_end"):
-                r.setdefault(k, m.get(k))
-    if tm:
-        tables.append(("Timing vs the unreduced model (same process, interleaved; medians)",
-                       [{k: r.get(k) for k in ("candidate", "tokens", "prefill_s", "decode_tok_s", "total_s",
-                                               "speedup_total", "speedup_total_low", "speedup_total_high",
-                                               "speedup_prefill", "peak_mem_bytes", "kv_fraction", "kv_bytes",
-                                               "kv_fraction_end")}
-                        for r in tm]))
+            for k in ("kv_bytes", "kv_fraction", "kv_bytes_end", "kv_fraction_end"):
+                if m.get(k) is not None:
+                    r[k] = m[k]
+    labels = list(dict.fromkeys(r.get("timing_label") for r in tm))
+    for label in sorted(labels, key=lambda x: (x is not None, x != "main", labels.index(x))):
+        sub = [r for r in tm if r.get("timing_label") == label]
+        if label is None:  # rows from before timing labels: wall clock, 3 rounds, load not recorded
+            cap = "Timing, earlier run (wall clock, 3 rounds, load not recorded; superseded by the tables below)"
+            tables.append((cap, [{k: r.get(k) for k in _TIMING_OLD_COLS} for r in sub]))
+            continue
+        r0 = sub[0]
+        load = [round(x, 2) for r in sub for x in (r.get("loadavg_before") or [])[:1] + (r.get("loadavg_after") or [])[:1]]
+        cap = (f"Timing '{label}' vs the unreduced model (same process, interleaved, {r0.get('rounds')} rounds, "
+               f"{r0.get('clock')} clock, {r0.get('threads')} thread(s), {r0.get('new_tokens')} new tokens, "
+               f"transformers {r0.get('transformers')}, 1-min load {min(load, default=0):g}-{max(load, default=0):g}"
+               "; speedups = median of per-round paired ratios [q1, q3])")
+        rows = []
+        for r in sub:
+            row = {k: r.get(k) for k in ("candidate", "tokens", "prefill_s", "decode_tok_s", "total_s")}
+            for prefix, name in (("", "vs none"), ("vs_chunked_", "vs none+chunked"),
+                                 ("vs_kvpress_none_", "vs kvpress:none")):
+                if f"{prefix}speedup_total" not in r:
+                    continue
+                for what in ("prefill", "decode", "total"):
+                    key = f"{prefix}speedup_{what}"
+                    row[f"{what} {name}"] = f"{r[key]:.3f} [{r[key + '_q1']:.3f}, {r[key + '_q3']:.3f}]"
+            row.update({k: r.get(k) for k in ("peak_mem_bytes", "kv_fraction", "kv_bytes", "kv_bytes_end")})
+            rows.append(row)
+        tables.append((cap, rows))
     kvp_path = Path(kvpress) if kvpress else out / "kvpress.jsonl"
     if kvp_path.exists():
         kp = _latest(kvp_path)
@@ -679,6 +924,12 @@ def run_kv_bench(cfg: KVBenchConfig) -> Path:
     if bad_c or "none" not in cfg.timing_candidates:
         raise ValueError(f"timing candidates {list(cfg.timing_candidates)}: unknown {bad_c} or 'none' (the reference) "
                          f"missing; accepted: {', '.join(TIMING_CANDIDATES)}")
+    if cfg.clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {cfg.clock!r}")
+    if cfg.clock == "cpu" and cfg.threads != 1:
+        raise ValueError(f"clock='cpu' measures one thread's compute and needs threads=1, got threads={cfg.threads}")
+    for k in cfg.timing_kvpress:
+        parse_kvpress_candidate(k if k.startswith("kvpress:") else f"kvpress:{k}")
     bad = [p for p in cfg.parts if p not in ("passcode", "ppl", "timing", "memory", "agreement", "export")]
     if bad:
         raise ValueError(f"unknown parts {bad}; accepted: passcode, ppl, timing, memory, agreement, export")
@@ -722,6 +973,11 @@ def register_cli(bench_app: Any) -> None:
         timing_new_tokens: int = typer.Option(32, help="decoded tokens in the timed generate()"),
         timing_candidates: str = typer.Option(",".join(TIMING_CANDIDATES), help="timed candidates ('none' first)"),
         timing_memory: bool = typer.Option(True, help="peak memory inside the timing part (else: part 'memory')"),
+        timing_kvpress: str = typer.Option("", help="kvpress presses timed in the same rounds, e.g. "
+                                           "SnapKVPress@0.25,StreamingLLMPress@0.25/global,none (needs kvpress)"),
+        timing_prompts: str = typer.Option("", help="timing prompts from this JSON (written by --parts export)"),
+        timing_label: str = typer.Option("main", help="name of this timing run (one report table per name)"),
+        clock: str = typer.Option("wall", help="wall (elapsed) or cpu (process CPU time; needs --threads 1)"),
         repeats: int = typer.Option(3, help="timed rounds (interleaved)"),
         threads: int = typer.Option(2, help="torch threads"),
         dtype: str = typer.Option("fp32", help="fp32 or bf16"),
@@ -729,8 +985,16 @@ def register_cli(bench_app: Any) -> None:
         out: str = typer.Option("results/kv", help="output directory"),
         quick: bool = typer.Option(False, help="a smoke run: 2 prompts, keep 0.25, short ppl/timing"),
         report_only: bool = typer.Option(False, help="only rebuild the report from <out>/kv.jsonl"),
+        merge: str = typer.Option("", help="append the runs of these results files (comma-separated; "
+                                           "path@part1+part2 keeps only those parts) to <out>/kv.jsonl first"),
+        merge_kvpress: str = typer.Option("", help="the same for <out>/kvpress.jsonl (kvpress_compare.py's files)"),
     ) -> None:
         """KV-cache methods on Gemma 3 270M: passcode retrieval, streaming perplexity, timings (+ kvpress)."""
+        split_m = lambda s: [x.strip() for x in s.split(",") if x.strip()]
+        for srcs, name in ((merge, "kv.jsonl"), (merge_kvpress, "kvpress.jsonl")):
+            if srcs:
+                n = merge_results(split_m(srcs), Path(out) / name)
+                print(f"merged {n['runs']} runs ({n['rows']} rows) into {Path(out) / name}")
         if report_only:
             print(build_report(out))
             return
@@ -740,7 +1004,9 @@ def register_cli(bench_app: Any) -> None:
                             ppl_budget=ppl_budget, ppl_streams=ppl_streams, ppl_chunk=ppl_chunk,
                             timing_lengths=[int(x) for x in split(timing_lengths)],
                             timing_new_tokens=timing_new_tokens, timing_candidates=split(timing_candidates),
-                            timing_memory=timing_memory,
+                            timing_memory=timing_memory, timing_kvpress=split(timing_kvpress),
+                            timing_prompts=timing_prompts or None, clock=clock,
+                            timing_label=timing_label,
                             repeats=repeats, threads=threads, dtype=dtype,
                             attn=attn, out=out, baseline=baseline, replay=replay, check_replay=check_replay,
                             prompt_range=tuple(int(x) for x in prompt_range.split(":")) if prompt_range else None)
