@@ -149,3 +149,12 @@ def test_merge_results_parts_filter_idempotent_and_report(tmp_path):
     text = (dest.parent / "report.txt").read_text()
     assert "Timing 'main'" in text and "earlier run" not in text and "1-min load 1-2" in text
     assert "Passcode retrieval" in text
+    # a peer venv's timing run merged last: its own table after the main one; the header keeps the main run
+    c = tmp_path / "c.jsonl"
+    _write_run(c, [dict(new, timing_label="kvpress venv", candidate="kvpress:none")],
+               config={"timing_label": "kvpress venv"})
+    assert B.merge_results([c], dest)["runs"] == 1
+    assert B._latest(dest)["_meta"][0]["run_id"] == rb
+    B.build_report(dest.parent)
+    text = (dest.parent / "report.txt").read_text()
+    assert text.index("Timing 'main'") < text.index("Timing 'kvpress venv'")

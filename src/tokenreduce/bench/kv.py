@@ -694,7 +694,8 @@ _KEYS = {"passcode": ("variant", "keep", "length"), "passcode_sample": ("variant
 
 def _latest(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Rows of every run, per part, the latest run winning for the same configuration (parts and lengths may
-    come from separate invocations); ``_meta`` holds the latest run's metadata."""
+    come from separate invocations); ``_meta`` holds the latest main run's metadata (a run labelled for another
+    venv, e.g. the kvpress timing, does not replace it)."""
     from .results import read_runs
 
     parts: dict[str, dict[Any, dict[str, Any]]] = {}
@@ -706,7 +707,8 @@ def _latest(path: Path) -> dict[str, list[dict[str, Any]]]:
             part = r.get("part", "?")
             key = tuple(json.dumps(r.get(k), sort_keys=True) for k in _KEYS[part]) if part in _KEYS else (m["run_id"], i)
             parts.setdefault(part, {})[key] = r
-        meta = m
+        if (m.get("config") or {}).get("timing_label", "main") == "main" or not meta:
+            meta = m  # the header describes the main environment, not a peer venv's timing run
     out = {k: list(v.values()) for k, v in parts.items()}
     out["_meta"] = [meta]
     return out
