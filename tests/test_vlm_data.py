@@ -3,6 +3,7 @@ random-weight model, a handful of questions)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -163,6 +164,55 @@ def test_conv_stem_and_patch_labels():
     plain = build_small_vlm(VLMTrainConfig(stem_channels=0, vision_dim=32, vision_layers=1, text_dim=32,
                                            text_layers=1, text_heads=2, text_kv_heads=1))
     assert isinstance(plain.model.vision_tower.embeddings.patch_embedding, torch.nn.Conv2d)
+
+
+def test_aux_targets_and_per_type_loss():
+    from tokenreduce.models.small_vlm import (
+        _LOSS_TYPES,
+        _N_AUX,
+        _N_WHAT,
+        VLMTrainConfig,
+        _aux_loss,
+        _lm_loss,
+        _patch_labels,
+        _training_batch,
+        build_tokenizer,
+    )
+
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1,
+                       batch_size=4)
+    _, scenes, ink = generate_scenes("train", 16, seed=1)
+    lab = _patch_labels(scenes, ink, c)
+    torch.manual_seed(0)
+    feats = torch.randn(16, 144, 32)
+    head = torch.nn.Linear(32, _N_AUX)
+    loss, what = _aux_loss(head, feats, lab, c)
+    assert what.shape == (16, 144, _N_WHAT) and torch.isfinite(loss)
+    # v3 adds two targets: the digit's value alone (shared by regular and small digits) and its size
+    base = torch.nn.Linear(32, _N_WHAT + 9)
+    with torch.no_grad():
+        base.weight.copy_(head.weight[: _N_WHAT + 9])
+        base.bias.copy_(head.bias[: _N_WHAT + 9])
+    old, _ = _aux_loss(base, feats, lab, dataclasses.replace(c, aux_value=False))
+    value = torch.tensor([[0 if k == 0 else (k - 90 if k >= 91 else (k - 1) % 10 + 1) for k in row] for row in lab.tolist()])
+    size = torch.tensor([[0 if k == 0 else (2 if k >= 91 else 1) for k in row] for row in lab.tolist()])
+    out = head(feats)
+    extra = torch.nn.functional.cross_entropy(out[..., _N_WHAT + 9:_N_WHAT + 20].flatten(0, 1), value.flatten()) + \
+        torch.nn.functional.cross_entropy(out[..., _N_WHAT + 20:].flatten(0, 1), size.flatten())
+    assert loss.item() == pytest.approx((old + extra).item(), rel=1e-5)
+    assert (size == 2).any() and (value[size == 2] >= 1).all()  # this batch has a small digit
+    # per-type loss: the mean of each type's mean; per-token mean otherwise
+    b = _training_batch(c, 0, build_tokenizer())
+    assert b["answer_types"].shape == b["labels"].shape
+    assert ((b["answer_types"] >= 0) == (b["labels"] != -100)).all()
+    logits = torch.randn(*b["labels"].shape, 50)
+    flat, per = _lm_loss(logits, b["labels"], b["answer_types"], per_type=False)
+    bal, per2 = _lm_loss(logits, b["labels"], b["answer_types"], per_type=True)
+    assert per == per2 and set(per) <= set(_LOSS_TYPES)
+    assert bal.item() == pytest.approx(sum(per.values()) / len(per), rel=1e-5)
+    y = b["labels"][:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1][y != -100], y[y != -100])
+    assert flat.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_missing_checkpoint_error(tmp_path, monkeypatch):

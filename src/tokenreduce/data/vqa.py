@@ -23,6 +23,10 @@ detail          ``what is the small digit ?``                     the small digi
 
 ``describe`` (``describe the image .`` -> ``3 top left , 7 center``) is a dense training-only task.
 
+The small digit (8 px, exactly one 8-px patch when aligned) is resolvable at the small VLM's patch size: a
+linear probe on the frozen conv-stem CLIP tower's patch features of the v2 model read its value right on
+0.79 of held-out small-digit patches (0.92 for regular digits), never confusing it with a regular digit.
+
 Held-out scenes use base digits from the disjoint ``val``/``test`` splits of
 :func:`tokenreduce.data.digits.split_indices` (stratified, fixed seed), so held-out accuracy is honest.
 Generation is deterministic in ``(split, n, seed, config)``.
