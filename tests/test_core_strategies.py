@@ -229,6 +229,42 @@ def test_dpc_knn_suffix_fast_path_matches_masked_path(n, lead, k, seed):
     torch.testing.assert_close(fast[valid], general[valid], rtol=1e-5, atol=1e-6)
 
 
+def _dpc_reference(m: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """DPC-KNN center scores straight from the definitions (Du et al. 2016; TCFormer Eq. 1-3), one sample and
+    one token at a time: full sort for the k-NN, full scan for the nearest denser token. Same float32
+    distances and deterministic tie-break as the library, so only the selection logic is compared."""
+    out = torch.full(valid.shape, float("-inf"))
+    for b in range(m.shape[0]):
+        idx = valid[b].nonzero().squeeze(1)
+        x = m[b, idx][None]
+        d2 = S._pairwise_sqdist(x, x)[0]
+        n = len(idx)
+        kk = max(1, min(k, n - 1))
+        knn = d2.sort(1).values[:, 1:kk + 1] if n > 1 else torch.zeros(n, 1)
+        rho = torch.exp(-knn.mean(1)) + (valid.shape[1] - idx).float() * 1e-7
+        delta = torch.stack([d2[i][rho > rho[i]].min() if (rho > rho[i]).any() else d2[i].max() for i in range(n)])
+        out[b, idx] = rho * delta.sqrt()
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 6), st.integers(0, 2**31 - 1), st.booleans(), st.booleans())
+def test_dpc_knn_matches_definition(n, k, seed, dup, pad):
+    """Scores (incl. the nearest-denser shortcut through the k-NN lists) equal the textbook computation;
+    duplicated tokens (exact distance ties, as background patches give) and padding included."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(3, n, 4, generator=g)
+    if dup:
+        m[:, n // 2:] = m[:, n // 2: n // 2 + 1]
+    valid = torch.ones(3, n, dtype=torch.bool)
+    if pad:
+        valid[1, max(1, n - 3):] = False
+    got = S.dpc_knn_centers(m, valid, k=k)
+    want = _dpc_reference(m, valid, k)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-5)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 30), st.integers(0, 12), st.integers(0, 2**31 - 1), st.sampled_from(["randn", "ties", "inf"]),
        st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
@@ -265,9 +301,11 @@ def test_k_smallest_equals_topk(n, k, seed, kind):
     elif kind == "big":  # masked entries, as DPC-KNN uses them
         d = d.masked_fill(torch.rand(d.shape, generator=g) < 0.3, torch.finfo(torch.float32).max)
     k = min(k, n)
-    got = S.k_smallest(d, k)
+    got, idx = S.k_smallest(d, k)
     want = d.topk(k, dim=-1, largest=False).values
     assert torch.equal(got.abs(), want.abs())  # -0.0 and +0.0 may swap places
+    assert torch.equal(d.gather(-1, idx), got)
+    assert all(len(set(row.tolist())) == k for row in idx.flatten(0, -2))  # distinct indices
 
 
 def test_k_smallest_rejects_bad_k():

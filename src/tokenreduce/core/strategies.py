@@ -273,9 +273,11 @@ def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int) -
     dv = d2 if valid is None else d2.masked_fill(~valid.unsqueeze(1), big).masked_fill(~valid.unsqueeze(2), big)
     kk = max(1, min(k, N - 1)) if N > 1 else 1
     if N > 1:  # the k nearest other tokens: drop the smallest (the token itself)
-        knn = k_smallest(dv, kk + 1 if N > kk else kk)[..., 1:]
+        near, near_idx = k_smallest(dv, kk + 1 if N > kk else kk)
+        knn = near[..., 1:]
     else:
-        knn = dv.new_zeros(B, N, 1)
+        near, near_idx = dv.new_zeros(B, N, 1), torch.zeros(B, N, 1, dtype=torch.long, device=d2.device)
+        knn = near
     if valid is not None:  # fewer than k valid neighbours: average over those that exist
         real = knn < big
         rho = torch.exp(-torch.where(real, knn, 0).sum(-1) / real.sum(-1).clamp(min=1))
@@ -283,19 +285,40 @@ def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int) -
         rho = torch.exp(-knn.mean(-1))
     # deterministic tie-break: tiny index-dependent offset (TCFormer adds random noise instead)
     rho = rho + torch.arange(n_full, n_full - N, -1, device=d2.device, dtype=rho.dtype) * 1e-7
-    lower = rho.unsqueeze(2) >= rho.unsqueeze(1)  # [b,i,j]: rho_j <= rho_i, not a candidate for delta_i
-    if valid is not None:
-        lower = lower | ~valid.unsqueeze(1)
+    delta2 = _nearest_denser_sq(d2, near, near_idx, rho, valid, big)
     d2max = (d2 if valid is None else d2.masked_fill(~valid.unsqueeze(1), 0)).amax(-1)
-    delta2 = torch.where(lower, big, d2).amin(-1)
     delta = torch.where(delta2 >= big, d2max, delta2).sqrt()
     score = rho * delta
     return (score if valid is None else score.masked_fill(~valid, NEG)), d2
 
 
-def k_smallest(d: Tensor, k: int, extra: int = 1) -> Tensor:
-    """The ``k`` smallest values along the last dim of a non-negative float32 tensor, ascending — exactly
-    ``d.topk(k, dim=-1, largest=False).values``, 2-4x faster on CPU for the (B, N, N) distances of DPC-KNN.
+def _nearest_denser_sq(d2: Tensor, near: Tensor, near_idx: Tensor, rho: Tensor, valid: Tensor | None,
+                       big: float) -> Tensor:
+    """delta_i^2 = min_{j: rho_j > rho_i} d2_ij (``big`` where no valid denser token exists).
+
+    The nearest denser token is usually among the nearest neighbours already found for the density: if a
+    denser token is among the m nearest (``near``, ascending, ``near_idx``), the first such one is the
+    nearest denser token overall (every other token is at least as far as the m-th). Only the rows with no
+    denser token among them (the local density peaks) scan their whole row.
+    """
+    denser = rho.gather(1, near_idx.flatten(1)).view_as(near_idx) > rho.unsqueeze(-1)
+    if valid is not None:
+        denser &= valid.gather(1, near_idx.flatten(1)).view_as(near_idx)
+    delta2 = torch.where(denser, near, big).amin(-1)
+    peak = delta2 >= big
+    if bool(peak.any()):
+        bi, ii = peak.nonzero(as_tuple=True)
+        cond = rho[bi] > rho[bi, ii].unsqueeze(1)  # (P, N)
+        if valid is not None:
+            cond &= valid[bi]
+        delta2[bi, ii] = torch.where(cond, d2[bi, ii], big).amin(-1)
+    return delta2
+
+
+def k_smallest(d: Tensor, k: int, extra: int = 1) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest values along the last dim of a non-negative float32 tensor, ascending, and their
+    indices — exactly the values of ``d.topk(k, dim=-1, largest=False)`` (equal values may come in another
+    order), 2-4x faster on CPU for the (B, N, N) distances of DPC-KNN.
 
     Non-negative floats order like their int32 bit patterns. Each entry gets a key: its bits with the low
     ``b = log2(n)`` bits replaced by its column index, so keys are distinct and ``k + extra`` passes of
@@ -309,7 +332,8 @@ def k_smallest(d: Tensor, k: int, extra: int = 1) -> Tensor:
     if not 0 <= k <= n:
         raise ValueError(f"k must be in 0..{n} (the last dim), got {k}")
     if d.dtype != torch.float32 or k + extra >= n or n >= 2**22:
-        return d.topk(k, dim=-1, largest=False).values
+        v, i = d.topk(k, dim=-1, largest=False)
+        return v, i
     bits = (n - 1).bit_length()
     low = (1 << bits) - 1
     # clear the sign bit too (-0.0 == +0.0) and put the column index into the low bits
@@ -322,15 +346,16 @@ def k_smallest(d: Tensor, k: int, extra: int = 1) -> Tensor:
         keys.append(m)
         key.scatter_(-1, (m & low).long(), taken)
     kv = torch.cat(keys, -1)
-    cand = d.gather(-1, (kv & low).long()).sort(-1).values
+    cidx = (kv & low).long()
+    cand, order = d.gather(-1, cidx).sort(-1)
     bound = (kv[..., -1:] & ~low).view(torch.float32)  # every non-candidate is >= this
-    out = cand[..., :k]
+    out, idx = cand[..., :k], cidx.gather(-1, order[..., :k])
     if k:
         bad = cand[..., k - 1: k] > bound
         if bool(bad.any()):
             rows = bad.squeeze(-1)
-            out[rows] = d[rows].topk(k, dim=-1, largest=False).values
-    return out
+            out[rows], idx[rows] = d[rows].topk(k, dim=-1, largest=False)
+    return out, idx
 
 
 def kmeans_assign(metric: Tensor, valid: Tensor, center_mask: Tensor, weight: Tensor, iters: int = 10) -> Tensor:
