@@ -354,3 +354,20 @@ def test_bipartite_merge_equals_tome_reference(n, batch, seed, cls, frac):
         for p, (v, s) in ref.items():
             torch.testing.assert_close(got[p][0], v)
             assert got[p][1] == s
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 6), st.integers(0, 2**31 - 1), st.booleans(), st.floats(0.0, 1.0))
+def test_nearest_center_equals_full_argmin(n, k, seed, dup, frac):
+    """The assignment read off the k-NN lists equals argmin over the center columns (lowest index on ties)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(2, n, 3, generator=g)
+    if dup:
+        m[:, n // 3:] = m[:, n // 3: n // 3 + 1]
+    valid = torch.ones(2, n, dtype=torch.bool)
+    dpc = S._dpc_knn(m, valid, k)
+    is_center = torch.rand(2, n, generator=g) < frac
+    got = S._nearest_center(dpc, is_center)
+    want = torch.where(is_center.unsqueeze(1), dpc.d2, torch.finfo(torch.float32).max).argmin(-1)
+    has = is_center.any(1)
+    assert torch.equal(got[has], want[has])

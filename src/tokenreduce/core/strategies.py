@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -250,23 +251,32 @@ def dpc_knn_centers(metric: Tensor, valid: Tensor, k: int = 5) -> Tensor:
     per token at the end); when the valid tokens are a common suffix (protected prefix, no padding) the
     N x N work runs on that block only, without masks.
     """
-    return _dpc_knn(metric, valid, k)[0]
+    return _dpc_knn(metric, valid, k).score
 
 
-def _dpc_knn(metric: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
-    """:func:`dpc_knn_centers` plus what the assignment step reuses (as TCFormer reuses its distance
-    matrix): the squared distances ``d2`` of tokens ``lead:`` among themselves (``lead`` = 0 on the
-    masked path, where ``d2`` covers all N tokens)."""
+class _Dpc(NamedTuple):
+    """DPC-KNN scores and what the assignment step reuses (as TCFormer reuses its distance matrix), all
+    over tokens ``lead:`` (``lead`` = 0 on the masked path, where they cover all N tokens): squared
+    distances ``d2`` and each token's nearest neighbours (``near`` ascending, ``near_idx``)."""
+
+    score: Tensor
+    d2: Tensor
+    near: Tensor
+    near_idx: Tensor
+    lead: int
+
+
+def _dpc_knn(metric: Tensor, valid: Tensor, k: int) -> _Dpc:
     B, N, _ = metric.shape
     lead = int((~valid).sum(1).max()) if N else 0
     if 0 < lead < N and bool(valid[:, lead:].all()) and not bool(valid[:, :lead].any()):
-        sub, d2 = _dpc_knn_scores(metric[:, lead:], None, k, N)
-        return torch.cat([sub.new_full((B, lead), NEG), sub], 1), d2, lead
-    score, d2 = _dpc_knn_scores(metric, None if bool(valid.all()) else valid, k, N)
-    return score, d2, 0
+        sub, *rest = _dpc_knn_scores(metric[:, lead:], None, k, N)
+        return _Dpc(torch.cat([sub.new_full((B, lead), NEG), sub], 1), *rest, lead)
+    return _Dpc(*_dpc_knn_scores(metric, None if bool(valid.all()) else valid, k, N), 0)
 
 
-def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int) -> tuple[Tensor, Tensor]:
+def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, N, _ = metric.shape
     d2 = _pairwise_sqdist(metric, metric)
     big = torch.finfo(d2.dtype).max
@@ -289,7 +299,7 @@ def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int) -
     d2max = (d2 if valid is None else d2.masked_fill(~valid.unsqueeze(1), 0)).amax(-1)
     delta = torch.where(delta2 >= big, d2max, delta2).sqrt()
     score = rho * delta
-    return (score if valid is None else score.masked_fill(~valid, NEG)), d2
+    return (score if valid is None else score.masked_fill(~valid, NEG)), d2, near, near_idx
 
 
 def _nearest_denser_sq(d2: Tensor, near: Tensor, near_idx: Tensor, rho: Tensor, valid: Tensor | None,
@@ -313,6 +323,27 @@ def _nearest_denser_sq(d2: Tensor, near: Tensor, near_idx: Tensor, rho: Tensor, 
             cond &= valid[bi]
         delta2[bi, ii] = torch.where(cond, d2[bi, ii], big).amin(-1)
     return delta2
+
+
+def _nearest_center(dpc: _Dpc, is_center: Tensor) -> Tensor:
+    """Index (into tokens ``lead:``) of each token's nearest center, the lowest index among equally near
+    ones (``argmin`` over the center columns of ``d2``, TCFormer's assignment).
+
+    Read off the nearest-neighbour lists where they decide it: when the nearest listed center is strictly
+    nearer than the list's farthest entry, no unlisted token can be nearer or tie. The other rows (no
+    center, or a tie, at the list's edge) scan the center columns of their whole row.
+    """
+    big = torch.finfo(dpc.d2.dtype).max
+    n = is_center.shape[1]
+    cen = is_center.gather(1, dpc.near_idx.flatten(1)).view_as(dpc.near_idx)
+    dist = torch.where(cen, dpc.near, big)
+    dmin = dist.amin(-1, keepdim=True)
+    best = torch.where(cen & (dist == dmin), dpc.near_idx, n).amin(-1)
+    unsure = dmin.squeeze(-1) >= dpc.near[..., -1]
+    if bool(unsure.any()):
+        bi, ii = unsure.nonzero(as_tuple=True)
+        best[bi, ii] = torch.where(is_center[bi], dpc.d2[bi, ii], big).argmin(-1)
+    return best
 
 
 def k_smallest(d: Tensor, k: int, extra: int = 1) -> tuple[Tensor, Tensor]:
@@ -393,21 +424,16 @@ def cluster_merge(state: TokenState, metric: Tensor, counts: Tensor, algo: str =
     if algo not in ("dpc-knn", "kmeans"):
         raise ValueError(f"cluster algo {algo!r} not supported; accepted: 'dpc-knn', 'kmeans'")
     red = state.reducible()
-    score, d2, lead = _dpc_knn(metric, red, k=k)
-    is_center = topk_mask(state, score, counts)
+    dpc = _dpc_knn(metric, red, k=k)
+    is_center = topk_mask(state, dpc.score, counts)
     B, N, _C = metric.shape
     ar = torch.arange(N, device=metric.device).expand(B, N)
     if algo == "kmeans":
         cid = kmeans_assign(metric, red, is_center, state.size, iters=iters)
     else:
-        # nearest center: the center columns of the DPC-KNN distance matrix (TCFormer reuses it too)
-        cidx, cval = _select_mask_plain(is_center)
-        dc = d2.gather(2, (cidx - lead).clamp(min=0).unsqueeze(1).expand(B, d2.shape[1], -1))
-        if not bool(cval.all()):
-            dc = dc.masked_fill(~cval.unsqueeze(1), float("inf"))
-        cid = cidx.gather(1, dc.argmin(-1))
-        if lead:
-            cid = torch.cat([ar[:, :lead], cid], 1)
+        cid = _nearest_center(dpc, is_center[:, dpc.lead:]) + dpc.lead
+        if dpc.lead:
+            cid = torch.cat([ar[:, :dpc.lead], cid], 1)
     dst = torch.where(red, cid, torch.where(state.mask, ar, torch.full_like(ar, -1)))
     # samples that keep 0 reducible tokens: drop their reducible tokens
     dst = torch.where(red & (counts == 0).unsqueeze(1), torch.full_like(dst, -1), dst)
