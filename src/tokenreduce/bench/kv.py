@@ -18,7 +18,14 @@
 
 Results: ``<out>/kv.jsonl`` (one run per invocation, with metadata), ``<out>/*.png`` and ``<out>/report.html``.
 Parts run separately (other venvs, prompt ranges, lengths) are combined with ``--merge a.jsonl,b.jsonl@part``
-(appended to ``<out>/kv.jsonl``; the report keeps the latest run per configuration).
+(appended to ``<out>/kv.jsonl``; the report keeps the latest run per configuration). The same-process kvpress
+timing (tokenreduce installed in kvpress's venv with ``pip install -e . --no-deps``)::
+
+    tokenreduce bench kv --parts export,timing --timing-lengths 4096 --threads 1 --clock cpu --out results/kv/t
+    flock /tmp/tokenreduce-timing.lock /work/kvpress-venv/bin/python -m tokenreduce.bench.kv --parts timing \
+        --timing-prompts results/kv/t/kvpress_prompts.json --timing-lengths 4096 --threads 1 --clock cpu \
+        --timing-kvpress none,SnapKVPress@0.25,StreamingLLMPress@0.25 --timing-label "kvpress venv" --out results/kv/k
+    tokenreduce bench kv --report-only --out results/kv --merge results/kv/t/kv.jsonl@timing,results/kv/k/kv.jsonl
 """
 
 from __future__ import annotations
@@ -107,7 +114,10 @@ REPORT_NOTES = (
     "full prompt. 'vs none+chunked' compares with the unreduced model under the same chunked prefill (chunking "
     "alone is faster on CPU: SDPA's masked sliding-window layers attend to the whole prompt in one forward). "
     "kvpress:* rows = kvpress's own path (context forward under press(model), then its pipeline's generate_answer) "
-    "in the same process and rounds (kvpress's venv, transformers 5.2); kvpress:none = that path without a press. "
+    "in the same process and rounds (kvpress's venv, transformers 5.2); kvpress:none = that path without a press "
+    "(its config-less cache keeps every layer's whole prompt, 3.7x our unreduced KV bytes at 4k). Under "
+    "transformers 5.2 generate(prefill_chunk_size=...) on Gemma 3 answers wrongly even unreduced (5.23: the same "
+    "answer as one forward), so the '+ chunked' rows of the kvpress-venv table time a broken computation. "
     "kv_bytes = after the prompt, kv_bytes_end = after the last token; peak memory and KV bytes come from the "
     "untimed memory part when it ran (before 2026-11-25 the adapter's prompt snapshot under chunked prefill was "
     "taken after the first chunk).")
@@ -876,7 +886,10 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
                              "ours_variant": r.get("ours_variant"),
                              "ours_accuracy": ours["accuracy"] if ours else None,
                              "ours_kv_fraction": ours["kv_fraction"] if ours else None,
-                             "kvpress_prefill_s": r.get("prefill_s"), "kvpress_decode_tok_s": r.get("decode_tok_s"),
+                             # timed in kvpress_compare.py's own process (1.1k prompts, other load): not comparable
+                             # with ours; the same-process comparison is the 'kvpress venv' timing table
+                             "kvpress_prefill_s (other process)": r.get("prefill_s"),
+                             "kvpress_decode_tok_s (other process)": r.get("decode_tok_s"),
                              "kvpress_error": r.get("error")})
             tables.append(("Side by side with kvpress 0.5.5 (same model, prompts, question kept)", side))
         ag = _agreement_rows(parts.get("kept_ours", []), kp.get("kvpress_kept", []))
@@ -884,7 +897,8 @@ def build_report(out: str | Path, kvpress: str | Path | None = None) -> Path:
             tables.append(("Kept positions, identical configurations (Jaccard of kept sets per layer)", ag))
         kt = kp.get("kvpress_timing", [])
         if kt:
-            tables.append(("kvpress timings (its own process/venv)", kt))
+            cap = "kvpress timings (its own process/venv; not comparable, see the 'kvpress venv' timing table)"
+            tables.append((cap, kt))
     text = "\n\n".join(format_table(rows, title=cap) for cap, rows in tables if rows)
     (out / "report.txt").write_text(text + "\n")
     return html_report("tokenreduce bench kv — Gemma 3 270M", meta, tables, images, out / "report.html",
@@ -1018,3 +1032,11 @@ def register_cli(bench_app: Any) -> None:
         path = run_kv_bench(cfg)
         print((Path(cfg.out) / "report.txt").read_text())
         print(f"report: {path}")
+
+
+if __name__ == "__main__":  # `python -m tokenreduce.bench.kv ...`: `bench kv` without the CLI's other plugins
+    import typer  # (peer venvs, e.g. kvpress's, lack timm & co.; see the module docstring)
+
+    _app = typer.Typer(add_completion=False)
+    register_cli(_app)
+    _app()
