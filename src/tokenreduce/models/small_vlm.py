@@ -43,7 +43,9 @@ baseline in parentheses): identity 0.46 (0.14), counting 0.925 (0.355), spatial 
 0.59 (0.215), detail 0.865 (0.115). Model v2 (conjoined aux classes only, token-mean loss): identity
 0.74, counting 0.495, spatial 0.54, comparison 0.59, detail 0.055. ``spatial`` is still not learned: its
 training loss stays at chance (yes/no balanced over four relations, so neither digit's position alone
-predicts the answer: no first-order gradient towards finding a digit by its value). A training-only
+predicts the answer: no first-order gradient towards finding a digit by its value); on v3, a linear probe of
+the answer position's hidden state (every layer, 1200 held-out spatial questions) reads the column of either
+named digit at 0.31-0.38 (majority 0.37): the LLM never looks the digits up. A training-only
 ``where is the 3 ?`` -> ``top left`` task aimed at that look-up did not move it in an 800-step pilot (and
 identity/detail stayed at chance in that run), so it was not kept.
 """
