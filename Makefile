@@ -46,4 +46,5 @@ peers: .venv-peers-prompt/.installed .venv-kvpress/.installed
 	$(PYTHON) -m venv .venv-kvpress
 	.venv-kvpress/bin/pip install -q torch==2.14.1
 	.venv-kvpress/bin/pip install -q kvpress==0.5.5 'transformers>=4.56,<5.3' gguf sentencepiece
+	.venv-kvpress/bin/pip install -q --no-deps -e .  # bench kv's kvpress helpers, used by scripts/kvpress_compare.py
 	touch $@

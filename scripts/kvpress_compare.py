@@ -1,10 +1,12 @@
 """Side by side with NVIDIA kvpress 0.5.5 on the same Gemma 3 270M and the same passcode prompts.
 
-Runs in kvpress's OWN virtualenv (kvpress 0.5.5 needs transformers>=4.56,<5.3; tokenreduce needs 5.23), and is
-never imported by tokenreduce::
+Runs in kvpress's OWN virtualenv (kvpress 0.5.5 needs transformers>=4.56,<5.3; tokenreduce needs 5.23), with
+tokenreduce installed there without its dependencies (for the shared kvpress hook helper), and is never imported
+by tokenreduce (``make peers`` builds this venv)::
 
     python -m venv /work/kvpress-venv
     /work/kvpress-venv/bin/pip install kvpress==0.5.5 'transformers>=4.56,<5.3' torch==2.14.1
+    /work/kvpress-venv/bin/pip install --no-deps -e .
     tokenreduce bench kv --parts export,agreement --out results/kv          # prompts + our kept positions
     /work/kvpress-venv/bin/python scripts/kvpress_compare.py --prompts results/kv/kvpress_prompts.json \
         --out results/kv/kvpress.jsonl
@@ -42,6 +44,8 @@ import torch
 from kvpress.pipeline import KVPressTextGenerationPipeline
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from tokenreduce.bench.kv import kvpress_global_only  # stdlib + torch only: imports in kvpress's venv
+
 PRESSES = {  # label -> (press class, kwargs, our comparable bench variant)
     "SnapKVPress": ("SnapKVPress", {}, "snapkv"),
     "TOVAPress": ("TOVAPress", {}, "tova"),
@@ -61,24 +65,6 @@ def kv_bytes(cache) -> int:
     return n
 
 
-@contextlib.contextmanager
-def global_only(press, model):
-    """kvpress's BasePress.__call__ with its Gemma3ForConditionalGeneration rule (skip sliding layers)."""
-    press.post_init_from_model(model)
-    hooks = []
-    try:
-        lm = model.model
-        for layer in lm.layers:
-            if layer.self_attn.is_sliding:
-                continue
-            layer.self_attn.rotary_emb = lm.rotary_emb
-            hooks.append(layer.self_attn.register_forward_hook(press.forward_hook, with_kwargs=True))
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 class _Press:
     """Wraps a press so ``press(model)`` hooks all layers or only global ones."""
 
@@ -86,7 +72,7 @@ class _Press:
         self.press, self.mode = press, mode  # mode: "all" | "global"
 
     def __call__(self, model):
-        return global_only(self.press, model) if self.mode == "global" else self.press(model)
+        return kvpress_global_only(self.press, model) if self.mode == "global" else self.press(model)
 
 
 def answer_stepwise(model, tok, question_ids, cache, context_length, max_new_tokens) -> str:

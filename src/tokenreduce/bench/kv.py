@@ -471,7 +471,7 @@ def _kvpress_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], la
             return contextlib.nullcontext()
         if mode == "all":
             return press(model)
-        return _kvpress_global_only(press, model)
+        return kvpress_global_only(press, model)
 
     def fn():
         cache = DynamicCache(config=model.config) if mode == "global" else DynamicCache()
@@ -494,8 +494,9 @@ def _kvpress_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], la
 
 
 @contextlib.contextmanager
-def _kvpress_global_only(press: Any, model: Any):
-    """kvpress's ``BasePress.__call__`` with its Gemma3ForConditionalGeneration rule (sliding layers skipped)."""
+def kvpress_global_only(press: Any, model: Any):
+    """kvpress's ``BasePress.__call__`` with its Gemma3ForConditionalGeneration rule (sliding layers skipped).
+    Also used by ``scripts/kvpress_compare.py``."""
     press.post_init_from_model(model)
     hooks = []
     try:
