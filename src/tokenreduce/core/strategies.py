@@ -219,8 +219,7 @@ def bipartite_assignment(state: TokenState, metric: Tensor, r: Tensor) -> Tensor
     # the partner (first best B token, as scores.max returns it) only for the r merged A tokens
     partner = scores.gather(1, top_a.unsqueeze(-1).expand(B, rmax, Nb)).argmax(-1)
     dst = torch.arange(N, device=m.device).expand(B, N).clone()
-    dst_a = dst[:, 0::2].scatter(1, top_a, torch.where(top, 2 * partner + 1, 2 * top_a))
-    dst[:, 0::2] = dst_a
+    dst[:, 0::2] = dst[:, 0::2].scatter(1, top_a, torch.where(top, 2 * partner + 1, 2 * top_a))
     return torch.where(state.mask, dst, torch.full_like(dst, -1))
 
 
@@ -302,6 +301,11 @@ def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int
     return (score if valid is None else score.masked_fill(~valid, NEG)), d2, near, near_idx
 
 
+def _at(per_token: Tensor, idx: Tensor) -> Tensor:
+    """``per_token`` (B, N) read at the (B, N, m) neighbour indices ``idx``."""
+    return per_token.gather(1, idx.flatten(1)).view_as(idx)
+
+
 def _nearest_denser_sq(d2: Tensor, near: Tensor, near_idx: Tensor, rho: Tensor, valid: Tensor | None,
                        big: float) -> Tensor:
     """delta_i^2 = min_{j: rho_j > rho_i} d2_ij (``big`` where no valid denser token exists).
@@ -311,9 +315,9 @@ def _nearest_denser_sq(d2: Tensor, near: Tensor, near_idx: Tensor, rho: Tensor, 
     nearest denser token overall (every other token is at least as far as the m-th). Only the rows with no
     denser token among them (the local density peaks) scan their whole row.
     """
-    denser = rho.gather(1, near_idx.flatten(1)).view_as(near_idx) > rho.unsqueeze(-1)
+    denser = _at(rho, near_idx) > rho.unsqueeze(-1)
     if valid is not None:
-        denser &= valid.gather(1, near_idx.flatten(1)).view_as(near_idx)
+        denser &= _at(valid, near_idx)
     delta2 = torch.where(denser, near, big).amin(-1)
     peak = delta2 >= big
     if bool(peak.any()):
@@ -335,7 +339,7 @@ def _nearest_center(dpc: _Dpc, is_center: Tensor) -> Tensor:
     """
     big = torch.finfo(dpc.d2.dtype).max
     n = is_center.shape[1]
-    cen = is_center.gather(1, dpc.near_idx.flatten(1)).view_as(dpc.near_idx)
+    cen = _at(is_center, dpc.near_idx)
     dist = torch.where(cen, dpc.near, big)
     dmin = dist.amin(-1, keepdim=True)
     best = torch.where(cen & (dist == dmin), dpc.near_idx, n).amin(-1)
@@ -511,8 +515,8 @@ def transform(state: TokenState, metric: Tensor, counts: Tensor, scores: Tensor,
     best.scatter_(1, torch.where(tval, tidx, N), torch.arange(K, device=best.device).expand(B, K))
     if R and K > P:
         m = metric.to(torch.promote_types(metric.dtype, torch.float32))
-        m = m * m.norm(dim=-1, keepdim=True).clamp(min=1e-12).reciprocal()  # F.normalize, without its slow
-        # broadcast division; cosine similarity to the non-protected targets only (protected tokens are not targets): (B, R, K-P)
+        m = m * m.norm(dim=-1, keepdim=True).clamp(min=1e-12).reciprocal()  # F.normalize, minus its slow `/`
+        # cosine similarity to the non-protected targets only (protected tokens are not targets): (B, R, K-P)
         sim = batched_index_select(m, sidx) @ batched_index_select(m, tidx[:, P:]).transpose(1, 2)
         if not bool(tval.all()):
             sim = sim.masked_fill(~tval[:, P:].unsqueeze(1), NEG)
