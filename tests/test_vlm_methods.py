@@ -96,7 +96,7 @@ def test_all_methods_registered():
 
 
 # ---------------------------------------------------------------------------- identity + exact restore
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "todre"])
+@pytest.mark.parametrize("name", METHODS)
 def test_identity_and_restore(model, name):
     batch = _batch(*RAGGED)
     ref = _gen(model, batch)

@@ -58,7 +58,7 @@ def test_reported_accuracy_reproduces(vlm):
     assert r["acc_by_type"]["detail"] > chance["detail"]
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "todre"])
+@pytest.mark.parametrize("name", METHODS)
 def test_identity_on_trained_model(vlm, name):
     from tokenreduce.models.small_vlm import answer_questions
 

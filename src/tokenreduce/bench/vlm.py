@@ -366,7 +366,7 @@ def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VlmBenchConfig, meta:
     notes = ("Accuracy: greedy generate, first answer word, on held-out digit scenes (base digits disjoint from "
              "training). keep: see tokenreduce.methods.vlm (fraction of visual tokens per image before the LLM; "
              "FastV 1-R; PDrop lambda; SparseVLM layer-averaged; ToDRE stage-1 fraction, all visual tokens dropped "
-             "mid-LLM). visual_tokens_avg: visual tokens averaged over LLM layers. Speedups: median of per-round "
+             "mid-LLM (keep=1: identity)). visual_tokens_avg: visual tokens averaged over LLM layers. Speedups: median of per-round "
              f"ratios vs the unreduced model, interleaved in the same run ({cfg.repeats} rounds, {cfg.threads} "
              f"thread(s), batch {cfg.time_batch}; generate = {cfg.gen_tokens} new tokens). gflops: analytic "
              "prefill FLOPs per sample (vision + projector + LLM + head), scoring excluded (overhead_ms).")

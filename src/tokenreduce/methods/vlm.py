@@ -27,7 +27,7 @@ sparsevlm   visual fraction averaged over the layers from the 1st pruned one on,
             split over stages in the official 64-token list's shape (66 : 30 : 17)
 pdrop       PyramidDrop's lambda: fraction kept at each stage (lambda, lambda^2, ...)  0.5
 todre       tokens per image after stage 1 (diversity); all visual tokens dropped    0.1
-            from ``layer`` on (information migration)
+            from ``layer`` on (information migration); keep=1: identity
 =========== ======================================================================== =====================
 
 The layer-averaged visual-token fraction each run really had is in ``Handle.stats`` (``visual_tokens``
@@ -478,6 +478,9 @@ class ToDRE(VlmMethod):
     2. task relevance ("information migration"), inside the LLM: from ``layer`` on (default: the middle
        layer) the visual tokens are dropped. With ``relevance`` = tau > 0 the drop is adaptive: only samples
        whose last token pays the visual tokens less than tau of its attention at layer-1 drop them.
+
+    ``keep=1`` is the identity (both stages off, DESIGN.md invariant 1): stage 2 has no budget of its own,
+    so it acts only together with a stage-1 reduction (``keep < 1``).
     """
 
     keep: KeepLike = 0.1
@@ -488,11 +491,8 @@ class ToDRE(VlmMethod):
     def setup(self, info: ModelInfo) -> None:
         super().setup(info)
         lay = self.layer if self.layer is not None else max(1, info.depth // 2)
-        self.stages = (_layer_ok(lay, info.depth, "layer"),)
-
-    @property
-    def is_identity(self) -> bool:
-        return False  # stage 2 always acts
+        _layer_ok(lay, info.depth, "layer")
+        self.stages = () if self.is_identity else (lay,)  # keep=1: no stage 2 either (identity)
 
     def vision_layers(self) -> dict[int, frozenset[str]]:
         return {self.info.feature_layer: frozenset({"cls"})} if self.info.has_cls else {}
