@@ -215,6 +215,68 @@ def test_aux_targets_and_per_type_loss():
     assert flat.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+def test_reduction_augmentation_equals_masking():
+    """Warm-restart augmentation (restart_drop): a reduced image with its original position ids is the
+    full sequence with the dropped visual tokens masked out; same questions and scenes as unreduced."""
+    from tokenreduce.models.small_vlm import (
+        VLMTrainConfig,
+        _train_forward,
+        _training_batch,
+        build_small_vlm,
+        build_tokenizer,
+    )
+
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1,
+                       batch_size=3, restart_drop=1.0, drop_merge=0.0, drop_keep_positions=1.0)
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    m = build_small_vlm(c, attn_implementation="eager").eval()
+    b = _training_batch(c, 3, tok, reduce=True)
+    b0 = _training_batch(c, 3, tok)
+    image = VOCAB.index("<image>")
+    drop = torch.zeros_like(b0["attention_mask"], dtype=torch.bool)
+    for i, (kind, idx) in enumerate(b["reduce"]):
+        assert kind == "subset" and 1 <= len(idx) < 144 and int((b["input_ids"][i] == image).sum()) == len(idx)
+        assert idx == sorted(set(idx))
+        slots = (b0["input_ids"][i] == image).nonzero()[:, 0]
+        drop[i, slots[[j for j in range(144) if j not in set(idx)]]] = True
+        n = int(b["attention_mask"][i].sum())
+        assert b["position_ids"][i, n - 1] == int(b0["attention_mask"][i].sum()) - 1  # text keeps its ids
+    for k in ("patch_labels", "labels", "answer_types"):
+        b.pop(k), b0.pop(k)
+    with torch.no_grad():
+        red = _train_forward(m, dict(b)).logits
+        b0["attention_mask"] = b0["attention_mask"] * ~drop
+        full = m(**b0).logits
+    for i in range(3):
+        keep = b0["attention_mask"][i].bool()
+        n = int(keep.sum())
+        torch.testing.assert_close(red[i, :n], full[i, keep], rtol=1e-4, atol=1e-4)
+    # pool plans: a grid of merged tokens; compact positions: contiguous ids
+    c2 = dataclasses.replace(c, drop_merge=1.0, drop_keep_positions=0.0)
+    b2 = _training_batch(c2, 4, tok, reduce=True)
+    for i, (kind, (gh, gw)) in enumerate(b2["reduce"]):
+        n = int(b2["attention_mask"][i].sum())
+        assert kind == "pool" and int((b2["input_ids"][i] == image).sum()) == gh * gw
+        assert torch.equal(b2["position_ids"][i, :n], torch.arange(n))
+    with torch.no_grad():
+        assert _train_forward(m, {k: v for k, v in b2.items() if k not in ("patch_labels", "labels",
+                                                                            "answer_types")}).logits.isfinite().all()
+
+
+def test_v3_model_stays_addressable():
+    """The augmentation fields are absent from the hash when off: ``restart_drop=0, restart_steps=600`` is the
+    cached v3 model, and the default's parent is v3's parent (the 1100-step model)."""
+    from tokenreduce.models.small_vlm import VLMTrainConfig
+
+    c = VLMTrainConfig()
+    assert c.without_drop().parent().config_hash() == c.parent().config_hash() == "892f7ded99"
+    assert VLMTrainConfig(restart_steps=600, restart_drop=0.0).config_hash() == "42c6df0141"
+    assert c.config_hash() not in ("42c6df0141", "892f7ded99")
+    with pytest.raises(ValueError, match="restart_drop"):
+        VLMTrainConfig(restart_drop=1.5)
+
+
 def test_missing_checkpoint_error(tmp_path, monkeypatch):
     from tokenreduce.models.small_vlm import VLMTrainConfig, load_small_vlm
 

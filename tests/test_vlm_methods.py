@@ -377,3 +377,77 @@ def test_llava_next_inside_llm(name):
     assert h.stats.kv_tokens[-1] < ref.past_key_values.layers[-1].keys.shape[-2]
     with pytest.raises(ValueError, match="one patch grid"):
         tr.apply(m, "divprune")
+
+
+# ---------------------------------------------------------------------------- positions="keep" before the LLM
+def _greedy_reference(m, ids, am, pos, feats, steps):
+    """Greedy decoding without tokenreduce and without a cache: the whole sequence every step, with explicit
+    position ids (the prompt's, then +1 per generated token)."""
+    logits = []
+    with torch.no_grad():
+        for _ in range(steps):
+            lg = m(input_ids=ids, attention_mask=am, position_ids=pos, mm_encoder_outputs={"image": feats}).logits[:, -1]
+            logits.append(lg)
+            nxt = lg.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+            am = torch.cat([am, torch.ones_like(nxt)], 1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+    return ids, logits
+
+
+@pytest.mark.parametrize("name", BEFORE + ["todre"])
+def test_before_llm_keep_positions(model, name):
+    """positions="keep": each kept token sits in its source patch's placeholder slot with that slot's
+    position id, the text after the image keeps its ids, in prefill and decoding (ragged batch) — equal to
+    the unpatched model fed the reduced features with those placeholders and position ids."""
+    prompts, n_img = RAGGED
+    batch = _batch(prompts, n_img)
+    kw = {"relevance": 1e-12} if name == "todre" else _kw(name)  # todre: stage 1 alone (see above)
+    with tr.apply(model, name, keep=0.5, positions="keep", **kw) as h:
+        out = _gen(model, batch)
+        kept = h.stats.kept_patches
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    B, L = ids.shape
+    pos_full = (am.cumsum(1) - 1).clamp(min=0)
+    rows, poss = [], []
+    for b in range(B):
+        slots = {s for img in kept[b] for s in img}
+        keep_b, seen = [], 0
+        for j in range(L):
+            if ids[b, j] == IMAGE_ID:
+                keep_b.append(seen % NTOK in set(kept[b][seen // NTOK]))
+                seen += 1
+            else:
+                keep_b.append(True)
+        assert slots and all(0 <= s < NTOK for s in slots)
+        sel = torch.tensor(keep_b)
+        rows.append((ids[b][sel], am[b][sel]))
+        poss.append(pos_full[b][sel])
+    L2 = max(len(r[0]) for r in rows)
+    ids2 = torch.full((B, L2), PAD)
+    am2 = torch.zeros((B, L2), dtype=torch.long)
+    pos2 = torch.ones((B, L2), dtype=torch.long)
+    for b, ((i, a), p) in enumerate(zip(rows, poss)):
+        ids2[b, L2 - len(i):], am2[b, L2 - len(i):], pos2[b, L2 - len(i):] = i, a, p
+    seq, logits = _greedy_reference(model, ids2, am2, pos2, feats, GEN)
+    assert torch.equal(out.sequences[:, -GEN:], seq[:, -GEN:])
+    for a, b in zip(out.logits, logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # and differs from the compact layout (the ids really are the unreduced prompt's)
+    with tr.apply(model, name, keep=0.5, **kw):
+        comp = _gen(model, batch)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(comp.logits, out.logits))
+
+
+def test_keep_positions_bad_value_and_precomputed_features(model):
+    with pytest.raises(ValueError, match="positions='sideways' is invalid"):
+        tr.apply(model, "random", positions="sideways")
+    batch = _batch(*SINGLE)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+    with tr.apply(model, "random", keep=1.0, positions="keep"):  # identity: nothing to place
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mm_encoder_outputs={"image": feats})
+    with tr.apply(model, "random", keep=0.5, positions="keep"), pytest.raises(ValueError, match="source patches"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mm_encoder_outputs={"image": feats})

@@ -12,7 +12,8 @@ How, with hooks and instance attributes only (``Handle.remove()`` restores the m
   features (``where="pre"``) or projected features (``"post"``); the vision attention it needs ([CLS] row,
   mean attention, keys) is computed from forward hooks on the q/k projections of the few encoder layers
   it names. A forward pre-hook on ``LlavaModel`` then drops the surplus ``<image>`` placeholders from
-  ``input_ids`` (so HF's placeholder-count check holds), re-pads ragged rows and re-indexes positions.
+  ``input_ids`` (so HF's placeholder-count check holds) and re-pads ragged rows; positions are re-indexed
+  (``positions="compact"``) or each kept token keeps its patch slot's id (``"keep"``).
 * **inside the LLM** — forward pre-hooks on the decoder layers: at a stage layer the method scores the
   visual tokens (attention rows of the last/rater text tokens computed from that layer's own q/k, for those
   rows only), the hidden states are gathered, and that layer and all later ones get their own 4D mask
@@ -126,7 +127,8 @@ class _Plan:
     orig_len: int  # prompt length of the 2D mask generate keeps
     base_len: int  # prompt length of the LLM input (after before-the-LLM compaction)
     base_real: Tensor  # (B, base_len)
-    base_shift: Tensor  # (B,)
+    base_shift: Tensor  # (B,) decode position shift (tokens removed before the LLM, 0 with positions="keep")
+    base_removed: Tensor  # (B,) prompt tokens removed before the LLM
     stages: list[_Stage]
     compacted: bool = False
 
@@ -229,6 +231,13 @@ class _Run:
                 ycls, ybody = (y[:, :1], y[:, 1:]) if keep_cls else (None, y)
                 ybody, src, _ = method.reduce_image(ybody, ctx)
                 y = torch.cat([ycls, ybody], 1) if keep_cls else ybody
+            if src is not None and method.positions == "keep":  # placeholders are filled in patch order
+                order = src.argsort(1)
+                src = src.gather(1, order)
+                if keep_cls:
+                    y = torch.cat([y[:, :1], _gather(y[:, 1:], order)], 1)
+                else:
+                    y = _gather(y, order)
             if src is not None and keep_cls:
                 src = torch.cat([torch.full_like(src[:, :1], -1), src], 1)
             self.image_sources = src
@@ -299,8 +308,8 @@ class _Run:
             self.image_sources = None
             am = kw.get("attention_mask")
             real = torch.ones_like(input_ids, dtype=torch.bool) if am is None else am.bool()
-            self._base = (input_ids.shape[1], input_ids.shape[1], real,
-                          torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device), False)
+            zero = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            self._base = (input_ids.shape[1], input_ids.shape[1], real, zero, False, zero)
         self._lm_ids = kw["input_ids"]
         self.phase = "prefill"
         return (), kw
@@ -327,7 +336,9 @@ class _Run:
         return n_given
 
     def _compact(self, kw: dict, vis: Tensor, lengths: list[int]) -> None:
-        """Keep the first ``lengths[i]`` placeholders of image i, re-pad, re-index positions."""
+        """Keep ``lengths[i]`` placeholders of image i and re-pad. ``positions="compact"``: the first
+        ``lengths[i]``, positions re-indexed; ``"keep"``: those in the slots of the kept tokens' source
+        patches (original position ids)."""
         ids = kw["input_ids"]
         B, L = ids.shape
         am = kw.get("attention_mask")
@@ -337,12 +348,24 @@ class _Run:
         img = torch.where(vis, flat_rank // per, -1)
         within = torch.where(vis, flat_rank % per, -1)
         lens = torch.tensor(lengths, device=ids.device)
-        keep_tok = real & (~vis | (within < lens[img.clamp(min=0)]))
+        keep_pos = self.method.positions == "keep"
+        src = self.image_sources
+        if keep_pos:
+            if src is None or src.shape[0] != len(lengths):
+                raise ValueError("positions='keep' needs the kept tokens' source patches: pass pixel_values (the "
+                                 "method reduces the features itself), not precomputed image features")
+            slot = torch.zeros(len(lengths), per, dtype=torch.bool, device=ids.device)
+            slot.scatter_(1, self._slots(src), True)
+            if (slot.sum(1) != lens).any():
+                raise RuntimeError("positions='keep' needs distinct source patches per image token")
+            keep_tok = real & (~vis | slot[img.clamp(min=0), within.clamp(min=0)])
+        else:
+            keep_tok = real & (~vis | (within < lens[img.clamp(min=0)]))
         removed_before = torch.cumsum((real & ~keep_tok).long(), 1)
         pos = kw.get("position_ids")
         if pos is None:
             pos = torch.arange(L, device=ids.device).expand(B, L)
-        pos = pos.expand(B, L) - removed_before
+        pos = pos.expand(B, L) if keep_pos else pos.expand(B, L) - removed_before
         n = keep_tok.sum(1)
         L2 = int(n.max())
         pad_left = bool(real[:, -1].all()) and not bool(real[:, 0].all()) or bool(real.all())
@@ -358,7 +381,13 @@ class _Run:
         if am is not None or not bool(new_real.all()):
             kw["attention_mask"] = new_real.long()
         removed = (real & ~keep_tok).sum(1)
-        self._base = (L, L2, new_real, removed, True)
+        self._base = (L, L2, new_real, removed, True, torch.zeros_like(removed) if keep_pos else removed)
+
+    def _slots(self, src: Tensor) -> Tensor:
+        """Placeholder slot (within an image's ``per`` placeholders) of each reduced token: its source patch,
+        after the [CLS] slot when the features keep [CLS] (source -1)."""
+        has_cls = bool((src < 0).any())
+        return src + 1 if has_cls else src
 
     def _decode_translate(self, kw: dict, cache: Any) -> None:
         plan = self.plan
@@ -381,9 +410,9 @@ class _Run:
             new_cols = torch.ones(B, t_plus_q, dtype=torch.long, device=ids.device)
         kw["attention_mask"] = torch.cat([plan.base_real.long(), new_cols.long()], 1)
         pos = kw.get("position_ids")
-        if pos is None:
-            start = plan.base_real.sum(1) + (t_plus_q - q)  # real prompt tokens + generated so far
-            pos = start[:, None] + torch.arange(q, device=ids.device)[None] + plan.base_shift[:, None]
+        if pos is None:  # the unreduced prompt's numbering: its real tokens + generated so far
+            start = plan.base_real.sum(1) + plan.base_removed + (t_plus_q - q)
+            pos = start[:, None] + torch.arange(q, device=ids.device)[None]
         kw["position_ids"] = pos - plan.base_shift[:, None]
 
     # ------------------------------------------------------------------ language model hooks
@@ -458,10 +487,12 @@ class _Run:
                 st.flops = {"gflops": f["gflops"], "gflops_unreduced": f0["gflops"]}
             if cache is not None:
                 self.plan = _Plan(cache=weakref.ref(cache), orig_len=int(self._base[0]), base_len=int(self._base[1]),
-                                  base_real=self._base[2], base_shift=self._base[3], stages=self._stages,
+                                  base_real=self._base[2], base_shift=self._base[5], base_removed=self._base[3],
+                                  stages=self._stages,
                                   compacted=bool(self._base[4]))
             self._stats = st
             self.cur = None
+            self.image_sources = None  # used up: never carried over to another prompt's features
         self.phase = "off"
 
     # ------------------------------------------------------------------ decoder layer pre-hooks

@@ -5,8 +5,10 @@ Two places, as in the papers:
 * **before the LLM** (``visionzip``, ``divprune``, ``hiprune``, ``pool``, ``random``; stage 1 of ``todre``):
   each image's visual tokens are reduced once, on the vision features before LLaVA's projector
   (``where = "pre"``) or on the projected features (``"post"``); the prompt then carries fewer image
-  placeholders, so the LLM sees a shorter sequence with contiguous positions (LLaVA builds its input
-  sequence from the reduced features).
+  placeholders, so the LLM sees a shorter sequence. ``positions="compact"`` (default): contiguous position
+  ids, as LLaVA builds its input sequence from the reduced features (the papers' code); ``"keep"``: every
+  surviving token keeps the id it has in the unreduced prompt (its patch's slot; the text after the image
+  keeps its ids too), so the LLM sees the image at the positions it was trained with.
 * **inside the LLM** (``fastv``, ``sparsevlm``, ``pdrop``; stage 2 of ``todre``): at chosen decoder layers
   the visual tokens' hidden states are pruned during prefill, so later layers compute and cache only the
   survivors (their KV cache is really smaller); text tokens are never removed. Scores use the attention
@@ -117,8 +119,9 @@ class StageDecision:
 @dataclass
 class VlmMethod:
     """Base class. Subclasses set ``where`` ("pre"/"post" for before-the-LLM reductions, None otherwise),
-    ``stages`` (LLM layers reduced before, after :meth:`setup`) and ``positions`` for inside stages
-    ("keep": original position ids, "compact": re-indexed contiguously, as the paper's code does)."""
+    ``stages`` (LLM layers reduced before, after :meth:`setup`) and ``positions`` ("keep": original position
+    ids, "compact": re-indexed contiguously, as the paper's code does; a keyword of the before-the-LLM
+    methods and ToDRE, where it covers the placeholders and the text after them)."""
 
     keep: KeepLike = 1.0
     where: ClassVar[str | None] = None
@@ -129,6 +132,9 @@ class VlmMethod:
         if isinstance(self.keep, (list, tuple)):
             raise TypeError(f"{type(self).__name__}: keep must be one float in (0, 1] or int >= 1, got {self.keep!r}")
         validate_keep_value(self.keep)
+        if self.positions not in ("compact", "keep"):
+            raise ValueError(f"positions={self.positions!r} is invalid: accepted 'compact' (contiguous ids) or "
+                             f"'keep' (the ids of the unreduced prompt)")
         self.budget = Keep.of(self.keep)
         self.stages: tuple[int, ...] = ()
 
@@ -210,6 +216,7 @@ class VisionZip(VlmMethod):
 
     keep: KeepLike = 64 / 576
     contextual: float = 10 / 64
+    positions: str = "compact"
     where: ClassVar[str | None] = "pre"
 
     def vision_layers(self) -> dict[int, frozenset[str]]:
@@ -233,6 +240,7 @@ class DivPrune(VlmMethod):
     :func:`tokenreduce.core.visual.divprune_scores`). Paper default: ~9.8% of the tokens."""
 
     keep: KeepLike = 0.098
+    positions: str = "compact"
     where: ClassVar[str | None] = "post"
 
     def reduce_image(self, x: Tensor, ctx: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -254,6 +262,7 @@ class HiPrune(VlmMethod):
     keep: KeepLike = 192 / 576
     alpha: float = 0.1
     object_layer: int | None = None
+    positions: str = "compact"
     where: ClassVar[str | None] = "pre"
 
     def setup(self, info: ModelInfo) -> None:
@@ -280,8 +289,10 @@ class HiPrune(VlmMethod):
 @dataclass
 class PoolVLM(VlmMethod):
     """Average-pooling baseline: the projected patch grid pooled to about ``keep`` of its cells (adaptive
-    non-overlapping bins, :func:`tokenreduce.core.strategies.pool`)."""
+    non-overlapping bins, :func:`tokenreduce.core.strategies.pool`); a pooled token's position (with
+    ``positions="keep"``) is its bin's first patch."""
 
+    positions: str = "compact"
     where: ClassVar[str | None] = "post"
 
     def setup(self, info: ModelInfo) -> None:
@@ -301,6 +312,7 @@ class RandomVLM(VlmMethod):
     image, so a sample keeps the same tokens alone or in a batch)."""
 
     seed: int = 0
+    positions: str = "compact"
     where: ClassVar[str | None] = "pre"
 
     def reduce_image(self, x: Tensor, ctx: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -486,6 +498,7 @@ class ToDRE(VlmMethod):
     keep: KeepLike = 0.1
     layer: int | None = None
     relevance: float = 0.0
+    positions: str = "compact"
     where: ClassVar[str | None] = "post"
 
     def setup(self, info: ModelInfo) -> None:

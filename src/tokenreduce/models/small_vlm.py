@@ -104,6 +104,8 @@ MODEL_VERSION = 3
 #: attend to the question in the causal LLM.
 PROMPT_FORMATS = ("image_first", "question_first")
 _HASH_EXCLUDED = frozenset({"num_threads", "eval_every", "log_every"})
+#: the warm restart's token-reduction augmentation (:func:`_reduce_plan`); absent from the hash when off
+_DROP_FIELDS = ("restart_drop", "drop_min", "drop_merge", "drop_keep_positions")
 _TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
 
 
@@ -126,8 +128,12 @@ class VLMTrainConfig:
     vision_batch_size: int = 32
     vision_lr: float = 2e-3
     steps: int = 1100
-    restart_steps: int = 600
+    restart_steps: int = 1000
     restart_lr: float = 1e-3
+    restart_drop: float = 0.5
+    drop_min: float = 0.03
+    drop_merge: float = 0.25
+    drop_keep_positions: float = 0.5
     batch_size: int = 16
     qa_per_image: int = 6
     prompt: str = "question_first"
@@ -169,6 +175,11 @@ class VLMTrainConfig:
             raise ValueError(f"prompt={self.prompt!r} is invalid: accepted {PROMPT_FORMATS}")
         if not 0 < self.lr <= 1:
             raise ValueError(f"lr={self.lr!r} must be in (0, 1]")
+        for name in ("restart_drop", "drop_merge", "drop_keep_positions"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        if not 0 < self.drop_min <= 1:
+            raise ValueError(f"drop_min={self.drop_min!r} must be in (0, 1]")
 
     @property
     def num_image_tokens(self) -> int:
@@ -192,11 +203,19 @@ class VLMTrainConfig:
         """The configuration this one continues from (a warm restart of the joint phase), if any."""
         return dataclasses.replace(self, restart_steps=0) if self.restart_steps > 0 else None
 
+    def without_drop(self) -> VLMTrainConfig:
+        """The same training without the token-reduction augmentation (model v3 ``v3-42c6df0141`` for the
+        default config with ``restart_steps=600``)."""
+        return dataclasses.replace(self, restart_drop=0.0)
+
     def config_hash(self) -> str:
         payload = {k: v for k, v in self.to_dict().items() if k not in _HASH_EXCLUDED}
         if self.restart_steps == 0:  # no warm restart: the fields do not exist for this model
-            payload.pop("restart_steps")
-            payload.pop("restart_lr")
+            for k in ("restart_steps", "restart_lr") + _DROP_FIELDS:
+                payload.pop(k)
+        elif self.restart_drop == 0:  # no token-reduction augmentation: the v3 model's hash
+            for k in _DROP_FIELDS:
+                payload.pop(k)
         payload["_versions"] = {"model": MODEL_VERSION, "vqa": VQA_VERSION}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -378,15 +397,45 @@ def _cell_readout(what: torch.Tensor, scenes, c: VLMTrainConfig) -> float:
     return ok / max(1, n)
 
 
-def _training_batch(c: VLMTrainConfig, step: int, tok) -> dict[str, torch.Tensor]:
+def _reduce_plan(c: VLMTrainConfig, rng) -> tuple[str | None, Any, list[int], bool]:
+    """Token-reduction augmentation of one training image (warm restart, ``restart_drop`` > 0): with
+    probability ``restart_drop`` the LLM gets only K = ``keep`` x N of the image's visual tokens, keep
+    log-uniform in [``drop_min``, 1): a random subset of the patches (``"subset"``) or, with probability
+    ``drop_merge``, the patch grid average-pooled to about K cells (``"pool"``, merged tokens); their position
+    ids are the original ones (``drop_keep_positions``) or contiguous (the text after the image moves up).
+    Returns (kind or None, indices / pooled grid, source patch of each kept token, original positions)."""
+    N = c.num_image_tokens
+    g = c.scene.image_size // c.patch_size
+    if rng.random() >= c.restart_drop:
+        return None, None, list(range(N)), True
+    r = math.exp(rng.uniform(math.log(c.drop_min), 0.0))
+    k = max(1, min(N - 1, round(r * N)))
+    keep_pos = bool(rng.random() < c.drop_keep_positions)
+    if rng.random() < c.drop_merge:
+        gh = max(1, min(g, round(math.sqrt(k))))
+        gw = max(1, min(g, round(k / gh)))
+        src = [(i * g // gh) * g + j * g // gw for i in range(gh) for j in range(gw)]
+        return "pool", (gh, gw), src, keep_pos
+    idx = sorted(rng.choice(N, size=k, replace=False).tolist())
+    return "subset", idx, idx, keep_pos
+
+
+def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> dict[str, Any]:
+    """One instruction-tuning batch; with ``reduce`` (the warm restart with ``restart_drop`` > 0) each
+    image may reach the LLM reduced (:func:`_reduce_plan`): ``reduce`` holds the plans and the batch has
+    fewer ``<image>`` placeholders for those and explicit ``position_ids``."""
     import numpy as np
 
     images, scenes, ink = generate_scenes("train", c.batch_size, seed=c.seed * 1_000_003 + step, config=c.scene)
     rng = np.random.default_rng([c.seed, step, 99])
-    ids_img = [VOCAB.index(SPECIAL_TOKENS["image"])] * c.num_image_tokens
+    drng = np.random.default_rng([c.seed, step, 7])
+    image_id = VOCAB.index(SPECIAL_TOKENS["image"])
     eos = VOCAB.index(SPECIAL_TOKENS["eos"])
-    seqs, labs, tys = [], [], []
+    seqs, labs, tys, poss, plans = [], [], [], [], []
     for i, s in enumerate(scenes):
+        kind, arg, src, keep_pos = _reduce_plan(c, drng) if reduce else (None, None, list(range(c.num_image_tokens)), True)
+        plans.append((kind, arg))
+        ids_img = [image_id] * len(src)
         qas, seen = [], set()
         for _ in range(-(-c.qa_per_image // 3)):  # several draws: other cells / pairs / relations each time
             for qa in questions_for(s, i, rng, QUESTION_TYPES):
@@ -408,22 +457,60 @@ def _training_batch(c: VLMTrainConfig, step: int, tok) -> dict[str, torch.Tensor
             ids += q + a
             lab += [-100] * len(q) + a
             ty += [-1] * len(q) + [_LOSS_TYPES.index(qa.qtype)] * len(a)
+        start = ids.index(image_id)
+        if keep_pos:  # the ids the tokens have in the unreduced sequence
+            removed = c.num_image_tokens - len(src)
+            pos = list(range(start)) + [start + p for p in src] + \
+                list(range(start + c.num_image_tokens, len(ids) + removed))
+        else:
+            pos = list(range(len(ids)))
         seqs.append(ids)
         labs.append(lab)
         tys.append(ty)
+        poss.append(pos)
     L = max(map(len, seqs))
     pad = VOCAB.index(SPECIAL_TOKENS["pad"])
     input_ids = torch.full((len(seqs), L), pad)
     labels = torch.full((len(seqs), L), -100)
     types = torch.full((len(seqs), L), -1)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, (s, lb, ty) in enumerate(zip(seqs, labs, tys)):  # right padding for training
+    position_ids = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, (s, lb, ty, ps) in enumerate(zip(seqs, labs, tys, poss)):  # right padding for training
         input_ids[i, : len(s)] = torch.tensor(s)
         labels[i, : len(lb)] = torch.tensor(lb)
         types[i, : len(ty)] = torch.tensor(ty)
         mask[i, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": images,
-            "patch_labels": _patch_labels(scenes, ink, c), "answer_types": types}
+        position_ids[i, : len(ps)] = torch.tensor(ps)
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": images,
+           "patch_labels": _patch_labels(scenes, ink, c), "answer_types": types}
+    if reduce:
+        out["position_ids"] = position_ids
+        out["reduce"] = plans
+    return out
+
+
+def _train_forward(model, b: dict[str, Any]):
+    """The training forward; a batch with ``reduce`` plans (:func:`_training_batch`) builds the LLM input
+    itself: per image, its projected visual tokens reduced by the plan (subset or average pooling of the
+    patch grid), scattered into the (fewer) ``<image>`` placeholders, with the batch's position ids."""
+    plans = b.pop("reduce", None)
+    if plans is None:
+        return model(**b)
+    feats = model.model.get_image_features(pixel_values=b.pop("pixel_values"), return_dict=True).pooler_output
+    parts = []
+    for f, (kind, arg) in zip(feats, plans):
+        if kind == "subset":
+            f = f[torch.as_tensor(arg)]
+        elif kind == "pool":
+            n, d = f.shape
+            g = math.isqrt(n)
+            f = F.adaptive_avg_pool2d(f.T.reshape(d, g, g), arg).reshape(d, -1).T
+        parts.append(f)
+    ids = b.pop("input_ids")
+    emb = model.get_input_embeddings()(ids)
+    vis = (ids == model.config.image_token_id)[..., None]
+    emb = emb.masked_scatter(vis, torch.cat(parts).to(emb.dtype))
+    return model(inputs_embeds=emb, **b)
 
 
 #: question types of the training turns (index = ``answer_types`` in a training batch)
@@ -519,8 +606,9 @@ def _vision_probe(model, aux, c: VLMTrainConfig, n: int = 200) -> dict[str, floa
 
 
 def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr: float, warmup: int,
-                 seed_offset: int, val, history: list, progress: bool, t_offset: float) -> float:
-    """LLaVA-style joint training (answers' LM loss + the auxiliary vision loss); returns seconds spent."""
+                 seed_offset: int, val, history: list, progress: bool, t_offset: float, reduce: bool = False) -> float:
+    """LLaVA-style joint training (answers' LM loss + the auxiliary vision loss); returns seconds spent.
+    ``reduce``: token-reduction augmentation (:func:`_reduce_plan`)."""
     frozen = c.freeze_vision
     model.model.vision_tower.requires_grad_(not frozen)
     params = [p for p in model.parameters() if p.requires_grad] + ([] if frozen else list(aux.parameters()))
@@ -543,10 +631,10 @@ def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr
         model.train()
         if frozen:  # LLaVA keeps its (pre-trained) vision encoder frozen
             model.model.vision_tower.eval()
-        b = _training_batch(c, seed_offset + step, tok)
+        b = _training_batch(c, seed_offset + step, tok, reduce=reduce)
         pl = b.pop("patch_labels")
         labels, types = b.pop("labels"), b.pop("answer_types")
-        out = model(**b)
+        out = _train_forward(model, b)
         lm_loss, per_type = _lm_loss(out.logits, labels, types, c.loss_per_type)
         if frozen:
             aux_loss, loss = torch.zeros(()), lm_loss
@@ -613,7 +701,7 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
             vision_probe = pm.get("vision_probe")  # the tower is the parent's (frozen in the joint phase)
             train_time = float(pm.get("train_time_s", 0.0))
             train_time += _joint_phase(model, aux, feats, tok, c, c.restart_steps, c.restart_lr, 10, c.steps, val,
-                                       history, progress, train_time)
+                                       history, progress, train_time, reduce=c.restart_drop > 0)
         else:
             # phase 1: the vision tower alone learns what/where per cell (LLaVA starts from a trained encoder)
             vparams = list(model.model.vision_tower.parameters()) + list(aux.parameters())
@@ -713,11 +801,14 @@ def register_cli(train_app) -> None:
         restart_steps: int = typer.Option(VLMTrainConfig.restart_steps,
                                           help="Continue the --steps model for this many more steps (warm restart)"),
         restart_lr: float = typer.Option(VLMTrainConfig.restart_lr, help="Peak learning rate of the warm restart"),
+        restart_drop: float = typer.Option(VLMTrainConfig.restart_drop,
+                                           help="Share of warm-restart images reduced (token-reduction augmentation; "
+                                                "0 with --restart-steps 600 = model v3)"),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
     ) -> None:
         """Train the small LLaVA-style VLM on digit-scene VQA (cached in ~/.cache/tokenreduce/small_vlm)."""
         c = VLMTrainConfig(steps=steps, batch_size=batch_size, num_threads=threads, restart_steps=restart_steps,
-                           restart_lr=restart_lr)
+                           restart_lr=restart_lr, restart_drop=restart_drop)
         path = checkpoint_dir(c) / "model.pt"
         if path.is_file() and not force:
             m = json.loads(path.with_name("metrics.json").read_text())
