@@ -307,11 +307,15 @@ def test_vlm_bench_smoke(tmp_path):
             run_vlm_bench(**kw, parts="timing")
         acc_rows = run_vlm_bench(**kw, parts="accuracy")  # no wall-clock ...
         assert not any("prefill_ms" in r for r in acc_rows)
-        rows = run_vlm_bench(**kw, parts="timing")  # ... then only wall-clock, for the same rows
+        with pytest.raises(ValueError, match="threads=1"):
+            run_vlm_bench(**{**kw, "threads": 2}, parts="timing", clock="cpu")
+        # ... then only timing (CPU clock), for the same rows
+        rows = run_vlm_bench(**kw, parts="timing", clock="cpu", malloc="default")
     finally:
         torch.set_num_threads(n)
     meta, written = read_results(tmp_path / "results.jsonl")
     assert meta["bench"] == "vlm" and meta["parts"] == "timing" and len(written) == len(rows) == 1 + 2 * 3
+    assert meta["config"]["clock"] == "cpu" and meta["allocator"] == "default"
     strip = ("prefill_ms", "base_prefill_ms", "prefill_speedup", "prefill_speedup_low", "prefill_speedup_high",
              "gen_ms", "base_gen_ms", "gen_speedup", "gen_speedup_low", "gen_speedup_high", "overhead_ms")
     def key(r):

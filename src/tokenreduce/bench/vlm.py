@@ -8,7 +8,9 @@ For every (method, keep) the run measures, in one process:
   ``Handle.stats``; scoring overhead excluded and reported as time) and decode FLOPs per token, the
   LLM's visual tokens averaged over layers, KV-cache bytes actually allocated;
 * wall-clock of the prefill (one forward with cache) and of ``generate`` of a fixed number of tokens, on one
-  batch, interleaved round-robin with the unreduced model (paired per-round speedups);
+  batch, interleaved round-robin with the unreduced model (paired per-round speedups); ``clock="cpu"``
+  (one thread) times process CPU seconds instead, immune to time slices lost to other processes, and
+  ``malloc="retain"`` keeps freed memory in the heap (no page fault per fresh activation; as ``bench vit``);
 * peak tensor memory of the prefill (exact allocation tracking, :func:`~tokenreduce.bench.memory.peak_memory`).
 
 Results: JSONL (with hardware/software metadata), plots (accuracy per type vs keep, accuracy vs measured
@@ -31,7 +33,7 @@ import tokenreduce as tr
 from .memory import peak_memory
 from .report import format_table, html_report, pareto_plot
 from .results import ResultWriter
-from .timing import fixed_threads, interleaved, speedup
+from .timing import CLOCKS, fixed_threads, interleaved, retain_freed_memory, speedup
 
 __all__ = ["VlmBenchConfig", "register_cli", "run_vlm_bench", "vlm_prefill_flops"]
 
@@ -50,6 +52,8 @@ class VlmBenchConfig:
     warmup: int = 1
     repeats: int = 5
     threads: int = 1
+    clock: str = "wall"
+    malloc: str = "retain"
     out: str = "results/vlm"
     viz_keep: float = 0.25
     method_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -131,22 +135,32 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
                   time_batch: int = 8, gen_tokens: int = 8, threads: int = 1, eval_batch: int = 50,
                   train_if_missing: bool = False, model: nn.Module | None = None, tokenizer: Any = None,
                   data: Any = None, progress: bool = True, method_kw: dict[str, dict[str, Any]] | None = None,
-                  viz_keep: float = 0.25, parts: str = "all") -> list[dict[str, Any]]:
+                  viz_keep: float = 0.25, parts: str = "all", clock: str = "wall",
+                  malloc: str = "retain") -> list[dict[str, Any]]:
     """Run the VLM benchmark; returns the result rows (also written to ``out/results.jsonl``).
 
     ``parts``: "all" (one process measures everything), "accuracy" (everything but wall-clock: run it at low
     priority) or "timing" (wall-clock only, for the (method, keep) rows of the last "accuracy" run in
     ``out/results.jsonl``, which it copies with the timing columns added as a new run: run it alone, e.g.
     under a lock, on a shared machine). ``model``/``tokenizer``/``data`` override the trained small VLM and
-    its test set (tests use tiny ones).
+    its test set (tests use tiny ones). ``clock``: "wall" or "cpu" (process CPU seconds; needs ``threads=1``);
+    ``malloc``: "retain" (keep freed memory in the heap for the whole process, recorded as ``allocator``) or
+    "default".
     """
     from tqdm.auto import tqdm
 
     if parts not in PARTS:
         raise ValueError(f"parts={parts!r} is invalid: accepted {PARTS}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock={clock!r} is invalid: accepted {sorted(CLOCKS)}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError(f"clock='cpu' measures one thread's compute and needs threads=1, got threads={threads}")
+    if malloc not in ("retain", "default"):
+        raise ValueError(f"malloc={malloc!r} is invalid: accepted 'retain', 'default'")
     cfg = VlmBenchConfig(methods=list(methods), keeps=list(keeps), per_type=per_type, eval_batch=eval_batch,
                          time_batch=time_batch, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
-                         threads=threads, out=out, viz_keep=viz_keep, method_kw=method_kw or {})
+                         threads=threads, clock=clock, malloc=malloc, out=out, viz_keep=viz_keep,
+                         method_kw=method_kw or {})
     outdir = Path(out)
     prior: list[dict[str, Any]] = []
     if parts == "timing":
@@ -180,7 +194,8 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     prompt_tokens = float(tb["attention_mask"].sum(1).float().mean())
     gen_kw = {"max_new_tokens": gen_tokens, "min_new_tokens": gen_tokens, "do_sample": False}
     rows: list[dict[str, Any]] = []
-    extra = {"bench": "vlm", "parts": parts, "config": asdict(cfg),
+    allocator = retain_freed_memory() if malloc == "retain" and parts != "accuracy" else "default"
+    extra = {"bench": "vlm", "parts": parts, "config": asdict(cfg), "allocator": allocator,
              "model_metrics": {k: v for k, v in info.get("metrics", {}).items() if k != "history"},
              "model_path": str(info.get("path", "")), "n_questions": len(data.qas),
              "questions_per_type": {k: len(v) for k, v in data.by_type().items()}}
@@ -272,7 +287,7 @@ def _time_method(model: nn.Module, method: str, kw: dict[str, Any], per_keep: di
         sink = overhead.setdefault(keep, [])
         fns[f"{keep}/prefill"] = _prefill_call(m2, h2, tb, sink)
         fns[f"{keep}/gen"] = (lambda m=m2: m.generate(**tb, **gen_kw))
-    timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True)
+    timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True, clock=cfg.clock)
     for h2 in copies:
         h2.remove()
     for keep, row in per_keep.items():
@@ -368,7 +383,7 @@ def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VlmBenchConfig, meta:
              "FastV 1-R; PDrop lambda; SparseVLM layer-averaged; ToDRE stage-1 fraction, all visual tokens dropped "
              "mid-LLM (keep=1: identity)). visual_tokens_avg: visual tokens averaged over LLM layers. Speedups: median of per-round "
              f"ratios vs the unreduced model, interleaved in the same run ({cfg.repeats} rounds, {cfg.threads} "
-             f"thread(s), batch {cfg.time_batch}; generate = {cfg.gen_tokens} new tokens). gflops: analytic "
+             f"thread(s), {cfg.clock} clock, batch {cfg.time_batch}; generate = {cfg.gen_tokens} new tokens). gflops: analytic "
              "prefill FLOPs per sample (vision + projector + LLM + head), scoring excluded (overhead_ms).")
     tables = [("results", table)] + ([("not run (clear errors)", errors)] if errors else [])
     html_report("tokenreduce: visual token reduction on the small VLM", meta, tables, images,
@@ -465,6 +480,10 @@ def register_cli(bench_app: Any) -> None:
         time_batch: int = typer.Option(8, help="prompts per timed prefill/generate"),
         gen_tokens: int = typer.Option(8, help="new tokens per timed generate"),
         threads: int = typer.Option(1, help="torch threads (1 is steadiest on a shared 2-core box)"),
+        clock: str = typer.Option("wall", help="wall | cpu (process CPU seconds, needs --threads 1: immune to time "
+                                               "slices lost to other processes on a shared machine)"),
+        malloc: str = typer.Option("retain", help="retain (keep freed memory in the heap: no page fault per fresh "
+                                                  "activation) | default"),
         train: bool = typer.Option(False, help="train the small VLM if it is not cached (25-45 min)"),
         parts: str = typer.Option("all", help="all | accuracy (no wall-clock; run niced) | timing (wall-clock for "
                                               "the rows of the last accuracy run in --out; run alone/under a lock)"),
@@ -473,4 +492,4 @@ def register_cli(bench_app: Any) -> None:
         run_vlm_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
                       keeps=[float(k) for k in keep.split(",")], out=out, per_type=per_type, repeats=repeats,
                       time_batch=time_batch, gen_tokens=gen_tokens, threads=threads, train_if_missing=train,
-                      parts=parts)
+                      parts=parts, clock=clock, malloc=malloc)
