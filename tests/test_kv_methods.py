@@ -190,8 +190,11 @@ def test_batch_with_left_padding_matches_each_sample_alone(models, family, impl,
 
 
 # ---------------------------------------------------------------------------- invariant: the cache shrinks
+FILTERS = ["gemfilter"]  # prompt filters act on generate() (tests of their own below)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("name", [n for n in KV_METHODS if n != "tokenselect"])
+@pytest.mark.parametrize("name", [n for n in KV_METHODS if n not in ("tokenselect", *FILTERS)])
 def test_cache_really_shrinks(models, family, name):
     m = models(family)
     a, _, _, _ = _prompts()
@@ -436,7 +439,7 @@ def test_snapkv_question_window_per_sample(models):
 
 # ---------------------------------------------------------------------------- prefill capture / replay (bench)
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("name", KV_METHODS)
+@pytest.mark.parametrize("name", [n for n in KV_METHODS if n not in FILTERS])
 def test_replayed_prefill_equals_generate(models, family, name):
     """bench kv evaluates many methods on one captured prompt forward: the replay must give generate()'s tokens,
     logits and kept entries exactly (padded batch, question kept)."""
@@ -464,3 +467,105 @@ def test_replayed_prefill_equals_generate(models, family, name):
         assert h.stats.kv_bytes == st_ref.kv_bytes
     assert torch.equal(torch.cat(toks, 1), ref.sequences[:, 40:])
     torch.testing.assert_close(torch.stack(logits, 1), _logits(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_filters_cannot_be_replayed(models):
+    from tokenreduce.adapters.llm import capture_prefill, replay_prefill
+
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    cap = capture_prefill(m, a)
+    with _apply(m, "gemfilter") as h, pytest.raises(TypeError, match="cannot be replayed"):
+        replay_prefill(h, cap)
+
+
+# ---------------------------------------------------------------------------- GemFilter (prompt filter)
+def _gemfilter_reference(m, ids, layer, keep, question_len, window=1, kernel=5, pooling="avgpool"):
+    """GemFilter's selection written out from the unpatched model's q/k at the filter layer (Alg. 1)."""
+    import torch.nn.functional as F
+
+    from tokenreduce.adapters.llm import capture_prefill
+
+    q, k, _, _ = capture_prefill(m, ids).layers[layer]
+    N = ids.shape[1]
+    kk = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = (q[:, :, N - window:] @ kk.transpose(-1, -2)).sum(dim=(1, 2))  # (1, N) raw logits, all heads
+    pool = F.avg_pool1d if pooling == "avgpool" else F.max_pool1d
+    s = pool(s.unsqueeze(1), kernel, 1, kernel // 2)[:, 0, :N]
+    s[:, N - max(question_len, 1):] = float("inf")
+    budget = round(keep * N)
+    return sorted(s[0].topk(budget).indices.tolist())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_gemfilter_selects_by_the_filter_layer_and_generates_on_the_kept_tokens(models, family):
+    m = models(family)
+    a, _, _, _ = _prompts()
+    layer = 2  # gemma3 here: layers 0,1,3 slide, 2 is global (also the default there)
+    with _apply(m, "gemfilter", keep=0.5, question_len=3, layer=layer) as h:
+        out = m.generate(a, max_new_tokens=6, **GEN)
+        st = h.stats
+    kept = st.filter_kept[0]
+    assert kept == _gemfilter_reference(m, a, layer, 0.5, 3)
+    assert out.sequences.shape == (1, 46) and torch.equal(out.sequences[:, :40], a)  # the original prompt back
+    ref = m.generate(a[:, kept], max_new_tokens=6, **GEN)  # Alg. 1: the whole model on the kept tokens only
+    assert torch.equal(out.sequences[:, 40:], ref.sequences[:, 20:])
+    torch.testing.assert_close(_logits(out), _logits(ref))
+    cache = out.past_key_values
+    assert st.kv_bytes == kv_bytes(cache)["tensor"]
+    full = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(a, past_key_values=full)
+        m(a[:, :5], past_key_values=full)  # 45 columns, as the cache after 6 generated tokens
+    assert st.kv_bytes_unreduced == kv_bytes(full)["tensor"]
+    assert st.input_tokens == 45 and st.prefill_kept_fraction < 0.8
+    for layer_ in cache.layers:
+        assert layer_.keys.shape[-2] <= 20 + 5
+
+
+def test_gemfilter_window_maxpool_and_default_layer(models):
+    m = models("gemma3")
+    a, _, _, _ = _prompts()
+    kw = {"window_size": "question", "pooling": "maxpool", "kernel_size": 3}
+    with _apply(m, "gemfilter", keep=0.4, question_len=4, **kw) as h:
+        m.generate(a, max_new_tokens=2, **GEN)
+        kept = h.stats.filter_kept[0]
+    assert h.method.filter_layer(m.config.layer_types) == 2  # the only full-attention layer <= 40% depth
+    assert kept == _gemfilter_reference(m, a, 2, 0.4, 4, window=4, kernel=3, pooling="maxpool")
+    from tokenreduce.methods.kv import GemFilter
+    assert GemFilter(layer=None).filter_layer(["full_attention"] * 32) == 12  # 0.4 x 31 (paper: 13 of 32)
+
+
+def test_gemfilter_chunked_filter_pass_selects_the_same(models):
+    m = models("gemma3")
+    _, _, ids, mask = _prompts()
+    with _apply(m, "gemfilter", keep=0.5, question_len=2) as h:
+        one = m.generate(ids, attention_mask=mask, max_new_tokens=5, **GEN)
+        kept_one = h.stats.filter_kept
+        chunked = m.generate(ids, attention_mask=mask, max_new_tokens=5, prefill_chunk_size=16, **GEN)
+        kept_chunked = h.stats.filter_kept
+    assert kept_one == kept_chunked and len(kept_one[0]) == 20 and len(kept_one[1]) == 14  # ragged (28 real)
+    assert torch.equal(one.sequences, chunked.sequences)
+
+
+def test_gemfilter_errors_and_notes(models):
+    m = models("gemma3")
+    a, _, _, _ = _prompts()
+    with pytest.raises(ValueError, match="sliding-window layer"), _apply(m, "gemfilter", keep=0.5, layer=1):
+        m.generate(a, max_new_tokens=1, **GEN)
+    with pytest.raises(ValueError, match="out of range"), _apply(m, "gemfilter", keep=0.5, layer=9):
+        m.generate(a, max_new_tokens=1, **GEN)
+    with pytest.raises(ValueError, match="fewer than the question"), _apply(m, "gemfilter", keep=3, question_len=5):
+        m.generate(a, max_new_tokens=1, **GEN)
+    with pytest.raises(ValueError, match="layers= is not accepted"):
+        tr.apply(m, "gemfilter", keep=0.5, layers=[2])
+    with _apply(m, "gemfilter", keep=0.5) as h:
+        with pytest.raises(ValueError, match="inputs_embeds"):
+            m.generate(inputs_embeds=m.get_input_embeddings()(a), max_new_tokens=1, **GEN)
+        with torch.no_grad():
+            m(a)
+        assert any("was not filtered" in n for n in h.stats.notes)
+    with _apply(m, "gemfilter", keep=40) as h:  # a budget of the whole prompt: nothing filtered, and it says so
+        out = m.generate(a, max_new_tokens=3, **GEN)
+        assert any("nothing filtered" in n for n in h.stats.notes)
+    assert torch.equal(out.sequences, m.generate(a, max_new_tokens=3, **GEN).sequences)

@@ -18,6 +18,11 @@ decoding, through transformers' own extension points — no copied forward pass:
   all. The model is never switched to eager.
 * **A forward pre-hook** on the base model puts the layers in place, reads the 2D padding mask, and a forward
   hook records :class:`KVStats` (KV bytes of the real tensors, kept entries per layer and sample).
+* **Prompt filters** (phase ``"filter"``, GemFilter): ``generate`` gets a thin wrapper that first runs the model's
+  own forward on the prompt up to the filter layer (the attention wrapper scores there and stops the forward by
+  an exception, so later layers never run on the full prompt; chunked like generate() if
+  ``prefill_chunk_size`` is set), then calls the original ``generate`` on the kept tokens and returns the
+  original prompt + the continuation.
 
 ``Handle.remove()`` restores ``attn_implementation`` and removes hooks/attributes: the model is exactly as before.
 
@@ -360,6 +365,9 @@ def replay_prefill(handle: Handle, capture: PrefillCapture) -> Any:
     run = base.layers[0].self_attn.__dict__.get(_ATTR)
     if run is None:
         raise TypeError("replay_prefill needs the handle of a kv-cache method applied to this model")
+    if run.method.phase == "filter":
+        raise TypeError(f"{run.name} changes the prompt forward itself (a prompt filter): it cannot be replayed "
+                        f"from a captured unreduced prefill; run generate()")
     cache = DynamicCache(config=base.config)
     run.pre_forward(base, (), {"input_ids": capture.input_ids, "attention_mask": capture.attention_mask,
                                 "past_key_values": cache, "use_cache": True})
@@ -407,6 +415,7 @@ class KVStats(Stats):
     prefill_kv_bytes: int = 0
     prefill_kv_bytes_unreduced: int = 0
     prefill_kept: list[list[float]] = field(default_factory=list)
+    filter_kept: list[list[int]] = field(default_factory=list)  # prompt filters: kept prompt columns per sample
 
     @property
     def prefill_kept_fraction(self) -> float:
@@ -428,6 +437,22 @@ class _CacheState:
     compact: bool = False
     select_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # tokenselect reuse
     prefill: dict[str, Any] = field(default_factory=dict)  # stats snapshot right after the prompt
+
+
+class _FilterDone(Exception):
+    """Stops the filter pass at the filter layer (its layers after the filter layer never run)."""
+
+
+@dataclass
+class _FilterPass:
+    """The prompt filter pass in progress: filter layer, whether this chunk ends the prompt, 2D mask, scores."""
+
+    layer: int
+    final: bool
+    mask2d: Tensor  # (B, L) bool, L = prompt columns up to the end of this chunk
+    question_len: Tensor  # (B,)
+    scores: Tensor | None = None  # (B, 1, N) once the final chunk reached the filter layer
+    keys: int = 0
 
 
 @dataclass
@@ -454,10 +479,19 @@ class _KVRun:
         self.layer_types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers)
         self.fwd: _Forward | None = None
         self._stats = KVStats(method=name)
+        self.filter: _FilterPass | None = None  # set while a prompt filter pass runs (GemFilter)
+        self.filter_removed = 0  # prompt columns the last filter removed (for the unreduced KV accounting)
+        self.filter_seconds = 0.0
+        self.filter_notes: list[str] = []
+        self.in_generate = False  # a prompt filter acts inside generate() only
+        self.filter_kept: list[list[int]] = []
 
     # ------------------------------------------------------------------ hooks on the base model
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         from transformers.cache_utils import DynamicCache
+
+        if self.filter is not None:  # the filter pass is a plain forward of the first layers
+            return args, kwargs
 
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
@@ -520,7 +554,7 @@ class _KVRun:
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         f = self.fwd
-        if f is None:
+        if f is None or self.filter is not None:
             return output
         self._stats = self._collect(f)
         self.fwd = None
@@ -532,6 +566,8 @@ class _KVRun:
     # ------------------------------------------------------------------ attention wrapper
     def attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
                   **kwargs: Any) -> Any:
+        if self.filter is not None:
+            return self._filter_attention(module, query, key, value, attention_mask, **kwargs)
         f = self.fwd
         if f is None:
             return self.inner(module, query, key, value, attention_mask, **kwargs)
@@ -764,6 +800,105 @@ class _KVRun:
         f.attended[li] = float(counts.float().mean())
         return k_sel, v_sel, self._to_attn_mask(allowed, False, query)
 
+    # ------------------------------------------------------------------ prompt filter (GemFilter)
+    def _filter_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
+                          **kwargs: Any) -> Any:
+        fp = self.filter
+        assert fp is not None
+        li = module.layer_idx
+        if li < fp.layer:
+            return self.inner(module, query, key, value, attention_mask, **kwargs)
+        if fp.final:  # the filter layer sees every prompt key: score with the last queries, then stop
+            B, H, N, _ = key.shape
+            dev = key.device
+            pos = torch.arange(N, device=dev).view(1, 1, N).expand(B, H, N)
+            valid = fp.mask2d[:, :N].view(B, 1, N).expand(B, H, N)
+            first = torch.where(fp.mask2d.any(1), fp.mask2d.float().argmax(1), torch.zeros(B, device=dev)).long()
+            end = torch.full((B,), N, dtype=torch.long, device=dev)
+            ctx = KVContext(query=query, keys=key, pos=pos, valid=valid, qpos=torch.arange(N - query.shape[2], N,
+                                                                                            device=dev),
+                            rel=pos - first.view(-1, 1, 1), prompt_end=end, question_start=end - fp.question_len,
+                            scaling=float(kwargs.get("scaling") or module.scaling), layer=li,
+                            num_layers=self.num_layers, window=getattr(module, "sliding_window", None),
+                            softcap=kwargs.get("softcap"), is_prefill=True)
+            fp.scores = self.method.score(ctx)
+            fp.keys = N
+        raise _FilterDone
+
+    def filter_prompt(self, input_ids: Tensor, attention_mask: Tensor | None, chunk: int | None
+                      ) -> tuple[Tensor, Tensor]:
+        """GemFilter's selection pass: the model's forward up to the filter layer (chunked if ``chunk``), scores,
+        top-``keep`` per sample (question + last token forced) in positional order. Returns the kept ids and
+        their mask, left-padded like the input (pad id 0 under mask 0)."""
+        from transformers import DynamicCache
+
+        method = self.method
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"{method.name} filters input_ids (batch, length); got "
+                             f"{None if input_ids is None else tuple(input_ids.shape)} (inputs_embeds are not supported)")
+        B, N = input_ids.shape
+        dev = input_ids.device
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        ql = method.question_len
+        qlt = torch.as_tensor([ql] * B if isinstance(ql, int) else list(ql), dtype=torch.long, device=dev)
+        if qlt.numel() != B:
+            raise ValueError(f"question_len has {qlt.numel()} values but the batch has {B} samples")
+        n_real = mask.sum(1)
+        if bool((qlt >= n_real).any()):
+            raise ValueError(f"question_len={ql} leaves no context to filter in a prompt of {int(n_real.min())} "
+                             f"real tokens")
+        layer = method.filter_layer(self.layer_types)
+        t0 = time.perf_counter()
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() builds them
+        cache = DynamicCache(config=self.config)
+        step = N if not chunk else int(chunk)
+        try:
+            with torch.inference_mode():
+                for s in range(0, N, step):
+                    e = min(N, s + step)
+                    self.filter = _FilterPass(layer, e == N, mask[:, :e], qlt)
+                    try:
+                        self.base(input_ids=input_ids[:, s:e], attention_mask=mask[:, :e].long(),
+                                  position_ids=position_ids[:, s:e], past_key_values=cache, use_cache=True)
+                    except _FilterDone:
+                        pass
+                    scores = self.filter.scores
+        finally:
+            self.filter = None
+        if scores is None or scores.shape[-1] != N:
+            raise RuntimeError(f"{method.name}: the filter layer {layer} did not score the prompt")
+        budget = method.layer_budget(layer, self.num_layers, n_real, qlt)
+        eligible = mask.view(B, 1, N)
+        last = torch.zeros_like(eligible)
+        last[:, :, -1] = True
+        question = (torch.arange(N, device=dev).view(1, 1, N) >= (N - qlt).view(-1, 1, 1)) & eligible
+        forced = (question | last) & eligible
+        n_forced = forced.sum(-1).view(-1)
+        if bool((n_forced > budget).any()):
+            b = int(budget[n_forced > budget].min())
+            raise ValueError(f"{method.name}: keep={method.keep} leaves {b} prompt tokens, fewer than "
+                             f"{method.forced_desc()} ({int(n_forced.max())} tokens); accepted: a keep giving at "
+                             f"least {int(n_forced.max())} tokens")
+        self.filter_notes = []
+        if bool((budget >= n_real).any()):
+            self.filter_notes.append(f"{method.name}: a budget >= the {int(n_real.min())} prompt tokens of a sample: "
+                                     f"nothing filtered there")
+        idx, ok = K.select_in_order(scores, eligible, forced, budget.view(B, 1))
+        idx, ok = idx[:, 0], ok[:, 0]
+        Kmax = idx.shape[1]
+        # left-pad: the n_ok valid slots (first, in order) move to the end of the row
+        n_ok = ok.sum(1, keepdim=True)
+        src = torch.arange(Kmax, device=dev).view(1, -1) - (Kmax - n_ok)
+        keep_slot = src >= 0
+        gathered = idx.gather(1, src.clamp(min=0))
+        new_ids = torch.where(keep_slot, input_ids.gather(1, gathered), torch.zeros_like(gathered))
+        self.filter_removed = N - Kmax
+        self.filter_kept = [idx[b][ok[b]].tolist() for b in range(B)]
+        self.filter_seconds = time.perf_counter() - t0
+        return new_ids, keep_slot.long()
+
     # ------------------------------------------------------------------ stats
     def _collect(self, f: _Forward) -> KVStats:
         cache = f.cache
@@ -788,7 +923,8 @@ class _KVRun:
                 kept.append(alive.sum(-1).float().mean(1).tolist())
                 slots.append(P)
                 window = getattr(layer, "sliding_window", None)
-                n_full = seen if window is None else min(seen, window - 1)
+                seen_full = seen + self.filter_removed  # a prompt filter removed these columns before the cache
+                n_full = seen_full if window is None else min(seen_full, window - 1)
                 unreduced += B * H * n_full * D * keys.element_size() * 2
             b = f.cstate.budgets.get(li)
             budgets.append(None if b is None else b.tolist())
@@ -804,9 +940,15 @@ class _KVRun:
                       else min(layer.logical_length(), layer.sliding_window - 1)) for layer in cache.layers)}
         if cs.prompt_end is not None:
             qent = (cs.prompt_end - cs.question_start).tolist()
+        if self.method.phase == "filter" and not self.method.is_identity:
+            if self.in_generate:
+                f.notes.extend(self.filter_notes)
+                f.reduce_seconds += self.filter_seconds if f.is_prefill else 0.0
+            else:
+                f.notes.append(f"{self.method.name} filters the prompt of generate(): this forward was not filtered")
         st = KVStats(
             method=self.name,
-            input_tokens=cache.get_seq_length(),
+            input_tokens=cache.get_seq_length() + self.filter_removed,
             tokens_attn=[sum(k) / max(len(k), 1) for k in kept],
             final_tokens=[round(sum(k[b] for k in kept)) for b in range(B)] if kept else [],
             reduce_seconds=f.reduce_seconds,
@@ -824,6 +966,7 @@ class _KVRun:
             question_entries=qent,
             evicted=f.evicted,
             attended=[f.attended.get(li, float("nan")) for li in range(len(kept))] if f.attended else [],
+            filter_kept=self.filter_kept if self.in_generate else [],
         )
         if f.is_prefill or (not cs.decoding and f.q_len > 1):  # after the prompt (its last chunk if chunked)
             cs.prefill = {"prefill_kv_bytes": st.kv_bytes, "prefill_kv_bytes_unreduced": st.kv_bytes_unreduced,
@@ -883,6 +1026,35 @@ def _family(model: nn.Module) -> str | None:
     return None
 
 
+def _filtered_generate(run: _KVRun, generate: Callable[..., Any]) -> Callable[..., Any]:
+    """``model.generate`` behind a prompt filter: select, generate on the kept tokens, return the *original*
+    prompt followed by the continuation (what the unpatched ``generate`` returns)."""
+
+    def filtered(model: nn.Module, inputs: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(f"{run.name} filters input_ids; generate(inputs_embeds=...) is not supported")
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError(f"{run.name} filters a fresh prompt; generate(past_key_values=...) is not supported")
+        if run.method.is_identity:  # keep=1: nothing to filter, no filter pass
+            return generate(ids, *args, **kwargs)
+        gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        chunk = kwargs.get("prefill_chunk_size", getattr(gen_cfg, "prefill_chunk_size", None))
+        new_ids, new_mask = run.filter_prompt(ids, kwargs.pop("attention_mask", None), chunk)
+        run.in_generate = True
+        try:
+            out = generate(new_ids, *args, attention_mask=new_mask, **kwargs)
+        finally:
+            run.filter_removed, run.in_generate = 0, False  # later plain forwards are not filtered
+        cut = new_ids.shape[1]
+        if isinstance(out, Tensor):
+            return torch.cat([ids, out[:, cut:]], dim=1)
+        out.sequences = torch.cat([ids, out.sequences[:, cut:]], dim=1)
+        return out
+
+    return filtered
+
+
 class _Restore:
     def __init__(self, fn: Callable[[], None]) -> None:
         self.remove = fn
@@ -930,6 +1102,11 @@ class LLMAdapter:
         p.hook(_Restore(restore))
         p.hook(base.register_forward_pre_hook(run.pre_forward, with_kwargs=True))
         p.hook(base.register_forward_hook(run.post_forward, with_kwargs=True))
+        if method.phase == "filter":
+            if not hasattr(model, "generate"):
+                raise TypeError(f"{method_name} filters the prompt of generate(): {type(model).__name__} has none "
+                                f"(apply it to the *ForCausalLM model)")
+            p.set_method(model, "generate", _filtered_generate(run, model.generate))
         return Handle(model, method_name, method, p, run.stats)
 
 

@@ -68,6 +68,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "knorm": ("knorm", {}),
     "random": ("random", {}),
     "tokenselect": ("tokenselect", {"n_init": 4, "n_local": 16}),  # paper's 128/512 exceed 1k-token budgets
+    "gemfilter": ("gemfilter", {}),  # paper: last query, avgpool 5 (+ the question kept, as every variant here)
+    "gemfilter-q-max9": ("gemfilter", {"window_size": "question", "pooling": "maxpool", "kernel_size": 9}),
     # diagnostics (not run by default): StreamingLLM on Gemma's global layers only, sliding layers untouched
     # (what kvpress's default does), to separate the method from the cost of shrinking the sliding windows
     "streaming-llm-global": ("streaming-llm", {"layers": "global"}),
@@ -88,6 +90,10 @@ TIMING_CANDIDATES: dict[str, tuple[str | None, float | None, int | None, dict[st
     "knorm@0.25": ("knorm", 0.25, None, {}),
     "streaming-llm@0.25 + chunked": ("streaming-llm", 0.25, 512, {}),
     "tova@0.25 + chunked": ("tova", 0.25, 512, {}),
+    "gemfilter-q-max9@0.25": ("gemfilter", 0.25, None, {"window_size": "question", "pooling": "maxpool",
+                                                         "kernel_size": 9}),
+    "gemfilter-q-max9@0.25 + chunked": ("gemfilter", 0.25, 512, {"window_size": "question", "pooling": "maxpool",
+                                                                 "kernel_size": 9}),
 }
 # configurations ours and kvpress share exactly (context compressed alone, no question, floor budgets)
 AGREEMENT_CONFIGS: dict[str, dict[str, Any]] = {
@@ -259,15 +265,17 @@ def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[
                         name, kw = VARIANTS[variant]
                         with tr.apply(model, name, keep=keep, question_len=p["question_len"],
                                       **_resolve(model, kw)) as h:
-                            if cap is not None:
+                            # a prompt filter (GemFilter) changes the prompt forward itself: no replay
+                            replay = cap is not None and h.method.phase != "filter"
+                            if replay:
                                 out = _replay_greedy(model, h, cap, cfg.max_new_tokens)
                             else:
                                 out = _greedy(model, ids, cfg.max_new_tokens)
                             st = h.stats
                         rec.update(kv_fraction=st.prefill_kept_fraction, kv_bytes=st.prefill_kv_bytes,
                                    kv_bytes_unreduced=st.prefill_kv_bytes_unreduced,
-                                   kept=[k[0] for k in st.prefill_kept], replayed=cap is not None)
-                        if cap is not None and pi < cfg.check_replay:  # the real path must give the same tokens
+                                   kept=[k[0] for k in st.prefill_kept], replayed=replay)
+                        if replay and pi < cfg.check_replay:  # the real path must give the same tokens
                             with tr.apply(model, name, keep=keep, question_len=p["question_len"],
                                           **_resolve(model, kw)) as h2:
                                 ref = _greedy(model, ids, cfg.max_new_tokens)

@@ -22,10 +22,12 @@ from torch import Tensor
 __all__ = [
     "accumulated_attention",
     "attention_probs",
+    "gemfilter_scores",
     "head_soft_vote",
     "key_norm_scores",
     "last_query_attention",
     "order_key",
+    "pool1d",
     "positional_random_scores",
     "pyramid_ratios",
     "select_in_order",
@@ -68,17 +70,39 @@ def snapkv_votes(window_probs: Tensor, kernel_size: int = 5, pooling: str = "avg
     votes = window_probs.sum(dim=3).mean(dim=2)  # (B, Hkv, N)
     if exclude is not None:
         votes = votes.masked_fill(exclude, 0.0)
+    return pool1d(votes, kernel_size, pooling)
+
+
+def pool1d(scores: Tensor, kernel_size: int, pooling: str = "avgpool") -> Tensor:
+    """Pool (B, H, N) scores along the sequence, stride 1, same length (zero padding for ``avgpool``): a kept
+    entry brings its neighbours (SnapKV's clustering, GemFilter's smoothing). ``kernel_size <= 1``: unchanged."""
+    if pooling not in ("avgpool", "maxpool"):
+        raise ValueError(f"pooling={pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
     if kernel_size <= 1:
-        return votes
-    B, H, N = votes.shape
-    flat = votes.reshape(B * H, 1, N)
+        return scores
+    B, H, N = scores.shape
+    flat = scores.reshape(B * H, 1, N)
     if pooling == "avgpool":
         pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
-    elif pooling == "maxpool":
-        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
     else:
-        raise ValueError(f"pooling={pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
+        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
     return pooled[..., :N].reshape(B, H, N)
+
+
+def gemfilter_scores(query: Tensor, keys: Tensor, eligible: Tensor, fill: float = 0.0) -> Tensor:
+    """GemFilter's relevance (Shi et al. 2024, Alg. 1): the filter layer's un-normalised attention logits of the
+    last query (or of an observation window of queries, summed) over the prompt, summed over every query head,
+    ``s_i = sum_{t in window} sum_h q_{h,t} . k_{h,i}`` (the reference code takes the raw inner products, no
+    softmax or scaling). query (B, Hq, W, D), keys (B, Hkv, N, D), eligible (B, 1, N) -> (B, 1, N); ineligible
+    entries (padding) get ``fill``: 0 before an average pool (as the zero padding at the sequence's ends), -inf
+    before a max pool, so a sample scores the same alone or inside a left-padded batch."""
+    B, Hq, W, D = query.shape
+    Hkv = keys.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    q = query.float().reshape(B, Hkv, (Hq // Hkv) * W, D).sum(dim=2, keepdim=True)  # (B, Hkv, 1, D)
+    s = (q @ keys.float().transpose(-1, -2)).sum(dim=1)  # (B, 1, N): sum over KV heads of their groups' sums
+    return s.masked_fill(~eligible, fill)
 
 
 def accumulated_attention(probs: Tensor) -> Tensor:
