@@ -291,6 +291,32 @@ def test_positions_after_eviction_match_hand_reference(models, family, impl):
     torch.testing.assert_close(_logits(out)[0], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_in_place_decoding_equals_repacking_every_step(models, family, monkeypatch):
+    """Decoding evicts by emptying slots and refills them (no copy); the old way repacks the cache in positional
+    order every step. Same tokens, logits and kept entries; a count budget holds at most budget + 1 slots."""
+    from tokenreduce.adapters.llm import KVLayer, KVSlidingLayer
+
+    m = models(family)
+    _, _, ids, mask = _prompts()
+    for name, keep in (("streaming-llm", 20), ("h2o", 20), ("tova", 0.5), ("snapkv", 0.5)):
+        with _apply(m, name, keep=keep) as h:
+            fast = m.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
+            kept_fast = h.stats.kept
+        cache = fast.past_key_values
+        with monkeypatch.context() as mp:
+            mp.setattr(KVLayer, "in_place", False)
+            mp.setattr(KVSlidingLayer, "in_place", False)
+            with _apply(m, name, keep=keep) as h:
+                slow = m.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
+                kept_slow = h.stats.kept
+        assert torch.equal(fast.sequences, slow.sequences), name
+        torch.testing.assert_close(_logits(fast), _logits(slow), atol=1e-5, rtol=1e-5)
+        assert kept_fast == kept_slow, name
+        if name in ("streaming-llm", "h2o"):  # a count: at most budget + 1 slots (one freed per step)
+            assert all(layer.keys.shape[-2] <= 21 for layer in cache.layers)
+
+
 def test_plain_forward_loop_uses_logical_positions(models):
     """Without generate(): a manual decode loop (no position_ids, no mask) continues at the logical length."""
     m = models("llama")

@@ -10,6 +10,10 @@ decoding, through transformers' own extension points — no copied forward pass:
   logical length, so position ids (RoPE) of new tokens are ``original length + step`` as if nothing was
   evicted; kept keys already carry their RoPE rotation. Entries stay in positional order; sliding-window
   layers drop entries that left the window by position, not by slot.
+* **Decoding without copies.** A compact layer evicts while decoding by emptying slots (pos -1) and writes each new
+  token into an empty or expired slot (sliding windows become ring buffers), so a decoding step neither repacks
+  nor grows the cache once it is at its budget; slots are then not in positional order, which the masks built
+  from ``pos`` ignore (``KVLayer.in_place = False`` repacks in order every step; tests check both agree).
 * **Attention interface.** The model's ``attn_implementation`` (``sdpa`` or ``eager``) is wrapped by a
   registered ``tokenreduce_<impl>`` function that (a) gives compact layers their own mask built from
   ``pos`` (causal, padding, sliding window, ragged slots), (b) runs the original attention, (c) lets the
@@ -75,6 +79,9 @@ def _compressible(parent: type, name: str, doc: str) -> type:
     A direct subclass, so existing parent instances can be re-classed in place (``__class__`` swap)."""
 
     class Layer(parent):  # type: ignore[valid-type, misc]
+        #: decoding steps reuse slots (write the new entry into an evicted/expired slot, evict by emptying a slot)
+        #: instead of repacking the cache in positional order every step; both give the same attention
+        in_place: bool = True
         compact: bool
         pos: Tensor | None
         state: dict[str, Tensor]
@@ -94,6 +101,7 @@ def _compressible(parent: type, name: str, doc: str) -> type:
             self.state = {}
             self.per_head = False
             self._tr_seen = 0
+            self._owned = False  # keys/values are tensors this layer made (safe to overwrite slots in place)
 
         # -- logical length (drives position ids) vs physical entries (drive the mask)
         def logical_length(self) -> int:
@@ -137,6 +145,7 @@ def _compressible(parent: type, name: str, doc: str) -> type:
                           for k, v in (state or {}).items()}
             self._tr_seen = seen
             self.compact = True
+            self._owned = True
             if not self.is_initialized:
                 self.dtype, self.device = keys.dtype, keys.device
                 self.is_initialized = True
@@ -148,16 +157,48 @@ def _compressible(parent: type, name: str, doc: str) -> type:
             if self.keys is None or self.pos is None or not self.keys.numel():
                 self.keys, self.values, self.pos = key_states, value_states, new_pos.contiguous()
                 self.state = {k: torch.zeros(B, H, q, dtype=v.dtype, device=v.device) for k, v in self.state.items()}
+                self._owned = False  # the model's own key/value tensors
             else:
                 self.keys = torch.cat([self.keys, key_states], dim=-2)
                 self.values = torch.cat([self.values, value_states], dim=-2)
                 self.pos = torch.cat([self.pos, new_pos], dim=-1)
                 self.state = {k: torch.cat([v, v.new_zeros(B, H, q)], dim=-1) for k, v in self.state.items()}
+                self._owned = True
             if not self.is_initialized:
                 self.dtype, self.device = key_states.dtype, key_states.device
                 self.is_initialized = True
             self._tr_seen += q
             return self.keys, self.values
+
+        def _dead(self) -> Tensor:
+            """(B, H, P) slots holding no entry a query can see any more: empty (pos -1, evicted while decoding)
+            or, in a sliding-window layer, left the window."""
+            assert self.pos is not None
+            dead = self.pos < 0
+            window = getattr(self, "sliding_window", None)
+            if window is not None:
+                dead = dead | (self.pos <= self._tr_seen - window)
+            return dead
+
+        def _write_slot(self, dead: Tensor, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+            """Decoding step, one new entry: write it into each row's first dead slot (a ring buffer: no copy of
+            the cache; entries are then not in positional order, which the masks built from ``pos`` ignore)."""
+            assert self.keys is not None and self.values is not None and self.pos is not None
+            B, H, _, D = key_states.shape
+            slot = dead.to(torch.uint8).argmax(dim=-1, keepdim=True)  # (B, H, 1) first dead slot
+            self.keys.scatter_(2, slot.unsqueeze(-1).expand(B, H, 1, D), key_states)
+            self.values.scatter_(2, slot.unsqueeze(-1).expand(B, H, 1, value_states.shape[-1]), value_states)
+            self.pos.scatter_(2, slot, torch.full_like(slot, self._tr_seen))
+            for v in self.state.values():
+                v.scatter_(2, slot, torch.zeros((), dtype=v.dtype, device=v.device).expand(B, H, 1))
+            self._tr_seen += 1
+            return self.keys, self.values
+
+        def mark_dead(self, drop: Tensor) -> None:
+            """Evict entries while decoding without moving the others: their slots become empty (pos -1) and the
+            next decoding step writes into them (:meth:`_write_slot`)."""
+            assert self.pos is not None
+            self.pos.masked_fill_(drop, -1)
 
         def _drop_empty(self, alive: Tensor) -> None:
             """Drop entries that are no longer alive (left the window / empty slots), keeping order."""
@@ -171,6 +212,10 @@ def _compressible(parent: type, name: str, doc: str) -> type:
         def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
             if not self.compact:
                 return super().update(key_states, value_states, *args, **kwargs)
+            if key_states.shape[2] == 1 and self.in_place and self._owned and self.pos is not None and self.pos.numel():
+                dead = self._dead()
+                if bool(dead.any(dim=-1).all()):  # every row has a free slot: no copy
+                    return self._write_slot(dead, key_states, value_states)
             window = getattr(self, "sliding_window", None)
             if window is not None and self.pos is not None:
                 self._drop_empty((self.pos >= 0) & (self.pos > self._tr_seen - window))
@@ -732,7 +777,12 @@ class _KVRun:
         counts = torch.minimum(n, budget.view(-1, 1))
         idx, ok = K.select_in_order(scores, cand, forced, counts)
         keep = torch.zeros(B, H, N, dtype=torch.long, device=pos.device).scatter_add_(2, idx, ok.long()) > 0
-        layer.set_entries(keys, values, pos, keep, ctx.state)
+        if f.q_len == 1 and layer.compact and layer.in_place and layer._owned and layer.keys is keys:
+            # a decoding step evicts in place: slots emptied, refilled by the next token (no repacking copy)
+            layer.state = dict(ctx.state)
+            layer.mark_dead(cand & ~keep)
+        else:
+            layer.set_entries(keys, values, pos, keep, ctx.state)
         layer.per_head = layer.per_head or not method.shared_heads
         f.cstate.compact = True
         f.evicted = True
