@@ -595,3 +595,15 @@ def test_gemfilter_errors_and_notes(models):
         out = m.generate(a, max_new_tokens=3, **GEN)
         assert any("nothing filtered" in n for n in h.stats.notes)
     assert torch.equal(out.sequences, m.generate(a, max_new_tokens=3, **GEN).sequences)
+
+
+def test_gemfilter_with_several_returned_sequences(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    with _apply(m, "gemfilter", keep=0.5) as h:
+        out = m.generate(a, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
+        kept = h.stats.filter_kept[0]
+    ref = m.generate(a[:, kept], max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False,
+                     pad_token_id=0)
+    assert out.shape == (2, 43) and torch.equal(out[:, :40], a.expand(2, 40))
+    assert torch.equal(out[:, 40:], ref[:, 20:])

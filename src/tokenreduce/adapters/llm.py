@@ -1097,9 +1097,12 @@ def _filtered_generate(run: _KVRun, generate: Callable[..., Any]) -> Callable[..
         finally:
             run.filter_removed, run.in_generate = 0, False  # later plain forwards are not filtered
         cut = new_ids.shape[1]
+        seqs = out if isinstance(out, Tensor) else out.sequences
+        prompt = ids.repeat_interleave(seqs.shape[0] // ids.shape[0], dim=0)  # num_return_sequences / beams
+        seqs = torch.cat([prompt, seqs[:, cut:]], dim=1)
         if isinstance(out, Tensor):
-            return torch.cat([ids, out[:, cut:]], dim=1)
-        out.sequences = torch.cat([ids, out.sequences[:, cut:]], dim=1)
+            return seqs
+        out.sequences = seqs
         return out
 
     return filtered

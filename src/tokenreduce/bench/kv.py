@@ -128,6 +128,9 @@ REPORT_NOTES = (
     "(its config-less cache keeps every layer's whole prompt, 3.7x our unreduced KV bytes at 4k). Under "
     "transformers 5.2 generate(prefill_chunk_size=...) on Gemma 3 answers wrongly even unreduced (5.23: the same "
     "answer as one forward), so the '+ chunked' rows of the kvpress-venv table time a broken computation. "
+    "gemfilter rows: the prompt is filtered by an early full-attention layer and generation runs on the kept tokens "
+    "(no replay; kv_fraction counts the sliding layers' unchanged 511-entry windows, so it exceeds keep); "
+    "'+ chunked' also chunks its filter pass. "
     "kv_bytes = after the prompt, kv_bytes_end = after the last token; peak memory and KV bytes come from the "
     "untimed memory part when it ran (before 2026-11-25 the adapter's prompt snapshot under chunked prefill was "
     "taken after the first chunk).")
