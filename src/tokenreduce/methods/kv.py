@@ -224,6 +224,21 @@ class KVMethod:
         raise NotImplementedError
 
 
+def _check_window_and_pooling(m: Any) -> None:
+    """Validate an observation window (``window_size``: int >= 1 or "question") and a 1D pooling
+    (``kernel_size`` odd >= 1, ``pooling`` avgpool|maxpool), shared by SnapKV/PyramidKV and GemFilter."""
+    ws = m.window_size
+    if ws == "question":
+        if not any([m.question_len] if isinstance(m.question_len, int) else m.question_len):
+            raise ValueError("window_size='question' needs question_len= (the question is the window)")
+    elif isinstance(ws, bool) or not isinstance(ws, int) or ws < 1:
+        raise ValueError(f"window_size must be an int >= 1 or 'question', got {ws!r}")
+    if not isinstance(m.kernel_size, int) or m.kernel_size < 1 or m.kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd int >= 1, got {m.kernel_size!r}")
+    if m.pooling not in ("avgpool", "maxpool"):
+        raise ValueError(f"pooling={m.pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
+
+
 # ---------------------------------------------------------------------------- decoding eviction
 @dataclass
 class StreamingLLM(KVMethod):
@@ -328,16 +343,7 @@ class SnapKV(KVMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ws = self.window_size
-        if ws == "question":
-            if not any([self.question_len] if isinstance(self.question_len, int) else self.question_len):
-                raise ValueError("window_size='question' needs question_len= (the question is the window)")
-        elif isinstance(ws, bool) or not isinstance(ws, int) or ws < 1:
-            raise ValueError(f"window_size must be an int >= 1 or 'question', got {ws!r}")
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
-        if self.pooling not in ("avgpool", "maxpool"):
-            raise ValueError(f"pooling={self.pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
+        _check_window_and_pooling(self)
 
     def window(self, ctx: KVContext) -> int | Tensor:
         return ctx.question_len if self.window_size == "question" else self.window_size
@@ -456,16 +462,7 @@ class GemFilter(KVMethod):
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
                                        or self.layer < 0):
             raise ValueError(f"layer must be an int >= 0 (the filter layer) or None, got {self.layer!r}")
-        ws = self.window_size
-        if ws == "question":
-            if not any([self.question_len] if isinstance(self.question_len, int) else self.question_len):
-                raise ValueError("window_size='question' needs question_len= (the question is the window)")
-        elif isinstance(ws, bool) or not isinstance(ws, int) or ws < 1:
-            raise ValueError(f"window_size must be an int >= 1 or 'question', got {ws!r}")
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
-        if self.pooling not in ("avgpool", "maxpool"):
-            raise ValueError(f"pooling={self.pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
+        _check_window_and_pooling(self)
         if self.layers is not None:
             raise ValueError("gemfilter filters the prompt once for all layers: layers= is not accepted; "
                              "use layer= for the filter layer")
