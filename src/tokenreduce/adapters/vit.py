@@ -249,12 +249,13 @@ class _Run:
         else:
             k = kf.reshape(B, N, H, hd)  # a view (splits the last dim)
             if "metric" in needs:
-                # ToMe's metric, keys averaged over heads: a sum of H column slices (a mean over the head
-                # dim of the strided qkv output is ~5x slower on CPU)
+                # ToMe's metric, keys averaged over heads, as a sum of H column slices (a mean over the head
+                # dim of the strided qkv output is ~5x slower on CPU); the 1/H factor is left out: every
+                # consumer is scale-invariant (cosine similarity, max-min distances)
                 m = kf[..., :hd]
                 for h in range(1, H):
                     m = m + kf[..., h * hd:(h + 1) * hd]
-                ctx["metric"] = m.mul_(1.0 / H) if H > 1 else m
+                ctx["metric"] = m
         k = k.transpose(1, 2)  # (B, H, N, d)
         if "cls_attn" in needs:
             q0 = (q_out[:, :1] if qk.q_slice is None else q_out[:, :1, qk.q_slice]).reshape(B, 1, qk.heads, qk.head_dim)

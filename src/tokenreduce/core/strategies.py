@@ -152,9 +152,10 @@ def merge_by_assignment(state: TokenState, dst: Tensor) -> TokenState:
     x'_c = sum_{i in c} s_i x_i / sum_{i in c} s_i, s'_c = sum_{i in c} s_i. Output keeps the
     representatives in their current order, so positions stay sorted.
 
-    Cost: the representatives are gathered and only the merged-away tokens are added into them (as ToMe's
-    ``merge_wavg`` does with ``scatter_reduce`` on the destination set), so a merge that removes r of N
-    tokens moves N rows of features, not a zero-filled scatter over all of them.
+    Cost: the representatives are gathered and only the merged-away tokens move, as ToMe's ``merge_wavg``
+    touches only its destination set: with S_c = s'_c the same mean is x'_c = x_c + sum_{i in c, i != c}
+    (s_i / S_c)(x_i - x_c), so a merge that removes r of N tokens makes one pass over the kept tokens'
+    features (the gather) plus r rows, not three (gather, * s, / S).
     """
     _B, N, _D = state.x.shape
     ar = torch.arange(N, device=dst.device)
@@ -167,15 +168,17 @@ def merge_by_assignment(state: TokenState, dst: Tensor) -> TokenState:
     new_idx = torch.where(valid_tok, slot_of_rep.gather(1, dst.clamp(min=0)), torch.full_like(dst, -1))
     s = (state.size * valid_tok).to(state.x.dtype)
     size = s.gather(1, rep_index) * valid
-    num = batched_index_select(state.x, rep_index) * size.unsqueeze(-1)
+    x = batched_index_select(state.x, rep_index)  # (B, K, D), a fresh tensor: updated in place below
     if bool(is_src.any()):
         src_index, src_valid = _select_mask(state, is_src)  # (B, R) tokens merged away
         src_s = s.gather(1, src_index) * src_valid
-        src_slot = new_idx.gather(1, src_index).clamp(min=0)  # padding sources add 0 to slot 0
-        batched_index_add(batched_index_select(state.x, src_index) * src_s.unsqueeze(-1), src_slot, K, out=num)
+        src_slot = new_idx.gather(1, src_index).clamp(min=0)  # padding sources carry weight 0 into slot 0
         size = size.scatter_add(1, src_slot, src_s)
-    # padding slots have num = 0 and size = 0, so they come out as exact zeros
-    x = num * size.clamp(min=torch.finfo(s.dtype).tiny).reciprocal().unsqueeze(-1)  # (mul: faster than /)
+        w = src_s * size.gather(1, src_slot).clamp(min=torch.finfo(s.dtype).tiny).reciprocal()  # s_i / S_c
+        delta = batched_index_select(state.x, src_index) - batched_index_select(x, src_slot)
+        batched_index_add(delta * w.unsqueeze(-1), src_slot, K, out=x)
+    if not bool(valid.all()):  # padding slots come out as exact zeros
+        x = x * valid.unsqueeze(-1).to(x.dtype)
     origin = _remap_origin(state.origin, new_idx)
     return TokenState(
         x=x,

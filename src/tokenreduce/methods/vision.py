@@ -1,9 +1,10 @@
 """Vision methods for ViT layers: each is a short composition of a criterion, a strategy and a budget.
 
 A :class:`VisionMethod` tells the ViT adapter (``adapters/vit.py``) at which blocks it reduces, what
-attention-derived context it needs there (``metric`` = keys averaged over heads, ``cls_attn`` = the CLS
-row of the attention averaged over heads; both computed from the block's own q/k projections, so the
-model keeps its SDPA/eager attention), and whether merged tokens get proportional attention.
+attention-derived context it needs there (``metric`` = keys summed over heads, ToMe's mean up to 1/H, used
+only scale-invariantly; ``cls_attn`` = the CLS row of the attention averaged over heads; both computed from
+the block's own q/k projections, so the model keeps its SDPA/eager attention), and whether merged tokens get
+proportional attention.
 The reduction happens inside a block, after attention and before the MLP, as in ToMe and EViT.
 
 ``keep`` semantics (documented per method, reported as real token counts in ``Handle.stats``):
