@@ -56,8 +56,8 @@ def test_conv_stem_keeps_the_patch_grid_and_reports_flops():
     model = build_reference_vit(depth=1)
     assert isinstance(model.patch_embed, ConvStemPatchEmbed)
     assert model.patch_embed.grid_size == (16, 16)
-    # 3x3 s2 (3->24) @32x32, 3x3 s2 (24->48) @16x16, 2 x 3x3 (48->48), 1x1 (48->96), all @16x16
-    expected = 2 * (32 * 32 * 3 * 9 * 24 + 16 * 16 * (24 * 9 * 48 + 2 * 48 * 9 * 48 + 48 * 96))
+    # 3x3 s2 (3->24) @32x32, 3x3 s2 (24->48) @16x16, 2 x 3x3 (48->48), 1x1 (48->192), all @16x16
+    expected = 2 * (32 * 32 * 3 * 9 * 24 + 16 * 16 * (24 * 9 * 48 + 2 * 48 * 9 * 48 + 48 * 192))
     assert model.patch_embed.flops() == expected
     plain = build_reference_vit(stem="patch", depth=1)
     assert isinstance(plain.patch_embed.proj, torch.nn.Conv2d) and plain.patch_embed.num_patches == 256
@@ -110,7 +110,7 @@ def test_config_hash_changes_with_config_but_not_with_threads():
     ("kwargs", "match"),
     [
         ({"depth": 0}, "depth=0"),
-        ({"num_heads": 5}, "num_heads=5 must divide embed_dim=96"),
+        ({"num_heads": 5}, "num_heads=5 must divide embed_dim=192"),
         ({"patch_size": 5}, "patch_size=5"),
         ({"image_size": 32}, "data.image_size=64"),
         ({"lr": 0.0}, r"lr=0.0 is out of range"),

@@ -164,7 +164,7 @@ def retain_freed_memory(nbytes: int = RETAIN_BYTES) -> str:
     glibc serves large allocations (above a threshold that adapts between 128 KiB and 32 MiB) with
     ``mmap`` and unmaps them on free, and trims the heap top; the next tensor of that size then pays one
     page fault per 4 KiB on first touch. A forward pass that allocates tens of MB of activations per
-    call pays this every call: on this machine a ToMe merge step (batch 64, 257 tokens, width 96) took
+    call pays this every call: on this machine a ToMe merge step (batch 64, 257 tokens, the first reference ViT's width 96) took
     ~4,000 minor faults per call, about half its time. Fixing the thresholds (``mallopt``
     M_MMAP_THRESHOLD and M_TRIM_THRESHOLD) is the glibc counterpart of the jemalloc/tcmalloc advice in
     PyTorch's CPU performance guide. It applies to the whole process and every candidate of a
