@@ -496,8 +496,9 @@ class _FilterPass:
     final: bool
     mask2d: Tensor  # (B, L) bool, L = prompt columns up to the end of this chunk
     question_len: Tensor  # (B,)
+    budget: Tensor  # (B,) prompt tokens to keep
     scores: Tensor | None = None  # (B, 1, N) once the final chunk reached the filter layer
-    keys: int = 0
+    forced: Tensor | None = None  # (B, 1, N) tokens the method always keeps
 
 
 @dataclass
@@ -872,16 +873,14 @@ class _KVRun:
                             num_layers=self.num_layers, window=getattr(module, "sliding_window", None),
                             softcap=kwargs.get("softcap"), is_prefill=True)
             fp.scores = self.method.score(ctx)
-            fp.keys = N
+            fp.forced = self.method.forced(ctx, fp.budget) & valid[:, :1]
         raise _FilterDone
 
     def filter_prompt(self, input_ids: Tensor, attention_mask: Tensor | None, chunk: int | None
                       ) -> tuple[Tensor, Tensor]:
-        """GemFilter's selection pass: the model's forward up to the filter layer (chunked if ``chunk``), scores,
-        top-``keep`` per sample (question + last token forced) in positional order. Returns the kept ids and
-        their mask, left-padded like the input (pad id 0 under mask 0)."""
-        from transformers import DynamicCache
-
+        """GemFilter's selection: the model's forward up to the filter layer (chunked if ``chunk``), the method's
+        scores there, its top-``keep`` per sample (its forced tokens included) in positional order. Returns the kept
+        ids and their mask, left-padded like the input (pad id 0 under mask 0)."""
         method = self.method
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError(f"{method.name} filters input_ids (batch, length); got "
@@ -900,32 +899,11 @@ class _KVRun:
             raise ValueError(f"question_len={ql} leaves no context to filter in a prompt of {int(n_real.min())} "
                              f"real tokens")
         layer = method.filter_layer(self.layer_types)
-        t0 = time.perf_counter()
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() builds them
-        cache = DynamicCache(config=self.config)
-        step = N if not chunk else int(chunk)
-        try:
-            with torch.inference_mode():
-                for s in range(0, N, step):
-                    e = min(N, s + step)
-                    self.filter = _FilterPass(layer, e == N, mask[:, :e], qlt)
-                    try:
-                        self.base(input_ids=input_ids[:, s:e], attention_mask=mask[:, :e].long(),
-                                  position_ids=position_ids[:, s:e], past_key_values=cache, use_cache=True)
-                    except _FilterDone:
-                        pass
-                    scores = self.filter.scores
-        finally:
-            self.filter = None
-        if scores is None or scores.shape[-1] != N:
-            raise RuntimeError(f"{method.name}: the filter layer {layer} did not score the prompt")
         budget = method.layer_budget(layer, self.num_layers, n_real, qlt)
-        eligible = mask.view(B, 1, N)
-        last = torch.zeros_like(eligible)
-        last[:, :, -1] = True
-        question = (torch.arange(N, device=dev).view(1, 1, N) >= (N - qlt).view(-1, 1, 1)) & eligible
-        forced = (question | last) & eligible
-        n_forced = forced.sum(-1).view(-1)
+        t0 = time.perf_counter()
+        fp = self._filter_pass(input_ids, mask, chunk, _FilterPass(layer, False, mask, qlt, budget))
+        assert fp.scores is not None and fp.forced is not None
+        n_forced = fp.forced.sum(-1).view(-1)
         if bool((n_forced > budget).any()):
             b = int(budget[n_forced > budget].min())
             raise ValueError(f"{method.name}: keep={method.keep} leaves {b} prompt tokens, fewer than "
@@ -935,12 +913,11 @@ class _KVRun:
         if bool((budget >= n_real).any()):
             self.filter_notes.append(f"{method.name}: a budget >= the {int(n_real.min())} prompt tokens of a sample: "
                                      f"nothing filtered there")
-        idx, ok = K.select_in_order(scores, eligible, forced, budget.view(B, 1))
+        idx, ok = K.select_in_order(fp.scores, mask.view(B, 1, N), fp.forced, budget.view(B, 1))
         idx, ok = idx[:, 0], ok[:, 0]
         Kmax = idx.shape[1]
         # left-pad: the n_ok valid slots (first, in order) move to the end of the row
-        n_ok = ok.sum(1, keepdim=True)
-        src = torch.arange(Kmax, device=dev).view(1, -1) - (Kmax - n_ok)
+        src = torch.arange(Kmax, device=dev).view(1, -1) - (Kmax - ok.sum(1, keepdim=True))
         keep_slot = src >= 0
         gathered = idx.gather(1, src.clamp(min=0))
         new_ids = torch.where(keep_slot, input_ids.gather(1, gathered), torch.zeros_like(gathered))
@@ -948,6 +925,32 @@ class _KVRun:
         self.filter_kept = [idx[b][ok[b]].tolist() for b in range(B)]
         self.filter_seconds = time.perf_counter() - t0
         return new_ids, keep_slot.long()
+
+    def _filter_pass(self, input_ids: Tensor, mask: Tensor, chunk: int | None, fp: _FilterPass) -> _FilterPass:
+        """The model's own forward over the prompt, stopped at the filter layer (``_FilterDone``) in every chunk;
+        the final chunk's filter layer sees every prompt key and scores them (:meth:`_filter_attention`)."""
+        from transformers import DynamicCache
+
+        N = input_ids.shape[1]
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() builds them
+        cache = DynamicCache(config=self.config)
+        step = N if not chunk else int(chunk)
+        try:
+            with torch.inference_mode():
+                for s in range(0, N, step):
+                    e = min(N, s + step)
+                    fp.final, fp.mask2d = e == N, mask[:, :e]
+                    self.filter = fp
+                    try:
+                        self.base(input_ids=input_ids[:, s:e], attention_mask=mask[:, :e].long(),
+                                  position_ids=position_ids[:, s:e], past_key_values=cache, use_cache=True)
+                    except _FilterDone:
+                        pass
+        finally:
+            self.filter = None
+        if fp.scores is None or fp.scores.shape[-1] != N:
+            raise RuntimeError(f"{self.method.name}: the filter layer {fp.layer} did not score the prompt")
+        return fp
 
     # ------------------------------------------------------------------ stats
     def _collect(self, f: _Forward) -> KVStats:
