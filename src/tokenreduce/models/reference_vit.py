@@ -13,6 +13,9 @@ Typical use::
     model, info = load_reference_vit(train_if_missing=True)
     images, labels = reference_eval_set("test")
 
+Measured (default config ``v1-a8d0854ae2``: 192 wide, 6 blocks, 768 steps; 1,435 s of training on 2
+threads, partly shared): val 0.980, held-out test 0.9775 (2,000 images; 0.979 on the benchmark's first 1,000).
+
 Checkpoints live in ``cache_dir("reference_vit", "v<VERSION>-<config hash>")`` so
 that any change of the config (or of the dataset generator) never loads stale
 weights.
@@ -89,7 +92,8 @@ class TrainConfig:
     reference ViT was 96 wide, narrower than any ViT in use: a block's cost grows as N*C^2 while a reducer's
     bookkeeping grows as N*C and DPC-KNN's distances as N^2*C, so at C=96 every reducer's overhead was measured
     against blocks ~3x cheaper, relative to their work, than DeiT-Tiny's (DPC-KNN: N/(12C+2N) = 15% of a block's
-    FLOPs per stage at C=96, 9% at C=192).
+    FLOPs per stage at C=96, 9% at C=192). Six epochs (768 steps): the 192-wide model's training loss fell
+    faster than the 96-wide one's, and ten epochs (1280 steps) ran at ~8 s per step on one loaded thread.
     """
 
     image_size: int = 64
@@ -103,7 +107,7 @@ class TrainConfig:
     stem_channels: int = 24
     stem_extra_convs: int = 2
     data: ClutteredDigitsConfig = field(default_factory=ClutteredDigitsConfig)
-    epochs: int = 10
+    epochs: int = 6
     samples_per_epoch: int = 4096
     batch_size: int = 32
     lr: float = 1e-3
