@@ -58,6 +58,44 @@ def test_answers_follow_the_scene(vqa):
     assert set(spatial) == {"yes", "no"}
 
 
+def test_spatial_rationale_names_where_each_digit_is(vqa):
+    """A spatial question's rationale puts each named digit in its cell, and the answer follows from the
+    two cells; the other types have none."""
+    from tokenreduce.data.vqa import _rel_holds
+    from tokenreduce.models.small_vlm import parse_answer, training_target
+
+    n = 0
+    for qa in vqa.qas:
+        if qa.qtype != "spatial":
+            assert qa.rationale == "" and training_target(qa, True) == qa.answer
+            continue
+        s = vqa.scenes[qa.scene]
+        words = qa.question.split()  # is the A <relation> the B ?
+        a, b, rel = int(words[2]), int(words[-2]), " ".join(words[3:-3])
+        cells = []
+        for part, digit in zip(qa.rationale.split(" , "), (a, b)):
+            value, pos = part.split(" ", 1)
+            assert int(value) == digit and s.digits[POSITION_NAMES.index(pos)] == digit
+            cells.append(POSITION_NAMES.index(pos))
+        assert _rel_holds(rel, *cells) == (qa.answer == "yes")
+        target = training_target(qa, True)
+        assert target == f"{qa.rationale} , {qa.answer}" and training_target(qa, False) == qa.answer
+        assert parse_answer(target.split() + ["</s>", "<pad>"]) == qa.answer
+        assert all(w in VOCAB for w in target.split())
+        n += 1
+    assert n == 10
+
+
+def test_parse_answer():
+    from tokenreduce.models.small_vlm import parse_answer
+
+    assert parse_answer(["7", "</s>"]) == "7"
+    assert parse_answer(["7", "3"]) == "7"  # no eos within the budget: the first word, as before
+    assert parse_answer(["3", "top", "left", ",", "7", "center", ",", "no", "</s>", "</s>"]) == "no"
+    assert parse_answer(["3", "top", ",", "7"]) == "7"
+    assert parse_answer(["</s>"]) == "" and parse_answer(["3", ","]) == ""
+
+
 def test_digits_are_drawn_where_annotated():
     _, scenes, ink = generate_scenes("train", 8, seed=0)
     for i, s in enumerate(scenes):
@@ -269,10 +307,11 @@ def test_v3_model_stays_addressable():
     cached v3 model, and the default's parent is v3's parent (the 1100-step model)."""
     from tokenreduce.models.small_vlm import VLMTrainConfig
 
-    c = VLMTrainConfig()
+    c = VLMTrainConfig(rationale=False)
     assert c.without_drop().parent().config_hash() == c.parent().config_hash() == "892f7ded99"
-    assert VLMTrainConfig(restart_steps=600, restart_drop=0.0).config_hash() == "42c6df0141"
+    assert VLMTrainConfig(restart_steps=600, restart_drop=0.0, rationale=False).config_hash() == "42c6df0141"
     assert c.config_hash() not in ("42c6df0141", "892f7ded99")
+    assert VLMTrainConfig().config_hash() not in (c.config_hash(), "42c6df0141")  # rationale: a new model
     with pytest.raises(ValueError, match="restart_drop"):
         VLMTrainConfig(restart_drop=1.5)
 

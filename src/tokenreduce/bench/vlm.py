@@ -2,7 +2,7 @@
 
 For every (method, keep) the run measures, in one process:
 
-* accuracy per question type (greedy ``generate``, first answer word) on the held-out test questions, and
+* accuracy per question type (greedy ``generate``, the answer word after any rationale) on the held-out test questions, and
   agreement with the unreduced model's answers;
 * analytic prefill FLOPs (vision tower + projector + LLM layers from the real per-layer token counts in
   ``Handle.stats``; scoring overhead excluded and reported as time) and decode FLOPs per token, the
@@ -378,7 +378,7 @@ def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VlmBenchConfig, meta:
         title="accuracy vs prefill FLOPs reduction", xlabel="FLOPs ratio (x)", ylabel="VQA accuracy")))
     images.append((f"patches kept on one test scene at keep={cfg.viz_keep} (dimmed = dropped)",
                    _viz_plot(viz, data, outdir / "kept_patches.png")))
-    notes = ("Accuracy: greedy generate, first answer word, on held-out digit scenes (base digits disjoint from "
+    notes = ("Accuracy: greedy generate, the answer word (after the rationale a spatial answer is trained with), on held-out digit scenes (base digits disjoint from "
              "training). keep: see tokenreduce.methods.vlm (fraction of visual tokens per image before the LLM; "
              "FastV 1-R; PDrop lambda; SparseVLM layer-averaged; ToDRE stage-1 fraction, all visual tokens dropped "
              "mid-LLM (keep=1: identity)). visual_tokens_avg: visual tokens averaged over LLM layers. Speedups: median of per-round "

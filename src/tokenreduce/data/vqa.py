@@ -22,6 +22,8 @@ detail          ``what is the small digit ?``                     the small digi
 ==============  ===============================================  =====================================
 
 ``describe`` (``describe the image .`` -> ``3 top left , 7 center``) is a dense training-only task.
+A ``spatial`` question also carries its rationale (:attr:`QA.rationale`: where each named digit is), which a
+model may be trained to write before the answer (``3 top left , 7 center , no``); the answer alone is scored.
 
 The small digit (8 px, exactly one 8-px patch when aligned) is resolvable at the small VLM's patch size: a
 linear probe on the frozen conv-stem CLIP tower's patch features of the v2 model read its value right on
@@ -157,6 +159,9 @@ class QA(NamedTuple):
     qtype: str
     question: str
     answer: str
+    #: the evidence a model may be trained to write before the answer (``spatial``: where each named digit
+    #: is, ``3 top left , 7 center``); empty for the other types. Evaluation reads only the answer.
+    rationale: str = ""
 
 
 @dataclass
@@ -318,7 +323,8 @@ def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple
                 continue
             a, b, r = good[int(rng.integers(len(good)))]
             ans = "yes" if _rel_holds(r, a, b) else "no"
-            out.append(QA(idx, t, f"is the {d[a]} {r} the {d[b]} ?", ans))
+            why = f"{d[a]} {POSITION_NAMES[a]} , {d[b]} {POSITION_NAMES[b]}"
+            out.append(QA(idx, t, f"is the {d[a]} {r} the {d[b]} ?", ans, why))
         elif t == "comparison" and len(reg) >= 2:
             a, b = rng.choice(reg, size=2, replace=False).tolist()
             out.append(QA(idx, t, f"which is larger , the {POSITION_NAMES[a]} digit or the {POSITION_NAMES[b]} digit ?",
