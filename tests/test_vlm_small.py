@@ -88,7 +88,8 @@ def test_reduction_shrinks_cache_on_trained_model(vlm, name):
             model(**batch, use_cache=True)
         kv = h.stats.kv_bytes
         out = answer_questions(model, tok, data.images, qas, batch_size=4, generate=True)
-    assert kv < full_kv and all(a in VOCAB for a in out)
+    # "" = no answer after the rationale (a reduced model may loop: "3 bottom 2 bottom 2 bottom ... ,")
+    assert kv < full_kv and all(a in VOCAB or a == "" for a in out)
 
 
 def test_fastv_keeps_most_answers(vlm):
