@@ -229,6 +229,18 @@ def test_dpc_knn_suffix_fast_path_matches_masked_path(n, lead, k, seed):
     torch.testing.assert_close(fast[valid], general[valid], rtol=1e-5, atol=1e-6)
 
 
+def test_dpc_knn_mutual_neighbours_rank_alike_on_both_paths():
+    """Regression (hypothesis found it): mutual nearest neighbours have equal densities; with d_ij != d_ji
+    by GEMM rounding the two paths broke that tie differently (a score of 0.43 vs 0.72)."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(3, 13, 5, generator=g)
+    valid = torch.ones(3, 13, dtype=torch.bool)
+    valid[:, :3] = False
+    fast = S.dpc_knn_centers(m, valid, k=1)
+    general = S._dpc_knn_scores(m, valid, 1, 13)[0]
+    torch.testing.assert_close(fast[valid], general[valid], rtol=1e-5, atol=1e-6)
+
+
 def _dpc_reference(m: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """DPC-KNN center scores straight from the definitions (Du et al. 2016; TCFormer Eq. 1-3), one sample and
     one token at a time: full sort for the k-NN, full scan for the nearest denser token. Same float32
