@@ -249,7 +249,7 @@ def _dpc_reference(m: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor
     for b in range(m.shape[0]):
         idx = valid[b].nonzero().squeeze(1)
         x = m[b, idx][None]
-        d2 = S._pairwise_sqdist(x, x)[0]
+        d2 = S._self_sqdist(x)[0]
         n = len(idx)
         kk = max(1, min(k, n - 1))
         knn = d2.sort(1).values[:, 1:kk + 1] if n > 1 else torch.zeros(n, 1)
@@ -274,7 +274,10 @@ def test_dpc_knn_matches_definition(n, k, seed, dup, pad):
     got = S.dpc_knn_centers(m, valid, k=k)
     want = _dpc_reference(m, valid, k)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
-    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-5)
+    # atol: a duplicate's distance to its copy is GEMM rounding (~1e-7 squared, ~3e-4 after the square root)
+    # and depends on the matrix shape (the padded batch vs the reference's valid tokens only): its score is
+    # ~1e-4 instead of 0 (seen with dup + pad in ~0.7% of draws); both mean "not a center"
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-3)
 
 
 @settings(max_examples=40, deadline=None)

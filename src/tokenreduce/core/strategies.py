@@ -244,6 +244,14 @@ def _pairwise_sqdist(a: Tensor, b: Tensor) -> Tensor:
     return torch.baddbmm(na, a, b.transpose(1, 2), alpha=-2 * inv_c).add_(nb[:, None]).clamp_(min=0)
 
 
+def _self_sqdist(x: Tensor) -> Tensor:
+    """:func:`_pairwise_sqdist` of ``x`` with itself, made exactly symmetric: the blocked GEMM gives d_ij and
+    d_ji ~1e-7 apart, as large as DPC-KNN's density tie-break, so two mutual nearest neighbours (equal
+    density in exact arithmetic) could rank differently on the masked and the suffix path."""
+    d2 = _pairwise_sqdist(x, x)
+    return d2.add(d2.mT).mul_(0.5)
+
+
 def dpc_knn_centers(metric: Tensor, valid: Tensor, k: int = 5) -> Tensor:
     """Density-peaks clustering with k-NN density (Du et al. 2016; TCFormer, Zeng et al., CVPR 2022, Eq. 1-3).
 
@@ -280,11 +288,7 @@ def _dpc_knn(metric: Tensor, valid: Tensor, k: int) -> _Dpc:
 def _dpc_knn_scores(metric: Tensor, valid: Tensor | None, k: int, n_full: int
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, N, _ = metric.shape
-    # made exactly symmetric: the blocked GEMM gives d_ij and d_ji ~1e-7 apart, as large as the density
-    # tie-break below, so two mutual nearest neighbours (equal density in exact arithmetic) could rank
-    # differently on the masked and the suffix path
-    d2 = _pairwise_sqdist(metric, metric)
-    d2 = d2.add(d2.mT).mul_(0.5)
+    d2 = _self_sqdist(metric)
     big = torch.finfo(d2.dtype).max
     dv = d2 if valid is None else d2.masked_fill(~valid.unsqueeze(1), big).masked_fill(~valid.unsqueeze(2), big)
     kk = max(1, min(k, N - 1)) if N > 1 else 1
