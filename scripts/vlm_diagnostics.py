@@ -3,11 +3,14 @@
 1. Rationales (models trained with ``rationale=True``): for held-out spatial questions, generate the
    rationale (``3 top left , 7 center , no``) and score each named digit's cell against the scene, the share
    of named cells that hold a regular digit, and what naming a random occupied cell would score.
-2. Routing: the share of the answer position's attention to visual tokens (heads averaged, per LLM layer)
-   that falls on the patches of the cell the question needs (identity: the asked cell; detail: the small
-   digit's cell). A cell holds 1/9 of the patches.
+2. Routing: the share of the answer position's attention to visual tokens (heads averaged, and the best
+   head, per LLM layer) that falls on the patches of the cell the question needs (identity: the asked cell;
+   detail: the small digit's cell). A cell holds 1/9 of the patches.
+3. Oracle selection (identity): accuracy when the LLM gets all 144 visual tokens, only the asked cell's 16
+   (original position ids), the asked cell's and one other occupied cell's, or 16 random tokens. It tells
+   reading (a digit seen alone) from finding (a cell among 144 tokens) apart.
 
-    python scripts/vlm_diagnostics.py [--n 200]
+    python scripts/vlm_diagnostics.py [--n 200] [--model ~/.cache/tokenreduce/small_vlm/<v3-hash>]
 
 The numbers quoted in ``tokenreduce.models.small_vlm``'s docstring come from this script.
 """
@@ -15,6 +18,8 @@ The numbers quoted in ``tokenreduce.models.small_vlm``'s docstring come from thi
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +27,7 @@ import torch
 from tokenreduce.data.vqa import POSITION_NAMES, SPECIAL_TOKENS, VOCAB, cell_of_patch
 from tokenreduce.models.small_vlm import (
     RATIONALE_NEW_TOKENS,
+    VLMTrainConfig,
     encode_prompts,
     eval_set,
     load_small_vlm,
@@ -66,34 +72,76 @@ def rationale_scores(model, tok, data, n: int, batch: int = 50) -> dict[str, flo
             "random_occupied_cell": float(np.mean([1 / len(data.scenes[q.scene].regular_cells) for q in qs]))}
 
 
+def _asked_cell(q) -> int:
+    return POSITION_NAMES.index(q.question.split("the ", 1)[1].rsplit(" ?", 1)[0])
+
+
 @torch.no_grad()
-def routing_shares(model, tok, data, qtype: str, n: int) -> list[float]:
+def routing_shares(model, tok, data, qtype: str, n: int) -> dict[str, list[float]]:
+    """Per LLM layer: the heads' mean share and the best head's share."""
     qs = data.by_type()[qtype][:n]
     grid = int(model.config.image_seq_length ** 0.5)
     cells = torch.as_tensor(cell_of_patch(grid, data.config.image_size))
     b = _batch(model, tok, data, qs)
     att = model(**b, output_attentions=True).attentions
-    share = np.zeros(len(att))
+    share = np.zeros((len(att), att[0].shape[1]))
     for i, q in enumerate(qs):
-        if qtype == "identity":
-            target = POSITION_NAMES.index(q.question.split("the ", 1)[1].rsplit(" ?", 1)[0])
-        else:
-            target = data.scenes[q.scene].small_cell
+        target = _asked_cell(q) if qtype == "identity" else data.scenes[q.scene].small_cell
         vis = (b["input_ids"][i] == model.config.image_token_id).nonzero()[:, 0]
         last = int(b["attention_mask"][i].nonzero()[-1])
         for layer, a in enumerate(att):
-            w = a[i, :, last, vis].mean(0)
-            share[layer] += (w[cells == target].sum() / w.sum().clamp(min=1e-9)).item()
-    return (share / len(qs)).round(3).tolist()
+            w = a[i, :, last, vis]  # (heads, visual)
+            share[layer] += (w[:, cells == target].sum(1) / w.sum(1).clamp(min=1e-9)).numpy()
+    share /= len(qs)
+    return {"mean": share.mean(1).round(3).tolist(), "best_head": share.max(1).round(3).tolist()}
+
+
+@torch.no_grad()
+def oracle_selection(model, tok, data, n: int, seed: int = 0) -> dict[str, float]:
+    """Identity accuracy (first answer token, greedy) when only the selected visual tokens reach the LLM,
+    at their original position ids."""
+    qs = data.by_type()["identity"][:n]
+    N = model.config.image_seq_length
+    cells = torch.as_tensor(cell_of_patch(int(N ** 0.5), data.config.image_size))
+    img = model.config.image_token_id
+    rng = np.random.default_rng(seed)
+    allk = torch.arange(N)
+    selectors = {
+        "all": lambda c, s: allk,
+        "asked_cell": lambda c, s: allk[cells == c],
+        "asked_plus_one_occupied": lambda c, s: allk[(cells == c) | (cells == next(x for x in s.regular_cells if x != c))],
+        "random_16": lambda c, s: torch.from_numpy(np.sort(rng.choice(N, 16, replace=False))),
+    }
+    out = {}
+    for name, select in selectors.items():
+        ok = 0
+        for q in qs:
+            b = _batch(model, tok, data, [q])
+            ids = b["input_ids"][0]
+            keep = select(_asked_cell(q), data.scenes[q.scene])
+            f = model.model.get_image_features(pixel_values=b["pixel_values"], return_dict=True).pooler_output[0][keep]
+            start = int((ids == img).nonzero()[0])
+            new = torch.cat([ids[:start], torch.full((len(keep),), img), ids[start + N:]])
+            pos = torch.cat([torch.arange(start), start + keep, torch.arange(start + N, len(ids))])
+            emb = model.get_input_embeddings()(new[None]).masked_scatter((new[None] == img)[..., None], f)
+            logits = model(inputs_embeds=emb, position_ids=pos[None]).logits[0, -1]
+            ok += VOCAB[int(logits.argmax())] == q.answer
+        out[name] = ok / len(qs)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200, help="questions per measurement")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a cached checkpoint folder (default: the default config's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model, tok, info = load_small_vlm()
+    config = VLMTrainConfig.from_dict(json.loads((args.model / "config.json").read_text())) if args.model else None
+    model, tok, info = load_small_vlm(config=config)
     data = eval_set("test", info["config"], per_type=max(200, args.n))
+    print("model:", info["path"].parent.name)
+    print("oracle selection (identity accuracy):", oracle_selection(model, tok, data, args.n))
     if getattr(model.config, "vqa_rationale", False):
         print("rationales:", rationale_scores(model, tok, data, args.n))
     model.set_attn_implementation("eager")

@@ -370,3 +370,101 @@ def test_vlm_bench_smoke(tmp_path):
     assert any("leaves zero" in r.get("error", "") for r in rows)  # keep=0.003 of 144 tokens: a clear error
     for f in ("report.html", "accuracy_vs_keep.png", "pareto_prefill.png", "kept_patches.png"):
         assert (tmp_path / f).stat().st_size > 1000
+
+
+def test_routing_targets_name_the_cells_each_answer_word_needs():
+    """Routing supervision targets (route_weight > 0): the query position of each lookup and the scene cells
+    it must attend to, for every question type, with and without rationales."""
+    from tokenreduce.data.vqa import POSITION_NAMES, make_vqa_set
+    from tokenreduce.models.small_vlm import _routing_targets, training_target
+
+    data = make_vqa_set("train", 40, seed=5, types=QUESTION_TYPES + ("describe",))
+    seen = set()
+    for qa in data.qas:
+        s = data.scenes[qa.scene]
+        for rationale in (False, True):
+            words = training_target(qa, rationale).split()
+            targets = _routing_targets(qa, s, rationale)
+            seen.add(qa.qtype)
+            for i, cells in targets:
+                assert -1 <= i < len(words) - 1 and cells and all(s.digits[c] >= 0 for c in cells)
+            if qa.qtype == "identity":
+                assert targets == [(-1, (POSITION_NAMES.index(qa.question.split("at the ")[1][:-2]),))]
+                assert str(s.digits[targets[0][1][0]]) == qa.answer
+            elif qa.qtype == "comparison":
+                (i, cells), = targets
+                assert str(max(s.digits[c] for c in cells)) == qa.answer and len(set(cells)) == 2
+            elif qa.qtype == "detail":
+                assert targets == [(-1, (s.small_cell,))]
+            elif qa.qtype == "counting":
+                assert targets == []
+            elif qa.qtype == "spatial" and rationale:
+                # each digit word is followed by the name of the cell it is routed to
+                for i, (c,) in targets:
+                    assert words[i] == str(s.digits[c])
+                    assert " ".join(words[i + 1:]).startswith(POSITION_NAMES[c] + " ,")
+            elif qa.qtype == "describe":
+                for i, (c,) in targets:
+                    nxt = words[i + 1]  # the word after the query: the digit itself or its cell name / value
+                    assert nxt in (str(s.digits[c]), "small") or \
+                        " ".join(words[i + 1:]).startswith(POSITION_NAMES[c]) or (c == s.small_cell and nxt.isdigit())
+    assert seen == set(QUESTION_TYPES) | {"describe"}
+
+
+def test_routing_loss_equals_eager_attention_share():
+    """_routing_loss recomputes one head's attention from the captured layer inputs; it must equal -log of
+    the share that the eager attention weights put on the target cells' visual tokens."""
+    from tokenreduce.models.small_vlm import (
+        VLMTrainConfig,
+        _routing_loss,
+        _RouteProbe,
+        _training_batch,
+        build_small_vlm,
+        build_tokenizer,
+    )
+
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=3, text_heads=4, text_kv_heads=2,
+                       batch_size=3, route_weight=0.5, route_layers=(0, 2), route_head=3)
+    assert c.config_hash() != dataclasses.replace(c, route_weight=0.0).config_hash()
+    assert VLMTrainConfig().config_hash() == VLMTrainConfig(route_layers=(1,)).config_hash()  # off: not hashed
+    with pytest.raises(ValueError, match="route_layers"):
+        VLMTrainConfig(route_weight=1.0, route_layers=(6,))
+    torch.manual_seed(0)
+    m = build_small_vlm(c, attn_implementation="eager").eval()
+    b = _training_batch(c, 1, build_tokenizer())
+    route = b.pop("route")
+    for k in ("patch_labels", "labels", "answer_types"):
+        b.pop(k)
+    bi, start, qpos, target = route
+    assert len(bi) > 0 and (target.sum(1) % 16 == 0).all()
+    probe = _RouteProbe(m, c.route_layers)
+    with torch.no_grad():
+        out = m(**b, output_attentions=True)
+    probe.remove()
+    got = _routing_loss(probe, route, b["attention_mask"], c.route_head)
+    cols = start[:, None] + torch.arange(144)[None]
+    ref = torch.stack([-((out.attentions[k][bi, c.route_head, qpos].gather(1, cols) * target).sum(1).log()).mean()
+                       for k in c.route_layers]).mean()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_routing_targets_follow_the_kept_patches_of_reduced_images():
+    """With the warm restart's reduction augmentation a route's target columns are the kept tokens whose
+    patches lie in its cells; routes whose digits were all dropped, and pooled images, have none."""
+    from tokenreduce.models.small_vlm import VLMTrainConfig, _training_batch, build_tokenizer
+
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=3, text_heads=4, text_kv_heads=2,
+                       batch_size=6, route_weight=0.5, route_layers=(1,), restart_drop=1.0, drop_merge=0.0)
+    cell = torch.from_numpy(cell_of_patch(12, 96))
+    b = _training_batch(c, 2, build_tokenizer(), reduce=True)
+    bi, start, qpos, target = b["route"]
+    assert len(bi) > 0 and target.any(1).all()
+    image = VOCAB.index("<image>")
+    for r in range(len(bi)):
+        kind, idx = b["reduce"][int(bi[r])]
+        assert kind == "subset" and not target[r, len(idx):].any()
+        assert int(start[r]) == int((b["input_ids"][bi[r]] == image).nonzero()[0])
+        cells = set(cell[torch.tensor(idx)][target[r, : len(idx)]].tolist())
+        assert len(cells) in (1, 2) and all(int(b["input_ids"][bi[r], qpos[r]]) != image for _ in cells)
+    pooled = _training_batch(dataclasses.replace(c, drop_merge=1.0), 2, build_tokenizer(), reduce=True)
+    assert len(pooled["route"][0]) == 0

@@ -87,6 +87,7 @@ import torch.nn.functional as F
 
 from tokenreduce._paths import cache_dir
 from tokenreduce.data.vqa import (
+    POSITION_NAMES,
     QA,
     QUESTION_TYPES,
     SPECIAL_TOKENS,
@@ -126,6 +127,8 @@ PROMPT_FORMATS = ("image_first", "question_first")
 _HASH_EXCLUDED = frozenset({"num_threads", "eval_every", "log_every"})
 #: the warm restart's token-reduction augmentation (:func:`_reduce_plan`); absent from the hash when off
 _DROP_FIELDS = ("restart_drop", "drop_min", "drop_merge", "drop_keep_positions")
+#: the routing supervision (:func:`_routing_loss`); absent from the hash when off
+_ROUTE_FIELDS = ("route_weight", "route_layers", "route_head")
 _TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
 
 
@@ -167,6 +170,14 @@ class VLMTrainConfig:
     rationale: bool = True
     ink_threshold: float = 0.12
     freeze_vision: bool = False
+    #: weight of the routing supervision (:func:`_routing_loss`): at the positions that must look a digit up
+    #: (``answer :`` of identity/comparison/detail turns, a rationale's or description's digit before its
+    #: cell name, a description's ``,`` before the next digit), one head per layer in ``route_layers`` is
+    #: trained to put its attention on the patches of the cells that hold the answer (0 = off, absent from
+    #: the hash)
+    route_weight: float = 0.0
+    route_layers: tuple[int, ...] = (2, 4)
+    route_head: int = 0
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
@@ -204,6 +215,13 @@ class VLMTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         if not 0 < self.drop_min <= 1:
             raise ValueError(f"drop_min={self.drop_min!r} must be in (0, 1]")
+        if self.route_weight < 0:
+            raise ValueError(f"route_weight={self.route_weight!r} must be >= 0")
+        bad = [k for k in self.route_layers if not 0 <= k < self.text_layers]
+        if self.route_weight and (bad or not self.route_layers):
+            raise ValueError(f"route_layers={self.route_layers!r} is invalid: need LLM layers in [0, {self.text_layers - 1}]")
+        if self.route_weight and not 0 <= self.route_head < self.text_heads:
+            raise ValueError(f"route_head={self.route_head!r} must be in [0, {self.text_heads - 1}]")
 
     @property
     def num_image_tokens(self) -> int:
@@ -221,6 +239,8 @@ class VLMTrainConfig:
         d = dict(d)
         if isinstance(d.get("scene"), dict):
             d["scene"] = SceneConfig.from_dict(d["scene"])
+        if isinstance(d.get("route_layers"), list):
+            d["route_layers"] = tuple(d["route_layers"])
         return cls(**d)
 
     def parent(self) -> VLMTrainConfig | None:
@@ -236,6 +256,9 @@ class VLMTrainConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in _HASH_EXCLUDED}
         if not self.rationale:
             payload.pop("rationale")
+        if self.route_weight == 0:  # no routing supervision: the fields do not exist for this model
+            for k in _ROUTE_FIELDS:
+                payload.pop(k)
         if self.restart_steps == 0:  # no warm restart: the fields do not exist for this model
             for k in ("restart_steps", "restart_lr") + _DROP_FIELDS:
                 payload.pop(k)
@@ -447,6 +470,48 @@ def _reduce_plan(c: VLMTrainConfig, rng) -> tuple[str | None, Any, list[int], bo
     return "subset", idx, idx, keep_pos
 
 
+def _routing_targets(qa: QA, scene, rationale: bool) -> list[tuple[int, tuple[int, ...]]]:
+    """Where a turn must look (:func:`_routing_loss`): ``(i, cells)`` pairs, ``i`` = -1 for the last prompt
+    token (``:``, which predicts the first answer word) or the index of the answer word (= token: the
+    tokenizer is word-level) whose next word needs the digits in ``cells``:
+
+    - identity / comparison / detail: ``:`` -> the asked cell(s) / the small digit's cell;
+    - spatial with a rationale (``3 top left , 7 center , no``): each digit word -> its cell (the next words
+      name it); without a rationale ``:`` -> both digits' cells;
+    - describe (``3 top left , 7 center , small 5``): each regular digit word -> its cell, ``:`` and every
+      ``,`` -> the cell described next, ``small`` -> the small digit's cell.
+    Counting has none."""
+    d, words = scene.digits, training_target(qa, rationale).split()
+    if qa.qtype == "identity":
+        return [(-1, (POSITION_NAMES.index(qa.question[len("what digit is at the "):-2]),))]
+    if qa.qtype == "comparison":
+        a, b = qa.question[len("which is larger , the "):-len(" digit ?")].split(" digit or the ")
+        return [(-1, (POSITION_NAMES.index(a), POSITION_NAMES.index(b)))]
+    if qa.qtype == "detail":
+        return [(-1, (scene.small_cell,))]
+    if qa.qtype == "spatial":
+        cells = tuple(d.index(int(w)) for w in qa.question.split() if w.isdigit())
+        if not (rationale and qa.rationale):
+            return [(-1, cells)]
+        return [(i, (d.index(int(w)),)) for i, w in enumerate(words) if w.isdigit() and i < len(words) - 1]
+    if qa.qtype == "describe":
+        out: list[tuple[int, tuple[int, ...]]] = []
+        prev = -1  # the word before the next item (``:`` for the first)
+        i = 0
+        while i < len(words):
+            if words[i] == "small":
+                out += [(prev, (scene.small_cell,)), (i, (scene.small_cell,))]
+                i += 2
+            else:
+                cell = d.index(int(words[i]))
+                out += [(prev, (cell,)), (i, (cell,))]
+                i += 1 + len(POSITION_NAMES[cell].split())
+            prev = i  # the ``,``
+            i += 1
+        return out
+    return []
+
+
 def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> dict[str, Any]:
     """One instruction-tuning batch; with ``reduce`` (the warm restart with ``restart_drop`` > 0) each
     image may reach the LLM reduced (:func:`_reduce_plan`): ``reduce`` holds the plans and the batch has
@@ -459,6 +524,8 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
     image_id = VOCAB.index(SPECIAL_TOKENS["image"])
     eos = VOCAB.index(SPECIAL_TOKENS["eos"])
     seqs, labs, tys, poss, plans = [], [], [], [], []
+    #: (sample, first visual position, query position, cells, patch of each visual token)
+    routes: list[tuple[int, int, int, tuple[int, ...], list[int]]] = []
     for i, s in enumerate(scenes):
         kind, arg, src, keep_pos = _reduce_plan(c, drng) if reduce else (None, None, list(range(c.num_image_tokens)), True)
         plans.append((kind, arg))
@@ -474,6 +541,7 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
         if rng.random() < c.describe_prob:
             qas = qas[: c.qa_per_image - 1] + questions_for(s, i, rng, ("describe",))
         ids, lab, ty = [], [], []
+        route: list[tuple[int, tuple[int, ...]]] = []  # (sequence position, cells) of this image
         for j, qa in enumerate(qas):
             if j == 0 and c.prompt == "question_first":
                 q = tok(qa.question, add_special_tokens=False)["input_ids"] + ids_img + \
@@ -481,6 +549,9 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
             else:
                 q = (ids_img if j == 0 else []) + tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
             a = tok(training_target(qa, c.rationale), add_special_tokens=False)["input_ids"] + [eos]
+            if c.route_weight and kind != "pool":  # a pooled token has no single cell
+                first = len(ids) + len(q)  # position of the first answer token
+                route += [(first + k, cells) for k, cells in _routing_targets(qa, s, c.rationale)]
             ids += q + a
             lab += [-100] * len(q) + a
             ty += [-1] * len(q) + [_LOSS_TYPES.index(qa.qtype)] * len(a)
@@ -491,6 +562,9 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
                 list(range(start + c.num_image_tokens, len(ids) + removed))
         else:
             pos = list(range(len(ids)))
+        if route:
+            start_img = ids.index(image_id)
+            routes += [(i, start_img, p, cells, src) for p, cells in route]
         seqs.append(ids)
         labs.append(lab)
         tys.append(ty)
@@ -513,6 +587,18 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
     if reduce:
         out["position_ids"] = position_ids
         out["reduce"] = plans
+    if c.route_weight:
+        g = c.scene.image_size // c.patch_size
+        cell = torch.from_numpy(cell_of_patch(g, c.scene.image_size))
+        target = torch.zeros(len(routes), c.num_image_tokens, dtype=torch.bool)
+        for r, (_, _, _, cells, src) in enumerate(routes):  # a reduced image: its kept patches' cells
+            target[r, : len(src)] = torch.isin(cell[torch.tensor(src)], torch.tensor(cells))
+        keep = target.any(1)  # the digits a reduced image lost cannot be found
+        routes = [x for x, k in zip(routes, keep.tolist()) if k]
+        target = target[keep]
+        out["route"] = (torch.tensor([r[0] for r in routes], dtype=torch.long),
+                        torch.tensor([r[1] for r in routes], dtype=torch.long),
+                        torch.tensor([r[2] for r in routes], dtype=torch.long), target)
     return out
 
 
@@ -538,6 +624,63 @@ def _train_forward(model, b: dict[str, Any]):
     vis = (ids == model.config.image_token_id)[..., None]
     emb = emb.masked_scatter(vis, torch.cat(parts).to(emb.dtype))
     return model(inputs_embeds=emb, **b)
+
+
+class _RouteProbe:
+    """Captures the inputs of the supervised LLM layers' attention during a training forward (a forward
+    pre-hook on ``self_attn``) for :func:`_routing_loss`."""
+
+    def __init__(self, model, layers: Sequence[int]) -> None:
+        self.inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], Any]] = {}
+        lm = model.model.language_model
+        self.attn = {k: lm.layers[k].self_attn for k in layers}
+        self.handles = [a.register_forward_pre_hook(self._hook(k), with_kwargs=True) for k, a in self.attn.items()]
+
+    def _hook(self, layer: int):
+        def hook(module, args, kwargs):
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.inputs[layer] = (h, kwargs["position_embeddings"], kwargs.get("attention_mask"))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def _routing_loss(probe: _RouteProbe, route: tuple[torch.Tensor, ...], mask: torch.Tensor, head: int
+                  ) -> torch.Tensor:
+    """Routing supervision (attention supervision, as in Qiao et al., 2018, "Exploring Human-like Attention
+    Supervision in Visual Question Answering", here with the scene's ground-truth cells instead of human
+    maps): for each query position r, -log of the share of head ``head``'s attention (softmax over every key
+    it may see) that falls on the visual tokens of r's target cells, averaged over rows and supervised
+    layers. Without it the LLM reads digits well (identity 0.93 when it sees only the asked cell's tokens)
+    but does not learn to find a cell among 144 tokens (0.39)."""
+    b, start, qpos, target = route
+    if b.numel() == 0:
+        return torch.zeros(())
+    losses = []
+    for layer, (h, (cos, sin), _) in probe.inputs.items():
+        attn = probe.attn[layer]
+        cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+        hd = attn.head_dim
+        group = attn.config.num_attention_heads // attn.config.num_key_value_heads
+        q = attn.q_proj(h[b, qpos]).view(len(b), -1, hd)[:, head]
+        q = _rope(q, cos[b, qpos], sin[b, qpos])
+        k = attn.k_proj(h).view(h.shape[0], h.shape[1], -1, hd)[:, :, head // group]
+        k = _rope(k, cos, sin)
+        scores = torch.einsum("rd,rld->rl", q, k[b]) * attn.scaling
+        L = h.shape[1]
+        allowed = (torch.arange(L)[None] <= qpos[:, None]) & mask[b].bool()
+        logp = scores.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        cols = (start[:, None] + torch.arange(target.shape[1])[None]).clamp(max=L - 1)  # reduced images: fewer
+        tgt = logp.gather(1, cols).masked_fill(~target, float("-inf"))
+        losses.append(-tgt.logsumexp(-1).mean())
+    return torch.stack(losses).mean()
 
 
 #: question types of the training turns (index = ``answer_types`` in a training batch)
@@ -688,13 +831,24 @@ def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr
         b = _training_batch(c, seed_offset + step, tok, reduce=reduce)
         pl = b.pop("patch_labels")
         labels, types = b.pop("labels"), b.pop("answer_types")
-        out = _train_forward(model, b)
+        route = b.pop("route", None)
+        probe = _RouteProbe(model, c.route_layers) if route is not None else None
+        try:
+            out = _train_forward(model, b)
+        finally:
+            if probe is not None:
+                probe.remove()
         lm_loss, per_type = _lm_loss(out.logits, labels, types, c.loss_per_type)
+        route_loss = _routing_loss(probe, route, b["attention_mask"], c.route_head) if probe is not None else None
         if frozen:
             aux_loss, loss = torch.zeros(()), lm_loss
         else:
             aux_loss, _ = _aux_loss(aux, feats["v"][:, 1:], pl, c)
             loss = lm_loss + c.aux_weight * aux_loss
+        if route_loss is not None:
+            loss = loss + c.route_weight * route_loss
+            type_ema["route"] = route_loss.item() if "route" not in type_ema else \
+                0.95 * type_ema["route"] + 0.05 * route_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
@@ -860,11 +1014,14 @@ def register_cli(train_app) -> None:
                                                 "0 with --restart-steps 600 = model v3)"),
         rationale: bool = typer.Option(VLMTrainConfig.rationale,
                                        help="Train spatial answers with their rationale first (--no-rationale: v3)"),
+        route_weight: float = typer.Option(VLMTrainConfig.route_weight,
+                                           help="Weight of the routing (attention) supervision; 0 = off"),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
     ) -> None:
         """Train the small LLaVA-style VLM on digit-scene VQA (cached in ~/.cache/tokenreduce/small_vlm)."""
         c = VLMTrainConfig(steps=steps, batch_size=batch_size, num_threads=threads, restart_steps=restart_steps,
-                           restart_lr=restart_lr, restart_drop=restart_drop, rationale=rationale)
+                           restart_lr=restart_lr, restart_drop=restart_drop, rationale=rationale,
+                           route_weight=route_weight)
         path = checkpoint_dir(c) / "model.pt"
         if path.is_file() and not force:
             m = json.loads(path.with_name("metrics.json").read_text())
