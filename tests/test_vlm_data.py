@@ -416,8 +416,8 @@ def test_routing_loss_equals_eager_attention_share():
     the share that the eager attention weights put on the target cells' visual tokens."""
     from tokenreduce.models.small_vlm import (
         VLMTrainConfig,
-        _routing_loss,
         _RouteProbe,
+        _routing_loss,
         _training_batch,
         build_small_vlm,
         build_tokenizer,
