@@ -2,7 +2,8 @@
 
 1. Rationales (models trained with ``rationale=True``): for held-out spatial questions, generate the
    rationale (``3 top left , 7 center , no``) and score each named digit's cell against the scene, the share
-   of named cells that hold a regular digit, and what naming a random occupied cell would score.
+   of named cells that hold a regular digit, and what naming a random occupied cell would score; and the
+   yes/no the model writes after the *true* rationale (the relation step alone).
 2. Routing: the share of the answer position's attention to visual tokens (heads averaged, and the best
    head, per LLM layer) that falls on the patches of the cell the question needs (identity: the asked cell;
    detail: the small digit's cell). A cell holds 1/9 of the patches.
@@ -28,6 +29,7 @@ from tokenreduce.data.vqa import POSITION_NAMES, SPECIAL_TOKENS, VOCAB, cell_of_
 from tokenreduce.models.small_vlm import (
     RATIONALE_NEW_TOKENS,
     VLMTrainConfig,
+    axis_rationale,
     encode_prompts,
     eval_set,
     load_small_vlm,
@@ -43,10 +45,14 @@ def _batch(model, tok, data, qs):
 
 @torch.no_grad()
 def rationale_scores(model, tok, data, n: int, batch: int = 50) -> dict[str, float]:
+    """Generated spatial rationales against the true ones; ``answer_given_true_rationale``: the yes/no the
+    model writes after the true rationale (teacher-forced), i.e. the relation step alone. With axis
+    rationales (``rationale_axis``) a part names a row or column, so the cell statistics are left out."""
     qs = data.by_type()["spatial"][:n]
     eos = SPECIAL_TOKENS["eos"]
+    axis = bool(getattr(model.config, "vqa_rationale_axis", False))
     right = np.zeros(2)
-    both = answer = named = occupied = 0
+    both = answer = named = occupied = forced = 0
     for i in range(0, len(qs), batch):
         chunk = qs[i : i + batch]
         b = _batch(model, tok, data, chunk)
@@ -54,22 +60,30 @@ def rationale_scores(model, tok, data, n: int, batch: int = 50) -> dict[str, flo
         for q, row in zip(chunk, gen[:, b["input_ids"].shape[1]:].tolist()):
             words = [VOCAB[t] for t in row]
             words = words[: words.index(eos)] if eos in words else words
-            parts, ref = " ".join(words).split(" , "), q.rationale.split(" , ")
+            true = axis_rationale(q) if axis else q.rationale
+            parts, ref = " ".join(words).split(" , "), true.split(" , ")
             ok = [len(parts) > k and parts[k] == ref[k] for k in range(2)]
             right += ok
             both += all(ok)
             answer += parse_answer(words) == q.answer
             scene = data.scenes[q.scene]
-            for part in parts[:2]:
+            for part in ([] if axis else parts[:2]):
                 bits = part.split(" ", 1)
                 if len(bits) == 2 and bits[1] in POSITION_NAMES:
                     named += 1
                     occupied += POSITION_NAMES.index(bits[1]) in scene.regular_cells
+        tf = encode_prompts(tok, [q.question for q in chunk], data.images[[q.scene for q in chunk]],
+                            model.config.image_seq_length, prompt=prompt_format(model),
+                            answers=[(axis_rationale(q) if axis else q.rationale) + " ," for q in chunk])
+        last = model(**tf, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+        forced += sum(VOCAB[t] == q.answer for q, t in zip(chunk, last))
     k = len(qs)
-    return {"n": k, "first_cell_right": float(right[0]) / k, "second_cell_right": float(right[1]) / k,
-            "both_right": both / k,
-            "answer_right": answer / k, "named_cells_occupied": occupied / max(1, named),
-            "random_occupied_cell": float(np.mean([1 / len(data.scenes[q.scene].regular_cells) for q in qs]))}
+    out = {"n": k, "first_part_right": float(right[0]) / k, "second_part_right": float(right[1]) / k,
+           "both_right": both / k, "answer_right": answer / k, "answer_given_true_rationale": forced / k}
+    if not axis:
+        out.update(named_cells_occupied=occupied / max(1, named),
+                   random_occupied_cell=float(np.mean([1 / len(data.scenes[q.scene].regular_cells) for q in qs])))
+    return out
 
 
 def _asked_cell(q) -> int:

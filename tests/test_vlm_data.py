@@ -468,3 +468,27 @@ def test_routing_targets_follow_the_kept_patches_of_reduced_images():
         assert len(cells) in (1, 2) and all(int(b["input_ids"][bi[r], qpos[r]]) != image for _ in cells)
     pooled = _training_batch(dataclasses.replace(c, drop_merge=1.0), 2, build_tokenizer(), reduce=True)
     assert len(pooled["route"][0]) == 0
+
+
+def test_axis_rationale_decides_the_answer():
+    """rationale_axis: the spatial rationale names each digit's column (left/right questions) or row
+    (above/below), and the yes/no follows from those two words alone; off, it is not in the hash."""
+    from tokenreduce.data.vqa import make_vqa_set
+    from tokenreduce.models.small_vlm import VLMTrainConfig, _routing_targets, axis_rationale, training_target
+
+    assert VLMTrainConfig().config_hash() != VLMTrainConfig(rationale_axis=True).config_hash()
+    order = {"left": 0, "center": 1, "right": 2, "top": 0, "bottom": 2}
+    data = make_vqa_set("train", 150, seed=3)
+    spatial = [q for q in data.qas if q.qtype == "spatial"]
+    assert len(spatial) > 50
+    for q in spatial:
+        words = training_target(q, True, axis=True).split()
+        assert " ".join(words[:-2]) == axis_rationale(q) and len(words) == 7
+        rel = " ".join(q.question.split()[3:-3])
+        a, b = order[words[1]], order[words[4]]
+        assert words[-1] == ("yes" if (a < b if rel in ("left of", "above") else a > b) else "no")
+        horizontal = rel in ("left of", "right of")
+        for i, (cell,) in _routing_targets(q, data.scenes[q.scene], True, axis=True):
+            r, c = divmod(cell, 3)
+            assert words[i] == str(data.scenes[q.scene].digits[cell])
+            assert order[words[i + 1]] == (c if horizontal else r)

@@ -168,6 +168,10 @@ class VLMTrainConfig:
     #: each named digit's position is then a supervised look-up of its own instead of a hidden step behind a
     #: balanced yes/no (absent from the hash when off: the v3 and drop-augmented models' hashes)
     rationale: bool = True
+    #: spatial rationales name only the axis the relation compares (``is the 3 left of the 7 ?`` ->
+    #: ``3 left , 7 center , yes``: each digit's column; above/below: its row) instead of the whole cell,
+    #: so the yes/no after it is a 3 x 3 comparison instead of a 9 x 9 x 4 table (absent from the hash when off)
+    rationale_axis: bool = False
     ink_threshold: float = 0.12
     freeze_vision: bool = False
     #: weight of the routing supervision (:func:`_routing_loss`): at the positions that must look a digit up
@@ -256,6 +260,8 @@ class VLMTrainConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in _HASH_EXCLUDED}
         if not self.rationale:
             payload.pop("rationale")
+        if not self.rationale_axis:
+            payload.pop("rationale_axis")
         if self.route_weight == 0:  # no routing supervision: the fields do not exist for this model
             for k in _ROUTE_FIELDS:
                 payload.pop(k)
@@ -341,6 +347,7 @@ def build_small_vlm(config: VLMTrainConfig | None = None, attn_implementation: s
                       pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
     cfg.vqa_prompt = c.prompt  # read back by answer_questions / the benchmark
     cfg.vqa_rationale = c.rationale
+    cfg.vqa_rationale_axis = c.rationale_axis
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
     if c.stem_channels:
         model.model.vision_tower.embeddings.patch_embedding = ConvStemPatchEmbed(c.patch_size, c.vision_dim,
@@ -470,7 +477,7 @@ def _reduce_plan(c: VLMTrainConfig, rng) -> tuple[str | None, Any, list[int], bo
     return "subset", idx, idx, keep_pos
 
 
-def _routing_targets(qa: QA, scene, rationale: bool) -> list[tuple[int, tuple[int, ...]]]:
+def _routing_targets(qa: QA, scene, rationale: bool, axis: bool = False) -> list[tuple[int, tuple[int, ...]]]:
     """Where a turn must look (:func:`_routing_loss`): ``(i, cells)`` pairs, ``i`` = -1 for the last prompt
     token (``:``, which predicts the first answer word) or the index of the answer word (= token: the
     tokenizer is word-level) whose next word needs the digits in ``cells``:
@@ -481,7 +488,7 @@ def _routing_targets(qa: QA, scene, rationale: bool) -> list[tuple[int, tuple[in
     - describe (``3 top left , 7 center , small 5``): each regular digit word -> its cell, ``:`` and every
       ``,`` -> the cell described next, ``small`` -> the small digit's cell.
     Counting has none."""
-    d, words = scene.digits, training_target(qa, rationale).split()
+    d, words = scene.digits, training_target(qa, rationale, axis).split()
     if qa.qtype == "identity":
         return [(-1, (POSITION_NAMES.index(qa.question[len("what digit is at the "):-2]),))]
     if qa.qtype == "comparison":
@@ -548,10 +555,10 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
                     tok("answer :", add_special_tokens=False)["input_ids"]
             else:
                 q = (ids_img if j == 0 else []) + tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
-            a = tok(training_target(qa, c.rationale), add_special_tokens=False)["input_ids"] + [eos]
+            a = tok(training_target(qa, c.rationale, c.rationale_axis), add_special_tokens=False)["input_ids"] + [eos]
             if c.route_weight and kind != "pool":  # a pooled token has no single cell
                 first = len(ids) + len(q)  # position of the first answer token
-                route += [(first + k, cells) for k, cells in _routing_targets(qa, s, c.rationale)]
+                route += [(first + k, cells) for k, cells in _routing_targets(qa, s, c.rationale, c.rationale_axis)]
             ids += q + a
             lab += [-100] * len(q) + a
             ty += [-1] * len(q) + [_LOSS_TYPES.index(qa.qtype)] * len(a)
@@ -717,10 +724,27 @@ def prompt_format(model) -> str:
     return getattr(model.config, "vqa_prompt", "image_first")
 
 
-def training_target(qa: QA, rationale: bool) -> str:
+_AXIS_WORDS = {"col": ("left", "center", "right"), "row": ("top", "center", "bottom")}
+
+
+def axis_rationale(qa: QA) -> str:
+    """A spatial rationale on the relation's axis only: ``3 top left , 7 center`` for ``is the 3 left of
+    the 7 ?`` -> ``3 left , 7 center`` (columns); for above/below the rows (``3 top , 7 center``)."""
+    horizontal = " left of " in qa.question or " right of " in qa.question
+    out = []
+    for part in qa.rationale.split(" , "):
+        digit, name = part.split(" ", 1)
+        row, col = divmod(POSITION_NAMES.index(name), 3)
+        out.append(f"{digit} {_AXIS_WORDS['col'][col] if horizontal else _AXIS_WORDS['row'][row]}")
+    return " , ".join(out)
+
+
+def training_target(qa: QA, rationale: bool, axis: bool = False) -> str:
     """The text a model learns to write for ``qa`` (before ``</s>``): the answer, or with ``rationale`` and
-    a question that has one, ``<rationale> , <answer>``."""
-    return f"{qa.rationale} , {qa.answer}" if rationale and qa.rationale else qa.answer
+    a question that has one, ``<rationale> , <answer>`` (``axis``: :func:`axis_rationale`)."""
+    if not (rationale and qa.rationale):
+        return qa.answer
+    return f"{axis_rationale(qa) if axis else qa.rationale} , {qa.answer}"
 
 
 #: new tokens that hold the longest trained answer (``3 bottom right , 7 bottom left , yes`` + ``</s>``)
