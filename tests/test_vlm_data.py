@@ -159,7 +159,7 @@ def test_small_vlm_is_a_real_llava_and_config_hash():
 
     from tokenreduce.models.small_vlm import VLMTrainConfig, build_small_vlm
 
-    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1)
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, route_layers=(0,), text_heads=2, text_kv_heads=1)
     m = build_small_vlm(c)
     assert isinstance(m, LlavaForConditionalGeneration) and m.config.image_seq_length == 144
     assert c.config_hash() == VLMTrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))).config_hash()
@@ -178,7 +178,7 @@ def test_conv_stem_and_patch_labels():
         build_small_vlm,
     )
 
-    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1)
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, route_layers=(0,), text_heads=2, text_kv_heads=1)
     m = build_small_vlm(c)
     stem = m.model.vision_tower.embeddings.patch_embedding
     assert isinstance(stem, ConvStemPatchEmbed) and stem(torch.zeros(1, 3, 96, 96)).shape == (1, 32, 12, 12)
@@ -200,7 +200,7 @@ def test_conv_stem_and_patch_labels():
     with pytest.raises(ValueError, match="patch_size"):
         ConvStemPatchEmbed(6, 32)
     plain = build_small_vlm(VLMTrainConfig(stem_channels=0, vision_dim=32, vision_layers=1, text_dim=32,
-                                           text_layers=1, text_heads=2, text_kv_heads=1))
+                                           text_layers=1, route_layers=(0,), text_heads=2, text_kv_heads=1))
     assert isinstance(plain.model.vision_tower.embeddings.patch_embedding, torch.nn.Conv2d)
 
 
@@ -217,7 +217,7 @@ def test_aux_targets_and_per_type_loss():
         build_tokenizer,
     )
 
-    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1,
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, route_layers=(0,), text_heads=2, text_kv_heads=1,
                        batch_size=4)
     _, scenes, ink = generate_scenes("train", 16, seed=1)
     lab = _patch_labels(scenes, ink, c)
@@ -264,7 +264,7 @@ def test_reduction_augmentation_equals_masking():
         build_tokenizer,
     )
 
-    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, text_heads=2, text_kv_heads=1,
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, route_layers=(0,), text_heads=2, text_kv_heads=1,
                        batch_size=3, restart_drop=1.0, drop_merge=0.0, drop_keep_positions=1.0)
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -307,10 +307,12 @@ def test_v3_model_stays_addressable():
     cached v3 model, and the default's parent is v3's parent (the 1100-step model)."""
     from tokenreduce.models.small_vlm import VLMTrainConfig
 
-    c = VLMTrainConfig(rationale=False, freeze_vision=True)
+    old = {"prompt": "question_first", "route_weight": 0.0, "rationale_axis": False}  # models up to f5ac68a128
+    assert VLMTrainConfig(**old).config_hash() == "f5ac68a128"
+    c = VLMTrainConfig(rationale=False, freeze_vision=True, **old)
     assert c.without_drop().parent().config_hash() == c.parent().config_hash() == "892f7ded99"
     assert VLMTrainConfig(restart_steps=600, restart_drop=0.0, rationale=False,
-                          freeze_vision=True).config_hash() == "42c6df0141"
+                          freeze_vision=True, **old).config_hash() == "42c6df0141"
     assert c.config_hash() not in ("42c6df0141", "892f7ded99")
     assert VLMTrainConfig().config_hash() not in (c.config_hash(), "42c6df0141")  # rationale: a new model
     with pytest.raises(ValueError, match="restart_drop"):
@@ -335,7 +337,7 @@ def test_vlm_bench_smoke(tmp_path):
     torch.set_num_threads(1)
     try:
         # linear patches: at this toy width a conv stem would dominate the (unreduced) vision FLOPs
-        c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=4, text_heads=2, text_kv_heads=1,
+        c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=4, route_layers=(0,), text_heads=2, text_kv_heads=1,
                            stem_channels=0)
         torch.manual_seed(0)
         m, tok = build_small_vlm(c), build_tokenizer()
@@ -426,7 +428,8 @@ def test_routing_loss_equals_eager_attention_share():
     c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=3, text_heads=4, text_kv_heads=2,
                        batch_size=3, route_weight=0.5, route_layers=(0, 2), route_head=3)
     assert c.config_hash() != dataclasses.replace(c, route_weight=0.0).config_hash()
-    assert VLMTrainConfig().config_hash() == VLMTrainConfig(route_layers=(1,)).config_hash()  # off: not hashed
+    off = VLMTrainConfig(route_weight=0.0)
+    assert off.config_hash() == dataclasses.replace(off, route_layers=(1,)).config_hash()  # off: not hashed
     with pytest.raises(ValueError, match="route_layers"):
         VLMTrainConfig(route_weight=1.0, route_layers=(6,))
     torch.manual_seed(0)
@@ -476,7 +479,7 @@ def test_axis_rationale_decides_the_answer():
     from tokenreduce.data.vqa import make_vqa_set
     from tokenreduce.models.small_vlm import VLMTrainConfig, _routing_targets, axis_rationale, training_target
 
-    assert VLMTrainConfig().config_hash() != VLMTrainConfig(rationale_axis=True).config_hash()
+    assert VLMTrainConfig().config_hash() != VLMTrainConfig(rationale_axis=False).config_hash()
     order = {"left": 0, "center": 1, "right": 2, "top": 0, "bottom": 2}
     data = make_vqa_set("train", 150, seed=3)
     spatial = [q for q in data.qas if q.qtype == "spatial"]

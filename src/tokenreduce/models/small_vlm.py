@@ -22,10 +22,9 @@ Training, in LLaVA's order:
    size (:func:`_aux_loss`); the head is dropped afterwards.
 2. visual instruction tuning (``steps``): projector + LLM + (default) the vision tower with its auxiliary
    loss still on, on fresh scenes every step (``freeze_vision=True`` keeps the tower frozen, as LLaVA-1.5
-   does; models v2/v3 did). Each sequence is ``q <image> answer : a </s>``
-   (``prompt="question_first"``; the instruction before the image, as InstructBLIP/Qwen-VL-style prompts,
-   so visual tokens can attend to the question) followed by up to ``qa_per_image - 1`` more
-   ``q answer : a </s>`` turns; the loss is on answer tokens only (and ``</s>``); sometimes one turn is the
+   does; models v2/v3 did). Each sequence is ``<image> q answer : a </s>`` (``prompt="image_first"``,
+   LLaVA's layout; models up to ``v3-f5ac68a128`` used ``"question_first"``, ``q <image> answer :``)
+   followed by up to ``qa_per_image - 1`` more ``q answer : a </s>`` turns; the loss is on answer tokens only (and ``</s>``); sometimes one turn is the
    dense ``describe`` task. The LM loss is the mean over question types of each type's mean answer-token
    loss (``loss_per_type``; :func:`_lm_loss`). Cosine learning-rate schedule with warm-up.
 
@@ -66,6 +65,26 @@ With the same training for 2500 + 0 steps: identity 0.355, counting 0.965, spati
 detail 0.80. The default model (``v3-f5ac68a128``) also trains the vision tower in phase 2 (with its
 auxiliary loss): 1,866 s on 1 thread; identity 0.39, counting 0.97, spatial 0.50, comparison 0.62, detail
 0.985 -- better on counting and detail, spatial still at chance.
+
+Why identity failed, measured (``scripts/vlm_diagnostics.py``, 200 test identity questions): given only the
+asked cell's 16 visual tokens (original position ids) ``v3-f5ac68a128`` answers 0.93, given all 144 it
+answers 0.39, given the asked cell and one other occupied cell 0.505 -- it reads a digit well but does not
+find a cell. Three changes were trained from scratch (all 400 vision + 1100 + 1000 restart steps, ~1,950 s
+on 1 thread each; test accuracy identity / counting / spatial / comparison / detail):
+
+- ``route_weight=0.03`` (routing supervision, :func:`_routing_loss`), question first: 0.42 / 0.935 / 0.515 /
+  0.605 / 0.97 (``v3-283d8e2fc1``; no gain). Weights 0.1 and 1.0 hurt every type in 800-step pilots: the
+  routing gradient is ~20x the LM's and the shared clip at 1.0 then shrinks the LM's steps.
+- ``prompt="image_first"`` alone: 0.74 / 0.98 / 0.47 / 0.665 / 0.97 (``v3-4066606555``). LLaVA's own layout
+  is what fixes identity: the question's cell words sit next to ``answer :`` and just after the image.
+- image first + routing 0.03: 0.645 / 0.96 / 0.50 / 0.66 / 0.975 (``v3-0738133f86``).
+- **the default** (``v3-6f64beb21b``): image first + routing 0.03 + axis rationales (``rationale_axis``):
+  **0.745 / 0.99 / 0.465 / 0.765 / 0.97**, 1,950 s. Best overall (0.787 vs 0.765 for image first alone, the
+  difference is comparison); whether routing or the axis rationale brings it is not separated.
+
+``spatial`` is still at chance in every model, and the diagnostics locate the last step: after the *true*
+rationale, teacher-forced, ``v3-0738133f86`` writes the right yes/no 0.55 of the time -- the LLM has not
+learned the relation itself (a 9 x 9 x 4 table of cell names, or 3 x 3 x 4 with axis rationales).
 """
 
 from __future__ import annotations
@@ -159,7 +178,7 @@ class VLMTrainConfig:
     drop_keep_positions: float = 0.5
     batch_size: int = 16
     qa_per_image: int = 6
-    prompt: str = "question_first"
+    prompt: str = "image_first"
     describe_prob: float = 0.5
     aux_weight: float = 0.5
     aux_value: bool = True
@@ -171,7 +190,7 @@ class VLMTrainConfig:
     #: spatial rationales name only the axis the relation compares (``is the 3 left of the 7 ?`` ->
     #: ``3 left , 7 center , yes``: each digit's column; above/below: its row) instead of the whole cell,
     #: so the yes/no after it is a 3 x 3 comparison instead of a 9 x 9 x 4 table (absent from the hash when off)
-    rationale_axis: bool = False
+    rationale_axis: bool = True
     ink_threshold: float = 0.12
     freeze_vision: bool = False
     #: weight of the routing supervision (:func:`_routing_loss`): at the positions that must look a digit up
@@ -179,7 +198,7 @@ class VLMTrainConfig:
     #: cell name, a description's ``,`` before the next digit), one head per layer in ``route_layers`` is
     #: trained to put its attention on the patches of the cells that hold the answer (0 = off, absent from
     #: the hash)
-    route_weight: float = 0.0
+    route_weight: float = 0.03
     route_layers: tuple[int, ...] = (2, 4)
     route_head: int = 0
     lr: float = 1.5e-3
