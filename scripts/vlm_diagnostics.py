@@ -57,11 +57,11 @@ def rationale_scores(model, tok, data, n: int, batch: int = 50) -> dict[str, flo
         chunk = qs[i : i + batch]
         b = _batch(model, tok, data, chunk)
         gen = model.generate(**b, max_new_tokens=RATIONALE_NEW_TOKENS, do_sample=False)
-        for q, row in zip(chunk, gen[:, b["input_ids"].shape[1]:].tolist()):
+        true = [axis_rationale(q) if axis else q.rationale for q in chunk]
+        for q, reference, row in zip(chunk, true, gen[:, b["input_ids"].shape[1]:].tolist()):
             words = [VOCAB[t] for t in row]
             words = words[: words.index(eos)] if eos in words else words
-            true = axis_rationale(q) if axis else q.rationale
-            parts, ref = " ".join(words).split(" , "), true.split(" , ")
+            parts, ref = " ".join(words).split(" , "), reference.split(" , ")
             ok = [len(parts) > k and parts[k] == ref[k] for k in range(2)]
             right += ok
             both += all(ok)
@@ -74,7 +74,7 @@ def rationale_scores(model, tok, data, n: int, batch: int = 50) -> dict[str, flo
                     occupied += POSITION_NAMES.index(bits[1]) in scene.regular_cells
         tf = encode_prompts(tok, [q.question for q in chunk], data.images[[q.scene for q in chunk]],
                             model.config.image_seq_length, prompt=prompt_format(model),
-                            answers=[(axis_rationale(q) if axis else q.rationale) + " ," for q in chunk])
+                            answers=[t + " ," for t in true])
         last = model(**tf, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
         forced += sum(VOCAB[t] == q.answer for q, t in zip(chunk, last))
     k = len(qs)
@@ -126,14 +126,16 @@ def oracle_selection(model, tok, data, n: int, seed: int = 0) -> dict[str, float
         "asked_plus_one_occupied": lambda c, s: allk[(cells == c) | (cells == next(x for x in s.regular_cells if x != c))],
         "random_16": lambda c, s: torch.from_numpy(np.sort(rng.choice(N, 16, replace=False))),
     }
+    batches = [_batch(model, tok, data, [q]) for q in qs]
+    feats = [model.model.get_image_features(pixel_values=b["pixel_values"], return_dict=True).pooler_output[0]
+             for b in batches]  # once per question, shared by the selectors
     out = {}
     for name, select in selectors.items():
         ok = 0
-        for q in qs:
-            b = _batch(model, tok, data, [q])
+        for q, b, feat in zip(qs, batches, feats):
             ids = b["input_ids"][0]
             keep = select(_asked_cell(q), data.scenes[q.scene])
-            f = model.model.get_image_features(pixel_values=b["pixel_values"], return_dict=True).pooler_output[0][keep]
+            f = feat[keep]
             start = int((ids == img).nonzero()[0])
             new = torch.cat([ids[:start], torch.full((len(keep),), img), ids[start + N:]])
             pos = torch.cat([torch.arange(start), start + keep, torch.arange(start + N, len(ids))])

@@ -95,6 +95,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -588,9 +589,7 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
                 list(range(start + c.num_image_tokens, len(ids) + removed))
         else:
             pos = list(range(len(ids)))
-        if route:
-            start_img = ids.index(image_id)
-            routes += [(i, start_img, p, cells, src) for p, cells in route]
+        routes += [(i, start, p, cells, src) for p, cells in route]
         seqs.append(ids)
         labs.append(lab)
         tys.append(ty)
@@ -657,7 +656,7 @@ class _RouteProbe:
     pre-hook on ``self_attn``) for :func:`_routing_loss`."""
 
     def __init__(self, model, layers: Sequence[int]) -> None:
-        self.inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], Any]] = {}
+        self.inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         lm = model.model.language_model
         self.attn = {k: lm.layers[k].self_attn for k in layers}
         self.handles = [a.register_forward_pre_hook(self._hook(k), with_kwargs=True) for k, a in self.attn.items()]
@@ -665,17 +664,12 @@ class _RouteProbe:
     def _hook(self, layer: int):
         def hook(module, args, kwargs):
             h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.inputs[layer] = (h, kwargs["position_embeddings"], kwargs.get("attention_mask"))
+            self.inputs[layer] = (h, kwargs["position_embeddings"])
         return hook
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
 def _routing_loss(probe: _RouteProbe, route: tuple[torch.Tensor, ...], mask: torch.Tensor, head: int
@@ -690,16 +684,17 @@ def _routing_loss(probe: _RouteProbe, route: tuple[torch.Tensor, ...], mask: tor
     if b.numel() == 0:
         return torch.zeros(())
     losses = []
-    for layer, (h, (cos, sin), _) in probe.inputs.items():
+    for layer, (h, (cos, sin)) in probe.inputs.items():
         attn = probe.attn[layer]
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own RoPE
         cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
         hd = attn.head_dim
         group = attn.config.num_attention_heads // attn.config.num_key_value_heads
-        q = attn.q_proj(h[b, qpos]).view(len(b), -1, hd)[:, head]
-        q = _rope(q, cos[b, qpos], sin[b, qpos])
-        k = attn.k_proj(h).view(h.shape[0], h.shape[1], -1, hd)[:, :, head // group]
-        k = _rope(k, cos, sin)
-        scores = torch.einsum("rd,rld->rl", q, k[b]) * attn.scaling
+        q = attn.q_proj(h[b, qpos]).view(len(b), 1, -1, hd)[:, :, head]  # (R, 1, hd)
+        k = attn.k_proj(h).view(h.shape[0], 1, h.shape[1], -1, hd)[..., head // group, :]  # (B, 1, L, hd)
+        q, _ = rope(q, q, cos[b, qpos], sin[b, qpos])
+        k, _ = rope(k, k, cos, sin)
+        scores = torch.einsum("rd,rld->rl", q[:, 0], k[b, 0]) * attn.scaling
         L = h.shape[1]
         allowed = (torch.arange(L)[None] <= qpos[:, None]) & mask[b].bool()
         logp = scores.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
@@ -890,8 +885,7 @@ def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr
             loss = lm_loss + c.aux_weight * aux_loss
         if route_loss is not None:
             loss = loss + c.route_weight * route_loss
-            type_ema["route"] = route_loss.item() if "route" not in type_ema else \
-                0.95 * type_ema["route"] + 0.05 * route_loss.item()
+            per_type["route"] = route_loss.item()  # logged beside the types' losses
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
