@@ -247,7 +247,18 @@ def test_aux_targets_and_per_type_loss():
     flat, per = _lm_loss(logits, b["labels"], b["answer_types"], per_type=False)
     bal, per2 = _lm_loss(logits, b["labels"], b["answer_types"], per_type=True)
     assert per == per2 and set(per) <= set(_LOSS_TYPES)
-    assert bal.item() == pytest.approx(sum(per.values()) / len(per), rel=1e-5)
+    # the yes/no after a spatial rationale is tagged "relation": logged apart, a term of its own only
+    # with relation_term (else one of its spatial turn's tokens)
+    rel = b["answer_types"] == _LOSS_TYPES.index("relation")
+    assert rel.any() and "relation" in per
+    assert {VOCAB[int(t)] for t in b["labels"][rel]} <= {"yes", "no"}
+    spatial = _LOSS_TYPES.index("spatial")
+    merged = b["answer_types"].clone()
+    merged[rel] = spatial
+    _, per_merged = _lm_loss(logits, b["labels"], merged, per_type=True)
+    assert bal.item() == pytest.approx(sum(per_merged.values()) / len(per_merged), rel=1e-5)
+    sep, _ = _lm_loss(logits, b["labels"], b["answer_types"], per_type=True, relation_term=True)
+    assert sep.item() == pytest.approx(sum(per.values()) / len(per), rel=1e-5)
     y = b["labels"][:, 1:]
     ref = torch.nn.functional.cross_entropy(logits[:, :-1][y != -100], y[y != -100])
     assert flat.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -192,6 +192,15 @@ class VLMTrainConfig:
     #: ``3 left , 7 center , yes``: each digit's column; above/below: its row) instead of the whole cell,
     #: so the yes/no after it is a 3 x 3 comparison instead of a 9 x 9 x 4 table (absent from the hash when off)
     rationale_axis: bool = True
+    #: the yes/no after a spatial rationale is a loss term of its own (with ``loss_per_type``) instead of
+    #: one of its turn's ~8 answer tokens (absent from the hash when off)
+    relation_loss: bool = False
+    #: text-only sequences per joint-phase batch (LLaVA-1.5 mixes language-only instruction data into
+    #: visual instruction tuning): ``qa_per_image`` spatial turns about digits at random cells, no image, the
+    #: loss on what text alone determines (the digits the rationale copies from the question and the yes/no
+    #: after it; not the positions) -- the relation step without the visual look-up (0 = off, absent from
+    #: the hash)
+    text_relation: int = 0
     ink_threshold: float = 0.12
     freeze_vision: bool = False
     #: weight of the routing supervision (:func:`_routing_loss`): at the positions that must look a digit up
@@ -282,6 +291,10 @@ class VLMTrainConfig:
             payload.pop("rationale")
         if not self.rationale_axis:
             payload.pop("rationale_axis")
+        if not self.relation_loss:
+            payload.pop("relation_loss")
+        if not self.text_relation:
+            payload.pop("text_relation")
         if self.route_weight == 0:  # no routing supervision: the fields do not exist for this model
             for k in _ROUTE_FIELDS:
                 payload.pop(k)
@@ -582,6 +595,8 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
             ids += q + a
             lab += [-100] * len(q) + a
             ty += [-1] * len(q) + [_LOSS_TYPES.index(qa.qtype)] * len(a)
+            if len(a) > 2 and training_target(qa, c.rationale, c.rationale_axis) != qa.answer:
+                ty[-2] = _RELATION  # the scored answer after a rationale (the relation step): own tag
         start = ids.index(image_id)
         if keep_pos:  # the ids the tokens have in the unreduced sequence
             removed = c.num_image_tokens - len(src)
@@ -594,6 +609,13 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
         labs.append(lab)
         tys.append(ty)
         poss.append(pos)
+    trng = np.random.default_rng([c.seed, step, 13])
+    for _ in range(c.text_relation):
+        ids, lab, ty = _text_relation_sequence(c, trng, tok)
+        seqs.append(ids)
+        labs.append(lab)
+        tys.append(ty)
+        poss.append(list(range(len(ids))))
     L = max(map(len, seqs))
     pad = VOCAB.index(SPECIAL_TOKENS["pad"])
     input_ids = torch.full((len(seqs), L), pad)
@@ -625,6 +647,39 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
                         torch.tensor([r[1] for r in routes], dtype=torch.long),
                         torch.tensor([r[2] for r in routes], dtype=torch.long), target)
     return out
+
+
+#: target words a text-only relation turn is trained on (the positions need the image)
+_TEXT_ONLY_WORDS = frozenset([str(i) for i in range(10)] + [",", "yes", "no", SPECIAL_TOKENS["eos"]])
+
+
+def _text_relation_sequence(c: VLMTrainConfig, rng, tok) -> tuple[list[int], list[int], list[int]]:
+    """One text-only training sequence (``text_relation``): ``qa_per_image`` spatial turns, each about a
+    fresh random arrangement of 2-4 digits (no image), labels on the words text alone determines
+    (:data:`_TEXT_ONLY_WORDS`); ``(input ids, labels, answer types)``."""
+    from tokenreduce.data.vqa import Scene
+
+    ids: list[int] = []
+    lab: list[int] = []
+    ty: list[int] = []
+    text, eos = _LOSS_TYPES.index("text"), VOCAB.index(SPECIAL_TOKENS["eos"])
+    while len(ty) == 0 or ty.count(_RELATION) < c.qa_per_image:
+        k = int(rng.integers(2, 5))
+        digits = [-1] * 9
+        for cell, v in zip(rng.permutation(9)[:k].tolist(), rng.permutation(10)[:k].tolist()):
+            digits[cell] = v
+        qas = questions_for(Scene(tuple(digits), -1, ((0, 0, 0),) * 9), 0, rng, ("spatial",))
+        if not qas:
+            continue
+        qa = qas[0]
+        q = tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
+        words = training_target(qa, c.rationale, c.rationale_axis).split()
+        a = tok(" ".join(words), add_special_tokens=False)["input_ids"] + [eos]
+        ids += q + a
+        lab += [-100] * len(q) + [t if VOCAB[t] in _TEXT_ONLY_WORDS else -100 for t in a]
+        ty += [-1] * len(q) + [text if VOCAB[t] in _TEXT_ONLY_WORDS else -1 for t in a]
+        ty[-2] = _RELATION
+    return ids, lab, ty
 
 
 def _train_forward(model, b: dict[str, Any]):
@@ -704,21 +759,31 @@ def _routing_loss(probe: _RouteProbe, route: tuple[torch.Tensor, ...], mask: tor
     return torch.stack(losses).mean()
 
 
-#: question types of the training turns (index = ``answer_types`` in a training batch)
-_LOSS_TYPES: tuple[str, ...] = QUESTION_TYPES + ("describe",)
+#: question types of the training turns (index = ``answer_types`` in a training batch); ``relation`` tags
+#: the scored answer word written after a rationale (the yes/no of a spatial turn), ``text`` the other
+#: trained words of text-only turns (``text_relation``)
+_LOSS_TYPES: tuple[str, ...] = QUESTION_TYPES + ("describe", "relation", "text")
+_RELATION = _LOSS_TYPES.index("relation")
 
 
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, types: torch.Tensor, per_type: bool
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, types: torch.Tensor, per_type: bool,
+             relation_term: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross-entropy on the answer tokens: the mean over tokens, or (``per_type``) the mean over
     question types of each type's mean, so a type's weight does not depend on how often the sampler draws
     it or how many tokens its answers have (``describe`` answers are ~10 tokens, a ``detail`` turn is in
-    ~5% of turns). Also returns each type's mean (for logging)."""
+    ~5% of turns). ``relation_term``: the answer word after a rationale (tagged ``relation``) is a term of
+    its own instead of one of its turn's ~8 tokens. Also returns each tag's mean (for logging; ``relation``
+    always separately)."""
     y, t = labels[:, 1:], types[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y.flatten(), reduction="none",
                          ignore_index=-100).view(y.shape)
     per = {name: ce[t == k].mean() for k, name in enumerate(_LOSS_TYPES) if (t == k).any()}
-    loss = torch.stack(list(per.values())).mean() if per_type else ce[y != -100].mean()
+    if per_type:
+        tl = t if relation_term else torch.where(t == _RELATION, _LOSS_TYPES.index("spatial"), t)
+        terms = [ce[tl == k].mean() for k in range(len(_LOSS_TYPES)) if (tl == k).any()]
+        loss = torch.stack(terms).mean()
+    else:
+        loss = ce[y != -100].mean()
     return loss, {k: v.item() for k, v in per.items()}
 
 
@@ -876,7 +941,7 @@ def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr
         finally:
             if probe is not None:
                 probe.remove()
-        lm_loss, per_type = _lm_loss(out.logits, labels, types, c.loss_per_type)
+        lm_loss, per_type = _lm_loss(out.logits, labels, types, c.loss_per_type, c.relation_loss)
         route_loss = _routing_loss(probe, route, b["attention_mask"], c.route_head) if probe is not None else None
         if frozen:
             aux_loss, loss = torch.zeros(()), lm_loss
