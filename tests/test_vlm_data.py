@@ -506,3 +506,34 @@ def test_axis_rationale_decides_the_answer():
             r, c = divmod(cell, 3)
             assert words[i] == str(data.scenes[q.scene].digits[cell])
             assert order[words[i + 1]] == (c if horizontal else r)
+
+
+def test_text_relation_sequences():
+    """text_relation: text-only spatial turns appended to the batch, no image tokens, trained only on the
+    words text determines (copied digits, commas, yes/no, </s>), one tagged yes/no per turn, consistent
+    with the rationale's positions."""
+    from tokenreduce.models.small_vlm import _LOSS_TYPES, VLMTrainConfig, _training_batch, build_tokenizer
+
+    c = VLMTrainConfig(batch_size=2, text_relation=3)
+    b = _training_batch(c, 7, build_tokenizer())
+    assert b["input_ids"].shape[0] == 5 and b["pixel_values"].shape[0] == 2
+    text = b["input_ids"][2:]
+    assert not (text == VOCAB.index("<image>")).any()
+    rel, txt = _LOSS_TYPES.index("relation"), _LOSS_TYPES.index("text")
+    cols = {"left": 0, "center": 1, "right": 2}
+    rows = {"top": 0, "center": 1, "bottom": 2}
+    for ids, lab, ty in zip(text.tolist(), b["labels"][2:].tolist(), b["answer_types"][2:].tolist()):
+        assert ty.count(rel) == c.qa_per_image
+        trained = {VOCAB[t] for t, k in zip(lab, ty) if k == txt}
+        assert trained <= set("0123456789") | {",", "</s>"}
+        assert {VOCAB[t] for t, k in zip(lab, ty) if k == rel} <= {"yes", "no"}
+        assert all((t == -100) == (k == -1) for t, k in zip(lab, ty))
+        words = [VOCAB[t] for t in ids if VOCAB[t] != "<pad>"]
+        for turn in " ".join(words).split(" </s>")[:-1]:
+            question, target = turn.strip().split(" answer : ")
+            a_pos, b_pos, answer = (p.split()[-1] for p in target.split(" , "))
+            if " left of " in question or " right of " in question:
+                holds = (cols[a_pos] < cols[b_pos]) == (" left of " in question)
+            else:
+                holds = (rows[a_pos] < rows[b_pos]) == (" above " in question)
+            assert answer == ("yes" if holds else "no")

@@ -113,6 +113,7 @@ from tokenreduce.data.vqa import (
     SPECIAL_TOKENS,
     VOCAB,
     VQA_VERSION,
+    Scene,
     SceneConfig,
     cell_of_patch,
     generate_scenes,
@@ -588,14 +589,15 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
                     tok("answer :", add_special_tokens=False)["input_ids"]
             else:
                 q = (ids_img if j == 0 else []) + tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
-            a = tok(training_target(qa, c.rationale, c.rationale_axis), add_special_tokens=False)["input_ids"] + [eos]
+            target = training_target(qa, c.rationale, c.rationale_axis)
+            a = tok(target, add_special_tokens=False)["input_ids"] + [eos]
             if c.route_weight and kind != "pool":  # a pooled token has no single cell
                 first = len(ids) + len(q)  # position of the first answer token
                 route += [(first + k, cells) for k, cells in _routing_targets(qa, s, c.rationale, c.rationale_axis)]
             ids += q + a
             lab += [-100] * len(q) + a
             ty += [-1] * len(q) + [_LOSS_TYPES.index(qa.qtype)] * len(a)
-            if len(a) > 2 and training_target(qa, c.rationale, c.rationale_axis) != qa.answer:
+            if target != qa.answer:
                 ty[-2] = _RELATION  # the scored answer after a rationale (the relation step): own tag
         start = ids.index(image_id)
         if keep_pos:  # the ids the tokens have in the unreduced sequence
@@ -657,13 +659,12 @@ def _text_relation_sequence(c: VLMTrainConfig, rng, tok) -> tuple[list[int], lis
     """One text-only training sequence (``text_relation``): ``qa_per_image`` spatial turns, each about a
     fresh random arrangement of 2-4 digits (no image), labels on the words text alone determines
     (:data:`_TEXT_ONLY_WORDS`); ``(input ids, labels, answer types)``."""
-    from tokenreduce.data.vqa import Scene
-
     ids: list[int] = []
     lab: list[int] = []
     ty: list[int] = []
     text, eos = _LOSS_TYPES.index("text"), VOCAB.index(SPECIAL_TOKENS["eos"])
-    while len(ty) == 0 or ty.count(_RELATION) < c.qa_per_image:
+    turns = 0
+    while turns < c.qa_per_image:
         k = int(rng.integers(2, 5))
         digits = [-1] * 9
         for cell, v in zip(rng.permutation(9)[:k].tolist(), rng.permutation(10)[:k].tolist()):
@@ -673,12 +674,13 @@ def _text_relation_sequence(c: VLMTrainConfig, rng, tok) -> tuple[list[int], lis
             continue
         qa = qas[0]
         q = tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
-        words = training_target(qa, c.rationale, c.rationale_axis).split()
-        a = tok(" ".join(words), add_special_tokens=False)["input_ids"] + [eos]
+        a = tok(training_target(qa, c.rationale, c.rationale_axis), add_special_tokens=False)["input_ids"] + [eos]
+        trained = [VOCAB[t] in _TEXT_ONLY_WORDS for t in a]
         ids += q + a
-        lab += [-100] * len(q) + [t if VOCAB[t] in _TEXT_ONLY_WORDS else -100 for t in a]
-        ty += [-1] * len(q) + [text if VOCAB[t] in _TEXT_ONLY_WORDS else -1 for t in a]
+        lab += [-100] * len(q) + [t if ok else -100 for t, ok in zip(a, trained)]
+        ty += [-1] * len(q) + [text if ok else -1 for ok in trained]
         ty[-2] = _RELATION
+        turns += 1
     return ids, lab, ty
 
 
