@@ -85,6 +85,27 @@ on 1 thread each; test accuracy identity / counting / spatial / comparison / det
 ``spatial`` is still at chance in every model, and the diagnostics locate the last step: after the *true*
 rationale, teacher-forced, ``v3-0738133f86`` writes the right yes/no 0.55 of the time -- the LLM has not
 learned the relation itself (a 9 x 9 x 4 table of cell names, or 3 x 3 x 4 with axis rationales).
+
+Two steps fail, measured on 600-step pilots (400 vision + 600 joint steps, no restart, 1 thread, ~630 s each;
+test identity / counting / spatial / comparison / detail; the default config gives 0.33 / 0.97 / 0.465 /
+0.58 / 0.92 at this length, and identity varies from 0.19 to 0.75 between such short runs). The variants
+were applied by monkeypatching the question generator and the training target; none is in the library:
+
+- the rationale also names the relation that holds (``3 left , 7 center , left of , yes``): 0.75 / 0.945 /
+  0.475 / 0.63 / 0.88. The yes/no after the true rationale is right 0.49 of the time and its loss stays at
+  ln 2: checking the derived relation against the question's relation is not learned either.
+- GQA-style choice questions (``is the 3 left or right of the 7 ?`` -> ``left``; the answer then follows
+  from the two axis words without the question's relation): 0.415 / 0.935 / 0.565 / 0.61 / 0.93. The
+  relation step is partly learned: loss 0.54, answer after the true rationale right 0.645. The look-up is
+  not learned. The generated rationale copies the question's digits 0.97 of the time, but names the copied
+  digit's column/row correctly only 0.39 of the time (about chance).
+- choice questions without ``describe``: 0.185 / 0.96 / 0.47 / 0.445 / 0.775.
+- choice questions with ``describe`` in digit-value order: 0.375 / 0.92 / 0.605 / 0.64 / 0.92. The idea was
+  that in cell order the digit word can be written from the cell the model has just looked at, a shortcut a
+  rationale cannot use. Position given the copied digit is still right only 0.365 of the time.
+
+So the spatial bottleneck is finding a digit by its value (value -> cell). Reading a cell's value
+(identity) is learned.
 """
 
 from __future__ import annotations
