@@ -171,6 +171,8 @@ _HASH_EXCLUDED = frozenset({"num_threads", "eval_every", "log_every"})
 _DROP_FIELDS = ("restart_drop", "drop_min", "drop_merge", "drop_keep_positions")
 #: the routing supervision (:func:`_routing_loss`); absent from the hash when off
 _ROUTE_FIELDS = ("route_weight", "route_layers", "route_head")
+#: options absent from the hash when off (false or 0), so models trained before they existed keep their hash
+_OPTIONAL_FIELDS = ("rationale", "rationale_axis", "relation_loss", "text_relation")
 _TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
 
 
@@ -309,14 +311,9 @@ class VLMTrainConfig:
 
     def config_hash(self) -> str:
         payload = {k: v for k, v in self.to_dict().items() if k not in _HASH_EXCLUDED}
-        if not self.rationale:
-            payload.pop("rationale")
-        if not self.rationale_axis:
-            payload.pop("rationale_axis")
-        if not self.relation_loss:
-            payload.pop("relation_loss")
-        if not self.text_relation:
-            payload.pop("text_relation")
+        for k in _OPTIONAL_FIELDS:
+            if not getattr(self, k):
+                payload.pop(k)
         if self.route_weight == 0:  # no routing supervision: the fields do not exist for this model
             for k in _ROUTE_FIELDS:
                 payload.pop(k)
