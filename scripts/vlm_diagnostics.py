@@ -10,8 +10,12 @@
 3. Oracle selection (identity): accuracy when the LLM gets all 144 visual tokens, only the asked cell's 16
    (original position ids), the asked cell's and one other occupied cell's, or 16 random tokens. It tells
    reading (a digit seen alone) from finding (a cell among 144 tokens) apart.
+4. Look-up probes (``--probe``): a one-head attention probe trained on the model's fixed projected visual
+   tokens (the LLM's input), its query a learned vector per digit value (value -> cell: which cell holds
+   the 3?) or per cell (cell -> value: which digit is at the top left?); held-out accuracy. It tells whether
+   the tokens let one attention step find a digit by its content *and* read back where it is.
 
-    python scripts/vlm_diagnostics.py [--n 200] [--model ~/.cache/tokenreduce/small_vlm/<v3-hash>]
+    python scripts/vlm_diagnostics.py [--n 200] [--probe] [--model ~/.cache/tokenreduce/small_vlm/<v3-hash>]
 
 The numbers quoted in ``tokenreduce.models.small_vlm``'s docstring come from this script.
 """
@@ -146,17 +150,74 @@ def oracle_selection(model, tok, data, n: int, seed: int = 0) -> dict[str, float
     return out
 
 
+@torch.no_grad()
+def _projected(model, split: str, n: int, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, N, D) projected visual tokens of ``n`` fresh scenes and their (scene, value, cell) look-ups: every
+    regular digit whose value is unique in its scene."""
+    from tokenreduce.data.vqa import generate_scenes
+
+    images, scenes, _ = generate_scenes(split, n, seed=7, config=config.scene)
+    feats = torch.cat([torch.stack(model.model.get_image_features(pixel_values=images[i:i + 100],
+                                                                 return_dict=True).pooler_output)
+                       for i in range(0, n, 100)])
+    pairs = [(i, s.digits[c], c) for i, s in enumerate(scenes) for c in s.regular_cells if s.digits.count(s.digits[c]) == 1]
+    return feats, torch.tensor(pairs)
+
+
+class _LookupProbe(torch.nn.Module):
+    """One attention head over fixed visual tokens: a learned query per key class, linear keys and values."""
+
+    def __init__(self, dim: int, n_query: int, n_out: int, hid: int = 32) -> None:
+        super().__init__()
+        self.query, self.key = torch.nn.Embedding(n_query, hid), torch.nn.Linear(dim, hid)
+        self.value, self.head = torch.nn.Linear(dim, 64), torch.nn.Linear(64, n_out)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax((self.key(x) @ self.query(q)[:, :, None]).squeeze(-1) / self.key.out_features ** 0.5, -1)
+        return self.head((a[:, :, None] * self.value(x)).sum(1))
+
+
+def lookup_probes(model, config, steps: int = 600, n_train: int = 2000, n_test: int = 500, seed: int = 0
+                  ) -> dict[str, list[float]]:
+    """Held-out accuracy every 100 steps of a one-head attention probe (:class:`_LookupProbe`, Adam 3e-3,
+    batch 128) on the model's fixed projected visual tokens, for value -> cell (query = digit value, 9
+    classes, chance 1/9) and cell -> value (query = cell, 10 classes)."""
+    xtr, ptr = _projected(model, "train", n_train, config)
+    xte, pte = _projected(model, "test", n_test, config)
+    out = {}
+    for name, (qi, yi, nq, ny) in {"value_to_cell": (1, 2, 10, 9), "cell_to_value": (2, 1, 9, 10)}.items():
+        torch.manual_seed(seed)
+        probe = _LookupProbe(xtr.shape[-1], nq, ny)
+        opt = torch.optim.Adam(probe.parameters(), 3e-3)
+        curve = []
+        for step in range(1, steps + 1):
+            b = ptr[torch.randint(len(ptr), (128,))]
+            loss = torch.nn.functional.cross_entropy(probe(xtr[b[:, 0]], b[:, qi]), b[:, yi])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 100 == 0:
+                with torch.no_grad():
+                    acc = (probe(xte[pte[:, 0]], pte[:, qi]).argmax(-1) == pte[:, yi]).float().mean()
+                curve.append(round(float(acc), 3))
+        out[name] = curve
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200, help="questions per measurement")
     ap.add_argument("--model", type=Path, default=None,
                     help="a cached checkpoint folder (default: the default config's)")
+    ap.add_argument("--probe", action="store_true", help="also train the look-up probes (about 2 min)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = VLMTrainConfig.from_dict(json.loads((args.model / "config.json").read_text())) if args.model else None
     model, tok, info = load_small_vlm(config=config)
     data = eval_set("test", info["config"], per_type=max(200, args.n))
     print("model:", info["path"].parent.name)
+    if args.probe:
+        print("look-up probes (held-out accuracy every 100 steps):", lookup_probes(model, info["config"]))
     print("oracle selection (identity accuracy):", oracle_selection(model, tok, data, args.n))
     if getattr(model.config, "vqa_rationale", False):
         print("rationales:", rationale_scores(model, tok, data, args.n))

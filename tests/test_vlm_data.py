@@ -169,6 +169,45 @@ def test_small_vlm_is_a_real_llava_and_config_hash():
         VLMTrainConfig(patch_size=7)
 
 
+def test_grid_position_projector():
+    """The optional 2-D position embedding after LLaVA's projector: MAE's sine-cosine code at the asked RMS,
+    one row per patch (the row code depends on the row only, the column code on the column only), absent
+    from the cache hash when off, and a real parameter of the saved model."""
+    from tokenreduce.models.small_vlm import GridPositionProjector, VLMTrainConfig, build_small_vlm, grid_sincos
+
+    code = grid_sincos(12, 128)
+    assert code.shape == (144, 128)
+    torch.testing.assert_close(code.pow(2).mean(), torch.tensor(0.5))
+    grid = code.view(12, 12, 128)
+    assert torch.equal(grid[:, :1, :64].expand(-1, 12, -1), grid[..., :64])  # rows: first half
+    assert torch.equal(grid[:1, :, 64:].expand(12, -1, -1), grid[..., 64:])  # columns: second half
+    assert len({tuple(r) for r in code.round(decimals=4).tolist()}) == 144
+    with pytest.raises(ValueError, match="multiple of 4"):
+        grid_sincos(4, 30)
+    small = {"vision_dim": 32, "vision_layers": 1, "text_dim": 32, "text_layers": 2, "route_layers": (0,),
+             "text_heads": 2, "text_kv_heads": 1}
+    base = VLMTrainConfig(**small)
+    assert base.config_hash() == VLMTrainConfig(**small, visual_position=0.0).config_hash()
+    assert base.config_hash() != VLMTrainConfig(**small, visual_position=1.0).config_hash()
+    with pytest.raises(ValueError, match="visual_position"):
+        VLMTrainConfig(visual_position=-1.0)
+    m = build_small_vlm(VLMTrainConfig(**small, visual_position=2.0))
+    proj = m.model.multi_modal_projector
+    assert isinstance(proj, GridPositionProjector) and "model.multi_modal_projector.position" in m.state_dict()
+    torch.testing.assert_close(proj.position.detach().pow(2).mean().sqrt(), torch.tensor(2.0))
+    x = torch.randn(2, 144, 32)
+    with torch.no_grad():
+        y = proj(x)
+        plain = proj.linear_2(proj.act(proj.linear_1(x)))
+        torch.testing.assert_close(y - plain, proj.position.expand(2, -1, -1))
+        src = torch.tensor([[5, 17, -1], [0, 1, 143]])
+        part = proj(x[:, :3], source_patches=src)
+        torch.testing.assert_close(part[0, 1] - plain[0, 1], proj.position[17])
+        torch.testing.assert_close(part[0, 2], plain[0, 2])  # -1: no position (a CLS token)
+        with pytest.raises(ValueError, match="source_patches has shape"):
+            proj(x[:, :3], source_patches=src[:, :2])
+
+
 def test_conv_stem_and_patch_labels():
     from tokenreduce.models.small_vlm import (
         ConvStemPatchEmbed,

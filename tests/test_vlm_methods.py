@@ -451,3 +451,35 @@ def test_keep_positions_bad_value_and_precomputed_features(model):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mm_encoder_outputs={"image": feats})
     with tr.apply(model, "random", keep=0.5, positions="keep"), pytest.raises(ValueError, match="source patches"):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mm_encoder_outputs={"image": feats})
+
+
+# ---------------------------------------------------------------------------- position-coding projector
+@pytest.mark.parametrize("name", ["random", "hiprune", "visionzip"])
+def test_pre_projector_reduction_keeps_each_tokens_position_code(name):
+    """A projector that adds a per-patch position embedding (the small VLM's GridPositionProjector) gets the
+    source patch of every token a before-the-projector method keeps: a kept (unmerged) token's projected
+    feature is exactly the full image's projected token of the same patch, position included; without the
+    source patches the projector would refuse the shorter input."""
+    from tokenreduce.models.small_vlm import GridPositionProjector
+
+    m = _model(seed=1)
+    proj = GridPositionProjector(m.config, IMG // PATCH, scale=1.0)
+    m.model.multi_modal_projector = proj
+    batch = _batch(*RAGGED)
+    with torch.no_grad():
+        full = m.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
+        with pytest.raises(ValueError, match="source_patches"):
+            proj(torch.zeros(1, NTOK - 1, 32))
+        with tr.apply(m, name, keep=0.5, **_kw(name)):
+            red = m.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
+            out = _gen(m, batch)
+    assert out.sequences.shape[1] == batch["input_ids"].shape[1] + GEN
+    exact = 0
+    for f, r in zip(full, red):
+        assert r.shape[0] < NTOK
+        d = torch.cdist(r, f)  # (kept, all): a kept patch matches its own row only
+        exact += int((d.min(1).values < 1e-4).sum())
+        if name != "visionzip":  # pure selection: every kept token is a full token, in patch order
+            idx = d.argmin(1)
+            assert (d.min(1).values < 1e-4).all() and (idx.diff() > 0).all()
+    assert exact > 0

@@ -11,7 +11,9 @@ How, with hooks and instance attributes only (``Handle.remove()`` restores the m
 * **before the LLM** — the projector's ``forward`` is wrapped: the method reduces each image's vision
   features (``where="pre"``) or projected features (``"post"``); the vision attention it needs ([CLS] row,
   mean attention, keys) is computed from forward hooks on the q/k projections of the few encoder layers
-  it names. A forward pre-hook on ``LlavaModel`` then drops the surplus ``<image>`` placeholders from
+  it names. A projector that adds a per-patch position embedding (``takes_source_patches = True``, the
+  small VLM's :class:`~tokenreduce.models.small_vlm.GridPositionProjector`) gets each kept token's source
+  patch (``source_patches``) after a ``"pre"`` reduction. A forward pre-hook on ``LlavaModel`` then drops the surplus ``<image>`` placeholders from
   ``input_ids`` (so HF's placeholder-count check holds) and re-pads ragged rows; positions are re-indexed
   (``positions="compact"``) or each kept token keeps its patch slot's id (``"keep"``).
 * **inside the LLM** — forward pre-hooks on the decoder layers: at a stage layer the method scores the
@@ -225,6 +227,8 @@ class _Run:
             if method.where == "pre":
                 body, src, _ = method.reduce_image(body, ctx)
             dt = time.perf_counter() - t0
+            if src is not None and getattr(proj, "takes_source_patches", False):  # a position-coding projector
+                kw = {**kw, "source_patches": torch.cat([torch.full_like(src[:, :1], -1), src], 1) if keep_cls else src}
             y = orig(torch.cat([cls, body], 1) if keep_cls else body, *a, **kw)
             t0 = time.perf_counter()
             if method.where == "post":
