@@ -86,6 +86,42 @@ def test_spatial_rationale_names_where_each_digit_is(vqa):
     assert n == 10
 
 
+def test_spatial_choice_form():
+    """GQA's choice form draws the same scenes and digit pairs as yes/no, names the relation that holds
+    (the one the yes/no question asks or its opposite), is balanced over its four answers, keeps the
+    rationale, and the axis rationale decides it; bad forms are refused."""
+    from tokenreduce.data.vqa import _rel_holds
+    from tokenreduce.models.small_vlm import VLMTrainConfig, axis_rationale, eval_set, parse_answer, training_target
+
+    yn = make_vqa_set("test", 400, seed=5, types=("spatial",))
+    ch = make_vqa_set("test", 400, seed=5, types=("spatial",), spatial="choice")
+    assert len(yn.qas) == len(ch.qas) > 300 and torch.equal(yn.images, ch.images)
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    for y, c in zip(yn.qas, ch.qas):
+        w = y.question.split()
+        rel = " ".join(w[3:-3])
+        true = rel if y.answer == "yes" else opposite[rel]
+        assert c.rationale == y.rationale and c.answer == true.split()[0]
+        axis = "left or right of" if true in ("left of", "right of") else "above or below"
+        assert c.question == f"is the {w[2]} {axis} the {w[-2]} ?"
+        cells = [POSITION_NAMES.index(part.split(" ", 1)[1]) for part in c.rationale.split(" , ")]
+        assert _rel_holds(true, *cells)
+        col = [x % 3 for x in cells] if axis.startswith("left") else [x // 3 for x in cells]
+        words = axis_rationale(c).split()  # 3 left , 7 center: the compared axis decides the answer
+        assert (col[0] < col[1]) == (c.answer in ("left", "above")) and len(words) == 5
+        target = training_target(c, True, True)
+        assert parse_answer(target.split() + ["</s>"]) == c.answer and all(t in VOCAB for t in target.split())
+    counts = {a: sum(q.answer == a for q in ch.qas) for a in ("left", "right", "above", "below")}
+    assert min(counts.values()) > 0.15 * len(ch.qas), counts
+    held = eval_set("test", VLMTrainConfig(spatial_choice=True), per_type=20).by_type()["spatial"]
+    assert {q.answer for q in held} <= set(counts) and len(held) == 20
+    assert VLMTrainConfig(spatial_choice=True).config_hash() != VLMTrainConfig().config_hash()
+    with pytest.raises(ValueError, match="spatial"):
+        make_vqa_set("test", 4, spatial="which")
+    with pytest.raises(ValueError, match="spatial_choice"):
+        VLMTrainConfig(spatial_choice=True, text_relation=4)
+
+
 def test_parse_answer():
     from tokenreduce.models.small_vlm import parse_answer
 

@@ -15,7 +15,9 @@ type            question                                         answer
 identity        ``what digit is at the top left ?``              a digit (the regular digit there)
 counting        ``how many digits are there ?``                  a number (small digit included)
 spatial         ``is the 3 left of the 7 ?`` (left/right of,      ``yes`` / ``no`` (balanced)
-                above/below: by grid row/column)
+                above/below: by grid row/column); or the
+                choice form (``spatial="choice"``, GQA's):       ``left`` / ``right`` / ``above`` /
+                ``is the 3 left or right of the 7 ?``            ``below`` (balanced)
 comparison      ``which is larger , the top digit or the left     the larger digit
                 digit ?``
 detail          ``what is the small digit ?``                     the small digit (needs ~1-2 patches)
@@ -53,6 +55,7 @@ __all__ = [
     "POSITION_NAMES",
     "QA",
     "QUESTION_TYPES",
+    "SPATIAL_FORMS",
     "SPECIAL_TOKENS",
     "TRAIN_ONLY_TYPES",
     "VOCAB",
@@ -74,6 +77,10 @@ TRAIN_ONLY_TYPES: tuple[str, ...] = ("describe",)
 POSITION_NAMES: tuple[str, ...] = ("top left", "top", "top right", "left", "center", "right",
                                    "bottom left", "bottom", "bottom right")
 _RELATIONS = ("left of", "right of", "above", "below")
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+#: forms of the ``spatial`` questions: ``"yesno"`` (``is the 3 left of the 7 ?`` -> ``yes``/``no``) or
+#: ``"choice"`` (GQA's ``is the 3 left or right of the 7 ?`` -> ``left``; ``above or below`` -> ``above``)
+SPATIAL_FORMS = ("yesno", "choice")
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "brick", "grass", "gravel",
            "immunohistochemistry", "hubble_deep_field")
 _SPLIT_CODES = {"train": 101, "val": 202, "test": 303}
@@ -302,10 +309,23 @@ def _rel_holds(rel: str, a: int, b: int) -> bool | None:
     return None if ra == rb else (ra < rb) == (rel == "above")
 
 
-def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple[str, ...] = QUESTION_TYPES
-                  ) -> list[QA]:
+def _spatial_question(a: str, b: str, rel: str, holds: bool, spatial: str) -> tuple[str, str]:
+    """(question, answer) of a spatial question about digits ``a`` and ``b`` (see :data:`SPATIAL_FORMS`)."""
+    if spatial == "yesno":
+        return f"is the {a} {rel} the {b} ?", "yes" if holds else "no"
+    true = rel if holds else _OPPOSITE[rel]
+    if true in ("left of", "right of"):
+        return f"is the {a} left or right of the {b} ?", true.split()[0]
+    return f"is the {a} above or below the {b} ?", true
+
+
+def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple[str, ...] = QUESTION_TYPES,
+                  spatial: str = "yesno") -> list[QA]:
     """One question of each type in ``types`` that the scene supports (``detail`` needs a small digit,
-    ``comparison``/``spatial`` two regular digits)."""
+    ``comparison``/``spatial`` two regular digits); ``spatial`` is the form of the spatial questions
+    (:data:`SPATIAL_FORMS`; the same random draws in both forms)."""
+    if spatial not in SPATIAL_FORMS:
+        raise ValueError(f"spatial={spatial!r} is invalid: accepted {SPATIAL_FORMS}")
     out: list[QA] = []
     reg = scene.regular_cells
     d = scene.digits
@@ -322,9 +342,9 @@ def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple
             if not good:
                 continue
             a, b, r = good[int(rng.integers(len(good)))]
-            ans = "yes" if _rel_holds(r, a, b) else "no"
+            question, ans = _spatial_question(str(d[a]), str(d[b]), r, bool(_rel_holds(r, a, b)), spatial)
             why = f"{d[a]} {POSITION_NAMES[a]} , {d[b]} {POSITION_NAMES[b]}"
-            out.append(QA(idx, t, f"is the {d[a]} {r} the {d[b]} ?", ans, why))
+            out.append(QA(idx, t, question, ans, why))
         elif t == "comparison" and len(reg) >= 2:
             a, b = rng.choice(reg, size=2, replace=False).tolist()
             out.append(QA(idx, t, f"which is larger , the {POSITION_NAMES[a]} digit or the {POSITION_NAMES[b]} digit ?",
@@ -340,9 +360,11 @@ def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple
 
 
 def make_vqa_set(split: str, n_scenes: int, seed: int = 0, config: SceneConfig | None = None,
-                 types: tuple[str, ...] = QUESTION_TYPES, per_type: int | None = None) -> VQASet:
+                 types: tuple[str, ...] = QUESTION_TYPES, per_type: int | None = None,
+                 spatial: str = "yesno") -> VQASet:
     """Scenes plus questions. ``per_type``: keep at most this many questions of each type (balanced
-    held-out sets; scenes are drawn until every type has ``per_type`` questions or ``n_scenes`` is reached).
+    held-out sets; scenes are drawn until every type has ``per_type`` questions or ``n_scenes`` is reached);
+    ``spatial``: the spatial questions' form (:data:`SPATIAL_FORMS`).
     """
     bad = [t for t in types if t not in QUESTION_TYPES + TRAIN_ONLY_TYPES]
     if bad:
@@ -353,7 +375,7 @@ def make_vqa_set(split: str, n_scenes: int, seed: int = 0, config: SceneConfig |
     qas: list[QA] = []
     counts = {t: 0 for t in types}
     for i, s in enumerate(scenes):
-        for qa in questions_for(s, i, rng, types):
+        for qa in questions_for(s, i, rng, types, spatial):
             if per_type is None or counts[qa.qtype] < per_type:
                 qas.append(qa)
                 counts[qa.qtype] += 1

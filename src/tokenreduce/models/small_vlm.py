@@ -174,7 +174,8 @@ _DROP_FIELDS = ("restart_drop", "drop_min", "drop_merge", "drop_keep_positions")
 #: the routing supervision (:func:`_routing_loss`); absent from the hash when off
 _ROUTE_FIELDS = ("route_weight", "route_layers", "route_head")
 #: options absent from the hash when off (false or 0), so models trained before they existed keep their hash
-_OPTIONAL_FIELDS = ("rationale", "rationale_axis", "relation_loss", "text_relation", "visual_position")
+_OPTIONAL_FIELDS = ("rationale", "rationale_axis", "relation_loss", "text_relation", "visual_position",
+                    "spatial_choice")
 _TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
 
 
@@ -227,6 +228,10 @@ class VLMTrainConfig:
     #: after it; not the positions) -- the relation step without the visual look-up (0 = off, absent from
     #: the hash)
     text_relation: int = 0
+    #: spatial questions in GQA's choice form (``is the 3 left or right of the 7 ?`` -> ``left``) instead of
+    #: yes/no (:data:`~tokenreduce.data.vqa.SPATIAL_FORMS`), in training and in the held-out sets (absent
+    #: from the hash when off)
+    spatial_choice: bool = False
     #: RMS of a learned 2-D position embedding added to the projected visual tokens
     #: (:class:`GridPositionProjector`, initialised to a 2-D sine-cosine code); 0 = LLaVA's plain projector
     #: (absent from the hash when 0)
@@ -278,6 +283,8 @@ class VLMTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         if not 0 < self.drop_min <= 1:
             raise ValueError(f"drop_min={self.drop_min!r} must be in (0, 1]")
+        if self.spatial_choice and self.text_relation:
+            raise ValueError("text_relation builds yes/no spatial turns; it cannot be combined with spatial_choice")
         if not 0 <= self.visual_position <= 100:
             raise ValueError(f"visual_position={self.visual_position!r} must be in [0, 100] (0 = off)")
         if self.visual_position and self.text_dim % 4:
@@ -289,6 +296,10 @@ class VLMTrainConfig:
             raise ValueError(f"route_layers={self.route_layers!r} is invalid: need LLM layers in [0, {self.text_layers - 1}]")
         if self.route_weight and not 0 <= self.route_head < self.text_heads:
             raise ValueError(f"route_head={self.route_head!r} must be in [0, {self.text_heads - 1}]")
+
+    @property
+    def spatial_form(self) -> str:
+        return "choice" if self.spatial_choice else "yesno"
 
     @property
     def num_image_tokens(self) -> int:
@@ -665,7 +676,7 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
         ids_img = [image_id] * len(src)
         qas, seen = [], set()
         for _ in range(-(-c.qa_per_image // 3)):  # several draws: other cells / pairs / relations each time
-            for qa in questions_for(s, i, rng, QUESTION_TYPES):
+            for qa in questions_for(s, i, rng, QUESTION_TYPES, c.spatial_form):
                 if qa.question not in seen:
                     seen.add(qa.question)
                     qas.append(qa)
@@ -888,7 +899,7 @@ def eval_set(split: str, config: VLMTrainConfig | None = None, per_type: int | N
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r} is invalid: must be 'val' or 'test'")
     n = per_type or (c.val_per_type if split == "val" else c.test_per_type)
-    return make_vqa_set(split, 10 * n, seed=c.eval_seed, config=c.scene, per_type=n)
+    return make_vqa_set(split, 10 * n, seed=c.eval_seed, config=c.scene, per_type=n, spatial=c.spatial_form)
 
 
 @torch.no_grad()
