@@ -327,13 +327,23 @@ def test_aux_targets_and_per_type_loss():
     rel = b["answer_types"] == _LOSS_TYPES.index("relation")
     assert rel.any() and "relation" in per
     assert {VOCAB[int(t)] for t in b["labels"][rel]} <= {"yes", "no"}
+    # the rationale's place words are tagged "lookup" (a term of their own only with lookup_term)
+    look = b["answer_types"] == _LOSS_TYPES.index("lookup")
+    assert look.any() and "lookup" in per
+    assert {VOCAB[int(t)] for t in b["labels"][look]} <= {"top", "bottom", "left", "right", "center"}
+    assert look.sum() == 2 * rel.sum()  # two named digits per rationale (axis rationale: one word each)
     spatial = _LOSS_TYPES.index("spatial")
     merged = b["answer_types"].clone()
-    merged[rel] = spatial
+    merged[rel | look] = spatial
     _, per_merged = _lm_loss(logits, b["labels"], merged, per_type=True)
     assert bal.item() == pytest.approx(sum(per_merged.values()) / len(per_merged), rel=1e-5)
-    sep, _ = _lm_loss(logits, b["labels"], b["answer_types"], per_type=True, relation_term=True)
+    sep, _ = _lm_loss(logits, b["labels"], b["answer_types"], per_type=True, relation_term=True, lookup_term=True)
     assert sep.item() == pytest.approx(sum(per.values()) / len(per), rel=1e-5)
+    only_rel = b["answer_types"].clone()
+    only_rel[look] = spatial
+    _, per_rel = _lm_loss(logits, b["labels"], only_rel, per_type=True)
+    sep_rel, _ = _lm_loss(logits, b["labels"], b["answer_types"], per_type=True, relation_term=True)
+    assert sep_rel.item() == pytest.approx(sum(per_rel.values()) / len(per_rel), rel=1e-5)
     y = b["labels"][:, 1:]
     ref = torch.nn.functional.cross_entropy(logits[:, :-1][y != -100], y[y != -100])
     assert flat.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -175,7 +175,7 @@ _DROP_FIELDS = ("restart_drop", "drop_min", "drop_merge", "drop_keep_positions")
 _ROUTE_FIELDS = ("route_weight", "route_layers", "route_head")
 #: options absent from the hash when off (false or 0), so models trained before they existed keep their hash
 _OPTIONAL_FIELDS = ("rationale", "rationale_axis", "relation_loss", "text_relation", "visual_position",
-                    "spatial_choice")
+                    "spatial_choice", "lookup_loss")
 _TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
 
 
@@ -222,6 +222,10 @@ class VLMTrainConfig:
     #: the yes/no after a spatial rationale is a loss term of its own (with ``loss_per_type``) instead of
     #: one of its turn's ~8 answer tokens (absent from the hash when off)
     relation_loss: bool = False
+    #: the words a spatial rationale names a digit's place with (``3 left , 7 center``: ``left``,
+    #: ``center``; the value -> cell look-up) are a loss term of their own instead of 2 of their turn's ~7
+    #: tokens, of which the digits, commas and ``</s>`` are copied (absent from the hash when off)
+    lookup_loss: bool = False
     #: text-only sequences per joint-phase batch (LLaVA-1.5 mixes language-only instruction data into
     #: visual instruction tuning): ``qa_per_image`` spatial turns about digits at random cells, no image, the
     #: loss on what text alone determines (the digits the rationale copies from the question and the yes/no
@@ -702,6 +706,9 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
             ty += [-1] * len(q) + [_LOSS_TYPES.index(qa.qtype)] * len(a)
             if target != qa.answer:
                 ty[-2] = _RELATION  # the scored answer after a rationale (the relation step): own tag
+                for k, t in enumerate(a[:-2]):  # the rationale's place words (the look-up): own tag
+                    if VOCAB[t] in _PLACE_WORDS:
+                        ty[len(ty) - len(a) + k] = _LOOKUP
         start = ids.index(image_id)
         if keep_pos:  # the ids the tokens have in the unreduced sequence
             removed = c.num_image_tokens - len(src)
@@ -867,24 +874,30 @@ def _routing_loss(probe: _RouteProbe, route: tuple[torch.Tensor, ...], mask: tor
 #: question types of the training turns (index = ``answer_types`` in a training batch); ``relation`` tags
 #: the scored answer word written after a rationale (the yes/no of a spatial turn), ``text`` the other
 #: trained words of text-only turns (``text_relation``)
-_LOSS_TYPES: tuple[str, ...] = QUESTION_TYPES + ("describe", "relation", "text")
+_LOSS_TYPES: tuple[str, ...] = QUESTION_TYPES + ("describe", "relation", "text", "lookup")
 _RELATION = _LOSS_TYPES.index("relation")
+#: ``lookup`` tags the place words of a spatial rationale (``left``, ``top``, ``center`` ...)
+_LOOKUP = _LOSS_TYPES.index("lookup")
+_PLACE_WORDS = frozenset(w for name in POSITION_NAMES for w in name.split())
 
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, types: torch.Tensor, per_type: bool,
-             relation_term: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+             relation_term: bool = False, lookup_term: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross-entropy on the answer tokens: the mean over tokens, or (``per_type``) the mean over
     question types of each type's mean, so a type's weight does not depend on how often the sampler draws
     it or how many tokens its answers have (``describe`` answers are ~10 tokens, a ``detail`` turn is in
     ~5% of turns). ``relation_term``: the answer word after a rationale (tagged ``relation``) is a term of
-    its own instead of one of its turn's ~8 tokens. Also returns each tag's mean (for logging; ``relation``
-    always separately)."""
+    its own instead of one of its turn's ~8 tokens; ``lookup_term``: likewise the rationale's place words
+    (tagged ``lookup``). Also returns each tag's mean (for logging; ``relation`` and ``lookup`` always
+    separately)."""
     y, t = labels[:, 1:], types[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y.flatten(), reduction="none",
                          ignore_index=-100).view(y.shape)
     per = {name: ce[t == k].mean() for k, name in enumerate(_LOSS_TYPES) if (t == k).any()}
     if per_type:
-        tl = t if relation_term else torch.where(t == _RELATION, _LOSS_TYPES.index("spatial"), t)
+        spatial = _LOSS_TYPES.index("spatial")
+        tl = t if relation_term else torch.where(t == _RELATION, spatial, t)
+        tl = tl if lookup_term else torch.where(tl == _LOOKUP, spatial, tl)
         terms = [ce[tl == k].mean() for k in range(len(_LOSS_TYPES)) if (tl == k).any()]
         loss = torch.stack(terms).mean()
     else:
@@ -1046,7 +1059,7 @@ def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr
         finally:
             if probe is not None:
                 probe.remove()
-        lm_loss, per_type = _lm_loss(out.logits, labels, types, c.loss_per_type, c.relation_loss)
+        lm_loss, per_type = _lm_loss(out.logits, labels, types, c.loss_per_type, c.relation_loss, c.lookup_loss)
         route_loss = _routing_loss(probe, route, b["attention_mask"], c.route_head) if probe is not None else None
         if frozen:
             aux_loss, loss = torch.zeros(()), lm_loss
