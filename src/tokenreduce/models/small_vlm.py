@@ -106,6 +106,24 @@ were applied by monkeypatching the question generator and the training target; n
 
 So the spatial bottleneck is finding a digit by its value (value -> cell). Reading a cell's value
 (identity) is learned.
+
+Why the look-up is hard for this LLM, measured with the look-up probe (``scripts/vlm_diagnostics.py
+--probe``: one attention head trained on the *fixed* projected visual tokens, query = a digit value): on
+the choice-question pilot's tokens it learns value -> cell only slowly (0.33 after 600 probe steps, chance
+0.11) while cell -> value reads 0.81 -- RoPE tells a query where a key is, but not the value it reads, so a
+token found by its content carries its place back only if its features do, and here they do weakly. A
+learned 2-D position embedding after the projector (``visual_position``, :class:`GridPositionProjector`)
+fixes the tokens: the probe reads value -> cell 0.95 after 600 steps on a pilot trained with it. The LLM
+still does not learn the look-up in 600-step pilots with it (test identity / counting / spatial /
+comparison / detail; "place right" = the generated rationale names the copied digit's column/row right):
+
+- yes/no questions: 0.56 / 0.97 / 0.50 / 0.67 / 0.93; digits copied 0.995, place right 0.33. The
+  routing-supervised head (head 0 of layers 2 and 4) puts 0.37 / 0.36 of its visual attention on the
+  named digit's cell (uniform 0.11), but a logistic probe reads the column from that head's output only
+  0.51 / 0.48 of the time (chance 0.33; 1,200 rationale digits) and from the residual stream at most 0.38.
+- choice questions: 0.39 / 0.95 / 0.515 / 0.62 / 0.925; place right 0.365.
+- yes/no, half of the spatial training turns replaced by a direct look-up (``is the 3 ?`` -> ``top
+  left``): 0.665 / 0.58 / 0.505 / 0.665 / 0.90; place right 0.37.
 """
 
 from __future__ import annotations
