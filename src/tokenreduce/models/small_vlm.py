@@ -438,8 +438,9 @@ class GridPositionProjector(torch.nn.Module):
     digit value or a cell, held-out accuracy after 100 ... 600 steps): on the 600-step choice-question pilot
     without this embedding value -> cell reads 0.12 0.12 0.13 0.16 0.24 0.33 (chance 0.11; cell -> value
     0.81 after 600), on a 600-step pilot of the yes/no questions with it (``visual_position=1``) 0.42 0.54
-    0.73 0.85 0.94 0.95 (cell -> value 0.46). The embedding is added *after* the projector so that the projector cannot
-    learn to squash it.
+    0.73 0.85 0.94 0.95 (cell -> value 0.46). The embedding is added *after* the projector so that the
+    projector cannot learn to squash it. (The LLM itself has not learned the look-up with it yet: see the
+    module docstring.)
 
     ``source_patches`` (b, k) gives the grid patch of each of ``k`` < grid^2 input tokens (a token
     reduction before the projector, :mod:`tokenreduce.adapters.vlm`); -1 adds nothing (a CLS token)."""
