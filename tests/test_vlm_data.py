@@ -115,7 +115,7 @@ def test_spatial_choice_form():
     assert min(counts.values()) > 0.15 * len(ch.qas), counts
     held = eval_set("test", VLMTrainConfig(spatial_choice=True), per_type=20).by_type()["spatial"]
     assert {q.answer for q in held} <= set(counts) and len(held) == 20
-    assert VLMTrainConfig(spatial_choice=True).config_hash() != VLMTrainConfig().config_hash()
+    assert VLMTrainConfig(spatial_choice=True).config_hash() != VLMTrainConfig(spatial_choice=False).config_hash()
     with pytest.raises(ValueError, match="spatial"):
         make_vqa_set("test", 4, spatial="which")
     with pytest.raises(ValueError, match="spatial_choice"):
@@ -222,9 +222,9 @@ def test_grid_position_projector():
         grid_sincos(4, 30)
     small = {"vision_dim": 32, "vision_layers": 1, "text_dim": 32, "text_layers": 2, "route_layers": (0,),
              "text_heads": 2, "text_kv_heads": 1}
-    base = VLMTrainConfig(**small)
-    assert base.config_hash() == VLMTrainConfig(**small, visual_position=0.0).config_hash()
-    assert base.config_hash() != VLMTrainConfig(**small, visual_position=1.0).config_hash()
+    # off, the new options are absent from the hash: the previous default model keeps its cache folder
+    assert VLMTrainConfig(visual_position=0.0, spatial_choice=False).config_hash() == "6f64beb21b"
+    assert VLMTrainConfig(**small).config_hash() != VLMTrainConfig(**small, visual_position=0.0).config_hash()
     with pytest.raises(ValueError, match="visual_position"):
         VLMTrainConfig(visual_position=-1.0)
     m = build_small_vlm(VLMTrainConfig(**small, visual_position=2.0))
@@ -326,7 +326,7 @@ def test_aux_targets_and_per_type_loss():
     # with relation_term (else one of its spatial turn's tokens)
     rel = b["answer_types"] == _LOSS_TYPES.index("relation")
     assert rel.any() and "relation" in per
-    assert {VOCAB[int(t)] for t in b["labels"][rel]} <= {"yes", "no"}
+    assert {VOCAB[int(t)] for t in b["labels"][rel]} <= {"left", "right", "above", "below"}  # choice form
     # the rationale's place words are tagged "lookup" (a term of their own only with lookup_term)
     look = b["answer_types"] == _LOSS_TYPES.index("lookup")
     assert look.any() and "lookup" in per
@@ -403,7 +403,8 @@ def test_v3_model_stays_addressable():
     cached v3 model, and the default's parent is v3's parent (the 1100-step model)."""
     from tokenreduce.models.small_vlm import VLMTrainConfig
 
-    old = {"prompt": "question_first", "route_weight": 0.0, "rationale_axis": False}  # models up to f5ac68a128
+    old = {"prompt": "question_first", "route_weight": 0.0, "rationale_axis": False,  # models up to f5ac68a128
+           "visual_position": 0.0, "spatial_choice": False}
     assert VLMTrainConfig(**old).config_hash() == "f5ac68a128"
     c = VLMTrainConfig(rationale=False, freeze_vision=True, **old)
     assert c.without_drop().parent().config_hash() == c.parent().config_hash() == "892f7ded99"
@@ -599,7 +600,7 @@ def test_text_relation_sequences():
     with the rationale's positions."""
     from tokenreduce.models.small_vlm import _LOSS_TYPES, VLMTrainConfig, _training_batch, build_tokenizer
 
-    c = VLMTrainConfig(batch_size=2, text_relation=3)
+    c = VLMTrainConfig(batch_size=2, text_relation=3, spatial_choice=False)
     b = _training_batch(c, 7, build_tokenizer())
     assert b["input_ids"].shape[0] == 5 and b["pixel_values"].shape[0] == 2
     text = b["input_ids"][2:]
