@@ -13,9 +13,10 @@ How, with hooks and instance attributes only (``Handle.remove()`` restores the m
   mean attention, keys) is computed from forward hooks on the q/k projections of the few encoder layers
   it names. A projector that adds a per-patch position embedding (``takes_source_patches = True``, the
   small VLM's :class:`~tokenreduce.models.small_vlm.GridPositionProjector`) gets each kept token's source
-  patch (``source_patches``) after a ``"pre"`` reduction. A forward pre-hook on ``LlavaModel`` then drops the surplus ``<image>`` placeholders from
-  ``input_ids`` (so HF's placeholder-count check holds) and re-pads ragged rows; positions are re-indexed
-  (``positions="compact"``) or each kept token keeps its patch slot's id (``"keep"``).
+  patch (``source_patches``) after a ``"pre"`` reduction. A forward pre-hook on ``LlavaModel`` then drops
+  the surplus ``<image>`` placeholders from ``input_ids`` (so HF's placeholder-count check holds) and
+  re-pads ragged rows; positions are re-indexed (``positions="compact"``) or each kept token keeps its
+  patch slot's id (``"keep"``).
 * **inside the LLM** — forward pre-hooks on the decoder layers: at a stage layer the method scores the
   visual tokens (attention rows of the last/rater text tokens computed from that layer's own q/k, for those
   rows only), the hidden states are gathered, and that layer and all later ones get their own 4D mask
@@ -105,6 +106,11 @@ def _causal_allowed(real: Tensor) -> Tensor:
     L = real.shape[1]
     tri = torch.ones(L, L, dtype=torch.bool, device=real.device).tril()
     return tri[None] & real[:, None, :]
+
+
+def _with_cls(src: Tensor) -> Tensor:
+    """Source patches (B, K) of kept tokens with the CLS token's -1 (no patch) in front."""
+    return torch.cat([torch.full_like(src[:, :1], -1), src], 1)
 
 
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
@@ -228,7 +234,7 @@ class _Run:
                 body, src, _ = method.reduce_image(body, ctx)
             dt = time.perf_counter() - t0
             if src is not None and getattr(proj, "takes_source_patches", False):  # a position-coding projector
-                kw = {**kw, "source_patches": torch.cat([torch.full_like(src[:, :1], -1), src], 1) if keep_cls else src}
+                kw = {**kw, "source_patches": _with_cls(src) if keep_cls else src}
             y = orig(torch.cat([cls, body], 1) if keep_cls else body, *a, **kw)
             t0 = time.perf_counter()
             if method.where == "post":
@@ -243,7 +249,7 @@ class _Run:
                 else:
                     y = _gather(y, order)
             if src is not None and keep_cls:
-                src = torch.cat([torch.full_like(src[:, :1], -1), src], 1)
+                src = _with_cls(src)
             self.image_sources = src
             self._pending_reduce = dt + time.perf_counter() - t0
             return y
