@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -623,3 +624,86 @@ def test_text_relation_sequences():
             else:
                 holds = (rows[a_pos] < rows[b_pos]) == (" above " in question)
             assert answer == ("yes" if holds else "no")
+
+
+def test_describe_order_by_value():
+    """describe_order="value": a describe turn lists its regular digits by ascending value (the small digit
+    last), with each digit's own place; the default keeps the generator's cell order and the hash."""
+    from tokenreduce.models.small_vlm import VLMTrainConfig, _ordered_description
+
+    data = make_vqa_set("train", 30, seed=2, types=("describe",))
+    for qa in data.qas:
+        s = data.scenes[qa.scene]
+        assert _ordered_description(qa, s, "cell") == qa
+        out = _ordered_description(qa, s, "value")
+        parts = out.answer.split(" , ")
+        regular = [p for p in parts if not p.startswith("small ")]
+        assert sorted(parts) == sorted(qa.answer.split(" , "))  # the same items
+        assert [int(p.split()[0]) for p in regular] == sorted(s.digits[c] for c in s.regular_cells)
+        assert all(POSITION_NAMES[s.digits.index(int(p.split()[0]))] == p.split(" ", 1)[1] for p in regular)
+        assert not any(p.startswith("small ") for p in parts[: len(regular)])
+    with pytest.raises(ValueError, match="describe_order='row'"):
+        VLMTrainConfig(describe_order="row")
+    base = VLMTrainConfig()
+    assert VLMTrainConfig(describe_order="cell").config_hash() == base.config_hash()
+    assert VLMTrainConfig(describe_order="value").config_hash() != base.config_hash()
+
+
+def test_grounding_loss_reads_tokens_through_the_word_embeddings():
+    """ground_weight: the projected visual tokens, read through the input embedding matrix, name their
+    digit's value (inked patches) and their cell's column and row words; tokens built from those words'
+    embeddings score a low loss, shuffled ones a high one."""
+    from tokenreduce.models.small_vlm import VLMTrainConfig, _grounding_loss, _patch_labels
+
+    c = VLMTrainConfig(ground_weight=0.1)
+    _, scenes, ink = generate_scenes("train", 6, seed=3)
+    lab = _patch_labels(scenes, ink, c)
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(len(VOCAB), 64), dim=-1) * 8
+    cell = torch.from_numpy(cell_of_patch(12))
+    cols, rows = ("left", "center", "right"), ("top", "center", "bottom")
+    value = torch.where(lab >= 91, lab - 91, (lab - 1) % 10)
+    tokens = torch.stack([torch.stack([
+        emb[VOCAB.index(cols[int(cell[p]) % 3])] + emb[VOCAB.index(rows[int(cell[p]) // 3])]
+        + (emb[VOCAB.index(str(int(value[b, p])))] if lab[b, p] else 0) for p in range(144)]) for b in range(6)])
+    good = _grounding_loss(tokens, emb, lab, c)
+    bad = _grounding_loss(tokens.flip(1), emb, lab, c)
+    assert torch.isfinite(good) and good.item() < 0.2 and bad.item() > 1.0
+    # gradients reach both the tokens and the embedding matrix
+    t, e = tokens.clone().requires_grad_(), emb.clone().requires_grad_()
+    _grounding_loss(t, e, lab, c).backward()
+    assert t.grad.abs().sum() > 0 and e.grad.abs().sum() > 0
+    # background-only labels: only the place terms
+    assert torch.isfinite(_grounding_loss(tokens, emb, torch.zeros_like(lab), c))
+    with pytest.raises(ValueError, match="ground_weight=-1"):
+        VLMTrainConfig(ground_weight=-1)
+
+
+def test_training_loop_end_to_end(tmp_path, monkeypatch):
+    """train_small_vlm on a tiny config (2 vision + 2 joint steps, then a 2-step warm restart with
+    token-reduction augmentation), every optional loss on: the checkpoint and metrics are written under the
+    config's hash, each loss term is logged, and the saved model loads and answers."""
+    from tokenreduce.models.small_vlm import (
+        VLMTrainConfig,
+        checkpoint_dir,
+        eval_set,
+        evaluate_vqa,
+        load_small_vlm,
+        train_small_vlm,
+    )
+
+    monkeypatch.setenv("TOKENREDUCE_CACHE", str(tmp_path))
+    c = VLMTrainConfig(vision_dim=32, vision_layers=1, vision_heads=2, text_dim=32, text_layers=2, text_heads=2,
+                       text_kv_heads=1, route_layers=(0, 1), vision_steps=2, vision_batch_size=4, steps=2,
+                       restart_steps=2, batch_size=3, val_per_type=2, test_per_type=2, ground_weight=0.1,
+                       lookup_loss=True, relation_loss=True, describe_order="value", describe_prob=1.0)
+    m = train_small_vlm(c, progress=False)
+    assert m["config_hash"] == c.config_hash() and m["parent"] == c.parent().config_hash()
+    assert (checkpoint_dir(c) / "model.pt").is_file() and (checkpoint_dir(c.parent()) / "model.pt").is_file()
+    logged = m["history"][-1]["train_loss_by_type"]
+    assert {"ground", "route", "describe"} <= set(logged) and all(map(math.isfinite, logged.values()))
+    assert set(m["test_acc_by_type"]) == set(QUESTION_TYPES)
+    model, tok, info = load_small_vlm(config=c)
+    assert info["config"] == c and model.config.text_config.hidden_size == 32
+    r = evaluate_vqa(model, tok, eval_set("test", c))
+    assert r["acc_by_type"] == m["test_acc_by_type"]  # the recorded test accuracy is the saved model's

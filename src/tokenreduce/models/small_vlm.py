@@ -219,7 +219,9 @@ _DROP_FIELDS = ("restart_drop", "drop_min", "drop_merge", "drop_keep_positions")
 _ROUTE_FIELDS = ("route_weight", "route_layers", "route_head")
 #: options absent from the hash when off (false or 0), so models trained before they existed keep their hash
 _OPTIONAL_FIELDS = ("rationale", "rationale_axis", "relation_loss", "text_relation", "visual_position",
-                    "spatial_choice", "lookup_loss")
+                    "spatial_choice", "lookup_loss", "ground_weight")
+#: accepted :attr:`VLMTrainConfig.describe_order` values (the first is the default, absent from the hash)
+DESCRIBE_ORDERS = ("cell", "value")
 _TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
 
 
@@ -284,6 +286,15 @@ class VLMTrainConfig:
     #: (:class:`GridPositionProjector`, initialised to a 2-D sine-cosine code); 0 = LLaVA's plain projector
     #: (absent from the hash when 0)
     visual_position: float = 1.0
+    #: order of the ``describe`` task's items: ``"cell"`` (row-major, the digit written after the model has
+    #: read a cell) or ``"value"`` (ascending digit value: each item's place is then a value -> cell look-up
+    #: keyed by the digit just written, the step a spatial rationale needs) (absent from the hash when "cell")
+    describe_order: str = "cell"
+    #: weight of the word-grounding loss (:func:`_grounding_loss`): each projected visual token, read through
+    #: the LLM's input embedding matrix, names its digit (``0``..``9``, inked patches) and its cell's column
+    #: and row words, so a digit's visual tokens share a direction with the digit's word (0 = off, absent
+    #: from the hash)
+    ground_weight: float = 0.0
     ink_threshold: float = 0.12
     freeze_vision: bool = False
     #: weight of the routing supervision (:func:`_routing_loss`): at the positions that must look a digit up
@@ -337,6 +348,10 @@ class VLMTrainConfig:
             raise ValueError(f"visual_position={self.visual_position!r} must be in [0, 100] (0 = off)")
         if self.visual_position and self.text_dim % 4:
             raise ValueError(f"visual_position needs text_dim divisible by 4, got {self.text_dim}")
+        if self.describe_order not in DESCRIBE_ORDERS:
+            raise ValueError(f"describe_order={self.describe_order!r} is invalid: accepted {DESCRIBE_ORDERS}")
+        if not 0 <= self.ground_weight <= 100:
+            raise ValueError(f"ground_weight={self.ground_weight!r} must be in [0, 100] (0 = off)")
         if self.route_weight < 0:
             raise ValueError(f"route_weight={self.route_weight!r} must be >= 0")
         bad = [k for k in self.route_layers if not 0 <= k < self.text_layers]
@@ -383,6 +398,8 @@ class VLMTrainConfig:
         for k in _OPTIONAL_FIELDS:
             if not getattr(self, k):
                 payload.pop(k)
+        if self.describe_order == DESCRIBE_ORDERS[0]:
+            payload.pop("describe_order")
         if self.route_weight == 0:  # no routing supervision: the fields do not exist for this model
             for k in _ROUTE_FIELDS:
                 payload.pop(k)
@@ -622,6 +639,33 @@ def _aux_loss(head: torch.nn.Module, patches: torch.Tensor, labels: torch.Tensor
     return loss, what
 
 
+_DIGIT_IDS = [VOCAB.index(str(v)) for v in range(10)]
+_COLUMN_IDS = [VOCAB.index(w) for w in ("left", "center", "right")]
+_ROW_IDS = [VOCAB.index(w) for w in ("top", "center", "bottom")]
+
+
+def _grounding_loss(tokens: torch.Tensor, embedding: torch.Tensor, labels: torch.Tensor, c: VLMTrainConfig
+                    ) -> torch.Tensor:
+    """Word grounding of the projected visual tokens (``ground_weight``): each token (b, P, D) is read
+    through the LLM's input embedding matrix (V, D) -- logits ``x E^T`` over closed word sets -- and must
+    name (a) its digit's value word (``0``..``9``; inked patches only, regular and small alike) and (b) its
+    cell's column word (``left``/``center``/``right``) and row word (``top``/``center``/``bottom``).
+    A digit's visual tokens then share a direction with the word the question names it by, so finding
+    "the 3" among the visual tokens is the same-token match a copy head makes in text, and the token's
+    place is carried by place words the LM already writes. The mean of the three cross-entropies."""
+    g = c.scene.image_size // c.patch_size
+    cell = torch.from_numpy(cell_of_patch(g, c.scene.image_size)).to(tokens.device)
+    row, col = (cell // 3).expand(tokens.shape[0], -1), (cell % 3).expand(tokens.shape[0], -1)
+    logits = tokens.float() @ embedding.float().T
+    ink = labels != 0
+    value = torch.where(labels >= 91, labels - 91, (labels - 1) % 10)
+    terms = [F.cross_entropy(logits[..., _COLUMN_IDS].flatten(0, 1), col.flatten()),
+             F.cross_entropy(logits[..., _ROW_IDS].flatten(0, 1), row.flatten())]
+    if ink.any():
+        terms.append(F.cross_entropy(logits[..., _DIGIT_IDS][ink], value[ink]))
+    return torch.stack(terms).mean()
+
+
 def _cell_readout(what: torch.Tensor, scenes, c: VLMTrainConfig) -> float:
     """Fraction of digits read right from the patch classes: the most frequent non-background class among
     a cell's patches (a probe of the vision tower alone)."""
@@ -705,6 +749,17 @@ def _routing_targets(qa: QA, scene, rationale: bool, axis: bool = False) -> list
     return []
 
 
+def _ordered_description(qa: QA, scene, order: str) -> QA:
+    """A ``describe`` turn with its regular digits in ``order`` (:data:`DESCRIBE_ORDERS`; the generator
+    writes them by cell); the small digit stays last."""
+    if order == "cell":
+        return qa
+    parts = qa.answer.split(" , ")
+    small = [p for p in parts if p.startswith("small ")]
+    regular = sorted((p for p in parts if not p.startswith("small ")), key=lambda p: int(p.split()[0]))
+    return qa._replace(answer=" , ".join(regular + small))
+
+
 def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> dict[str, Any]:
     """One instruction-tuning batch; with ``reduce`` (the warm restart with ``restart_drop`` > 0) each
     image may reach the LLM reduced (:func:`_reduce_plan`): ``reduce`` holds the plans and the batch has
@@ -732,7 +787,8 @@ def _training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> 
         rng.shuffle(qas)
         qas = qas[: c.qa_per_image]
         if rng.random() < c.describe_prob:
-            qas = qas[: c.qa_per_image - 1] + questions_for(s, i, rng, ("describe",))
+            qas = qas[: c.qa_per_image - 1] + [_ordered_description(qa, s, c.describe_order)
+                                               for qa in questions_for(s, i, rng, ("describe",))]
         ids, lab, ty = [], [], []
         route: list[tuple[int, tuple[int, ...]]] = []  # (sequence position, cells) of this image
         for j, qa in enumerate(qas):
@@ -1099,11 +1155,16 @@ def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr
         labels, types = b.pop("labels"), b.pop("answer_types")
         route = b.pop("route", None)
         probe = _RouteProbe(model, c.route_layers) if route is not None else None
+        projected: list[torch.Tensor] = []
+        ground = model.model.multi_modal_projector.register_forward_hook(
+            lambda m, a, o, keep=projected: keep.append(o)) if c.ground_weight else None
         try:
             out = _train_forward(model, b)
         finally:
             if probe is not None:
                 probe.remove()
+            if ground is not None:
+                ground.remove()
         lm_loss, per_type = _lm_loss(out.logits, labels, types, c.loss_per_type, c.relation_loss, c.lookup_loss)
         route_loss = _routing_loss(probe, route, b["attention_mask"], c.route_head) if probe is not None else None
         if frozen:
@@ -1114,6 +1175,10 @@ def _joint_phase(model, aux, feats: dict, tok, c: VLMTrainConfig, steps: int, lr
         if route_loss is not None:
             loss = loss + c.route_weight * route_loss
             per_type["route"] = route_loss.item()  # logged beside the types' losses
+        if projected:
+            ground_loss = _grounding_loss(projected[0], model.get_input_embeddings().weight, pl, c)
+            loss = loss + c.ground_weight * ground_loss
+            per_type["ground"] = ground_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
