@@ -224,7 +224,9 @@ def test_grid_position_projector():
     small = {"vision_dim": 32, "vision_layers": 1, "text_dim": 32, "text_layers": 2, "route_layers": (0,),
              "text_heads": 2, "text_kv_heads": 1}
     # off, the new options are absent from the hash: the previous default model keeps its cache folder
-    assert VLMTrainConfig(visual_position=0.0, spatial_choice=False).config_hash() == "6f64beb21b"
+    assert VLMTrainConfig(visual_position=0.0, spatial_choice=False, ground_weight=0.0).config_hash() == "6f64beb21b"
+    assert VLMTrainConfig(ground_weight=0.0).config_hash() == "d705f465f1"  # the default before grounding
+    assert VLMTrainConfig().config_hash() == "0e4ba3681b"
     assert VLMTrainConfig(**small).config_hash() != VLMTrainConfig(**small, visual_position=0.0).config_hash()
     with pytest.raises(ValueError, match="visual_position"):
         VLMTrainConfig(visual_position=-1.0)
@@ -405,7 +407,7 @@ def test_v3_model_stays_addressable():
     from tokenreduce.models.small_vlm import VLMTrainConfig
 
     old = {"prompt": "question_first", "route_weight": 0.0, "rationale_axis": False,  # models up to f5ac68a128
-           "visual_position": 0.0, "spatial_choice": False}
+           "visual_position": 0.0, "spatial_choice": False, "ground_weight": 0.0}
     assert VLMTrainConfig(**old).config_hash() == "f5ac68a128"
     c = VLMTrainConfig(rationale=False, freeze_vision=True, **old)
     assert c.without_drop().parent().config_hash() == c.parent().config_hash() == "892f7ded99"

@@ -294,7 +294,7 @@ class VLMTrainConfig:
     #: the LLM's input embedding matrix, names its digit (``0``..``9``, inked patches) and its cell's column
     #: and row words, so a digit's visual tokens share a direction with the digit's word (0 = off, absent
     #: from the hash)
-    ground_weight: float = 0.0
+    ground_weight: float = 0.1
     ink_threshold: float = 0.12
     freeze_vision: bool = False
     #: weight of the routing supervision (:func:`_routing_loss`): at the positions that must look a digit up
