@@ -1,4 +1,4 @@
-"""Why the small VLM fails spatial/identity questions: two measurements on the cached model.
+"""What the small VLM has learned of the steps its questions need: measurements on a cached model.
 
 1. Rationales (models trained with ``rationale=True``): for held-out spatial questions, generate the
    rationale (``3 top left , 7 center , no``) and score each named digit's cell against the scene, the share

@@ -1374,12 +1374,15 @@ def register_cli(train_app) -> None:
                                        help="Train spatial answers with their rationale first (--no-rationale: v3)"),
         route_weight: float = typer.Option(VLMTrainConfig.route_weight,
                                            help="Weight of the routing (attention) supervision; 0 = off"),
+        ground_weight: float = typer.Option(VLMTrainConfig.ground_weight,
+                                            help="Weight of the visual tokens' word grounding; 0 = off "
+                                                 "(the previous default, v3-d705f465f1)"),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
     ) -> None:
         """Train the small LLaVA-style VLM on digit-scene VQA (cached in ~/.cache/tokenreduce/small_vlm)."""
         c = VLMTrainConfig(steps=steps, batch_size=batch_size, num_threads=threads, restart_steps=restart_steps,
                            restart_lr=restart_lr, restart_drop=restart_drop, rationale=rationale,
-                           route_weight=route_weight)
+                           route_weight=route_weight, ground_weight=ground_weight)
         path = checkpoint_dir(c) / "model.pt"
         if path.is_file() and not force:
             m = json.loads(path.with_name("metrics.json").read_text())
