@@ -632,11 +632,8 @@ class _Run:
     def _stage_patch_list(self, idx: Tensor, vis: Tensor) -> list[list[int]]:
         """Per sample, LLM-input visual-token ordinal of the visual tokens left (recycled: -1)."""
         ordinal = self.cur.lm_visual.long().cumsum(1) - 1
-        out = []
-        for b in range(idx.shape[0]):
-            sel = idx[b][vis[b]]
-            out.append([int(ordinal[b, i]) if i >= 0 else -1 for i in sel.tolist()])
-        return out
+        ords = torch.where(idx >= 0, ordinal.gather(1, idx.clamp(min=0)), -1)
+        return [ords[b][vis[b]].tolist() for b in range(idx.shape[0])]
 
     def _decode_layer(self, layer: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         plan = self.plan
