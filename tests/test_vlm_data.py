@@ -453,6 +453,16 @@ def test_vlm_bench_smoke(tmp_path):
             run_vlm_bench(**{**kw, "threads": 2}, parts="timing", clock="cpu")
         # ... then only timing (CPU clock), for the same rows
         rows = run_vlm_bench(**kw, parts="timing", clock="cpu", malloc="default")
+        # a second timing run re-measures the unreduced row too (not the previous run's value)
+        lines = (tmp_path / "results.jsonl").read_text().splitlines()
+        stale = [json.loads(x) for x in lines]
+        for r in stale:
+            if r.get("method") == "none":
+                r["prefill_ms"] = r["gen_ms"] = -1.0
+        (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+        again = run_vlm_bench(**kw, parts="timing", clock="cpu", malloc="default")
+        base = next(r for r in again if r["method"] == "none")
+        assert base["prefill_ms"] > 0 and base["gen_ms"] > 0
     finally:
         torch.set_num_threads(n)
     meta, written = read_results(tmp_path / "results.jsonl")
