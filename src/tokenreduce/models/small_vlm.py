@@ -636,6 +636,12 @@ def _patch_class(cell: int, value: int, small: bool) -> int:
     return 91 + value if small else 1 + 10 * cell + value
 
 
+def _patch_value(labels: torch.Tensor) -> torch.Tensor:
+    """The digit value (0-9) of each patch class of :func:`_patch_class`, regular or small alike
+    (meaningless where the class is 0, background)."""
+    return torch.where(labels >= 91, labels - 91, (labels - 1) % 10)
+
+
 def _patch_labels(scenes, ink: torch.Tensor, c: VLMTrainConfig) -> torch.Tensor:
     """(n, P) class of each patch (:func:`_patch_class`): the digit whose ink covers more than
     ``ink_threshold`` of the patch, conjoined with its scene cell for regular digits, else 0 (background)."""
@@ -667,7 +673,7 @@ def _aux_loss(head: torch.nn.Module, patches: torch.Tensor, labels: torch.Tensor
     loss = F.cross_entropy(what.flatten(0, 1), labels.flatten()) + \
         F.cross_entropy(where.flatten(0, 1), cell.expand(patches.shape[0], -1).flatten())
     if c.aux_value:
-        value = torch.where(labels == 0, 0, torch.where(labels >= 91, labels - 90, (labels - 1) % 10 + 1))
+        value = torch.where(labels == 0, 0, _patch_value(labels) + 1)
         size = torch.where(labels == 0, 0, torch.where(labels >= 91, 2, 1))
         loss = loss + F.cross_entropy(out[..., _N_WHAT + 9:_N_WHAT + 20].flatten(0, 1), value.flatten()) + \
             F.cross_entropy(out[..., _N_WHAT + 20:].flatten(0, 1), size.flatten())
@@ -693,7 +699,7 @@ def _grounding_loss(tokens: torch.Tensor, embedding: torch.Tensor, labels: torch
     row, col = (cell // 3).expand(tokens.shape[0], -1), (cell % 3).expand(tokens.shape[0], -1)
     logits = tokens.float() @ embedding.float().T
     ink = labels != 0
-    value = torch.where(labels >= 91, labels - 91, (labels - 1) % 10)
+    value = _patch_value(labels)
     terms = [F.cross_entropy(logits[..., _COLUMN_IDS].flatten(0, 1), col.flatten()),
              F.cross_entropy(logits[..., _ROW_IDS].flatten(0, 1), row.flatten())]
     if ink.any():
