@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokenreduce.bench.flops import (
+from tokenreduce.accounting.flops import (
     BLOCK_PARTS,
     ViTDims,
     block_flops,
@@ -27,7 +27,7 @@ from tokenreduce.bench.flops import (
     timm_vit_dims,
     vit_flops,
 )
-from tokenreduce.bench.memory import MemoryTracker, peak_memory
+from tokenreduce.accounting.memory import MemoryTracker, peak_memory
 from tokenreduce.bench.meta import environment
 from tokenreduce.bench.report import format_table, format_value, html_report, pareto_front, pareto_plot
 from tokenreduce.bench.results import ResultWriter, read_results, read_runs, to_jsonable

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import tokenreduce as tr
 from tokenreduce.core import strategies as S
-from tokenreduce.core.criteria import Random, farthest_point_order
+from tokenreduce.core.criteria import Random, divprune_order
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -189,7 +189,7 @@ def test_merge_proportional_sizes_simple():
 def test_diversity_is_greedy_maxmin():
     x = torch.tensor([[[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [-1.0, 0.0]]])
     valid = torch.ones(1, 4, dtype=torch.bool)
-    order = farthest_point_order(x, valid)[0].argsort(descending=True).tolist()
+    order = divprune_order(x, valid)[0].argsort(descending=True).tolist()
     # the near-duplicate of token 0 is picked last
     assert order[-1] in (0, 1) and set(order[:2]) & {2, 3}
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import tokenreduce as tr
 from tokenreduce.adapters.encoder import mean_pool, padding_from_4d
 from tokenreduce.core.state import TokenState
-from tokenreduce.core.text import pool1d
+from tokenreduce.core.strategies import pool1d
 
 ENCODER_METHODS = [r["name"] for r in tr.methods("encoder-layers")]
 TEXTS = ["a short one", "this is a much longer sentence, with many more tokens in it than the first one has",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokenreduce.core import kv as K
+from tokenreduce.core import ops
 
 
 def test_select_in_order_is_positional_ragged_and_forced():
@@ -42,7 +43,7 @@ def test_attention_probs_matches_reference_softmax():
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)
     allowed = torch.rand(2, 2, 3, 5) > 0.3
     allowed[..., 0] = True
-    p = K.attention_probs(q, k, 0.35, allowed)
+    p = ops.attention_probs(q, k, 0.35, allowed)
     assert p.shape == (2, 2, 2, 3, 5)
     kr = k.repeat_interleave(2, dim=1)
     logits = (q @ kr.transpose(-1, -2)) * 0.35

@@ -16,7 +16,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import tokenreduce as tr
-from tokenreduce.adapters.llm import LLMAdapter, kv_bytes
+from tokenreduce.accounting.kv import kv_bytes
+from tokenreduce.adapters.llm import LLMAdapter
 
 transformers = pytest.importorskip("transformers")
 from transformers import (

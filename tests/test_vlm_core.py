@@ -1,19 +1,22 @@
-"""Pure functions behind the VLM methods (tokenreduce.core.visual), checked against naive versions of the
+"""Pure functions behind the VLM methods (tokenreduce.core.visual, ops, criteria.divprune_order), checked against naive versions of the
 papers' algorithms and for their conservation / budget properties."""
 
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tokenreduce.core import ops
 from tokenreduce.core import visual as V
+from tokenreduce.core.criteria import divprune_order
 
 
 def _divprune_official(x: torch.Tensor, k: int) -> list[int]:
-    """DivPrune's released loop (Alg. 1), written out naively for one image."""
-    m = torch.nn.functional.normalize(x.float(), dim=-1)
-    d = 1 - m @ m.T
+    """DivPrune's released loop (Alg. 1), written out naively for one image, on the same exactly symmetric
+    distances as ours (ops.cosine_distances): with d_ij != d_ji by rounding, two mutual nearest neighbours
+    that tie in exact arithmetic are ordered by rounding noise, differently by each matrix product."""
+    d = ops.cosine_distances(x[None])[0]
     sel: list[int] = []
     for i in range(k):
         if i == 0:
@@ -26,10 +29,11 @@ def _divprune_official(x: torch.Tensor, k: int) -> list[int]:
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(3, 20), k=st.integers(1, 20), seed=st.integers(0, 10_000))
+@example(n=4, k=1, seed=466)  # failed on a fresh clone when the two sides rounded d_ij and d_ji differently
 def test_divprune_matches_official_greedy(n, k, seed):
     k = min(k, n)
     x = torch.randn(1, n, 6, generator=torch.Generator().manual_seed(seed))
-    s = V.divprune_scores(x, torch.ones(1, n, dtype=torch.bool))
+    s = divprune_order(x, torch.ones(1, n, dtype=torch.bool))
     ours = s[0].argsort(descending=True)[:k].tolist()
     assert ours == _divprune_official(x[0], k)
 
@@ -38,9 +42,9 @@ def test_divprune_ignores_invalid_and_is_batch_independent():
     x = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(0))
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 7:] = False
-    s = V.divprune_scores(x, valid)
+    s = divprune_order(x, valid)
     assert torch.isinf(s[1, 7:]).all()
-    alone = V.divprune_scores(x[1:, :7], valid[1:, :7])
+    alone = divprune_order(x[1:, :7], valid[1:, :7])
     assert s[1, :7].argsort(descending=True).tolist() == alone[0].argsort(descending=True).tolist()
 
 
@@ -85,7 +89,7 @@ def test_attention_probs_rows_are_distributions():
     q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
     allowed = torch.rand(2, 3, 10, generator=g) > 0.3
     allowed[1, 2] = False
-    p = V.attention_probs(q, k, allowed, 8 ** -0.5)
+    p = ops.attention_probs(q, k, 8 ** -0.5, allowed[:, None]).flatten(1, 2)
     assert p.shape == (2, 4, 3, 10)
     assert torch.allclose(p.sum(-1)[0], torch.ones(4, 3)) and (p[~allowed[:, None].expand_as(p)] == 0).all()
     assert (p[1, :, 2] == 0).all()

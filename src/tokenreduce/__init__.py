@@ -2,10 +2,10 @@
 
 Every method is X' = P(X, E(X)) under a budget at an integration point (Kong et al. 2025):
 criteria (E) score tokens, strategies (P) reduce them, ``Keep`` budgets say how many survive, adapters
-place them in real model families. See DESIGN.md.
+place them in real model families. See docs/design.md.
 """
 
-from . import methods as _methods_pkg  # noqa: F401  (registers built-in methods; must precede the next line)
+from . import methods as _methods_pkg  # noqa: F401  (importing the methods registers them)
 from .adapters.base import Handle, Stats
 from .api import apply, methods  # `tr.methods` is the function; the package stays tokenreduce.methods
 from .compress import compress  # `tr.compress` is the function; the module stays tokenreduce.compress
@@ -14,15 +14,15 @@ from .core import Keep, Reducer, TokenState, criteria, strategies
 __version__ = "0.1.0"
 
 __all__ = [
-           "Handle",
-           "Keep",
-           "Reducer",
-           "Stats",
-           "TokenState",
-           "__version__",
-           "apply",
-           "compress",
-           "criteria",
-           "methods",
-           "strategies",
+    "Handle",
+    "Keep",
+    "Reducer",
+    "Stats",
+    "TokenState",
+    "__version__",
+    "apply",
+    "compress",
+    "criteria",
+    "methods",
+    "strategies",
 ]

@@ -55,12 +55,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..accounting.kv import kv_bytes
 from ..core import kv as K
 from ..methods.kv import KVContext, KVMethod
 from .base import Handle, Patcher, Stats, register_adapter
 
 __all__ = ["FAMILIES", "KVLayer", "KVSlidingLayer", "KVStats", "LLMAdapter", "PrefillCapture", "capture_prefill",
-           "generate_with_question", "kv_bytes", "question_length", "replay_prefill"]
+           "generate_with_question", "question_length", "replay_prefill"]
 
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "LlamaModel"),
@@ -299,23 +300,6 @@ def _convert_cache(cache: Any) -> None:
             raise TypeError(f"unsupported cache layer {i}: {type(layer).__name__}; tokenreduce kv-cache methods "
                             f"support DynamicLayer and DynamicSlidingWindowLayer")
         layer._tr_init()
-
-
-def kv_bytes(cache: Any) -> dict[str, int]:
-    """Bytes of the key/value tensors a cache really holds: ``storage`` (allocated storages, each counted once;
-    a view into a larger tensor counts the whole storage) and ``tensor`` (elements x item size of the views)."""
-    seen: set[int] = set()
-    storage = tensor = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if t is None or not isinstance(t, Tensor) or t.numel() == 0:
-                continue
-            tensor += t.numel() * t.element_size()
-            st = t.untyped_storage()
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                storage += st.nbytes()
-    return {"storage": storage, "tensor": tensor}
 
 
 def generate_with_question(model: nn.Module, tokenizer: Any, context: str, question: str, method: str,

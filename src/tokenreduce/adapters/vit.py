@@ -201,7 +201,7 @@ class _Run:
         self._bias_valid = False
         self._stats = Stats(method=name)
         self._cur = Stats(method=name)
-        self.dims: Any = None  # tokenreduce.bench.flops.ViTDims for the FLOPs estimate in stats
+        self.dims: Any = None  # tokenreduce.accounting.flops.ViTDims for the FLOPs estimate in stats
 
     # -- forward bookkeeping
     def begin(self, x: Tensor, mask: Tensor | None = None) -> None:
@@ -358,7 +358,7 @@ class VitAdapter:
 
 def _dims(model: nn.Module, fam: VitFamily) -> Any:
     """Shapes for the analytic FLOPs estimate reported in ``Handle.stats.flops`` (None if unknown)."""
-    from ..bench.flops import hf_vit_dims, timm_vit_dims
+    from ..accounting.flops import hf_vit_dims, timm_vit_dims
 
     if fam is TIMM:
         return timm_vit_dims(model)

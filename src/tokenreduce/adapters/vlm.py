@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.ops import attention_probs
 from ..methods.vlm import ModelInfo, StageDecision, StageView, VlmMethod
 from .base import Handle, Patcher, Stats, register_adapter
 
@@ -488,7 +489,7 @@ class _Run:
                                       for l in cache.layers if getattr(l, "keys", None) is not None))
             st.final_tokens = self.cur.real.sum(1).tolist()
             if self.info.grid is not None:
-                from ..bench.vlm import vlm_prefill_flops
+                from ..accounting.flops import vlm_prefill_flops
 
                 n_img = self._images_per_sample
                 f = vlm_prefill_flops(self.p.config, st, st.llm_input_tokens, n_img)
@@ -571,10 +572,8 @@ class _Run:
         rope = sys.modules[type(a).__module__].apply_rotary_pos_emb
         q, _ = rope(q, q, _gather(cos, q_idx), _gather(sin, q_idx))
         k, _ = rope(k, k, cos, sin)
-        from ..core.visual import attention_probs
-
         allowed = real[:, None, :] & (torch.arange(L, device=x.device)[None, None, :] <= q_idx[:, :, None])
-        return attention_probs(q, k, allowed, a.scaling)
+        return attention_probs(q, k, a.scaling, allowed[:, None]).flatten(1, 2)  # (B, H, Q, L)
 
     def _reduce(self, s: int, layer: int, h: Tensor, kwargs: dict) -> Tensor:
         cur = self.cur

@@ -9,8 +9,8 @@ limit (:func:`flops_speedup`) in every timing table.
 
 from __future__ import annotations
 
-from .flops import BLOCK_PARTS, ViTDims, block_flops, flops_speedup, hf_vit_dims, timm_vit_dims, vit_flops
-from .memory import MemoryTracker, peak_memory
+from ..accounting.flops import BLOCK_PARTS, ViTDims, block_flops, flops_speedup, hf_vit_dims, timm_vit_dims, vit_flops
+from ..accounting.memory import MemoryTracker, peak_memory
 from .meta import environment
 from .report import BASELINE_NAMES, format_table, format_value, html_report, pareto_front, pareto_plot
 from .results import ResultWriter, read_results, read_runs, to_jsonable

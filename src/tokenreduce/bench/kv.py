@@ -329,7 +329,7 @@ def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[
 
     import tokenreduce as tr
 
-    from ..adapters.llm import kv_bytes
+    from ..accounting.kv import kv_bytes
     from ..data.text import english_text
 
     T, S, C = cfg.ppl_tokens, cfg.ppl_streams, cfg.ppl_chunk
@@ -463,7 +463,7 @@ def _kvpress_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], la
 
     from transformers import DynamicCache
 
-    from ..adapters.llm import kv_bytes
+    from ..accounting.kv import kv_bytes
     from .timing import CLOCKS
 
     try:
@@ -565,7 +565,7 @@ def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
     rounds (order rotated every round). Every ratio is the median of the per-round paired ratios, with its
     quartiles (``*_q1``/``*_q3``) and extremes over the rounds; ``vs_chunked_*`` against the unreduced model with
     the same chunked prefill (when timed). ``cfg.clock="cpu"`` (one thread) times the process's CPU seconds."""
-    from .memory import peak_memory
+    from ..accounting.memory import peak_memory
     from .timing import Timing, interleaved
 
     if cfg.clock == "cpu" and cfg.threads != 1:
@@ -632,7 +632,7 @@ def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
 def run_memory(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
     """Peak tensor memory and KV bytes of each timing candidate (deterministic, so it need not run inside the
     timing lock): one traced generate() per candidate on the timing prompt."""
-    from .memory import peak_memory
+    from ..accounting.memory import peak_memory
 
     rows = []
     T = cfg.timing_new_tokens

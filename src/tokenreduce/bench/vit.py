@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 import tokenreduce as tr
 
-from .flops import ViTDims, timm_vit_dims
-from .memory import peak_memory
+from ..accounting.flops import ViTDims, timm_vit_dims
+from ..accounting.memory import peak_memory
 from .report import format_table, html_report, pareto_plot
 from .results import ResultWriter
 from .timing import fixed_threads, interleaved, retain_freed_memory, speedup

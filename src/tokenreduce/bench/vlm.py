@@ -11,7 +11,7 @@ For every (method, keep) the run measures, in one process:
   batch, interleaved round-robin with the unreduced model (paired per-round speedups); ``clock="cpu"``
   (one thread) times process CPU seconds instead, immune to time slices lost to other processes, and
   ``malloc="retain"`` keeps freed memory in the heap (no page fault per fresh activation; as ``bench vit``);
-* peak tensor memory of the prefill (exact allocation tracking, :func:`~tokenreduce.bench.memory.peak_memory`).
+* peak tensor memory of the prefill (exact allocation tracking, :func:`~tokenreduce.accounting.memory.peak_memory`).
 
 Results: JSONL (with hardware/software metadata), plots (accuracy per type vs keep, accuracy vs measured
 prefill speedup and vs FLOPs, and the patches each method keeps on one scene) and a self-contained HTML report.
@@ -30,12 +30,13 @@ from torch import nn
 
 import tokenreduce as tr
 
-from .memory import peak_memory
+from ..accounting.flops import vlm_prefill_flops
+from ..accounting.memory import peak_memory
 from .report import format_table, html_report, pareto_plot
 from .results import ResultWriter
 from .timing import CLOCKS, fixed_threads, interleaved, retain_freed_memory, speedup
 
-__all__ = ["VlmBenchConfig", "register_cli", "run_vlm_bench", "vlm_prefill_flops"]
+__all__ = ["VlmBenchConfig", "register_cli", "run_vlm_bench"]
 
 DEFAULT_METHODS = ("visionzip", "divprune", "hiprune", "pool", "random", "fastv", "sparsevlm", "pdrop", "todre")
 DEFAULT_KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -57,49 +58,6 @@ class VlmBenchConfig:
     out: str = "results/vlm"
     viz_keep: float = 0.25
     method_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------- FLOPs
-def _llm_layer_flops(n: float, kv: float, c: Any) -> float:
-    """One decoder layer, ``n`` query tokens attending ``kv`` keys (2 FLOPs per multiply-add)."""
-    d, H = c.hidden_size, c.num_attention_heads
-    hd = getattr(c, "head_dim", None) or d // H
-    Hkv = c.num_key_value_heads
-    proj = 2 * n * d * (2 * H * hd + 2 * Hkv * hd)  # q, o + k, v
-    attn = 4 * n * kv * H * hd  # QK^T and AV
-    mlp = 2 * n * 3 * d * c.intermediate_size  # gate, up, down
-    return proj + attn + mlp
-
-
-def vlm_prefill_flops(model: Any, stats: Any | None, prompt_tokens: float, n_images: float = 1.0
-                      ) -> dict[str, float]:
-    """Per-sample prefill FLOPs: vision tower (+ patch embedding), projector, LLM layers (from
-    ``stats.tokens_attn``, else ``prompt_tokens`` at every layer), LM head on the last token; and the decode
-    FLOPs of the next token (projections + attention over each layer's cache). ``model``: a LLaVA model or
-    its config."""
-    cfg = getattr(model, "config", model)
-    v, t = cfg.vision_config, cfg.text_config
-    g = v.image_size // v.patch_size
-    N = g * g + 1
-    dv, iv = v.hidden_size, v.intermediate_size
-    patch = 2 * g * g * 3 * v.patch_size ** 2 * dv  # CLIP's linear patch embedding
-    tower = getattr(getattr(model, "model", None), "vision_tower", None)
-    embed = getattr(getattr(tower, "embeddings", None), "patch_embedding", None)
-    if embed is not None and hasattr(embed, "flops"):  # the small VLM's conv stem
-        patch = embed.flops(v.image_size)
-    vision = n_images * (patch + v.num_hidden_layers * (
-        2 * N * 4 * dv * dv + 4 * N * N * dv + 4 * N * dv * iv))
-    depth = t.num_hidden_layers
-    tokens = list(stats.tokens_attn) if stats is not None and stats.tokens_attn else [prompt_tokens] * depth
-    visual_in = stats.visual_input if stats is not None and stats.tokens_attn else None
-    n_proj = (visual_in if visual_in is not None else g * g * n_images)
-    projector = 2 * n_proj * (dv * t.hidden_size + t.hidden_size * t.hidden_size)
-    llm = sum(_llm_layer_flops(n, n, t) for n in tokens)
-    head = 2 * t.hidden_size * t.vocab_size
-    decode = sum(_llm_layer_flops(1, n + 1, t) for n in tokens) + head
-    total = vision + projector + llm + head
-    return {"vision": vision, "projector": projector, "llm": llm, "head": head, "total": total,
-            "gflops": total / 1e9, "decode_gflops": decode / 1e9}
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import suggest
+from .ops import cosine_distances
 from .state import TokenState
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
     "SelfInformation",
     "Similarity",
     "cls_attention",
-    "farthest_point_order",
+    "divprune_order",
     "get_criterion",
     "masked_scores",
     "mean_attention",
@@ -75,33 +77,35 @@ def mean_attention(attn: Tensor, query_mask: Tensor | None = None) -> Tensor:
     return (a * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
 
 
-def farthest_point_order(metric: Tensor, valid: Tensor) -> Tensor:
-    """Greedy max-min diversity order (DivPrune, Alvar et al., CVPR 2025, Alg. 1) as scores.
+def divprune_order(metric: Tensor, valid: Tensor) -> Tensor:
+    """DivPrune (Alvar et al., CVPR 2025), Alg. 1: greedy max-min diversity, as prefix-consistent scores.
 
-    Starting from the token farthest (cosine) from the mean, repeatedly pick the token whose minimum
-    cosine distance to the picked set is largest. Returns (B, N) scores: the first pick scores N, the
-    next N-1, ... invalid tokens -inf. The order is prefix-consistent, so a top-k of these scores is
-    exactly DivPrune's greedy selection of k tokens for every k.
+    Over cosine distances d_ij = 1 - cos(x_i, x_j) (:func:`~tokenreduce.core.ops.cosine_distances`, exactly
+    symmetric so exact ties stay ties): the first token is the one whose nearest other token is farthest,
+    argmax_i min_{j != i} d_ij; then repeatedly s_t = argmax_{i not in S} min_{j in S} d_ij (ties: lower
+    index, as the reference code's ``argmax``). The token picked at step t scores N - t, so a top-k of the
+    scores is exactly the greedy selection of k tokens for every k. metric (B, N, C), valid (B, N) ->
+    (B, N) scores, invalid tokens -inf.
     """
     B, N, _ = metric.shape
-    m = F.normalize(metric.float(), dim=-1)
-    dist = 1.0 - m @ m.transpose(1, 2)  # (B, N, N) cosine distance
+    dist = cosine_distances(metric)
+    big = torch.finfo(dist.dtype).max
+    eye = torch.eye(N, dtype=torch.bool, device=metric.device)
+    nearest = dist.masked_fill(~valid[:, None, :] | eye, big).amin(-1)  # distance to the nearest other token
+    nearest = torch.where(nearest >= big, torch.zeros_like(nearest), nearest)
     neg = torch.finfo(dist.dtype).min
-    center = F.normalize((m * valid.unsqueeze(-1)).sum(1), dim=-1)  # (B, C)
-    first = (1.0 - (m @ center.unsqueeze(-1)).squeeze(-1)).masked_fill(~valid, neg).argmax(dim=1)
+    cur = nearest.masked_fill(~valid, neg).argmax(1)
     scores = torch.full((B, N), float("-inf"), device=metric.device)
     mind = torch.full((B, N), float("inf"), device=metric.device)
     picked = torch.zeros(B, N, dtype=torch.bool, device=metric.device)
-    cur = first
     n_valid = valid.sum(1)
     ar = torch.arange(B, device=metric.device)
-    for step in range(int(n_valid.max())):
+    for step in range(int(n_valid.max()) if N else 0):
         live = step < n_valid
         scores[ar[live], cur[live]] = float(N - step)
         picked[ar[live], cur[live]] = True
         mind = torch.minimum(mind, dist[ar, cur])
-        cand = mind.masked_fill(picked | ~valid, neg)
-        cur = cand.argmax(dim=1)
+        cur = mind.masked_fill(picked | ~valid, neg).argmax(1)
     return scores
 
 
@@ -148,13 +152,13 @@ class Similarity:
 
 @dataclass
 class Diversity:
-    """Max-min diversity (DivPrune): see :func:`farthest_point_order`. Protected tokens are excluded."""
+    """Max-min diversity (DivPrune): see :func:`divprune_order`. Protected tokens are excluded."""
 
     kind: str = "score"
 
     def __call__(self, state: TokenState, **ctx: Tensor) -> Tensor:
         m = ctx.get("metric")
-        return farthest_point_order(state.x if m is None else m, state.reducible())
+        return divprune_order(state.x if m is None else m, state.reducible())
 
 
 @dataclass
@@ -226,8 +230,6 @@ def get_criterion(spec: str | Criterion) -> Criterion:
     """Resolve a criterion name (see ``CRITERIA``) or pass an object through."""
     if isinstance(spec, str):
         if spec not in CRITERIA:
-            from ..registry import suggest
-
             raise ValueError(f"unknown criterion {spec!r}{suggest(spec, CRITERIA)}; accepted: {sorted(CRITERIA)}")
         return CRITERIA[spec]()
     if not callable(spec) or not hasattr(spec, "kind"):

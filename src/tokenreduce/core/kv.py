@@ -16,18 +16,17 @@ Selections are returned in **positional order** (ascending logical position), ne
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .ops import smooth1d
 
 __all__ = [
     "accumulated_attention",
-    "attention_probs",
     "gemfilter_scores",
     "head_soft_vote",
     "key_norm_scores",
     "last_query_attention",
     "order_key",
-    "pool1d",
     "positional_random_scores",
     "pyramid_ratios",
     "select_in_order",
@@ -35,33 +34,11 @@ __all__ = [
 ]
 
 
-def attention_probs(query: Tensor, keys: Tensor, scaling: float, allowed: Tensor,
-                    softcap: float | None = None) -> Tensor:
-    """Softmax attention of ``query`` over ``keys`` in float32, without repeating the keys per query head.
-
-    query (B, Hq, Q, D), keys (B, Hkv, N, D), allowed (B, Hkv or 1, Q, N) bool -> probs (B, Hkv, G, Q, N),
-    ``a = softmax(q k^T * scaling [softcapped] + mask)``; a query row with no allowed key gives zeros.
-    """
-    B, Hq, Q, D = query.shape
-    Hkv, N = keys.shape[1], keys.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
-    G = Hq // Hkv
-    q = query.float().reshape(B, Hkv, G * Q, D)
-    logits = (q @ keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G*Q, N)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits.view(B, Hkv, G, Q, N)
-    logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
-
-
 def snapkv_votes(window_probs: Tensor, kernel_size: int = 5, pooling: str = "avgpool",
                  exclude: Tensor | None = None) -> Tensor:
     """SnapKV's voting (Li et al. 2024, Alg. 1): attention of the observation-window queries summed over
     the window, ``C_i = sum_{q in window} A[q, i]``, averaged over the query heads that share a KV head, then
-    pooled along the sequence, ``S = pool1d(C, kernel_size)`` (stride 1, same length) to keep clusters.
+    pooled along the sequence, ``S = smooth1d(C, kernel_size)`` (stride 1, same length) to keep clusters.
     ``exclude`` (B, 1|Hkv, N): entries whose votes are zeroed before pooling (the window itself: the reference
     code pools the prefix only, with zero padding at its end).
 
@@ -70,23 +47,7 @@ def snapkv_votes(window_probs: Tensor, kernel_size: int = 5, pooling: str = "avg
     votes = window_probs.sum(dim=3).mean(dim=2)  # (B, Hkv, N)
     if exclude is not None:
         votes = votes.masked_fill(exclude, 0.0)
-    return pool1d(votes, kernel_size, pooling)
-
-
-def pool1d(scores: Tensor, kernel_size: int, pooling: str = "avgpool") -> Tensor:
-    """Pool (B, H, N) scores along the sequence, stride 1, same length (zero padding for ``avgpool``): a kept
-    entry brings its neighbours (SnapKV's clustering, GemFilter's smoothing). ``kernel_size <= 1``: unchanged."""
-    if pooling not in ("avgpool", "maxpool"):
-        raise ValueError(f"pooling={pooling!r} is not supported; accepted: 'avgpool', 'maxpool'")
-    if kernel_size <= 1:
-        return scores
-    B, H, N = scores.shape
-    flat = scores.reshape(B * H, 1, N)
-    if pooling == "avgpool":
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
-    else:
-        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
-    return pooled[..., :N].reshape(B, H, N)
+    return smooth1d(votes, kernel_size, pooling)
 
 
 def gemfilter_scores(query: Tensor, keys: Tensor, eligible: Tensor, fill: float = 0.0) -> Tensor:

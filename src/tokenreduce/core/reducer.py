@@ -24,8 +24,9 @@ class Reducer:
     >>> state = Reducer("similarity", "merge", Keep(0.5))(state)
 
     ``strategy_kw`` are passed to the strategy (e.g. ``{"algo": "kmeans"}`` for ``cluster``).
-    Strategies that need both a metric and scores (``transform``) take the metric from ``metric=`` in
-    the context (or the token features) and the scores from the criterion.
+    Each strategy declares its inputs (``needs``, see :func:`tokenreduce.core.strategies.strategy`): a score
+    criterion feeds ``scores``; ``metric`` comes from a metric criterion, else from ``metric=`` in the
+    context, else the token features (``transform`` needs both).
     """
 
     criterion: str | Criterion
@@ -37,14 +38,16 @@ class Reducer:
         self._criterion = get_criterion(self.criterion)
         self._strategy = get_strategy(self.strategy)
         self.budget = Keep.of(self.budget)
-        want = getattr(self._strategy, "input_kind", None)
+        needs = getattr(self._strategy, "needs", None)  # declared by @strategy; None: a plain callable
         got = self._criterion.kind
-        if want == "metric" and got != "metric" and self._strategy.__name__ != "transform":
+        if needs is None:
+            return
+        if got == "score" and "scores" not in needs and needs:
             raise ValueError(
                 f"strategy {self.strategy!r} compares tokens and needs a metric criterion (e.g. 'similarity'), "
                 f"got {self.criterion!r} (kind {got!r})"
             )
-        if want == "score" and got != "score":
+        if got == "metric" and "scores" in needs:
             raise ValueError(
                 f"strategy {self.strategy!r} ranks tokens and needs a score criterion "
                 f"(e.g. 'attention', 'norm', 'random'), got {self.criterion!r} (kind {got!r})"
@@ -56,15 +59,11 @@ class Reducer:
         check_finite(state.x)
         out = self._criterion(state, **ctx)
         budget: Keep = self.budget  # type: ignore[assignment]
-        valid = state.reducible()
-        scores = out if out.dim() == 2 else None
-        counts = budget.counts(state.reducible_counts(), scores=scores, valid=valid, stage=stage)
-        name = self._strategy.__name__
-        if name == "transform":
-            metric = ctx.get("metric", state.x)
-            if scores is None:
-                raise ValueError("strategy 'transform' needs a score criterion to pick its target tokens")
-            return self._strategy(state, metric, counts, scores, **self.strategy_kw)
-        if name == "pool":
-            return self._strategy(state, counts, **self.strategy_kw)
-        return self._strategy(state, out, counts, **self.strategy_kw)
+        scores = out if self._criterion.kind == "score" else None
+        counts = budget.counts(state.reducible_counts(), scores=scores, valid=state.reducible(), stage=stage)
+        needs = getattr(self._strategy, "needs", None)
+        if needs is None:  # a user's callable: (state, criterion output, counts)
+            return self._strategy(state, out, counts, **self.strategy_kw)
+        # a score criterion feeds "scores"; the metric comes from the criterion, the context or the features
+        inputs = {"scores": scores, "metric": out if scores is None else ctx.get("metric", state.x)}
+        return self._strategy(state, counts=counts, **{k: inputs[k] for k in needs}, **self.strategy_kw)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-__all__ = ["TokenState", "batched_index_add", "batched_index_select", "check_finite"]
+__all__ = ["TokenState", "batched_index_add", "batched_index_select", "check_finite", "remap_origin"]
 
 
 def batched_index_select(x: Tensor, index: Tensor) -> Tensor:
@@ -161,7 +161,7 @@ class TokenState:
         slot = torch.arange(K, device=index.device).expand(B, K)
         # invalid (padding) slots write to a dummy column N
         new_of_old.scatter_(1, torch.where(valid, index, torch.full_like(index, N)), slot)
-        origin = _remap_origin(self.origin, new_of_old[:, :N])
+        origin = remap_origin(self.origin, new_of_old[:, :N])
         return TokenState(
             x=x,
             mask=valid,
@@ -188,7 +188,7 @@ class TokenState:
             raise ValueError(f"origin indices must be in [-1, {N - 1}]")
 
 
-def _remap_origin(origin: Tensor, new_of_old: Tensor) -> Tensor:
+def remap_origin(origin: Tensor, new_of_old: Tensor) -> Tensor:
     """Compose the original->current map with a current->new map (-1 stays -1)."""
     safe = origin.clamp(min=0)
     mapped = new_of_old.gather(1, safe)

@@ -18,22 +18,27 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .state import TokenState, _remap_origin, batched_index_add, batched_index_select
+from .errors import suggest
+from .ops import compact, k_smallest, masked_topk, topk_last
+from .state import TokenState, batched_index_add, batched_index_select, remap_origin
 
 __all__ = [
     "STRATEGIES",
     "bipartite_assignment",
     "bipartite_merge",
+    "check_counts",
     "cluster_merge",
     "dpc_knn_centers",
     "get_strategy",
     "grid_for_count",
-    "k_smallest",
     "kmeans_assign",
     "merge_by_assignment",
     "pool",
+    "pool1d",
     "prune",
     "prune_package",
+    "strategy",
+    "topk_mask",
     "transform",
     "unmerge",
 ]
@@ -41,7 +46,8 @@ __all__ = [
 NEG = float("-inf")
 
 
-def _check_counts(state: TokenState, counts: Tensor) -> Tensor:
+def check_counts(state: TokenState, counts: Tensor) -> Tensor:
+    """``counts`` (B,) as long, or a ValueError unless each is in [0, reducible tokens of its sample]."""
     counts = counts.to(device=state.x.device, dtype=torch.long)
     avail = state.reducible_counts()
     if counts.shape != avail.shape:
@@ -59,36 +65,10 @@ def _protected_and(keep_red: Tensor, state: TokenState) -> Tensor:
     return keep
 
 
-def _select_mask(state: TokenState, keep: Tensor, extra: int = 0) -> tuple[Tensor, Tensor]:
-    """Indices (B,K) of True entries of ``keep`` in order, padded; plus validity. ``extra`` spare slots.
-
-    Padding slots point at token 0 (they are masked out by ``valid``)."""
-    return _compact(keep, extra)
-
-
-def _compact(keep: Tensor, extra: int = 0, min_slots: int = 0) -> tuple[Tensor, Tensor]:
-    B, N = keep.shape
-    n = keep.sum(1)
-    K = max((int(n.max()) if keep.numel() else 0) + extra, min_slots)
-    # slot of each kept token = number of kept tokens before it (a cumsum, no sort); the rest go to a
-    # dump column K that is cut off
-    slot = torch.where(keep, torch.cumsum(keep, 1) - 1, K)
-    order = keep.new_zeros((B, K + 1), dtype=torch.long).scatter_(
-        1, slot, torch.arange(N, device=keep.device).expand(B, N))[:, :K]
-    valid = torch.arange(K, device=keep.device).expand(B, K) < n.unsqueeze(1)
-    return order, valid
-
-
 # ---------------------------------------------------------------------------- pruning
 def topk_mask(state: TokenState, scores: Tensor, counts: Tensor) -> Tensor:
-    """(B,N) bool: the ``counts[b]`` best-scored reducible tokens of each sample."""
-    counts = _check_counts(state, counts)
-    red = state.reducible()
-    s = scores.float().masked_fill(~red, NEG)
-    rank = torch.empty_like(s, dtype=torch.long)
-    order = s.argsort(dim=1, descending=True, stable=True)
-    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-    return (rank < counts.unsqueeze(1)) & red
+    """(B,N) bool: the ``counts[b]`` best-scored reducible tokens of each sample (ties: lower index)."""
+    return masked_topk(scores, state.reducible(), check_counts(state, counts))
 
 
 def prune(state: TokenState, scores: Tensor, counts: Tensor) -> TokenState:
@@ -97,7 +77,7 @@ def prune(state: TokenState, scores: Tensor, counts: Tensor) -> TokenState:
     Threshold pruning is this with a ``Keep(threshold=...)`` budget (counts from the scores).
     """
     keep = _protected_and(topk_mask(state, scores, counts), state)
-    index, valid = _select_mask(state, keep)
+    index, valid = compact(keep)
     return state.select(index, valid)
 
 
@@ -115,7 +95,7 @@ def prune_package(state: TokenState, scores: Tensor, counts: Tensor, normalize: 
     if normalize:
         pkg = pkg / w.sum(1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
     has_pkg = fused.any(1)
-    index, valid = _select_mask(state, keep)
+    index, valid = compact(keep)
     out = state.select(index, valid)
     B, K = valid.shape
     n = valid.sum(1)
@@ -162,7 +142,7 @@ def merge_by_assignment(state: TokenState, dst: Tensor) -> TokenState:
     valid_tok = state.mask & (dst >= 0)
     is_rep = (dst == ar) & state.mask
     is_src = valid_tok & ~is_rep
-    rep_index, valid = _select_mask(state, is_rep)  # (B, K) representatives in order
+    rep_index, valid = compact(is_rep)  # (B, K) representatives in order
     K = rep_index.shape[1]
     slot_of_rep = torch.cumsum(is_rep.long(), 1) - 1
     new_idx = torch.where(valid_tok, slot_of_rep.gather(1, dst.clamp(min=0)), torch.full_like(dst, -1))
@@ -170,7 +150,7 @@ def merge_by_assignment(state: TokenState, dst: Tensor) -> TokenState:
     size = s.gather(1, rep_index) * valid
     x = batched_index_select(state.x, rep_index)  # (B, K, D), a fresh tensor: updated in place below
     if bool(is_src.any()):
-        src_index, src_valid = _select_mask(state, is_src)  # (B, R) tokens merged away
+        src_index, src_valid = compact(is_src)  # (B, R) tokens merged away
         src_s = s.gather(1, src_index) * src_valid
         src_slot = new_idx.gather(1, src_index).clamp(min=0)  # padding sources carry weight 0 into slot 0
         size = size.scatter_add(1, src_slot, src_s)
@@ -179,7 +159,7 @@ def merge_by_assignment(state: TokenState, dst: Tensor) -> TokenState:
         batched_index_add(delta * w.unsqueeze(-1), src_slot, K, out=x)
     if not bool(valid.all()):  # padding slots come out as exact zeros
         x = x * valid.unsqueeze(-1).to(x.dtype)
-    origin = _remap_origin(state.origin, new_idx)
+    origin = remap_origin(state.origin, new_idx)
     return TokenState(
         x=x,
         mask=valid,
@@ -228,7 +208,7 @@ def bipartite_assignment(state: TokenState, metric: Tensor, r: Tensor) -> Tensor
 
 def bipartite_merge(state: TokenState, metric: Tensor, counts: Tensor) -> TokenState:
     """ToMe merge: remove ``r = reducible - counts`` tokens per sample by bipartite soft matching."""
-    counts = _check_counts(state, counts)
+    counts = check_counts(state, counts)
     r = state.reducible_counts() - counts
     return merge_by_assignment(state, bipartite_assignment(state, metric, r))
 
@@ -361,55 +341,12 @@ def _nearest_center(dpc: _Dpc, is_center: Tensor) -> Tensor:
     return best
 
 
-def k_smallest(d: Tensor, k: int, extra: int = 1) -> tuple[Tensor, Tensor]:
-    """The ``k`` smallest values along the last dim of a non-negative float32 tensor, ascending, and their
-    indices — exactly the values of ``d.topk(k, dim=-1, largest=False)`` (equal values may come in another
-    order), 2-4x faster on CPU for the (B, N, N) distances of DPC-KNN.
-
-    Non-negative floats order like their int32 bit patterns. Each entry gets a key: its bits with the low
-    ``b = log2(n)`` bits replaced by its column index, so keys are distinct and ``k + extra`` passes of
-    ``amin`` (fast) find the candidates; their exact values are gathered and sorted. A key's cleared bits
-    only lower it, so the last candidate's key (low bits zeroed) is a lower bound on every other entry:
-    where the k-th exact candidate is not above that bound the result is exact, and the few rows where it
-    is (more than ``extra`` values within 2^(b-23) of each other at the k-th place) are redone with
-    ``torch.topk``.
-    """
-    n = d.shape[-1]
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in 0..{n} (the last dim), got {k}")
-    if d.dtype != torch.float32 or k + extra >= n or n >= 2**22:
-        v, i = d.topk(k, dim=-1, largest=False)
-        return v, i
-    bits = (n - 1).bit_length()
-    low = (1 << bits) - 1
-    # clear the sign bit too (-0.0 == +0.0) and put the column index into the low bits
-    key = d.view(torch.int32).bitwise_and(0x7FFFFFFF ^ low).bitwise_or_(torch.arange(n, dtype=torch.int32,
-                                                                                      device=d.device))
-    taken = torch.iinfo(torch.int32).max
-    keys = []
-    for _ in range(k + extra):
-        m = key.amin(-1, keepdim=True)
-        keys.append(m)
-        key.scatter_(-1, (m & low).long(), taken)
-    kv = torch.cat(keys, -1)
-    cidx = (kv & low).long()
-    cand, order = d.gather(-1, cidx).sort(-1)
-    bound = (kv[..., -1:] & ~low).view(torch.float32)  # every non-candidate is >= this
-    out, idx = cand[..., :k], cidx.gather(-1, order[..., :k])
-    if k:
-        bad = cand[..., k - 1: k] > bound
-        if bool(bad.any()):
-            rows = bad.squeeze(-1)
-            out[rows], idx[rows] = d[rows].topk(k, dim=-1, largest=False)
-    return out, idx
-
-
 def kmeans_assign(metric: Tensor, valid: Tensor, center_mask: Tensor, weight: Tensor, iters: int = 10) -> Tensor:
     """Weighted Lloyd k-means initialised at ``center_mask`` tokens; returns per-token cluster ids (B,N),
     ids are indices of the initial center tokens (-1 for invalid)."""
     B, _N, C = metric.shape
     x = metric.float()
-    cidx, cval = _select_mask_plain(center_mask)
+    cidx, cval = compact(center_mask, min_slots=1)
     cent = x.gather(1, cidx.unsqueeze(-1).expand(-1, -1, C))
     w = (weight.float() * valid).unsqueeze(-1)
     for _ in range(iters):
@@ -423,10 +360,6 @@ def kmeans_assign(metric: Tensor, valid: Tensor, center_mask: Tensor, weight: Te
     return torch.where(valid, cidx.gather(1, a), torch.full_like(a, -1))
 
 
-def _select_mask_plain(m: Tensor) -> tuple[Tensor, Tensor]:
-    return _compact(m, min_slots=1)
-
-
 def cluster_merge(state: TokenState, metric: Tensor, counts: Tensor, algo: str = "dpc-knn", k: int = 5,
                   iters: int = 10) -> TokenState:
     """Cluster the reducible tokens into ``counts[b]`` clusters and merge each (size-weighted mean).
@@ -435,7 +368,7 @@ def cluster_merge(state: TokenState, metric: Tensor, counts: Tensor, algo: str =
     CTM). ``algo="kmeans"``: the same centers refined by weighted k-means. Each cluster is represented
     by the position of its center token.
     """
-    counts = _check_counts(state, counts)
+    counts = check_counts(state, counts)
     if algo not in ("dpc-knn", "kmeans"):
         raise ValueError(f"cluster algo {algo!r} not supported; accepted: 'dpc-knn', 'kmeans'")
     red = state.reducible()
@@ -468,11 +401,11 @@ def grid_for_count(grid: tuple[int, int], count: int) -> tuple[int, int]:
     return oh, ow
 
 
-def pool(state: TokenState, counts: Tensor, scores: Tensor | None = None) -> TokenState:
+def pool(state: TokenState, counts: Tensor) -> TokenState:
     """Spatial average pooling of the token grid to about ``counts`` cells (adaptive, non-overlapping
     bins: cell (floor(i h'/h), floor(j w'/w))), size-weighted. Needs ``state.grid`` and the same count
     for every sample (a grid cannot be ragged)."""
-    counts = _check_counts(state, counts)
+    counts = check_counts(state, counts)
     if state.grid is None:
         raise ValueError("pool needs tokens laid out on a grid (TokenState.grid); only pool may run before pool")
     if (counts != counts[0]).any():
@@ -496,6 +429,32 @@ def pool(state: TokenState, counts: Tensor, scores: Tensor | None = None) -> Tok
     return out
 
 
+def pool1d(state: TokenState, counts: Tensor) -> TokenState:
+    """Average-pool each sample's reducible tokens, in order, into ``counts[b]`` consecutive bins (the
+    sequence counterpart of :func:`pool`, for text encoders: no grid needed, ragged batches allowed).
+
+    Sample b with n_b reducible tokens puts its j-th one into bin floor(j k_b / n_b), so bins differ in
+    length by at most one and padding never mixes in. Bins are merged size-weighted (conserves the
+    size-weighted mean and the total size); each bin is represented by its first token (its position).
+    """
+    counts = check_counts(state, counts)
+    red = state.reducible()
+    B, N = red.shape
+    n = red.sum(1)
+    rank = torch.cumsum(red.long(), 1) - 1  # rank of each reducible token among the reducible ones
+    k = counts.unsqueeze(1)
+    nn_ = n.clamp(min=1).unsqueeze(1)
+    bin_ = torch.div(rank.clamp(min=0) * k, nn_, rounding_mode="floor")
+    first_rank = torch.div(bin_ * nn_ + k - 1, k.clamp(min=1), rounding_mode="floor")  # ceil(bin * n / k)
+    ar = torch.arange(N, device=red.device).expand(B, N)
+    idx_of_rank = torch.zeros(B, N + 1, dtype=torch.long, device=red.device)
+    idx_of_rank.scatter_(1, torch.where(red, rank, torch.full_like(rank, N)), ar)
+    rep = idx_of_rank.gather(1, first_rank.clamp(max=N))
+    dst = torch.where(state.mask, ar, torch.full_like(ar, -1))
+    dst = torch.where(red, torch.where(k > 0, rep, torch.full_like(rep, -1)), dst)
+    return merge_by_assignment(state, dst)
+
+
 # ---------------------------------------------------------------------------- many-to-many transform
 def transform(state: TokenState, metric: Tensor, counts: Tensor, scores: Tensor, topk: int = 4,
               tau: float = 0.1) -> TokenState:
@@ -506,15 +465,15 @@ def transform(state: TokenState, metric: Tensor, counts: Tensor, scores: Tensor,
     x'_j = sum_i T_ji s_i x_i / sum_i T_ji s_i and s'_j = sum_i T_ji s_i — total size and the
     size-weighted mean are conserved. topk=1 reduces to a hard (many-to-one) merge.
     """
-    counts = _check_counts(state, counts)
+    counts = check_counts(state, counts)
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     red = state.reducible()
     is_tgt = topk_mask(state, scores, counts)
-    tidx, tval = _select_mask(state, _protected_and(is_tgt, state))  # (B, K) targets incl. protected
-    sidx, sval = _select_mask(state, red & ~is_tgt)  # (B, R) tokens that are spread
+    tidx, tval = compact(_protected_and(is_tgt, state))  # (B, K) targets incl. protected
+    sidx, sval = compact(red & ~is_tgt)  # (B, R) tokens that are spread
     B, N, _D = state.x.shape
     K, R = tidx.shape[1], sidx.shape[1]
     P = state.protected
@@ -543,38 +502,8 @@ def transform(state: TokenState, metric: Tensor, counts: Tensor, scores: Tensor,
         best.scatter_(1, torch.where(spread, sidx, N), arg[..., 0])
     x = num * size.clamp(min=torch.finfo(size.dtype).tiny).reciprocal().unsqueeze(-1)
     return TokenState(x=x, mask=tval, size=size, source=state.source.gather(1, tidx),
-                      pos=state.pos.gather(1, tidx), origin=_remap_origin(state.origin, best[:, :N]),
+                      pos=state.pos.gather(1, tidx), origin=remap_origin(state.origin, best[:, :N]),
                       protected=state.protected)
-
-
-def topk_last(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-``k`` along the last dim: (values, indices), largest first, ties to the lower index, indices
-    distinct (also among equal or -inf values). Same values as ``x.topk(k, dim=-1)``.
-
-    For small k on CPU, ``argmax`` is ~17x slower than ``amax`` here, so each row's entries get an exact
-    order-preserving int64 key — the float's bits mapped to a monotone int32 (negative floats flipped),
-    shifted up, the reversed column index in the low bits — and k passes of ``amax`` each read one
-    winner and its index from the same key. 2x faster than k ``argmax`` passes, 3x faster than
-    ``torch.topk`` on the (B, N, K) similarity matrices of :func:`transform`.
-    """
-    n = x.shape[-1]
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in 0..{n} (the last dim), got {k}")
-    if k > 8 or not x.dtype.is_floating_point or x.dtype == torch.float64:
-        v, i = torch.sort(x, dim=-1, descending=True, stable=True)
-        return v[..., :k], i[..., :k]
-    b = (x.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: equal floats, equal keys
-    key = (b >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(b)  # monotone in the float's value
-    bits = max(1, (n - 1).bit_length())
-    key = key.to(torch.int64).mul_(1 << bits).add_(torch.arange(n - 1, -1, -1, device=x.device))
-    low, taken = (1 << bits) - 1, torch.iinfo(torch.int64).min
-    idx = []
-    for _ in range(k):
-        i = (n - 1) - (key.amax(-1, keepdim=True) & low)
-        idx.append(i)
-        key.scatter_(-1, i, taken)
-    index = torch.cat(idx, -1) if idx else x.new_zeros(x.shape[:-1] + (0,), dtype=torch.long)
-    return x.gather(-1, index), index
 
 
 # ---------------------------------------------------------------------------- unmerge
@@ -594,30 +523,40 @@ def unmerge(state: TokenState, y: Tensor | None = None, fill: float = 0.0) -> tu
 
 
 # ---------------------------------------------------------------------------- registry of strategies
-def _needs_metric(fn: Callable) -> Callable:
-    fn.input_kind = "metric"  # type: ignore[attr-defined]
-    return fn
+STRATEGIES: dict[str, Callable[..., TokenState]] = {}
+
+#: what a strategy takes besides ``state`` and ``counts``: "scores" (B,N) from a score criterion, "metric"
+#: (B,N,C) features to compare. ``Reducer`` passes exactly these, by keyword.
+STRATEGY_INPUTS = ("scores", "metric")
 
 
-STRATEGIES: dict[str, Callable[..., TokenState]] = {
-    "prune": prune,
-    "package": prune_package,
-    "merge": _needs_metric(bipartite_merge),
-    "cluster": _needs_metric(cluster_merge),
-    "pool": pool,
-    "transform": _needs_metric(transform),
-}
-prune.input_kind = "score"  # type: ignore[attr-defined]
-prune_package.input_kind = "score"  # type: ignore[attr-defined]
-pool.input_kind = "none"  # type: ignore[attr-defined]
+def strategy(name: str, needs: tuple[str, ...]) -> Callable[[Callable[..., TokenState]], Callable[..., TokenState]]:
+    """Register a strategy under ``name``; ``needs`` names its inputs (a subset of :data:`STRATEGY_INPUTS`)."""
+    bad = [n for n in needs if n not in STRATEGY_INPUTS]
+    if bad:
+        raise ValueError(f"strategy {name!r}: unknown inputs {bad}; accepted: {list(STRATEGY_INPUTS)}")
+
+    def deco(fn: Callable[..., TokenState]) -> Callable[..., TokenState]:
+        fn.needs = tuple(needs)  # type: ignore[attr-defined]
+        STRATEGIES[name] = fn
+        return fn
+
+    return deco
+
+
+strategy("prune", ("scores",))(prune)
+strategy("package", ("scores",))(prune_package)
+strategy("merge", ("metric",))(bipartite_merge)
+strategy("cluster", ("metric",))(cluster_merge)
+strategy("pool", ())(pool)
+strategy("pool1d", ())(pool1d)
+strategy("transform", ("metric", "scores"))(transform)
 
 
 def get_strategy(spec: str | Callable[..., TokenState]) -> Callable[..., TokenState]:
     """Resolve a strategy name (see ``STRATEGIES``) or pass a callable through."""
     if isinstance(spec, str):
         if spec not in STRATEGIES:
-            from ..registry import suggest
-
             raise ValueError(f"unknown strategy {spec!r}{suggest(spec, STRATEGIES)}; accepted: {sorted(STRATEGIES)}")
         return STRATEGIES[spec]
     if not callable(spec):

@@ -1,13 +1,8 @@
-"""Pure, model-free functions for text token sequences.
+"""Pure, model-free functions for prompt compression (text in, text out).
 
-Two users:
-
-* **text encoders** (BERT family): :func:`pool1d`, a ragged 1D average pooling of the padded token
-  sequence (the text counterpart of the grid ``pool`` of :mod:`.strategies`);
-* **prompt compression**: :class:`Pieces` splits a text into the segments owned by its LM tokens (from the
-  fast tokenizer's character offsets, no whitespace assumptions), :func:`word_units` and
-  :func:`sentence_units` group pieces, and :func:`fill_budget` picks units by score so that exactly a
-  target number of LM tokens survives.
+:class:`Pieces` splits a text into the segments owned by its LM tokens (from the fast tokenizer's
+character offsets, no whitespace assumptions), :func:`word_units` and :func:`sentence_units` group pieces,
+and :func:`fill_budget` picks units by score so that exactly a target number of LM tokens survives.
 
 How a text maps to pieces: token ``i`` owns the characters from the end of the previous tokens up to its
 own end, so the gap before a token (a space, a newline, nothing in CJK text) travels with it and the
@@ -23,42 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from .state import TokenState
-from .strategies import _check_counts, merge_by_assignment
-
-__all__ = ["Pieces", "fill_budget", "group_units", "pool1d", "sentence_units", "word_units"]
-
-
-# ---------------------------------------------------------------------------- encoders: 1D pooling
-def pool1d(state: TokenState, counts: Tensor, scores: Tensor | None = None) -> TokenState:
-    """Average-pool each sample's reducible tokens, in order, into ``counts[b]`` consecutive bins.
-
-    Ragged: sample b with n_b reducible tokens puts its j-th one into bin floor(j k_b / n_b), so bins differ
-    in length by at most one and padding never mixes in. Bins are merged size-weighted (conserves the
-    size-weighted mean and the total size); each bin is represented by its first token (its position).
-    """
-    counts = _check_counts(state, counts)
-    red = state.reducible()
-    B, N = red.shape
-    n = red.sum(1)
-    rank = torch.cumsum(red.long(), 1) - 1  # rank of each reducible token among the reducible ones
-    k = counts.unsqueeze(1)
-    nn_ = n.clamp(min=1).unsqueeze(1)
-    bin_ = torch.div(rank.clamp(min=0) * k, nn_, rounding_mode="floor")
-    first_rank = torch.div(bin_ * nn_ + k - 1, k.clamp(min=1), rounding_mode="floor")  # ceil(bin * n / k)
-    ar = torch.arange(N, device=red.device).expand(B, N)
-    idx_of_rank = torch.zeros(B, N + 1, dtype=torch.long, device=red.device)
-    idx_of_rank.scatter_(1, torch.where(red, rank, torch.full_like(rank, N)), ar)
-    rep = idx_of_rank.gather(1, first_rank.clamp(max=N))
-    dst = torch.where(state.mask, ar, torch.full_like(ar, -1))
-    dst = torch.where(red, torch.where(k > 0, rep, torch.full_like(rep, -1)), dst)
-    return merge_by_assignment(state, dst)
-
-
-pool1d.input_kind = "none"  # type: ignore[attr-defined]
+__all__ = ["Pieces", "fill_budget", "group_units", "sentence_units", "word_units"]
 
 
 # ---------------------------------------------------------------------------- prompts: pieces

@@ -14,79 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops import masked_topk
+
 __all__ = [
-    "attention_probs",
-    "divprune_scores",
     "hiprune_keep",
     "neighbours4",
     "pdrop_lambda",
     "sparsevlm_raters",
     "sparsevlm_schedule",
     "stage_average",
-    "topk_in_mask",
     "visionzip_merge",
 ]
 
 NEG = float("-inf")
-
-
-def attention_probs(q: Tensor, k: Tensor, allowed: Tensor, scaling: float) -> Tensor:
-    """softmax_j(q_i . k_j * scaling) restricted to ``allowed`` keys, in float32.
-
-    q: (B, H, Q, d), k: (B, Hkv, L, d) (grouped-query heads are repeated), allowed: (B, Q, L) bool.
-    Returns (B, H, Q, L). Rows with no allowed key are all zero.
-    """
-    H = q.shape[1]
-    if k.shape[1] != H:
-        if H % k.shape[1]:
-            raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} key heads")
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-    logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
-    logits = logits.masked_fill(~allowed[:, None], NEG)
-    p = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(p, nan=0.0)
-
-
-def topk_in_mask(scores: Tensor, valid: Tensor, counts: Tensor) -> Tensor:
-    """(B, N) bool: the ``counts[b]`` highest ``scores`` among ``valid`` tokens (ties: lower index)."""
-    s = scores.float().masked_fill(~valid, NEG)
-    order = s.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-    return (rank < counts.to(s.device).unsqueeze(1)) & valid
-
-
-# ---------------------------------------------------------------------------- DivPrune
-def divprune_scores(x: Tensor, valid: Tensor) -> Tensor:
-    """DivPrune (Alvar et al., CVPR 2025), Alg. 1, as prefix-consistent scores.
-
-    Max-min diversity over cosine distances d_ij = 1 - cos(x_i, x_j): the first token is the one whose
-    nearest neighbour is farthest (argmax_i min_{j != i} d_ij); then repeatedly
-    s_t = argmax_{i not in S} min_{j in S} d_ij. Token picked at step t scores N - t, so the top-k of the
-    scores is exactly the greedy selection of k tokens for every k. Invalid tokens score -inf.
-    """
-    B, N, _ = x.shape
-    m = F.normalize(x.float(), dim=-1)
-    dist = 1.0 - m @ m.transpose(1, 2)
-    big = torch.finfo(dist.dtype).max
-    dv = dist.masked_fill(~valid[:, None, :], big)
-    eye = torch.eye(N, dtype=torch.bool, device=x.device)
-    nearest = dv.masked_fill(eye, big).amin(-1)  # distance to nearest other token
-    nearest = torch.where(nearest >= big, torch.zeros_like(nearest), nearest)
-    neg = torch.finfo(dist.dtype).min
-    cur = nearest.masked_fill(~valid, neg).argmax(1)
-    scores = torch.full((B, N), NEG, device=x.device)
-    mind = torch.full((B, N), float("inf"), device=x.device)
-    picked = torch.zeros(B, N, dtype=torch.bool, device=x.device)
-    n_valid = valid.sum(1)
-    ar = torch.arange(B, device=x.device)
-    for step in range(int(n_valid.max()) if N else 0):
-        live = step < n_valid
-        scores[ar[live], cur[live]] = float(N - step)
-        picked[ar[live], cur[live]] = True
-        mind = torch.minimum(mind, dist[ar, cur])
-        cur = mind.masked_fill(picked | ~valid, neg).argmax(1)
-    return scores
 
 
 # ---------------------------------------------------------------------------- VisionZip
@@ -108,7 +48,7 @@ def visionzip_merge(x: Tensor, cls_attn: Tensor, keys: Tensor, dominant: int, co
     if not 0 <= dominant <= N or not 0 <= contextual <= N - dominant:
         raise ValueError(f"visionzip needs 0 <= dominant ({dominant}) and dominant + contextual "
                          f"({dominant + contextual}) <= {N} patches")
-    dom = topk_in_mask(cls_attn, torch.ones(B, N, dtype=torch.bool, device=x.device),
+    dom = masked_topk(cls_attn, torch.ones(B, N, dtype=torch.bool, device=x.device),
                        torch.full((B,), dominant, device=x.device))
     rest_idx = torch.argsort(dom.to(torch.int8), dim=1, stable=True)[:, : N - dominant]  # remaining, in order
     dom_idx = torch.argsort((~dom).to(torch.int8), dim=1, stable=True)[:, :dominant]
@@ -172,9 +112,9 @@ def hiprune_keep(shallow: Tensor, deep: Tensor, grid: tuple[int, int], count: in
         over = keep.sum(1) > count
         if over.any():
             s = shallow.float().masked_fill(~keep, NEG)
-            keep = torch.where(over[:, None], topk_in_mask(s, keep, torch.full((B,), count, device=keep.device)), keep)
+            keep = torch.where(over[:, None], masked_topk(s, keep, torch.full((B,), count, device=keep.device)), keep)
     rest = count - keep.sum(1)
-    reg = topk_in_mask(deep, ~keep, rest)
+    reg = masked_topk(deep, ~keep, rest)
     return keep | reg
 
 

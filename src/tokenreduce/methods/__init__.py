@@ -1,9 +1,6 @@
-"""Built-in methods; importing this package registers them (see ``tokenreduce.registry``).
+"""Built-in methods, one package per integration point (one file per method where the family is large);
+importing this package registers them all (see ``tokenreduce.registry``)."""
 
-The import order is the registration order, which is the order ``tr.methods()`` lists them in."""
-# ruff: noqa: I001
+from . import encoder, kv, prompt, vit, vlm
 
-from . import vision  # noqa: F401
-from . import kv  # noqa: F401
-from . import prompt, encoder  # noqa: F401
-from . import vlm  # noqa: F401
+__all__ = ["encoder", "kv", "prompt", "vit", "vlm"]

@@ -1,8 +1,8 @@
 """Text-encoder methods (integration point ``encoder-layers``, BERT family via ``adapters/encoder.py``).
 
 The vision methods work on any :class:`~tokenreduce.core.state.TokenState`, so ToMe, EViT and the random
-baseline are the very classes of :mod:`.vision`; only pooling differs: text has no grid, so ``pool`` here
-is the ragged 1D average pooling of :func:`tokenreduce.core.text.pool1d`, and EViT's fused token is the
+baseline are the very classes of :mod:`.vit`; only pooling differs: text has no grid, so ``pool`` here
+is the ragged 1D average pooling of :func:`tokenreduce.core.strategies.pool1d`, and EViT's fused token is the
 attention-weighted mean of the tokens it absorbs (``normalize_fused=True``), because mean pooling weights it by
 their number. ``keep`` has the same meaning as
 for ViTs (ToMe: final fraction of the reducible tokens; stage methods: fraction kept at each stage, stages
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..core.state import TokenState
-from ..core.text import pool1d
-from ..registry import register_dataclass
-from .vision import EViT, RandomPrune, ToMe, _StageMethod
+from ..core.strategies import pool1d
+from ..registry import register
+from .vit import EViT, RandomPrune, StageMethod, ToMe
 
 __all__ = ["TextEViT", "TextPool"]
 
@@ -27,7 +27,7 @@ ENCODER = "encoder-layers"
 
 
 @dataclass
-class TextPool(_StageMethod):
+class TextPool(StageMethod):
     """Average-pooling baseline for token sequences: at each stage, each sample's tokens (after [CLS]) are
     pooled in order into ``keep`` of their number of bins (ragged, size-weighted). Proportional attention."""
 
@@ -46,13 +46,13 @@ class TextEViT(EViT):
     normalize_fused: bool = True
 
 
-def _reg(name: str, cls: type, paper: str, equation: str) -> None:
-    register_dataclass(name, cls, modality="language", integration=ENCODER, paper=paper, equation=equation)
-
-
-_reg("tome", ToMe, "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (applied to text encoders)",
-     "bipartite soft matching on keys; x=sum s_i x_i/sum s_i; softmax(QK^T/sqrt(d)+log s)")
-_reg("evit", TextEViT, "Liang et al., EViT, ICLR 2022 (CLS-attention pruning applied to text encoders)",
-     "top-k by mean_h A[cls,i]; x_fused=sum a_i x_i / sum a_i")
-_reg("random", RandomPrune, "random pruning baseline", "keep a seeded random subset")
-_reg("pool", TextPool, "1D average pooling baseline", "consecutive bins, size-weighted")
+_TOME = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (applied to text encoders)"
+register("tome", modality="language", integration=ENCODER, paper=_TOME,
+         equation="bipartite soft matching on keys; x=sum s_i x_i/sum s_i; softmax(QK^T/sqrt(d)+log s)")(ToMe)
+register("evit", modality="language", integration=ENCODER,
+         paper="Liang et al., EViT, ICLR 2022 (CLS-attention pruning applied to text encoders)",
+         equation="top-k by mean_h A[cls,i]; x_fused=sum a_i x_i / sum a_i")(TextEViT)
+register("random", modality="language", integration=ENCODER, paper="random pruning baseline",
+         equation="keep a seeded random subset")(RandomPrune)
+register("pool", modality="language", integration=ENCODER, paper="1D average pooling baseline",
+         equation="consecutive bins, size-weighted")(TextPool)

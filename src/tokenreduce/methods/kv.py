@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..core import kv as K
+from ..core import ops
 from ..core.budget import Keep, KeepLike, validate_keep_value
 from ..registry import register
 
@@ -103,7 +104,7 @@ class KVContext:
         w = Q if last is None else min(last, Q)
         if w not in self._probs:
             qs = self.qpos[Q - w:]
-            self._probs[w] = K.attention_probs(self.query[:, :, Q - w:], self.keys, self.scaling, self.allowed(qs),
+            self._probs[w] = ops.attention_probs(self.query[:, :, Q - w:], self.keys, self.scaling, self.allowed(qs),
                                                self.softcap)
         return self._probs[w]
 
@@ -114,7 +115,7 @@ class KVContext:
         total = None
         for s in range(0, Q, chunk):
             e = min(Q, s + chunk)
-            p = K.attention_probs(self.query[:, :, s:e], self.keys, self.scaling, self.allowed(self.qpos[s:e]),
+            p = ops.attention_probs(self.query[:, :, s:e], self.keys, self.scaling, self.allowed(self.qpos[s:e]),
                                   self.softcap)
             part = K.accumulated_attention(p)
             total = part if total is None else total + part
@@ -331,7 +332,7 @@ class SnapKV(KVMethod):
 
     After the prompt, per KV head: attention of the last ``window_size`` prompt queries (the observation
     window, i.e. the question) over the prefix, ``C = sum_{q in window} softmax(q K^T/sqrt(d))``, pooled along
-    the sequence ``S = pool1d(C, kernel_size)``; keep the window plus ``argtop_{budget - window} S``.
+    the sequence ``S = smooth1d(C, kernel_size)``; keep the window plus ``argtop_{budget - window} S``.
     Defaults of the reference code: window 32, kernel 5, average pooling. ``window_size="question"`` makes the
     observation window exactly the question (``question_len`` tokens per sample), the paper's QA framing.
     """
@@ -507,7 +508,7 @@ class GemFilter(KVMethod):
         q = q * inside.view(inside.shape[0], 1, W, 1).to(q.dtype)
         fill = 0.0 if self.pooling == "avgpool" else float("-inf")
         s = K.gemfilter_scores(q, ctx.keys, ctx.valid[:, :1], fill=fill)
-        return K.pool1d(s, self.kernel_size, self.pooling)
+        return ops.smooth1d(s, self.kernel_size, self.pooling)
 
 
 # ---------------------------------------------------------------------------- per-query selection
@@ -552,17 +553,7 @@ class TokenSelect(KVMethod):
 
 # ---------------------------------------------------------------------------- registration
 def _reg(cls: type, paper: str, equation: str) -> None:
-    def factory(keep: KeepLike = 1.0, **kw: object) -> KVMethod:
-        try:
-            return cls(keep=keep, **kw)
-        except TypeError as e:
-            if "unexpected keyword" not in str(e):
-                raise
-            allowed = [f for f in cls.__dataclass_fields__ if not f.startswith("_")]
-            raise TypeError(f"{cls.name}: {e}; accepted keywords: {allowed}") from None
-
-    factory.__doc__ = cls.__doc__
-    register(cls.name, modality="language", integration=KV, paper=paper, equation=equation)(factory)
+    register(cls.name, modality="language", integration=KV, paper=paper, equation=equation)(cls)
 
 
 _reg(StreamingLLM, "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024",
@@ -570,7 +561,7 @@ _reg(StreamingLLM, "Xiao et al., Efficient Streaming Language Models with Attent
 _reg(H2O, "Zhang et al., H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs, NeurIPS 2023",
      "F_i = sum_t A_t[i]; keep recent + argtop F")
 _reg(SnapKV, "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024",
-     "S = pool1d(sum_{q in window} softmax(qK^T/sqrt d)); keep window + argtop S")
+     "S = smooth1d(sum_{q in window} softmax(qK^T/sqrt d)); keep window + argtop S")
 _reg(TOVA, "Oren et al., Transformers are Multi-State RNNs (TOVA), EMNLP 2024",
      "evict argmin_i mean_h softmax(q_t K_h^T/sqrt d)_i")
 _reg(Knorm, "Devoto et al., A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, EMNLP 2024",
@@ -580,5 +571,5 @@ _reg(PyramidKV, "Cai et al., PyramidKV: Dynamic KV Cache Compression based on Py
 _reg(TokenSelect, "Wu et al., TokenSelect: Efficient Long-Context Inference via Dynamic Token-Level KV Cache "
                   "Selection, 2025", "S_i = sum_h softmax_i(q_h k_{h,i}); attend to init + local + argtop S")
 _reg(GemFilter, "Shi et al., Discovering the Gems in Early Layers: Accelerating Long-Context LLMs with 1000x Input "
-                "Token Reduction (GemFilter), 2024", "s = pool1d(sum_h q_h^last K_h^T) at layer r; prompt' = top-k(s)")
+                "Token Reduction (GemFilter), 2024", "s = smooth1d(sum_h q_h^last K_h^T) at layer r; prompt' = top-k(s)")
 _reg(RandomKV, "random baseline", "keep a seeded random subset per head")

@@ -32,7 +32,7 @@ import torch
 
 from ..compress import Prompt, refine_units
 from ..core.text import fill_budget, group_units
-from ..registry import register_dataclass
+from ..registry import register
 
 __all__ = [
     "Extractive",
@@ -536,10 +536,9 @@ class Extractive(PromptMethod):
         return _in_order(fill_budget(p.sentences, p.pieces.ntok, prep, target))
 
 
-# ---------------------------------------------------------------------------- registration
+# --------# ---------------------------------------------------------------------------- registration
 def _reg(name: str, cls: type, paper: str, equation: str) -> None:
-    register_dataclass(name, cls, modality="language", integration=PROMPT, paper=paper, equation=equation,
-                       hidden=())
+    register(name, modality="language", integration=PROMPT, paper=paper, equation=equation)(cls)
 
 
 _reg("truncate", Truncate, "truncation baseline", "keep x_1..x_k")

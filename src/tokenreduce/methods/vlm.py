@@ -46,11 +46,12 @@ import torch
 from torch import Tensor
 
 from ..core import criteria as C
+from ..core import ops
 from ..core import strategies as S
 from ..core import visual as V
 from ..core.budget import Keep, KeepLike, validate_keep_value
 from ..core.state import TokenState
-from ..registry import register_dataclass
+from ..registry import register
 
 __all__ = [
     "VLM",
@@ -237,7 +238,7 @@ class DivPrune(VlmMethod):
     """DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
     Models", CVPR 2025): keep the max-min diverse subset of the projected visual tokens,
     S* = argmax_{|S|=k} min_{i != j in S} (1 - cos(x_i, x_j)), solved greedily (Alg. 1; see
-    :func:`tokenreduce.core.visual.divprune_scores`). Paper default: ~9.8% of the tokens."""
+    :func:`tokenreduce.core.criteria.divprune_order`). Paper default: ~9.8% of the tokens."""
 
     keep: KeepLike = 0.098
     positions: str = "compact"
@@ -246,7 +247,7 @@ class DivPrune(VlmMethod):
     def reduce_image(self, x: Tensor, ctx: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         k = self.count(x.shape[1])
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        keep = V.topk_in_mask(V.divprune_scores(x, valid), valid, torch.full((x.shape[0],), k))
+        keep = ops.masked_topk(C.divprune_order(x, valid), valid, torch.full((x.shape[0],), k))
         return _prune_by(x, keep)
 
 
@@ -318,7 +319,7 @@ class RandomVLM(VlmMethod):
     def reduce_image(self, x: Tensor, ctx: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         st = TokenState.from_tensor(x, check=False)
         scores = C.Random(seed=self.seed)(st)
-        keep = V.topk_in_mask(scores, st.mask, torch.full((x.shape[0],), self.count(x.shape[1])))
+        keep = ops.masked_topk(scores, st.mask, torch.full((x.shape[0],), self.count(x.shape[1])))
         return _prune_by(x, keep)
 
 
@@ -363,7 +364,7 @@ class FastV(VlmMethod):
 
     def reduce_stage(self, view: StageView) -> StageDecision:
         s = _last_query_scores(view, view.layer - 1)
-        return StageDecision(V.topk_in_mask(s, view.visual, _stage_counts(view, self.keep)))
+        return StageDecision(ops.masked_topk(s, view.visual, _stage_counts(view, self.keep)))
 
 
 @dataclass
@@ -425,13 +426,13 @@ class SparseVLM(VlmMethod):
         q_ok = torch.arange(Q, device=q_idx.device)[None] < raters.sum(1, keepdim=True)
         p = view.attn(view.layer - 1, q_idx).mean(1)  # (B, Q, L)
         s = (p * q_ok[..., None]).sum(1) / q_ok.sum(1, keepdim=True).clamp(min=1)
-        keep = V.topk_in_mask(s, view.visual, _stage_counts(view, self._fracs[view.stage], view.stage == 0))
+        keep = ops.masked_topk(s, view.visual, _stage_counts(view, self._fracs[view.stage], view.stage == 0))
         deleted = view.visual & ~keep
         extra = extra_valid = None
         if self.recycle > 0 and deleted.any():
             n_del = deleted.sum(1)
             n_rec = torch.where(n_del > 0, (n_del.float() * self.recycle).long() + 1, 0).clamp(max=n_del)
-            rec = V.topk_in_mask(s, deleted, n_rec)
+            rec = ops.masked_topk(s, deleted, n_rec)
             Rm = int(rec.sum(1).max())
             r_idx = torch.argsort((~rec).to(torch.int8), dim=1, stable=True)[:, :Rm]
             r_ok = torch.arange(Rm, device=r_idx.device)[None] < rec.sum(1, keepdim=True)
@@ -475,7 +476,7 @@ class PDrop(VlmMethod):
     def reduce_stage(self, view: StageView) -> StageDecision:
         s = _last_query_scores(view, view.layer)
         frac = float(self.keep) ** (view.stage + 1)
-        return StageDecision(V.topk_in_mask(s, view.visual, _stage_counts(view, frac, view.stage == 0)))
+        return StageDecision(ops.masked_topk(s, view.visual, _stage_counts(view, frac, view.stage == 0)))
 
 
 @dataclass
@@ -528,8 +529,8 @@ class ToDRE(VlmMethod):
                 mind = torch.minimum(mind, dist[ar, cur])
                 cur = mind.masked_fill(picked, float("-inf")).argmax(1)
         else:
-            scores = V.divprune_scores(x, valid)
-        return _prune_by(x, V.topk_in_mask(scores, valid, torch.full((B,), k)))
+            scores = C.divprune_order(x, valid)
+        return _prune_by(x, ops.masked_topk(scores, valid, torch.full((B,), k)))
 
     def reduce_stage(self, view: StageView) -> StageDecision:
         drop = torch.ones(view.real.shape[0], dtype=torch.bool, device=view.real.device)
@@ -539,9 +540,9 @@ class ToDRE(VlmMethod):
         return StageDecision(view.visual & ~drop[:, None])
 
 
-# ---------------------------------------------------------------------------- registration
+# --------# ---------------------------------------------------------------------------- registration
 def _reg(name: str, cls: type, paper: str, equation: str) -> None:
-    register_dataclass(name, cls, modality="multimodal", integration=VLM, paper=paper, equation=equation, hidden=())
+    register(name, modality="multimodal", integration=VLM, paper=paper, equation=equation)(cls)
 
 
 _reg("visionzip", VisionZip, "Yang et al., VisionZip: Longer is Better but Not Necessary in VLMs, CVPR 2025",

@@ -209,3 +209,46 @@ def hf_vit_dims(config: Any, *, num_labels: int | None = None, prefix_tokens: in
     patch_flops = _conv_patch_flops(num_patches, in_chans, (ph, pw), dim)
     head_flops = 2.0 * dim * num_labels if num_labels else 0.0
     return ViTDims(dim, mlp_hidden, depth, num_patches + prefix_tokens, patch_flops, head_flops)
+
+
+# ---------------------------------------------------------------------------- LLaVA-style VLMs
+def _llm_layer_flops(n: float, kv: float, c: Any) -> float:
+    """One decoder layer, ``n`` query tokens attending ``kv`` keys (2 FLOPs per multiply-add)."""
+    d, H = c.hidden_size, c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or d // H
+    Hkv = c.num_key_value_heads
+    proj = 2 * n * d * (2 * H * hd + 2 * Hkv * hd)  # q, o + k, v
+    attn = 4 * n * kv * H * hd  # QK^T and AV
+    mlp = 2 * n * 3 * d * c.intermediate_size  # gate, up, down
+    return proj + attn + mlp
+
+
+def vlm_prefill_flops(model: Any, stats: Any | None, prompt_tokens: float, n_images: float = 1.0
+                      ) -> dict[str, float]:
+    """Per-sample prefill FLOPs: vision tower (+ patch embedding), projector, LLM layers (from
+    ``stats.tokens_attn``, else ``prompt_tokens`` at every layer), LM head on the last token; and the decode
+    FLOPs of the next token (projections + attention over each layer's cache). ``model``: a LLaVA model or
+    its config."""
+    cfg = getattr(model, "config", model)
+    v, t = cfg.vision_config, cfg.text_config
+    g = v.image_size // v.patch_size
+    N = g * g + 1
+    dv, iv = v.hidden_size, v.intermediate_size
+    patch = 2 * g * g * 3 * v.patch_size ** 2 * dv  # CLIP's linear patch embedding
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    embed = getattr(getattr(tower, "embeddings", None), "patch_embedding", None)
+    if embed is not None and hasattr(embed, "flops"):  # the small VLM's conv stem
+        patch = embed.flops(v.image_size)
+    vision = n_images * (patch + v.num_hidden_layers * (
+        2 * N * 4 * dv * dv + 4 * N * N * dv + 4 * N * dv * iv))
+    depth = t.num_hidden_layers
+    tokens = list(stats.tokens_attn) if stats is not None and stats.tokens_attn else [prompt_tokens] * depth
+    visual_in = stats.visual_input if stats is not None and stats.tokens_attn else None
+    n_proj = (visual_in if visual_in is not None else g * g * n_images)
+    projector = 2 * n_proj * (dv * t.hidden_size + t.hidden_size * t.hidden_size)
+    llm = sum(_llm_layer_flops(n, n, t) for n in tokens)
+    head = 2 * t.hidden_size * t.vocab_size
+    decode = sum(_llm_layer_flops(1, n + 1, t) for n in tokens) + head
+    total = vision + projector + llm + head
+    return {"vision": vision, "projector": projector, "llm": llm, "head": head, "total": total,
+            "gflops": total / 1e9, "decode_gflops": decode / 1e9}
