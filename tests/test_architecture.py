@@ -23,9 +23,10 @@ ALLOWED: dict[str, set[str]] = {
     "adapters": {"core", "registry", "methods", "accounting"},
     "api": {"core", "registry", "methods", "adapters", "accounting"},
     "compress": {"core", "registry", "methods", "adapters", "accounting"},
-    "tokenreduce": {"core", "registry", "methods", "adapters", "accounting", "api", "compress"},
+    "pipelines": {"core", "registry", "methods", "adapters", "accounting", "api", "compress"},
+    "tokenreduce": {"core", "registry", "methods", "adapters", "accounting", "api", "compress", "pipelines"},
 }
-_API = {"tokenreduce", "api", "compress"}
+_API = {"tokenreduce", "api", "compress", "pipelines"}
 ALLOWED["models"] = {"core", "registry", "methods", "adapters", "accounting", "_paths", "data"} | _API
 ALLOWED["bench"] = ALLOWED["models"] | {"models"}
 ALLOWED["study"] = ALLOWED["bench"] | {"bench"}
