@@ -27,7 +27,7 @@ class Adapter(Protocol):
 
 ADAPTERS: list[Adapter] = []
 # Modules that register adapters, in matching order (the first adapter whose `matches` is true wins).
-ADAPTER_MODULES: list[str] = ["vit", "vlm", "llm", "encoder"]
+ADAPTER_MODULES: list[str] = ["vit", "vlm", "llm", "encoder", "diffusion"]
 
 
 def register_adapter(adapter: Adapter) -> Adapter:

@@ -1,0 +1,190 @@
+"""What every method at the ``diffusion`` integration point shares: the budget over blocks and timesteps.
+
+A :class:`DiffusionMethod` tells the diffusion adapter (``adapters/diffusion``) how to reduce the spatial
+tokens of one transformer block of a diffusers denoiser at one sampling step. The adapter finds the blocks
+(UNet transformer blocks, DiT blocks, plain attention blocks), captures the block input and calls
+:meth:`MergeMethod.token_map` (merge before the operation, unmerge after, so the feature map keeps its
+shape), :meth:`~tokenreduce.methods.diffusion.todo.ToDo.kv_index` (keys/values only) or the caching hooks
+of :class:`~tokenreduce.methods.diffusion.toca.ToCa`.
+
+``keep`` (a float in (0, 1]): the fraction of a block's spatial tokens that the reduced operation processes
+(merging methods: the queries and keys of self-attention, ``N - int(N (1 - keep))`` tokens, ToMe for SD's
+count at ``ratio = 1 - keep``; ToDo: the keys/values; ToCa: the tokens its MLP recomputes between full
+steps). ``keep=1.0`` leaves the model untouched (bit-exact). A schedule over the sampling steps is either a
+callable ``keep(t) -> float`` of the model's timestep argument ``t`` (e.g. ``lambda t: 0.5 if t > 500 else
+1.0``), or a list with one keep per step, which needs ``scheduler=`` (its ``timesteps`` give the step index).
+Counts (ints) are rejected: fractions only. The achieved token counts are in ``Handle.stats``.
+
+Which blocks: those whose token grid is at most ``max_downsample`` times coarser than the model's finest
+token grid (ToMe for SD's ``max_downsample``; 1 = the full-resolution blocks only, DiT: every block).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ...core.diffusion import merged_count, stride_partition
+
+__all__ = ["DIFFUSION", "DiffusionMethod", "KeepSchedule", "MergeMethod", "SiteCall", "StrideMethod",
+           "check_keep"]
+
+DIFFUSION = "diffusion"
+
+KeepSchedule = float | Sequence[float] | Callable[[float], float]
+
+
+def check_keep(keep: object, name: str = "keep") -> float:
+    """One keep value: a float in (0, 1]; an int (a token count) or anything else is an error."""
+    if isinstance(keep, bool) or not isinstance(keep, float):
+        kind = "an int (a token count)" if isinstance(keep, int) and not isinstance(keep, bool) else \
+            type(keep).__name__
+        raise TypeError(f"{name}={keep!r} is {kind}: diffusion methods take a float in (0, 1], the fraction of a "
+                        f"block's spatial tokens kept (counts are not accepted here)")
+    if math.isnan(keep) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"{name}={keep!r} is out of range: a float in (0, 1] is accepted")
+    return keep
+
+
+@dataclass(frozen=True)
+class SiteCall:
+    """One reducing block at one forward: its position among the reducing blocks (``index`` of ``count``),
+    name, token grid ``(h, w)``, ``downsample`` level, the model's timestep ``t`` and step index (if known)."""
+
+    index: int
+    count: int
+    name: str
+    grid: tuple[int, int]
+    downsample: int
+    t: float
+    step: int | None
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def generator(self, seed: int, salt: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, block, timestep): the same draws for a sample alone or in a batch, for
+        both halves of a classifier-free-guidance batch, and in every run with the same seed."""
+        key = (seed * 1_000_003 + self.index * 10_007 + round(self.t * 1000) + salt * 7_919) % (2**63 - 1)
+        return torch.Generator().manual_seed(key)
+
+
+@dataclass
+class DiffusionMethod:
+    """Base class: ``keep`` (float, per-step list or callable), ``max_downsample``, ``scheduler`` (needed by
+    per-step lists and by caching methods), ``seed``."""
+
+    keep: KeepSchedule = 1.0
+    max_downsample: int = 1
+    scheduler: Any = None
+    seed: int = 0
+    caches: ClassVar[bool] = False  # ToCa-style: reuse features across steps (needs fixed timesteps)
+    kv_only: ClassVar[bool] = False  # reduces keys/values only (queries at full resolution)
+
+    def __post_init__(self) -> None:
+        k = self.keep
+        if callable(k):
+            pass
+        elif isinstance(k, (list, tuple)):
+            if not k:
+                raise ValueError("a keep schedule must have one value per sampling step, got an empty list")
+            self.keep = tuple(check_keep(v, f"keep[{i}]") for i, v in enumerate(k))
+            if self.scheduler is None:
+                raise ValueError("a per-step keep list needs scheduler= (a diffusers scheduler whose timesteps give "
+                                 "the step index); or pass a callable keep(t) of the timestep")
+        else:
+            check_keep(k)
+        if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, int) or \
+                self.max_downsample < 1:
+            raise ValueError(f"max_downsample={self.max_downsample!r} is invalid: an int >= 1 (1, 2, 4, 8)")
+
+    @property
+    def is_identity(self) -> bool:
+        return not callable(self.keep) and all(v == 1.0 for v in (self.keep if isinstance(self.keep, tuple)
+                                                                  else (self.keep,)))
+
+    def keep_at(self, t: float, step: int | None) -> float:
+        """The keep of the forward at timestep ``t`` (step index ``step``, None if unknown)."""
+        k = self.keep
+        if isinstance(k, tuple):
+            if step is None or not 0 <= step < len(k):
+                raise ValueError(f"keep has {len(k)} per-step values but the forward at timestep {t} is step "
+                                 f"{step} of the scheduler's timesteps; give one keep per sampling step")
+            return k[step]
+        if callable(k):
+            return check_keep(k(t), f"keep({t})")
+        return k
+
+    def min_keep(self) -> float:
+        """The smallest keep this method accepts at a block (errors name it)."""
+        return 0.0
+
+
+@dataclass
+class MergeMethod(DiffusionMethod):
+    """A method that maps a block's tokens to fewer slots (:class:`~tokenreduce.core.diffusion.MergeMap`)
+    before ``merge_attn`` (self-attention), ``merge_crossattn`` (the queries of cross-attention) and
+    ``merge_mlp`` (the feed-forward), and maps the outputs back (ToMe for SD's three switches and defaults)."""
+
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+
+    @property
+    def ops(self) -> frozenset[str]:
+        on = {"attn": self.merge_attn, "cross": self.merge_crossattn, "mlp": self.merge_mlp}
+        return frozenset(k for k, v in on.items() if v)
+
+    def token_map(self, site: SiteCall, metric: torch.Tensor, keep: float) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class StrideMethod(MergeMethod):
+    """Merging on ToMe for SD's partition: one destination per ``sy x sx`` window (chosen at random per block
+    and step when ``use_rand``, seeded by ``seed``; else the top-left cell), every other token a source."""
+
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("sx", "sy"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is invalid: an int >= 1 (stride of the destination windows)")
+        if self.sx * self.sy < 2:
+            raise ValueError("sx * sy must be >= 2: a 1x1 window has no source token to merge")
+        if not callable(self.keep):
+            low = min(self.keep) if isinstance(self.keep, tuple) else self.keep
+            if low < self.min_keep():
+                raise ValueError(f"keep={low} leaves fewer tokens than one per {self.sy}x{self.sx} stride window: "
+                                 f"accepted keep >= {self.min_keep():.4g} (1/(sx*sy)), or a smaller stride")
+
+    def min_keep(self) -> float:
+        return 1.0 / (self.sx * self.sy)
+
+    def partition(self, site: SiteCall, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = site.grid
+        choice = None
+        if self.use_rand:
+            choice = torch.randint(self.sx * self.sy, (h // self.sy, w // self.sx), generator=site.generator(self.seed))
+        return stride_partition(h, w, self.sx, self.sy, choice, device)
+
+    def merged(self, site: SiteCall, keep: float, sources: int) -> int:
+        """Tokens to merge away at ``keep`` (ToMe for SD's ``int(N * ratio)``), or a ValueError if that leaves
+        fewer tokens than one per stride window."""
+        r = merged_count(site.tokens, keep)
+        if r > sources:
+            windows = site.tokens - sources
+            raise ValueError(
+                f"keep={keep} keeps {site.tokens - r} of {site.tokens} tokens at block {site.name!r} "
+                f"({site.grid[0]}x{site.grid[1]} grid), fewer than one per {self.sy}x{self.sx} stride window "
+                f"({windows} windows): accepted keep >= {windows / site.tokens:.4g}, or a smaller stride")
+        return r
