@@ -27,8 +27,10 @@ _PLUGINS = {
     "tokenreduce.bench.prompt": bench_app,
     "tokenreduce.bench.encoder": bench_app,
     "tokenreduce.bench.vlm": bench_app,
+    "tokenreduce.bench.diffusion": bench_app,
     "tokenreduce.models.reference_vit": train_app,
     "tokenreduce.models.small_vlm": train_app,
+    "tokenreduce.models.diffusion": train_app,
     "tokenreduce.models.gemma": convert_app,
 }
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from .ops import attention_probs
 from .state import batched_index_add, batched_index_select
 
-__all__ = ["MERGE_MODES", "MergeMap", "SliceMap", "attention_received", "bipartite_map", "downsample_index",
+__all__ = ["MERGE_MODES", "IndexMap", "MergeMap", "SliceMap", "attention_received", "bipartite_map", "downsample_index",
            "grid_shape", "merged_count", "pool_map", "stride_partition", "window_bonus", "window_map"]
 
 #: ``mean``: the slot is the mean of its tokens (ToMe); ``prune``: sources are dropped, the destination keeps
@@ -140,9 +140,24 @@ class MergeMap:
 
 
 @dataclass
+class IndexMap:
+    """Keep the tokens ``index`` (K,) of N (keys/values only: no way back)."""
+
+    n: int
+    index: Tensor
+
+    @property
+    def kept(self) -> int:
+        return self.index.shape[0]
+
+    def merge(self, x: Tensor) -> Tensor:
+        return x.index_select(1, self.index)
+
+
+@dataclass
 class SliceMap:
-    """The zero-overhead reference: the first ``k`` of ``n`` tokens (a view), and back by repeating the first
-    ``n - k`` outputs (one copy: the cheapest way to an ``n``-token output)."""
+    """The zero-overhead reference: the first ``k`` of ``n`` tokens (a view), and back by repeating the
+    outputs up to ``n`` tokens (one copy: the cheapest way to an ``n``-token output)."""
 
     n: int
     k: int
@@ -155,7 +170,7 @@ class SliceMap:
         return x[:, : self.k]
 
     def unmerge(self, y: Tensor) -> Tensor:
-        return torch.cat([y, y[:, : self.n - self.k]], 1)
+        return torch.cat([y] * (self.n // self.k) + [y[:, : self.n % self.k]], 1)
 
 
 def bipartite_map(metric: Tensor, src: Tensor, dst: Tensor, r: int, mode: str = "mean") -> MergeMap:

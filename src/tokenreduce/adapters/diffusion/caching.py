@@ -94,16 +94,17 @@ class CacheRuntime:
             stats.site_tokens[i] = n
             stats.tokens_attn[i] = stats.tokens_kv[i] = float(n)
             if grid is None or self.full or cache.attn is None:
-                self._capturing = grid is not None
+                self._capturing = grid is not None and self.method.uses_attention
                 try:
                     out = type(attn).forward(attn, hidden_states, *args, **kwargs)
                 finally:
                     self._capturing = False
                 if grid is not None:
-                    with self.timer:
-                        cache.attn = out
-                        q, k = self._qk.pop("q"), self._qk.pop("k")
-                        cache.received = attention_received(q, k, attn.heads, attn.scale)
+                    cache.attn = out
+                    if self.method.uses_attention:
+                        with self.timer:
+                            q, k = self._qk.pop("q"), self._qk.pop("k")
+                            cache.received = attention_received(q, k, attn.heads, attn.scale)
                 return out
             if cache.attn.shape != (hidden_states.shape[0], n, cache.attn.shape[-1]):
                 raise RuntimeError(f"{site.name}: cached attention output {tuple(cache.attn.shape)} does not match "
@@ -127,14 +128,18 @@ class CacheRuntime:
             c = self.clock
             k = self.method.fresh_count(c.keep, n, i, len(self.sites), c.step, c.steps)
             with self.timer:
-                idx = self.method.scores(cache.received, cache.stale, grid).topk(k, dim=-1).indices
+                idx = self.method.select(cache.received, cache.stale, grid, k)
+            stats.tokens_mlp[i] = float(k)
+            if idx is None:  # the zero-overhead reference: the first k tokens, no scores, no gathers
+                cache.mlp[:, :k] = type(ff).forward(ff, x[:, :k], *args, **kwargs)
+                return cache.mlp
+            with self.timer:
                 sel = batched_index_select(x, idx)
             out = type(ff).forward(ff, sel, *args, **kwargs)
             with self.timer:
                 flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * n).reshape(-1)
                 cache.mlp.view(B * n, C).index_copy_(0, flat, out.reshape(-1, C).to(cache.mlp.dtype))
                 cache.stale.add_(1).scatter_(1, idx, 0)
-            stats.tokens_mlp[i] = float(k)
             return cache.mlp
 
         return forward

@@ -6,7 +6,7 @@ asks the method for a token map; pre-hooks on the self-attention's ``to_q``/``to
 input by the merged tokens (computed once: the three share it), a hook on ``to_out[0]`` unmerges the
 output, so diffusers' own attention processor, SDPA, norms and residuals run unchanged. Cross-attention
 queries (``to_q``/``to_out[0]`` of ``attn2``) and the feed-forward are merged the same way when the method
-says so. Keys/values-only methods (ToDo) replace the ``to_k``/``to_v`` input by the kept grid tokens.
+says so. Keys/values-only methods (ToDo) replace the ``to_k``/``to_v`` input by their map's kept tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class _State:
     the projections, and whether the hooks fired."""
 
     map: Any = None
-    kv_index: Tensor | None = None
+    kv_map: Any = None
     src: Tensor | None = None  # the to_q input the merged tensor came from
     merged: Tensor | None = None
     kv_src: Tensor | None = None
@@ -39,7 +39,7 @@ class _State:
     pending: set | None = None  # modules whose output must be unmerged
 
     def clear(self) -> None:
-        self.map = self.kv_index = self.src = self.merged = self.kv_src = self.kv = None
+        self.map = self.kv_map = self.src = self.merged = self.kv_src = self.kv = None
         self.pending = None
 
 
@@ -100,8 +100,8 @@ class MergeRuntime:
             call = SiteCall(i, len(self.sites), site.name, (h, w), d, clock.t, clock.step)
             with self.timer:
                 if self.method.kv_only:
-                    st.kv_index = self.method.kv_index(call, clock.keep, x.device)
-                    stats.tokens_kv[i] = float(st.kv_index.shape[0])
+                    st.kv_map = self.method.kv_map(call, clock.keep, x.device)
+                    stats.tokens_kv[i] = float(st.kv_map.kept)
                     st.pending = set()
                     return
                 st.map = self.method.token_map(call, metric, clock.keep)
@@ -142,10 +142,10 @@ class MergeRuntime:
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             st = self.states[i]
             x = args[0]
-            if st.kv_index is not None:
+            if st.kv_map is not None:
                 if x is not st.kv_src:
                     with self.timer:
-                        st.kv_src, st.kv = x, x.index_select(1, st.kv_index)
+                        st.kv_src, st.kv = x, st.kv_map.merge(x)
                     st.pending.add("attn")
                 return (st.kv, *args[1:])
             if st.merged is not None and x is st.src:

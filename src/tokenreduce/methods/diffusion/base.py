@@ -4,7 +4,7 @@ A :class:`DiffusionMethod` tells the diffusion adapter (``adapters/diffusion``) 
 tokens of one transformer block of a diffusers denoiser at one sampling step. The adapter finds the blocks
 (UNet transformer blocks, DiT blocks, plain attention blocks), captures the block input and calls
 :meth:`MergeMethod.token_map` (merge before the operation, unmerge after, so the feature map keeps its
-shape), :meth:`~tokenreduce.methods.diffusion.todo.ToDo.kv_index` (keys/values only) or the caching hooks
+shape), :meth:`~tokenreduce.methods.diffusion.todo.ToDo.kv_map` (keys/values only) or the caching hooks
 of :class:`~tokenreduce.methods.diffusion.toca.ToCa`.
 
 ``keep`` (a float in (0, 1]): the fraction of a block's spatial tokens that the reduced operation processes

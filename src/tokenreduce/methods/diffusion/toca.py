@@ -39,6 +39,7 @@ class ToCa(DiffusionMethod):
     frequency_weight: float = 0.25
     local_bonus: float = 0.6
     caches: ClassVar[bool] = True
+    uses_attention: ClassVar[bool] = True  # the runtime captures q/k at full steps for ``received``
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +60,10 @@ class ToCa(DiffusionMethod):
         if self.schedule:
             f *= (1.8 - 1.6 * layer / max(layers - 1, 1)) * (0.6 + 0.8 * (step + 1) / steps)
         return max(1, min(n, round(f * n)))
+
+    def select(self, received: Tensor | None, stale: Tensor, grid: tuple[int, int], k: int) -> Tensor | None:
+        """(B, k) indices of the fresh tokens (None: the first k, the benchmark's zero-overhead reference)."""
+        return self.scores(received, stale, grid).topk(k, dim=-1).indices
 
     def scores(self, received: Tensor | None, stale: Tensor, grid: tuple[int, int]) -> Tensor:
         """(B, N) fresh-token scores from the attention received at the last full step and staleness."""

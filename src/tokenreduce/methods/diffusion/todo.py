@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
-from ...core.diffusion import downsample_index
+from ...core.diffusion import IndexMap, downsample_index
 from ...registry import register
 from .base import DIFFUSION, DiffusionMethod, SiteCall
 
@@ -32,8 +31,8 @@ class ToDo(DiffusionMethod):
     kv_only: ClassVar[bool] = True
     _index: dict = field(default_factory=dict, init=False, repr=False)
 
-    def kv_index(self, site: SiteCall, keep: float, device: torch.device) -> Tensor:
+    def kv_map(self, site: SiteCall, keep: float, device: torch.device) -> IndexMap:
         key = (site.grid, keep, device)
         if key not in self._index:
-            self._index[key] = downsample_index(*site.grid, keep, device)
+            self._index[key] = IndexMap(site.tokens, downsample_index(*site.grid, keep, device))
         return self._index[key]

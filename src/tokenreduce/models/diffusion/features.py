@@ -107,6 +107,20 @@ def load_features(train_if_missing: bool = True, config: FeatureConfig | None = 
     return net.eval(), {"metrics": json.loads((out / "metrics.json").read_text()), "path": path}
 
 
+class _Float32Features(nn.Module):
+    """The feature network as torchmetrics' extractor, kept in float32 while the FID statistics are float64
+    (``set_dtype`` converts the metric's submodules; this one holds the network outside them)."""
+
+    num_features = DigitFeatures.num_features
+
+    def __init__(self, net: DigitFeatures) -> None:
+        super().__init__()
+        object.__setattr__(self, "net", net)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.float())
+
+
 class FidScorer:
     """FID and class accuracy of generated batches against ``n_real`` held-out real images (real statistics
     computed once)."""
@@ -115,7 +129,7 @@ class FidScorer:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.net = net
-        self.fid = FrechetInceptionDistance(feature=net, reset_real_features=False, normalize=True)
+        self.fid = FrechetInceptionDistance(feature=_Float32Features(net), reset_real_features=False, normalize=True)
         self.fid.set_dtype(torch.float64)
         real, _ = digit_images("test", n_real, seed=seed)
         with torch.no_grad():

@@ -1,0 +1,234 @@
+"""Diffusion methods on tiny random-weight diffusers denoisers: identity, exact restore, batch / CFG consistency,
+determinism, dtypes, schedules, errors, and equivalence with the tomesd package."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import tokenreduce as tr  # noqa: E402
+from tokenreduce.adapters.diffusion import DiffusionStats  # noqa: E402  (registers the diffusion methods)
+
+METHODS = [r["name"] for r in tr.methods("diffusion")]
+MERGING = ["tomesd", "tofu", "random", "pool"]
+KINDS = ["unet", "unet2d", "dit"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: two threads on a shared machine only spin-wait
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "unet":
+        m = diffusers.UNet2DConditionModel(
+            sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4)
+    elif kind == "unet2d":
+        m = diffusers.UNet2DModel(
+            sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+            norm_num_groups=4, attention_head_dim=4)
+    else:
+        m = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                            num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+    return m.eval()
+
+
+MODELS = {k: _model(k) for k in KINDS}
+
+
+def _inputs(kind: str, batch: int = 2, seed: int = 1, t: int = 500, dtype: torch.dtype = torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 16, 16, generator=g).to(dtype)
+    ts = torch.full((batch,), t)
+    if kind == "unet":
+        return {"sample": x, "timestep": ts, "encoder_hidden_states": torch.randn(batch, 3, 8, generator=g).to(dtype)}
+    if kind == "unet2d":
+        return {"sample": x, "timestep": ts}
+    return {"hidden_states": x, "timestep": ts, "class_labels": torch.arange(batch) % 10}
+
+
+@torch.no_grad()
+def _run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    return model(**inputs).sample
+
+
+def _scheduler(steps: int = 4):
+    s = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    s.set_timesteps(steps)
+    return s
+
+
+def _kw(method: str, **over) -> dict:
+    return {"scheduler": _scheduler(), **over} if method == "toca" else over
+
+
+@torch.no_grad()
+def _loop(model: torch.nn.Module, kind: str, sched, batch: int = 2, seed: int = 1,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A few denoising steps at the scheduler's timesteps (what a caching method sees while sampling)."""
+    outs = []
+    for t in sched.timesteps:
+        outs.append(_run(model, _inputs(kind, batch, seed, int(t), dtype)))
+    return torch.stack(outs)
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------- identity and restore
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_one_is_bit_exact_and_restore_is_exact(kind, method):
+    if method == "toca" and kind == "unet2d":
+        pytest.skip("toca needs transformer blocks (tested: clear error)")
+    model, sched = MODELS[kind], _scheduler()
+    run = (lambda: _loop(model, kind, sched)) if method == "toca" else (lambda: _run(model, _inputs(kind)))
+    base = run()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with tr.apply(model, method, keep=1.0, **_kw(method, scheduler=sched)):
+        assert torch.equal(run(), base)
+    with tr.apply(model, method, keep=0.5, **_kw(method, scheduler=sched)) as h:
+        assert _hooks(model) > 0
+        reduced = run()
+        assert isinstance(h.stats, DiffusionStats) and h.stats.keep_run < 1.0
+    assert not torch.equal(reduced, base)
+    assert _hooks(model) == 0 and torch.equal(run(), base)
+    with pytest.raises(RuntimeError, match="boom"), tr.apply(model, method, keep=0.5, **_kw(method, scheduler=sched)):
+        run()
+        raise RuntimeError("boom")
+    assert _hooks(model) == 0 and torch.equal(run(), base)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_keep_schedule_per_step_and_callable():
+    model, sched = MODELS["dit"], _scheduler(4)
+    base = _loop(model, "dit", sched)
+    with tr.apply(model, "tomesd", keep=[1.0, 0.5, 1.0, 0.75], scheduler=sched) as h:
+        out = _loop(model, "dit", sched)
+        assert h.stats.step == 3 and h.stats.tokens_attn == [48.0, 48.0]  # 64 - int(64 * 0.25)
+    assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2])
+    assert not torch.equal(out[1], base[1])
+    with tr.apply(model, "todo", keep=lambda t: 1.0 if t >= 500 else 0.25) as h:
+        out = _loop(model, "dit", sched)
+        assert h.stats.tokens_kv == [16.0, 16.0]
+    assert torch.equal(out[:2], base[:2]) and not torch.equal(out[3], base[3])
+
+
+# ---------------------------------------------------------------------------- batch / CFG, determinism, dtypes
+@pytest.mark.parametrize("method", METHODS)
+def test_sample_alone_equals_sample_in_cfg_batch(method):
+    """A CFG batch (conditional and unconditional halves of the same noise) reduces each half as it would alone."""
+    model = MODELS["unet"] if method != "toca" else MODELS["dit"]
+    kind = "unet" if method != "toca" else "dit"
+    with tr.apply(model, method, keep=0.5, **_kw(method)) as h:
+        if method == "toca":
+            sched = h.method.scheduler
+            both = _loop(model, kind, sched, batch=2)
+            alone = _loop(model, kind, sched, batch=1)
+            torch.testing.assert_close(both[:, :1], alone, atol=1e-5, rtol=1e-5)
+            return
+        inp = _inputs(kind, batch=2)
+        inp["sample"] = inp["sample"][:1].expand(2, -1, -1, -1).contiguous()  # same noise, two contexts
+        both = _run(model, inp)
+        kept = list(h.stats.tokens_attn)
+        for i in range(2):
+            one = {k: v[i: i + 1] for k, v in inp.items()}
+            torch.testing.assert_close(_run(model, one), both[i: i + 1], atol=1e-5, rtol=1e-5)
+            assert h.stats.tokens_attn == kept
+
+
+@pytest.mark.parametrize("method", ["tomesd", "tofu", "random"])
+def test_seeded_choice_is_deterministic(method):
+    model, inp = MODELS["unet"], _inputs("unet")
+    outs = {}
+    for seed in (0, 0, 1):
+        with tr.apply(model, method, keep=0.5, seed=seed):
+            outs.setdefault(seed, []).append(_run(model, inp))
+    assert torch.equal(outs[0][0], outs[0][1])
+    assert not torch.equal(outs[0][0], outs[1][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_fp32_and_bf16(method, dtype):
+    kind = "dit"
+    model = _model(kind).to(dtype)
+    with tr.apply(model, method, keep=0.5, **_kw(method)):
+        out = _loop(model, kind, _scheduler(), dtype=dtype) if method == "toca" else \
+            _run(model, _inputs(kind, dtype=dtype))
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+
+
+# ---------------------------------------------------------------------------- errors
+def test_unsupported_denoiser_names_the_supported_classes():
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), latent_channels=2,
+                                  norm_num_groups=4)
+    with pytest.raises(TypeError, match="UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel, Transformer2DModel"):
+        tr.apply(vae, "tomesd", keep=0.5)
+
+
+@pytest.mark.parametrize("keep", [1.5, 0.0, -0.2, math.nan])
+def test_keep_out_of_range(keep):
+    with pytest.raises(ValueError, match=r"out of range: a float in \(0, 1\]"):
+        tr.apply(MODELS["unet"], "tomesd", keep=keep)
+
+
+def test_int_keep_is_rejected():
+    with pytest.raises(TypeError, match="an int .a token count.*fraction"):
+        tr.apply(MODELS["unet"], "todo", keep=128)
+
+
+def test_keep_below_one_token_per_stride_window():
+    with pytest.raises(ValueError, match=r"fewer tokens than one per 2x2 stride window: accepted keep >= 0.25"):
+        tr.apply(MODELS["unet"], "tomesd", keep=0.2)
+    with tr.apply(MODELS["unet"], "tofu", keep=lambda t: 0.2), \
+            pytest.raises(ValueError, match=r"keeps 52 of 256 tokens .* 2x2 stride window \(64 windows\)"):
+        _run(MODELS["unet"], _inputs("unet"))
+    assert _hooks(MODELS["unet"]) == 0
+
+
+def test_cache_method_needs_fixed_timesteps():
+    with pytest.raises(ValueError, match="needs scheduler="):
+        tr.apply(MODELS["dit"], "toca", keep=0.5)
+    unset = diffusers.DDIMScheduler()
+    with tr.apply(MODELS["dit"], "toca", keep=0.5, scheduler=unset), \
+            pytest.raises(ValueError, match="fixed timesteps.*set_timesteps"):
+        _run(MODELS["dit"], _inputs("dit"))
+    with pytest.raises(TypeError, match="plain attention block"):
+        tr.apply(MODELS["unet2d"], "toca", keep=0.5, scheduler=_scheduler())
+
+
+# ---------------------------------------------------------------------------- the tomesd package
+@pytest.mark.parametrize("keep", [0.75, 0.5, 0.3])
+def test_same_counts_and_outputs_as_the_tomesd_package(keep):
+    tomesd = pytest.importorskip("tomesd")
+    model, inp = MODELS["unet"], _inputs("unet")
+    inp = (inp["sample"], inp["timestep"], inp["encoder_hidden_states"])  # tomesd reads the sample positionally
+    seen: list[int] = []
+    q = model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    hook = q.register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))  # queries after any merge
+    try:
+        tomesd.apply_patch(model, ratio=1.0 - keep, use_rand=False)
+        with torch.no_grad():
+            theirs = model(*inp).sample
+        tomesd.remove_patch(model)
+        with tr.apply(model, "tomesd", keep=keep, use_rand=False) as h, torch.no_grad():
+            ours = model(*inp).sample
+    finally:
+        hook.remove()
+    assert seen[0] == seen[1] == h.stats.tokens_attn[0] == 256 - int(256 * (1.0 - keep))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert (ours - model(*inp).sample).abs().max() > 1e-3  # the reduction does change the output
