@@ -10,8 +10,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-import tokenreduce as tr  # noqa: E402
-from tokenreduce.adapters.diffusion import DiffusionStats  # noqa: E402  (registers the diffusion methods)
+import tokenreduce as tr
+from tokenreduce.adapters.diffusion import DiffusionStats
 
 METHODS = [r["name"] for r in tr.methods("diffusion")]
 MERGING = ["tomesd", "tofu", "random", "pool"]
