@@ -11,7 +11,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import tokenreduce as tr
-from tokenreduce.adapters.diffusion import DiffusionStats
+from tokenreduce.adapters.diffusion import DiffusionStats  # importing the adapter registers the methods
 
 METHODS = [r["name"] for r in tr.methods("diffusion")]
 MERGING = ["tomesd", "tofu", "random", "pool"]

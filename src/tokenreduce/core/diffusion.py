@@ -177,16 +177,17 @@ def bipartite_map(metric: Tensor, src: Tensor, dst: Tensor, r: int, mode: str = 
     """ToMe's bipartite soft matching on a fixed partition (Bolya & Hoffman 2023, Sec. 3; Bolya et al. 2023,
     Sec. 3): each source's best destination by cosine similarity of ``metric`` (B, N, C); the ``r`` sources
     with the most similar best destination are merged into it, the rest keep their slot (ties: lower index)."""
-    B = metric.shape[0]
     if not 0 <= r <= src.shape[0]:
         raise ValueError(f"r={r} out of range: a partition with {src.shape[0]} sources merges 0..{src.shape[0]}")
-    m = metric * metric.norm(dim=-1, keepdim=True).reciprocal()
-    scores = m.index_select(1, src) @ m.index_select(1, dst).transpose(1, 2)  # (B, Na, Nb)
-    best = scores.amax(-1)  # amax, not max: several times faster on CPU; argmax below only for the r merged
+    metric = metric.contiguous()  # UNet blocks hand over a transposed (B, C, N) layout
+    a, b = metric.index_select(1, src), metric.index_select(1, dst)
+    b = b * b.norm(dim=-1, keepdim=True).reciprocal()
+    # a source's best destination does not depend on its own norm: divide only the best score by it
+    best, partner = (a @ b.transpose(1, 2)).max(-1)  # values + indices in one pass (argmax: ~3x slower on CPU)
+    best = best * a.norm(dim=-1).reciprocal()  # cosine similarity of each source to its best destination
     order = best.argsort(dim=-1, descending=True, stable=True)
     merged = order[:, :r]
-    slot = scores.gather(1, merged.unsqueeze(-1).expand(B, r, scores.shape[2])).argmax(-1)
-    return MergeMap(metric.shape[1], src[order[:, r:]], dst, src[merged], slot, mode)
+    return MergeMap(metric.shape[1], src[order[:, r:]], dst, src[merged], partner.gather(1, merged), mode)
 
 
 def window_map(h: int, w: int, sx: int, sy: int, src: Tensor, dst: Tensor, merged: Tensor,
