@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 pytest.importorskip("diffusers")
 pytest.importorskip("torchmetrics")
 
-from tokenreduce import cli  # noqa: E402
-from tokenreduce.bench.results import read_results  # noqa: E402
+from tokenreduce import cli
+from tokenreduce.bench.results import read_results
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import tokenreduce as tr  # noqa: E402
-from tokenreduce.models.diffusion import (  # noqa: E402
+import tokenreduce as tr
+from tokenreduce.models.diffusion import (
     ClassConditional,
     DenoiserConfig,
     default_config,
