@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 pytest.importorskip("diffusers")
@@ -11,14 +10,13 @@ pytest.importorskip("torchmetrics")
 
 from tokenreduce import cli
 from tokenreduce.bench.results import read_results
+from tokenreduce.bench.timing import fixed_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread():  # tiny tensors: a second thread on a shared machine only spin-waits
+    with fixed_threads(1):
+        yield
 
 
 def _app():

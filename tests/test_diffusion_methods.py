@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import tokenreduce as tr
 from tokenreduce.adapters.diffusion import DiffusionStats  # importing the adapter registers the methods
+from tokenreduce.bench.timing import fixed_threads
 
 METHODS = [r["name"] for r in tr.methods("diffusion")]
 MERGING = ["tomesd", "tofu", "random", "pool"]
@@ -19,11 +20,9 @@ KINDS = ["unet", "unet2d", "dit"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: two threads on a shared machine only spin-wait
-    yield
-    torch.set_num_threads(n)
+def _one_thread():  # tiny tensors: a second thread on a shared machine only spin-waits
+    with fixed_threads(1):
+        yield
 
 
 def _model(kind: str) -> torch.nn.Module:

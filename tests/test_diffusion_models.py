@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import tokenreduce as tr
+from tokenreduce.bench.timing import fixed_threads
 from tokenreduce.models.diffusion import (
     ClassConditional,
     DenoiserConfig,
@@ -19,11 +20,9 @@ from tokenreduce.models.diffusion import (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread():  # tiny tensors: a second thread on a shared machine only spin-waits
+    with fixed_threads(1):
+        yield
 
 
 def test_digit_images_are_real_digits_in_range():

@@ -30,7 +30,7 @@ import torch
 
 from ...core.diffusion import merged_count, stride_partition
 
-__all__ = ["DIFFUSION", "DiffusionMethod", "KeepSchedule", "MergeMethod", "SiteCall", "StrideMethod",
+__all__ = ["DIFFUSION", "DiffusionMethod", "KeepSchedule", "MergeMethod", "SiteCall", "StrideMethod", "check_int",
            "check_keep"]
 
 DIFFUSION = "diffusion"
@@ -48,6 +48,13 @@ def check_keep(keep: object, name: str = "keep") -> float:
     if math.isnan(keep) or not 0.0 < keep <= 1.0:
         raise ValueError(f"{name}={keep!r} is out of range: a float in (0, 1] is accepted")
     return keep
+
+
+def check_int(name: str, value: object, minimum: int = 1, meaning: str = "") -> int:
+    """An int >= ``minimum`` (bools rejected), or a ValueError naming the value and what is accepted."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid: an int >= {minimum}{f' ({meaning})' if meaning else ''}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,7 @@ class DiffusionMethod:
                                  "the step index); or pass a callable keep(t) of the timestep")
         else:
             check_keep(k)
-        if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, int) or \
-                self.max_downsample < 1:
-            raise ValueError(f"max_downsample={self.max_downsample!r} is invalid: an int >= 1 (1, 2, 4, 8)")
+        check_int("max_downsample", self.max_downsample, 1, "1, 2, 4, 8: the coarsest token grid reduced")
 
     @property
     def is_identity(self) -> bool:
@@ -155,10 +160,8 @@ class StrideMethod(MergeMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("sx", "sy"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} is invalid: an int >= 1 (stride of the destination windows)")
+        check_int("sx", self.sx, 1, "stride of the destination windows")
+        check_int("sy", self.sy, 1, "stride of the destination windows")
         if self.sx * self.sy < 2:
             raise ValueError("sx * sy must be >= 2: a 1x1 window has no source token to merge")
         if not callable(self.keep):

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ...core.diffusion import window_bonus
 from ...registry import register
-from .base import DIFFUSION, DiffusionMethod
+from .base import DIFFUSION, DiffusionMethod, check_int
 
 __all__ = ["ToCa"]
 
@@ -43,8 +43,7 @@ class ToCa(DiffusionMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"interval={self.interval!r} is invalid: an int >= 1 (steps between full steps)")
+        check_int("interval", self.interval, 1, "sampling steps from one full step to the next")
         if self.scheduler is None and not self.is_identity:
             raise ValueError("toca caches features across sampling steps and needs scheduler= (a diffusers scheduler "
                              "with fixed timesteps: set_timesteps(n) gives the step index of every forward); got None")

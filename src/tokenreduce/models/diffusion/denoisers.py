@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ...methods.diffusion.base import check_int
 from .data import IMAGE_SIZE, NUM_CLASSES, data_version
 
 __all__ = ["KINDS", "MODEL_VERSION", "ClassConditional", "DenoiserConfig", "default_config"]
@@ -73,9 +74,7 @@ class DenoiserConfig:
             raise ValueError(f"kind={self.kind!r} is invalid: must be one of {KINDS}")
         for name in ("depth", "width", "heads", "patch", "context_tokens", "context_dim", "steps", "batch_size",
                      "train_timesteps", "num_threads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} is invalid: must be an int >= 1")
+            check_int(name, getattr(self, name))
         if self.width % self.heads:
             raise ValueError(f"heads={self.heads} must divide width={self.width}")
         if not 0.0 <= self.cfg_dropout < 1.0 or not 0.0 <= self.ema < 1.0 or not 0.0 < self.lr <= 1.0:
