@@ -231,3 +231,20 @@ def test_same_counts_and_outputs_as_the_tomesd_package(keep):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         assert (ours - model(*inp).sample).abs().max() > 1e-3  # the reduction does change the output
+
+
+@pytest.mark.parametrize("method", ["tomesd", "todo"])
+def test_transformer2d_with_cross_attention_and_mlp_merged(method):
+    """A continuous-input Transformer2DModel (SD's spatial transformer on its own), all three merges on."""
+    torch.manual_seed(0)
+    model = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=8, num_layers=1,
+                                         norm_num_groups=4, cross_attention_dim=8).eval()
+    inp = {"hidden_states": torch.randn(2, 8, 12, 12), "encoder_hidden_states": torch.randn(2, 3, 8)}
+    base = _run(model, inp)
+    kw = {"merge_crossattn": True, "merge_mlp": True} if method == "tomesd" else {}
+    with tr.apply(model, method, keep=0.5, **kw) as h:
+        out = _run(model, inp)
+        kept = 72.0 if method == "tomesd" else 144.0
+        assert h.stats.tokens_attn == [kept] and h.stats.tokens_mlp == [kept]
+    assert out.shape == base.shape and not torch.equal(out, base)
+    assert _hooks(model) == 0 and torch.equal(_run(model, inp), base)
