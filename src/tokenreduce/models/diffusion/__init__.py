@@ -33,7 +33,8 @@ def _train_command(kind: str, steps: int | None, threads: int, force: bool, eval
     if force or not path.is_file():
         train_denoiser(config)
     model, info = load_denoiser(kind, config=config)
-    out = {k: info["metrics"].get(k) for k in ("config_hash", "steps", "train_time_s", "final_loss", "num_params")}
+    out = {k: info["metrics"].get(k) for k in ("config_hash", "steps", "train_time_s", "train_cpu_s", "final_loss",
+                                               "num_params")}
     if evaluate:
         out["quality"] = sample_quality(model, n=evaluate)
     return out

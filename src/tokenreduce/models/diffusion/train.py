@@ -62,7 +62,7 @@ def train_denoiser(config: DenoiserConfig, progress: bool = True, log: Any = Non
         noise = DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule=config.beta_schedule)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(config.seed + 1)
-        history, t0, loss_avg = [], time.perf_counter(), None
+        history, t0, c0, loss_avg = [], time.perf_counter(), time.process_time(), None
         batches = _batches(config)
         for step in range(config.steps):
             x0, y = next(batches)
@@ -91,7 +91,8 @@ def train_denoiser(config: DenoiserConfig, progress: bool = True, log: Any = Non
                     print(msg, file=log, flush=True)
         out = checkpoint_dir(config)
         metrics = {"kind": config.kind, "config_hash": config.config_hash(), "steps": config.steps,
-                   "train_time_s": time.perf_counter() - t0, "final_loss": loss_avg, "history": history,
+                   "train_time_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
+                   "final_loss": loss_avg, "history": history,
                    "num_params": sum(p.numel() for p in model.parameters()), "num_threads": config.num_threads,
                    "checkpoint": str(out / "model.pt"),
                    "versions": {"torch": torch.__version__, "python": platform.python_version()}}
