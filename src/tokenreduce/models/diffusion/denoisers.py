@@ -42,7 +42,8 @@ class DenoiserConfig:
     """Architecture (``kind`` + the fields of that kind) and training of one denoiser.
 
     DiT: ``width`` = heads x head_dim, ``depth`` blocks, ``patch``. UNet: ``channels`` per level,
-    ``heads`` per attention, ``context_tokens`` class tokens of ``context_dim``.
+    ``heads`` per attention, ``context_tokens`` class tokens of ``context_dim``, and with ``class_embed`` the
+    class embedding diffusers adds to the timestep embedding as well (``num_class_embeds``).
     Training: ``steps`` of ``batch_size`` fresh images, AdamW at ``lr`` (linear warm-up over ``warmup`` steps,
     cosine to 10%), EMA of the weights (``ema``), class label dropped to the null label with probability
     ``cfg_dropout`` (classifier-free guidance), bf16 autocast when ``bf16`` (fp32 master weights).
@@ -57,6 +58,7 @@ class DenoiserConfig:
     channels: tuple[int, ...] = (32, 64)
     context_tokens: int = 4
     context_dim: int = 32
+    class_embed: bool = False
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
@@ -93,11 +95,12 @@ class DenoiserConfig:
 
 
 def default_config(kind: str, **overrides: Any) -> DenoiserConfig:
-    """The trained configurations: DiT 96 wide x 6 blocks, 1,000 steps of 32 images; UNet (32, 64) channels,
-    2 heads, 1,000 steps of 16 (a UNet step costs about twice a DiT step per image)."""
-    if kind == "unet":
-        overrides = {"heads": 2, "batch_size": 16, **overrides}
-    return DenoiserConfig(kind=kind, **overrides)
+    """The trained configurations: DiT 96 wide x 6 blocks, 3,000 steps of 32 images; UNet (32, 64) channels,
+    2 heads, class context tokens + class embedding, 2,500 steps of 16 (a UNet step costs about twice a DiT
+    step per image). The first trained pair (1,000 steps each, the UNet conditioned through cross-attention
+    only) drew the asked digit in 26% (DiT) and 19% (UNet) of samples: see docs/diffusion.md."""
+    base = {"steps": 3000} if kind == "dit" else {"heads": 2, "batch_size": 16, "steps": 2500, "class_embed": True}
+    return DenoiserConfig(kind=kind, **{**base, **overrides})
 
 
 class ClassConditional(nn.Module):
@@ -126,7 +129,7 @@ class ClassConditional(nn.Module):
                 down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(ch) - 1),
                 up_block_types=("UpBlock2D",) * (len(ch) - 1) + ("CrossAttnUpBlock2D",),
                 cross_attention_dim=config.context_dim, attention_head_dim=config.heads,  # diffusers: = heads
-                norm_num_groups=8)
+                norm_num_groups=8, num_class_embeds=NUM_CLASSES + 1 if config.class_embed else None)
             self.context = nn.Embedding(NUM_CLASSES + 1, config.context_tokens * config.context_dim)
             nn.init.normal_(self.context.weight, std=0.5)
 
@@ -138,4 +141,5 @@ class ClassConditional(nn.Module):
     def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         if self.kind == "dit":
             return self.net(x, timestep=t, class_labels=labels).sample
-        return self.net(x, t, encoder_hidden_states=self.encode(labels).to(x.dtype)).sample
+        return self.net(x, t, encoder_hidden_states=self.encode(labels).to(x.dtype),
+                        class_labels=labels if self.config.class_embed else None).sample
