@@ -248,3 +248,23 @@ def test_transformer2d_with_cross_attention_and_mlp_merged(method):
         assert h.stats.tokens_attn == [kept] and h.stats.tokens_mlp == [kept]
     assert out.shape == base.shape and not torch.equal(out, base)
     assert _hooks(model) == 0 and torch.equal(_run(model, inp), base)
+
+
+def test_toca_full_steps_caches_and_two_calls_per_step():
+    """Full steps every `interval` steps; in between the attention output comes from the cache and the MLP
+    recomputes only the fresh tokens. A pipeline calling the model twice per step (conditional, then
+    unconditional) gets one cache per call and the same result as one batched call."""
+    model, sched = MODELS["dit"], _scheduler(6)
+    with tr.apply(model, "toca", keep=0.5, scheduler=sched, interval=3, schedule=False) as h:
+        pattern, batched = [], []
+        for t in sched.timesteps:
+            batched.append(_run(model, _inputs("dit", 2, 1, int(t))))
+            pattern.append((h.stats.full_step, h.stats.tokens_attn, h.stats.tokens_mlp))
+        split = []
+        for t in sched.timesteps:
+            both = _inputs("dit", 2, 1, int(t))
+            split.append(torch.cat([_run(model, {k: v[i: i + 1] for k, v in both.items()}) for i in range(2)]))
+    assert [p[0] for p in pattern] == [True, False, False, True, False, False]
+    assert pattern[1][1] == [0.0, 0.0] and pattern[1][2] == [32.0, 32.0]  # attention cached, MLP on 32 of 64
+    assert pattern[0][1] == [64.0, 64.0]
+    torch.testing.assert_close(torch.stack(split), torch.stack(batched), atol=1e-5, rtol=1e-5)
