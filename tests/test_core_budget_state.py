@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,10 +12,31 @@ import tokenreduce as tr
 from tokenreduce.core.strategies import unmerge
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan"), 0, -3])
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan")])
 def test_keep_rejects_out_of_range(bad):
     with pytest.raises(ValueError, match=r"out of range"):
         tr.Keep(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_keep_count_rejects_out_of_range(bad):
+    with pytest.raises(ValueError, match=r"out of range"):
+        tr.Keep(count=bad)
+
+
+@pytest.mark.parametrize("bad", [1, 3, 0, np.int64(2)])
+def test_keep_refuses_plain_ints_loudly(bad):
+    """keep=1 as 'one token' silently wrecked the first point of a [1, 0.5, 0.25] sweep: ints are refused
+    with the two unambiguous spellings."""
+    with pytest.raises(TypeError, match=r"ambiguous.*tr.Keep\(count="):
+        tr.Keep(bad)
+
+
+def test_keep_needs_exactly_one_kind():
+    with pytest.raises(ValueError, match="exactly one"):
+        tr.Keep(0.5, count=3)
+    with pytest.raises(TypeError, match="an int >= 1"):
+        tr.Keep(count=0.5)
 
 
 @pytest.mark.parametrize("bad", [True, "0.5", None])
@@ -26,10 +48,11 @@ def test_keep_rejects_wrong_types(bad):
 def test_keep_ratio_count_schedule_threshold():
     avail = torch.tensor([10, 7])
     assert tr.Keep(0.5).counts(avail).tolist() == [5, 4]
-    assert tr.Keep(3).counts(avail).tolist() == [3, 3]
-    sched = tr.Keep([0.5, 2])
+    assert tr.Keep(count=3).counts(avail).tolist() == [3, 3]
+    sched = tr.Keep([0.5, 0.2])
     assert sched.counts(avail, stage=0).tolist() == [5, 4]
-    assert sched.counts(avail, stage=1).tolist() == [2, 2]
+    assert sched.counts(avail, stage=1).tolist() == [2, 1]
+    assert tr.Keep(count=[4, 2]).counts(avail, stage=1).tolist() == [2, 2]
     scores = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.1, 0.0]])
     valid = torch.ones(2, 3, dtype=torch.bool)
     assert tr.Keep(threshold=0.5).counts(torch.tensor([3, 3]), scores, valid).tolist() == [2, 1]
@@ -38,7 +61,7 @@ def test_keep_ratio_count_schedule_threshold():
 
 def test_keep_count_larger_than_sequence_errors():
     with pytest.raises(ValueError, match="larger than the sequence"):
-        tr.Keep(20).counts(torch.tensor([10, 12]))
+        tr.Keep(count=20).counts(torch.tensor([10, 12]))
 
 
 def test_keep_small_ratio_keeps_at_least_one():

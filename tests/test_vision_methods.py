@@ -194,7 +194,7 @@ def test_errors_are_clear(images):
         tr.apply(model, "evit", keep=0.5, rr=3)
     with pytest.raises(ValueError, match="layers \\[9\\] out of range"):
         tr.apply(model, "evit", keep=0.5, layers=[1, 9])
-    with tr.apply(model, "evit", keep=1000), pytest.raises(ValueError, match="larger than the sequence"):
+    with tr.apply(model, "evit", keep=tr.Keep(count=1000)), pytest.raises(ValueError, match="larger than the sequence"):
         model(images)
     with tr.apply(model, "tome", keep=0.5):
         with pytest.raises(ValueError, match="NaN"):

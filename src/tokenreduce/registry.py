@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .core.budget import as_method_keep
 from .core.errors import suggest
 
 __all__ = ["METHODS", "MethodSpec", "get_method", "methods", "register"]
@@ -58,7 +59,7 @@ def _dataclass_factory(name: str, cls: type) -> Callable[..., Any]:
 
     def factory(keep: Any = None, **kw: Any) -> Any:
         if keep is not None:
-            kw["keep"] = keep
+            kw["keep"] = as_method_keep(keep)
         unknown = [k for k in kw if k not in accepted_keywords(cls)]
         if unknown:
             raise TypeError(f"{name}: unexpected keyword {', '.join(map(repr, unknown))}"
