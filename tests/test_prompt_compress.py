@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import tokenreduce as tr
-from tokenreduce.compress import RATIO_TOLERANCE, CausalScorer
+from tokenreduce.adapters.prompt.scorer import CausalScorer
+from tokenreduce.compress import RATIO_TOLERANCE
 from tokenreduce.data.text import english_text
 
 PROMPT_METHODS = [r["name"] for r in tr.methods("prompt")]
@@ -300,7 +301,7 @@ def _gemma3(tok, sliding: int = 5):
 
 @pytest.mark.parametrize("kind", ["causal", "cache", "sliding", "sliding-mask", "padding", "additive"])
 def test_scorer_attention_matches_sdpa(kind):
-    from tokenreduce.compress import scorer_attention
+    from tokenreduce.adapters.prompt.attention import scorer_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, Hk, L, D = 2, 4, 2, 23, 8

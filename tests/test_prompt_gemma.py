@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tokenreduce as tr
-from tokenreduce.compress import RATIO_TOLERANCE, CausalScorer
+from tokenreduce.adapters.prompt.scorer import CausalScorer
+from tokenreduce.compress import RATIO_TOLERANCE
 
 pytestmark = pytest.mark.slow
 

