@@ -1,5 +1,5 @@
 """Prompt compression (`tr.compress`) on tiny random models: every method honours the ratio in the LM's
-tokens, is deterministic, is the identity at keep=1, handles long and CJK text, and rejects bad input."""
+tokens, is deterministic, is the identity at keep=1.0, handles long and CJK text, and rejects bad input."""
 
 from __future__ import annotations
 
@@ -105,15 +105,15 @@ def test_ratio_honoured_and_deterministic(method, keep, text, lm, tok, encoder):
 
 @pytest.mark.parametrize("method", PROMPT_METHODS)
 def test_identity_at_keep_one(method, text, lm, tok, encoder):
-    for keep in (1.0, len(tok(text, add_special_tokens=False).input_ids)):
+    for keep in (1.0, tr.Keep(count=len(tok(text, add_special_tokens=False).input_ids))):
         res = _run(text, method, keep, lm, tok, encoder)
         assert res.text == text
         assert res.kept_ratio == 1.0 and res.spans == [(0, len(text))]
 
 
 @pytest.mark.parametrize("method", PROMPT_METHODS)
-def test_int_keep_is_a_token_count(method, text, lm, tok, encoder):
-    res = _run(text, method, 40, lm, tok, encoder)
+def test_keep_count_is_a_token_count(method, text, lm, tok, encoder):
+    res = _run(text, method, tr.Keep(count=40), lm, tok, encoder)
     assert res.target_tokens == 40
     _check(res, text, tok)
 
@@ -203,13 +203,17 @@ def test_errors(text, lm, tok):
         tr.compress("", method="longllmlingua", keep=0.5, lm=lm, tokenizer=tok, question="Why?")
     with pytest.raises(ValueError, match="question is empty"):
         tr.compress(text, method="longllmlingua", keep=0.5, lm=lm, tokenizer=tok, question="  ")
-    for bad in (0.0, -0.5, 1.5, float("nan"), 0):
+    for bad in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match="out of range"):
             tr.compress(text, keep=bad, lm=lm, tokenizer=tok)
     with pytest.raises(TypeError):
         tr.compress(text, keep=True, lm=lm, tokenizer=tok)
+    for bad in (0, 1, 5):  # keep=1 used to return the first token, against the docstring's promise
+        with pytest.raises(TypeError, match=r"ambiguous.*Keep\(count="):
+            tr.compress(text, keep=bad, lm=lm, tokenizer=tok)
     with pytest.raises(ValueError, match="larger than the text"):
-        tr.compress(text, keep=10 ** 6, lm=lm, tokenizer=tok)
+        tr.compress(text, keep=tr.Keep(count=10 ** 6), lm=lm, tokenizer=tok)
+    assert tr.compress(text, keep=tr.Keep(count=7), lm=lm, tokenizer=tok).target_tokens == 7
     with pytest.raises(ValueError, match="did you mean"):
         tr.compress(text, method="selective_context", keep=0.5, lm=lm, tokenizer=tok)
     with pytest.raises(ValueError, match="not available at integration point 'prompt'"):

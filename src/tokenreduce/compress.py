@@ -25,7 +25,7 @@ from torch import nn
 
 from .adapters.minilm import embed_sentences
 from .adapters.prompt.scorer import get_scorer
-from .core.budget import validate_keep_value
+from .core.budget import Keep, as_method_keep, validate_keep_value
 from .methods.prompt.base import Prompt
 
 __all__ = ["RATIO_TOLERANCE", "CompressionResult", "compress"]
@@ -83,12 +83,14 @@ def _resolve_tokenizer(lm: Any, tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _target_tokens(keep: float, n: int) -> int:
+def _target_tokens(keep: float | int, n: int) -> int:
+    """Target LM tokens: ``round(keep n)`` (at least 1) for a fraction, the count of ``Keep(count=...)``."""
     validate_keep_value(keep)
     if isinstance(keep, float):
         return max(1, round(keep * n))
     if keep > n:
-        raise ValueError(f"keep={keep} tokens is larger than the text: it has {n} tokens (accepted: 1..{n})")
+        raise ValueError(f"Keep(count={keep}) tokens is larger than the text: it has {n} tokens (accepted: 1..{n}, "
+                         f"or a fraction)")
     return int(keep)
 
 
@@ -103,7 +105,8 @@ def compress(
 ) -> CompressionResult:
     """Compress ``text`` to ``keep`` of its tokens (in the LM's tokenizer) with a registered prompt method.
 
-    ``keep``: float in (0, 1] (fraction) or int >= 1 (tokens). ``lm``: a transformers causal LM used as the
+    ``keep``: a float in (0, 1], the fraction of the text's LM tokens kept, or ``tr.Keep(count=n)`` tokens
+    (a plain int is refused: ``keep=1`` was ambiguous). ``lm``: a transformers causal LM used as the
     scorer (methods that need one); ``tokenizer``: its *fast* tokenizer (always needed: the budget is in its
     tokens). ``question``: for question-aware methods (``longllmlingua``, ``extractive``); the question itself
     is not part of ``text`` and not compressed. Method knobs are keywords (see ``tr.methods("prompt")``),
@@ -111,7 +114,7 @@ def compress(
     ``anchor_topk``, ``body_dtype``, ``attention`` (see
     :class:`~tokenreduce.adapters.prompt.scorer.CausalScorer`).
 
-    Same input and settings -> same output. ``keep=1`` returns ``text`` unchanged without running a model.
+    Same input and settings -> same output. ``keep=1.0`` returns ``text`` unchanged without running a model.
 
     >>> res = tr.compress(context, method="longllmlingua", keep=0.5, lm=model, tokenizer=tok, question=q)
     >>> res.text, res.kept_ratio, res.spans
@@ -130,7 +133,10 @@ def compress(
         raise ValueError("text is empty (or only whitespace): there is nothing to compress")
     if question is not None and not question.strip():
         raise ValueError("question is empty: pass question=None for question-agnostic compression")
-    validate_keep_value(keep)
+    keep = as_method_keep(keep)  # a fraction, or the count of Keep(count=n); a plain int is refused
+    if isinstance(keep, Keep):
+        raise TypeError(f"compress takes one budget for the whole prompt (a float fraction or tr.Keep(count=n)), "
+                        f"got {keep!r}")
     spec = get_method(method, "prompt")
     scorer_kw = {k: kwargs.pop(k) for k in ("max_window", "overlap", "batch_tokens", "head_dtype", "head_mode",
                                                         "anchor_stride", "anchor_topk", "body_dtype", "attention") if k in kwargs}
