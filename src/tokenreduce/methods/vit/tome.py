@@ -17,6 +17,7 @@ __all__ = ["ToMe"]
 
 
 @register("tome", modality="vision", integration=VIT, paper="Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023",
+          budget_knobs=("r",),
           equation="bipartite soft matching on keys; x=sum s_i x_i/sum s_i; softmax(QK^T/sqrt(d)+log s)")
 @dataclass
 class ToMe(VisionMethod):
