@@ -101,10 +101,10 @@ def test_cpu_clock_needs_one_thread(tmp_path):
 def test_timing_prompt_from_file_checks_length_and_tokens(tmp_path):
     prompts, p = _prompts_file(tmp_path)
     cfg = B.KVBenchConfig(timing_prompts=str(prompts))
-    q, ids = B._timing_prompt(_Tok(), cfg, 300)
+    q, ids = B.timing_prompt(_Tok(), cfg, 300)
     assert q["id"] == p["id"] and ids.shape == (1, p["tokens"])
     with pytest.raises(ValueError, match="no timing prompt of length 400"):
-        B._timing_prompt(_Tok(), cfg, 400)
+        B.timing_prompt(_Tok(), cfg, 400)
 
 
 def test_parse_kvpress_candidate():
@@ -154,7 +154,7 @@ def test_merge_results_parts_filter_idempotent_and_report(tmp_path):
     _write_run(c, [dict(new, timing_label="kvpress venv", candidate="kvpress:none")],
                config={"timing_label": "kvpress venv"})
     assert B.merge_results([c], dest)["runs"] == 1
-    assert B._latest(dest)["_meta"][0]["run_id"] == rb
+    assert B.latest_runs(dest)["_meta"][0]["run_id"] == rb
     B.build_report(dest.parent)
     text = (dest.parent / "report.txt").read_text()
     assert text.index("Timing 'main'") < text.index("Timing 'kvpress venv'")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -31,6 +31,7 @@ __all__ = [
     "fixed_threads",
     "interleaved",
     "measure",
+    "paired_ratios",
     "quantile",
     "retain_freed_memory",
     "speedup",
@@ -343,8 +344,14 @@ def speedup(base: Timing, other: Timing, *, paired: bool = False) -> Speedup:
     quartiles are returned; this cancels noise that hit both candidates in a round.
     """
     if paired:
-        if base.n != other.n:
-            raise ValueError(f"paired speedup needs equal sample counts ({base.n} vs {other.n})")
-        ratios = [b / o for b, o in zip(base.times, other.times, strict=True)]
+        ratios = paired_ratios(base.times, other.times)
         return Speedup(quantile(ratios, 0.5), quantile(ratios, 0.25), quantile(ratios, 0.75))
     return Speedup(base.median / other.median, base.q1 / other.q3, base.q3 / other.q1)
+
+
+def paired_ratios(base: Sequence[float], other: Sequence[float]) -> list[float]:
+    """Per-round ratios ``base[i] / other[i]`` of samples from the same rounds of :func:`interleaved`
+    (> 1: ``other`` is faster); ``base`` and ``other`` must have the same number of samples."""
+    if len(base) != len(other):
+        raise ValueError(f"paired speedup needs equal sample counts ({len(base)} vs {len(other)})")
+    return [b / o for b, o in zip(base, other, strict=True)]

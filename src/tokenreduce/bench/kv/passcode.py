@@ -1,0 +1,129 @@
+"""The passcode part: retrieval of a pass key hidden at several depths of real filler, per method x keep, with
+the real KV kept (cache tensor bytes right after the prompt / the unreduced cache's bytes) and the kept entries
+per layer. The question is kept uncompressed (``question_len``). Each prompt is run forward once and the
+captured prefill is replayed for every method (``adapters.llm.replay_prefill``); on the first
+``check_replay`` prompts every cell is also run through ``generate()`` to check the replay."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .config import VARIANTS, KVBenchConfig
+from .data import passcode_prompts
+from .model import greedy, progress
+
+__all__ = ["replay_greedy", "run_passcode"]
+
+
+def _resolve_layers(model: Any, kw: dict[str, Any]) -> dict[str, Any]:
+    """``layers="global"|"sliding"`` -> the indices of those layers in the model's ``config.layer_types``."""
+    if kw.get("layers") in ("global", "sliding"):
+        want = "full_attention" if kw["layers"] == "global" else "sliding_attention"
+        types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+        kw = dict(kw, layers=[i for i, t in enumerate(types) if t == want])
+    return kw
+
+
+def replay_greedy(model: Any, handle: Any | None, cap: Any, n: int) -> torch.Tensor:
+    """Greedy continuation of ``n`` tokens after a replayed prefill (:func:`~tokenreduce.adapters.llm.replay_prefill`):
+    the same forwards ``generate()`` makes (one token each, logical positions from the cache). Returns
+    prompt + continuation like ``generate()``. ``handle=None``: the unreduced model, from the captured cache."""
+    from ...adapters.llm import replay_prefill
+
+    cache = replay_prefill(handle, cap) if handle is not None else cap.cache
+    nxt = cap.last_logits.argmax(-1, keepdim=True)
+    toks, mask = [nxt], cap.attention_mask
+    with torch.inference_mode():
+        for _ in range(n - 1):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+    return torch.cat([cap.input_ids, *toks], dim=1)
+
+
+def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+    """Every variant x keep (and the unreduced model) on the passcode prompts of each length. Writes a
+    ``prompts`` row per length, a ``passcode_sample`` row per prompt and cell, and returns (and writes) one
+    ``passcode`` row per cell: accuracy, KV fraction and bytes, kept entries per layer."""
+    import tokenreduce as tr
+
+    from ...adapters.llm import capture_prefill
+
+    rows: list[dict[str, Any]] = []
+    for length in cfg.lengths:
+        prompts = passcode_prompts(tok, length, cfg.n_prompts, cfg.seed)
+        writer.write(part="prompts", length=length, prompts=prompts)
+        if cfg.prompt_range is not None:  # a slice of the n prompts (parallel runs merged by the report)
+            prompts = prompts[cfg.prompt_range[0]: cfg.prompt_range[1]]
+        combos = [(v, k) for v in cfg.variants for k in cfg.keeps]
+        if cfg.baseline:
+            combos = [("none", 1.0), *combos]
+        per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in combos}
+        bar = progress(f"passcode {length} tok", total=len(prompts) * len(combos))
+        for pi, p in enumerate(prompts):
+            ids = tok(p["prompt"], return_tensors="pt").input_ids
+            cap = capture_prefill(model, ids) if cfg.replay else None  # one prompt forward for every method
+            for variant, keep in combos:
+                t0 = time.perf_counter()
+                rec: dict[str, Any] = {"prompt": p["id"], "depth": p["depth"], "tokens": p["tokens"]}
+                try:
+                    if variant == "none":
+                        if cap is not None and pi >= cfg.check_replay:
+                            out = replay_greedy(model, None, cap, cfg.max_new_tokens)
+                        else:
+                            out = greedy(model, ids, cfg.max_new_tokens)
+                        rec.update(kv_fraction=1.0, kv_bytes=None, kept=None, replayed=pi >= cfg.check_replay)
+                    else:
+                        name, kw = VARIANTS[variant]
+                        with tr.apply(model, name, keep=keep, question_len=p["question_len"],
+                                      **_resolve_layers(model, kw)) as h:
+                            # a prompt filter (GemFilter) changes the prompt forward itself: no replay
+                            replay = cap is not None and h.method.phase != "filter"
+                            if replay:
+                                out = replay_greedy(model, h, cap, cfg.max_new_tokens)
+                            else:
+                                out = greedy(model, ids, cfg.max_new_tokens)
+                            st = h.stats
+                        rec.update(kv_fraction=st.prefill_kept_fraction, kv_bytes=st.prefill_kv_bytes,
+                                   kv_bytes_unreduced=st.prefill_kv_bytes_unreduced,
+                                   kept=[k[0] for k in st.prefill_kept], replayed=replay)
+                        if replay and pi < cfg.check_replay:  # the real path must give the same tokens
+                            with tr.apply(model, name, keep=keep, question_len=p["question_len"],
+                                          **_resolve_layers(model, kw)) as h2:
+                                ref = greedy(model, ids, cfg.max_new_tokens)
+                            rec["replay_matches_generate"] = bool(torch.equal(ref, out))
+                            rec["replay_matches_kv_bytes"] = h2.stats.prefill_kv_bytes == st.prefill_kv_bytes
+                    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                    rec.update(output=text, correct=p["answer"] in text, error=None)
+                except (ValueError, TypeError) as e:  # e.g. a budget smaller than a method's window
+                    rec.update(output=None, correct=None, error=str(e))
+                rec["seconds"] = time.perf_counter() - t0
+                per[(variant, keep)].append(rec)
+                writer.write(part="passcode_sample", variant=variant, keep=keep, length=length, **rec)
+                bar.update(1)
+            del cap
+        bar.close()
+        for (variant, keep), recs in per.items():
+            ok = [r for r in recs if r["error"] is None]
+            n_correct = sum(bool(r["correct"]) for r in ok)
+            fr = [r["kv_fraction"] for r in ok]
+            kept = [r["kept"] for r in ok if r.get("kept")]
+            row = {
+                "part": "passcode", "variant": variant, "method": VARIANTS.get(variant, ("none", {}))[0],
+                "keep": keep, "length": length, "tokens": sum(r["tokens"] for r in recs) / len(recs),
+                "n": len(ok), "correct": n_correct, "accuracy": n_correct / len(ok) if ok else None,
+                "kv_fraction": sum(fr) / len(fr) if fr else None,
+                "kv_saved": 1 - sum(fr) / len(fr) if fr else None,
+                "kv_bytes": (sum(r["kv_bytes"] for r in ok) / len(ok)) if ok and ok[0]["kv_bytes"] else None,
+                "kept_per_layer": [sum(k[i] for k in kept) / len(kept) for i in range(len(kept[0]))] if kept else None,
+                "errors": len(recs) - len(ok), "error": next((r["error"] for r in recs if r["error"]), None),
+                "seconds": sum(r["seconds"] for r in recs) / len(recs),
+            }
+            rows.append(writer.write(row))
+    return rows
+
