@@ -83,12 +83,16 @@ class Patcher:
 
 @dataclass
 class Stats:
-    """What the last forward did. ``tokens_attn[l]``/``tokens_mlp[l]``: mean real tokens entering block
-    l's attention / MLP; ``final_tokens``: per sample after the last block; ``reduce_seconds``: time spent
-    in scoring + reducing (overhead); ``flops``: analytic estimate from the kept counts (if known)."""
+    """What the last forward did. ``keep``: the requested fraction (None for counts, thresholds, schedules);
+    ``keep_achieved``: what ran, in the integration point's meaning of keep (``tr.methods()["keep"]``);
+    ``tokens_attn[l]``/``tokens_mlp[l]``: mean real tokens entering block l's attention / MLP;
+    ``final_tokens``: per sample after the last block; ``reduce_seconds``: time spent in scoring + reducing
+    (overhead); ``flops``: analytic estimate from the kept counts (if known)."""
 
     method: str
     input_tokens: int = 0
+    keep: float | None = None
+    keep_achieved: float = 1.0
     tokens_attn: list[float] = field(default_factory=list)
     tokens_mlp: list[float] = field(default_factory=list)
     final_tokens: list[int] = field(default_factory=list)

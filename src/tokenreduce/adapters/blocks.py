@@ -98,7 +98,8 @@ class BlockRun:
                                             grid=self.grid if self.grid and self.grid[0] * self.grid[1] + self.protected == x.shape[1] else None,
                                             check=False)
         self._bias_valid = False
-        self._cur = Stats(method=self.name, input_tokens=x.shape[1])
+        self.input_real = self.state.mask.sum(1).clamp(min=1)
+        self._cur = Stats(method=self.name, input_tokens=x.shape[1], keep=getattr(self.method.budget, "fraction", None))
         self.method.notes = self._cur.notes
 
     def bias(self, dtype: torch.dtype) -> Tensor | None:
@@ -186,8 +187,8 @@ def make_block_forward(run: BlockRun, layer: int, qk: QK) -> Callable[..., Tenso
         if user_mask is not None:
             bias = user_mask if bias is None else user_mask + bias
         cur = run._cur
-        n_real = float(st.mask.sum(1).float().mean()) if st.mask.shape[1] else 0.0
-        cur.tokens_attn.append(n_real)
+        n_attn = st.mask.sum(1)
+        cur.tokens_attn.append(float(n_attn.float().mean()) if st.mask.shape[1] else 0.0)
         x = fam.attn_half(block, x, bias, kwargs)
         if method.reduces_at(layer):
             t0 = time.perf_counter()
@@ -197,11 +198,16 @@ def make_block_forward(run: BlockRun, layer: int, qk: QK) -> Callable[..., Tenso
                 run.state, run._bias_valid = new, False
                 x = new.x
             cur.reduce_seconds += time.perf_counter() - t0
-        cur.tokens_mlp.append(float(run.state.mask.sum(1).float().mean()))
+        n_mlp = run.state.mask.sum(1)
+        cur.tokens_mlp.append(float(n_mlp.float().mean()))
+        run.work = n_attn + n_mlp if layer == 0 else run.work + n_attn + n_mlp  # per sample, both halves
         x = fam.mlp_half(block, x)
         run.state = run.state.with_x(x)
         if layer == run.depth - 1:
             cur.final_tokens = run.state.mask.sum(1).tolist()
+            # the meaning of keep at vit-/encoder-layers: per sample, the tokens both halves of every block
+            # processed over (2 x depth x its real input tokens), averaged over the batch
+            cur.keep_achieved = float((run.work.double() / (2 * run.depth * run.input_real.double())).mean())
             if run.dims is not None:
                 f = run.dims.flops(cur.tokens_attn, cur.tokens_mlp)
                 cur.flops = {"gflops": f["gflops"], "gflops_unreduced": run.dims.flops()["gflops"]}
@@ -219,13 +225,12 @@ def capture_hook(run: BlockRun, *keys: str) -> Callable[..., None]:
     return hook
 
 
-
-
 def attach_blocks(model: nn.Module, method: Any, method_name: str, family: BlockFamily, grid: tuple[int, int] | None,
                   dims: Any = None) -> tuple[Handle, BlockRun, Patcher]:
     """Patch the blocks of ``model`` with ``method``: block forwards, q/k capture hooks where the method
     reduces and needs attention context. Returns the handle, the run and the patcher (for extra patches)."""
     blocks = family.blocks(model)
+    method.label = method_name  # the registered name, for messages
     method.setup(len(blocks))
     run = BlockRun(method, method_name, family, blocks, family.protected(model), grid)
     run.dims = dims

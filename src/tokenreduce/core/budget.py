@@ -20,14 +20,15 @@ impossible budget raises ValueError naming the value and the accepted range.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Keep", "KeepLike", "as_method_keep", "validate_count", "validate_fraction", "validate_keep_value"]
+__all__ = ["Keep", "KeepLike", "as_method_keep", "closest_plan", "layer_work", "validate_count", "validate_fraction",
+           "validate_keep_value"]
 
 Number = int | float
 KeepLike = Union["Keep", float, Sequence[float]]
@@ -202,3 +203,35 @@ class Keep:
         if self.count is not None:
             return f"Keep(count={self.count!r})"
         return f"Keep(threshold={self.threshold!r}, min_keep={self.min_keep})"
+
+
+# ---------------------------------------------------------------------------- keep as a fraction of work
+def layer_work(protected: int, start: int, after: Sequence[int]) -> float:
+    """The fraction of the token-layer work a schedule keeps: the mean over the layers' two halves (attention,
+    then MLP, with the reduction between them) of the tokens they process, over the input tokens.
+
+    ``start`` reducible tokens enter layer 0; ``after[l]`` remain after layer l's reduction (unchanged where
+    layer l does not reduce); ``protected`` tokens (CLS) are processed everywhere."""
+    if not after:
+        return 1.0
+    total, prev = 0, start
+    for n in after:
+        total += 2 * protected + prev + n
+        prev = n
+    return total / (2 * len(after) * (protected + start))
+
+
+def closest_plan(work: Callable[[float], float], target: float, lo: float, hi: float,
+                 steps: int = 48) -> tuple[float, float]:
+    """For a non-decreasing ``work(p)`` on [lo, hi] (a schedule's kept work as a function of its knob), the
+    knob whose work is closest to ``target`` and that work: bisection for the boundary, then the nearer side."""
+    if work(hi) <= target:
+        return hi, work(hi)
+    if work(lo) >= target:
+        return lo, work(lo)
+    a, b = lo, hi  # work(a) < target <= work(b)
+    for _ in range(steps):
+        m = (a + b) / 2
+        a, b = (m, b) if work(m) < target else (a, m)
+    wa, wb = work(a), work(b)
+    return (a, wa) if target - wa < wb - target else (b, wb)
