@@ -1,0 +1,46 @@
+"""StreamingLLM on the KV cache: attention sinks + a rolling window (see :class:`StreamingLLM`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from ...registry import register
+from .base import KV, KVContext, KVMethod
+
+__all__ = ["StreamingLLM"]
+
+
+@register("streaming-llm", modality="language", integration=KV,
+          paper="Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024",
+          equation="KV = KV[:sinks] ++ KV[t-w+1:t], w = budget - sinks")
+@dataclass
+class StreamingLLM(KVMethod):
+    """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024).
+
+    The cache keeps the first ``sinks`` tokens (attention sinks) and a rolling window of the most recent
+    ones, Sec. 3.2: ``KV = KV[0:sinks] ++ KV[t-w+1 : t]``, ``w = budget - sinks``. Evicts after every forward
+    (prefill included) so the cache never exceeds the budget; no scores are computed. Paper default: 4 sinks.
+    """
+
+    sinks: int = 4
+    phase: ClassVar[str] = "decode"
+    shared_heads: ClassVar[bool] = True
+    min_free: ClassVar[int] = 1  # a window of at least one recent token
+    name: ClassVar[str] = "streaming-llm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
+
+    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+        return ctx.first(self.sinks)[:, :1]
+
+    def forced_desc(self) -> str:
+        return f"sinks ({self.sinks}) + a window of at least 1"
+
+    def score(self, ctx: KVContext) -> Tensor:
+        return ctx.pos[:, :1].float()  # most recent first
