@@ -152,13 +152,44 @@ def test_tome_r_and_keep_targets(images):
     with tr.apply(model, "tome", r=4) as h:
         model(images)
     assert h.stats.tokens_attn == [65, 61, 57, 53] and h.stats.final_tokens == [49] * 3
-    with tr.apply(model, "tome", keep=0.25) as h:
+    with tr.apply(model, "tome", keep=tr.Keep(count=16)) as h:  # a count: the final reducible tokens
         model(images)
-    assert h.stats.final_tokens == [1 + 16] * 3  # CLS + 25% of 64 patches
+    assert h.stats.final_tokens == [1 + 16] * 3  # CLS + 16 of 64 patches
+    with tr.apply(model, "tome", keep=0.75) as h:  # a fraction: of the token-block work
+        model(images)
+    assert abs(h.stats.keep_achieved - 0.75) < 0.02 and h.stats.keep == 0.75
     with tr.apply(model, "tome", r=0) as h:
         torch.testing.assert_close(model(images), _timm("sdpa")(images), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="too small for ToMe"), tr.apply(model, "tome", keep=0.01):
+    with pytest.raises(ValueError, match="too small for ToMe"), tr.apply(model, "tome", keep=tr.Keep(count=1)):
         model(images)
+    with pytest.raises(ValueError, match=r"below the least token-block work.*accepted: keep in \[0\.5"), \
+            tr.apply(model, "tome", keep=0.25):
+        model(images)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep", [0.9, 0.75, 0.6])
+def test_keep_means_the_same_work_for_every_method(keep, images):
+    """One meaning of keep on ViT layers: the fraction of the token-block work kept. Every method lands
+    within a few points of it (and so of each other), whatever its own schedule; it reports what it ran."""
+    model = _timm("sdpa")
+    for method in VISION_METHODS:
+        with tr.apply(model, method, keep=keep) as h:
+            model(images)
+        st = h.stats
+        work = sum(a + b for a, b in zip(st.tokens_attn, st.tokens_mlp)) / (2 * len(st.tokens_attn) * st.input_tokens)
+        assert abs(st.keep_achieved - work) < 1e-9, method  # what is reported is what ran
+        assert abs(st.keep_achieved - keep) < 0.04, (method, keep, st.keep_achieved)
+
+
+def test_keep_is_required_and_never_a_plain_int(images):
+    model = _timm("sdpa")
+    with pytest.raises(TypeError, match="keep is required: fraction of the token-block work"):
+        tr.apply(model, "evit")
+    for bad in (1, 2):  # keep=1 used to leave CLS plus one token
+        with pytest.raises(TypeError, match=r"ambiguous.*tr.Keep\(count="):
+            tr.apply(model, "tome", keep=bad)
+    assert not hasattr(model.blocks[0], "__dict__") or "forward" not in model.blocks[0].__dict__  # nothing patched
 
 
 @torch.no_grad()
@@ -173,7 +204,7 @@ def test_bf16_runs(images):
 @torch.no_grad()
 def test_unmerge_maps_back_to_grid(images):
     model = _hf_vit_model("sdpa")
-    with tr.apply(model, "tome", keep=0.5) as h:
+    with tr.apply(model, "tome", keep=tr.Keep(count=32)) as h:
         out = model(pixel_values=images).last_hidden_state
         full = h.unmerge(out)
     assert out.shape[1] == 33 and full.shape == (3, 65, 32)
