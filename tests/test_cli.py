@@ -35,7 +35,7 @@ def test_train_vlm_options_address_the_cached_model(tmp_path, monkeypatch):
     reported instead of retrained (``--ground-weight 0``: the model trained before word grounding)."""
     import json
 
-    from tokenreduce.models.small_vlm import VLMTrainConfig, checkpoint_dir
+    from tokenreduce.models.vlm import VLMTrainConfig, checkpoint_dir
 
     monkeypatch.setenv("TOKENREDUCE_CACHE", str(tmp_path))
     for c, acc in ((VLMTrainConfig(ground_weight=0.0), 0.25), (VLMTrainConfig(), 0.75)):

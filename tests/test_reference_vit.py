@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from tokenreduce.data.digits import ClutteredDigitsConfig, make_cluttered_digits
-from tokenreduce.models.reference_vit import (
+from tokenreduce.models.vit import (
     ConvStemPatchEmbed,
     TrainConfig,
     build_reference_vit,

@@ -247,7 +247,7 @@ def test_methods_table_lists_papers():
 def test_reference_vit_accuracy_under_reduction():
     """On the trained reference ViT (cached; skipped if missing): keep=1 reproduces the recorded test
     accuracy on the same images, and every method at keep=0.75 stays within 10 points of it."""
-    from tokenreduce.models.reference_vit import checkpoint_dir, load_reference_vit, reference_eval_set
+    from tokenreduce.models.vit import checkpoint_dir, load_reference_vit, reference_eval_set
 
     if not (checkpoint_dir() / "model.pt").is_file():
         pytest.skip("reference ViT not trained (tokenreduce train vit)")

@@ -63,7 +63,7 @@ def test_spatial_rationale_names_where_each_digit_is(vqa):
     """A spatial question's rationale puts each named digit in its cell, and the answer follows from the
     two cells; the other types have none."""
     from tokenreduce.data.vqa import _rel_holds
-    from tokenreduce.models.small_vlm import parse_answer, training_target
+    from tokenreduce.models.vlm import parse_answer, training_target
 
     n = 0
     for qa in vqa.qas:
@@ -92,7 +92,7 @@ def test_spatial_choice_form():
     (the one the yes/no question asks or its opposite), is balanced over its four answers, keeps the
     rationale, and the axis rationale decides it; bad forms are refused."""
     from tokenreduce.data.vqa import _rel_holds
-    from tokenreduce.models.small_vlm import VLMTrainConfig, axis_rationale, eval_set, parse_answer, training_target
+    from tokenreduce.models.vlm import VLMTrainConfig, axis_rationale, eval_set, parse_answer, training_target
 
     yn = make_vqa_set("test", 400, seed=5, types=("spatial",))
     ch = make_vqa_set("test", 400, seed=5, types=("spatial",), spatial="choice")
@@ -124,7 +124,7 @@ def test_spatial_choice_form():
 
 
 def test_parse_answer():
-    from tokenreduce.models.small_vlm import parse_answer
+    from tokenreduce.models.vlm import parse_answer
 
     assert parse_answer(["7", "</s>"]) == "7"
     assert parse_answer(["7", "3"]) == "7"  # no eos within the budget: the first word, as before
@@ -180,7 +180,7 @@ def test_bad_config_and_args():
 
 # ---------------------------------------------------------------------------- tokenizer / model building
 def test_tokenizer_and_prompts():
-    from tokenreduce.models.small_vlm import build_tokenizer, encode_prompts
+    from tokenreduce.models.vlm import build_tokenizer, encode_prompts
 
     tok = build_tokenizer()
     ids = tok("what digit is at the top left ? answer : 3", add_special_tokens=False)["input_ids"]
@@ -194,7 +194,7 @@ def test_tokenizer_and_prompts():
 def test_small_vlm_is_a_real_llava_and_config_hash():
     from transformers import LlavaForConditionalGeneration
 
-    from tokenreduce.models.small_vlm import VLMTrainConfig, build_small_vlm
+    from tokenreduce.models.vlm import VLMTrainConfig, build_small_vlm
 
     c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, route_layers=(0,), text_heads=2, text_kv_heads=1)
     m = build_small_vlm(c)
@@ -210,7 +210,7 @@ def test_grid_position_projector():
     """The optional 2-D position embedding after LLaVA's projector: MAE's sine-cosine code at the asked RMS,
     one row per patch (the row code depends on the row only, the column code on the column only), absent
     from the cache hash when off, and a real parameter of the saved model."""
-    from tokenreduce.models.small_vlm import GridPositionProjector, VLMTrainConfig, build_small_vlm, grid_sincos
+    from tokenreduce.models.vlm import GridPositionProjector, VLMTrainConfig, build_small_vlm, grid_sincos
 
     code = grid_sincos(12, 128)
     assert code.shape == (144, 128)
@@ -248,13 +248,10 @@ def test_grid_position_projector():
 
 
 def test_conv_stem_and_patch_labels():
-    from tokenreduce.models.small_vlm import (
-        ConvStemPatchEmbed,
-        VLMTrainConfig,
-        _patch_class,
-        _patch_labels,
-        build_small_vlm,
-    )
+    from tokenreduce.models.vlm import VLMTrainConfig, build_small_vlm
+    from tokenreduce.models.vlm.model import ConvStemPatchEmbed
+    from tokenreduce.models.vlm.targets import patch_class as _patch_class
+    from tokenreduce.models.vlm.targets import patch_labels as _patch_labels
 
     c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, route_layers=(0,), text_heads=2, text_kv_heads=1)
     m = build_small_vlm(c)
@@ -283,16 +280,21 @@ def test_conv_stem_and_patch_labels():
 
 
 def test_aux_targets_and_per_type_loss():
-    from tokenreduce.models.small_vlm import (
-        _LOSS_TYPES,
-        _N_AUX,
-        _N_WHAT,
-        VLMTrainConfig,
-        _aux_loss,
-        _lm_loss,
-        _patch_labels,
-        _training_batch,
-        build_tokenizer,
+    from tokenreduce.models.vlm import VLMTrainConfig, build_tokenizer
+    from tokenreduce.models.vlm.batches import training_batch as _training_batch
+    from tokenreduce.models.vlm.losses import aux_loss as _aux_loss
+    from tokenreduce.models.vlm.losses import lm_loss as _lm_loss
+    from tokenreduce.models.vlm.targets import (
+        LOSS_TYPES as _LOSS_TYPES,
+    )
+    from tokenreduce.models.vlm.targets import (
+        N_AUX as _N_AUX,
+    )
+    from tokenreduce.models.vlm.targets import (
+        N_WHAT as _N_WHAT,
+    )
+    from tokenreduce.models.vlm.targets import (
+        patch_labels as _patch_labels,
     )
 
     c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, route_layers=(0,), text_heads=2, text_kv_heads=1,
@@ -355,13 +357,9 @@ def test_aux_targets_and_per_type_loss():
 def test_reduction_augmentation_equals_masking():
     """Warm-restart augmentation (restart_drop): a reduced image with its original position ids is the
     full sequence with the dropped visual tokens masked out; same questions and scenes as unreduced."""
-    from tokenreduce.models.small_vlm import (
-        VLMTrainConfig,
-        _train_forward,
-        _training_batch,
-        build_small_vlm,
-        build_tokenizer,
-    )
+    from tokenreduce.models.vlm import VLMTrainConfig, build_small_vlm, build_tokenizer
+    from tokenreduce.models.vlm.batches import train_forward as _train_forward
+    from tokenreduce.models.vlm.batches import training_batch as _training_batch
 
     c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=2, route_layers=(0,), text_heads=2, text_kv_heads=1,
                        batch_size=3, restart_drop=1.0, drop_merge=0.0, drop_keep_positions=1.0)
@@ -404,7 +402,7 @@ def test_reduction_augmentation_equals_masking():
 def test_v3_model_stays_addressable():
     """The augmentation fields are absent from the hash when off: ``restart_drop=0, restart_steps=600`` is the
     cached v3 model, and the default's parent is v3's parent (the 1100-step model)."""
-    from tokenreduce.models.small_vlm import VLMTrainConfig
+    from tokenreduce.models.vlm import VLMTrainConfig
 
     old = {"prompt": "question_first", "route_weight": 0.0, "rationale_axis": False,  # models up to f5ac68a128
            "visual_position": 0.0, "spatial_choice": False, "ground_weight": 0.0}
@@ -420,7 +418,7 @@ def test_v3_model_stays_addressable():
 
 
 def test_missing_checkpoint_error(tmp_path, monkeypatch):
-    from tokenreduce.models.small_vlm import VLMTrainConfig, load_small_vlm
+    from tokenreduce.models.vlm import VLMTrainConfig, load_small_vlm
 
     monkeypatch.setenv("TOKENREDUCE_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="tokenreduce train vlm"):
@@ -431,7 +429,7 @@ def test_missing_checkpoint_error(tmp_path, monkeypatch):
 def test_vlm_bench_smoke(tmp_path):
     from tokenreduce.bench.results import read_results
     from tokenreduce.bench.vlm import run_vlm_bench
-    from tokenreduce.models.small_vlm import VLMTrainConfig, build_small_vlm, build_tokenizer, eval_set
+    from tokenreduce.models.vlm import VLMTrainConfig, build_small_vlm, build_tokenizer, eval_set
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -488,7 +486,8 @@ def test_routing_targets_name_the_cells_each_answer_word_needs():
     """Routing supervision targets (route_weight > 0): the query position of each lookup and the scene cells
     it must attend to, for every question type, with and without rationales."""
     from tokenreduce.data.vqa import POSITION_NAMES, make_vqa_set
-    from tokenreduce.models.small_vlm import _routing_targets, training_target
+    from tokenreduce.models.vlm import training_target
+    from tokenreduce.models.vlm.targets import routing_targets as _routing_targets
 
     data = make_vqa_set("train", 40, seed=5, types=QUESTION_TYPES + ("describe",))
     seen = set()
@@ -526,14 +525,10 @@ def test_routing_targets_name_the_cells_each_answer_word_needs():
 def test_routing_loss_equals_eager_attention_share():
     """_routing_loss recomputes one head's attention from the captured layer inputs; it must equal -log of
     the share that the eager attention weights put on the target cells' visual tokens."""
-    from tokenreduce.models.small_vlm import (
-        VLMTrainConfig,
-        _RouteProbe,
-        _routing_loss,
-        _training_batch,
-        build_small_vlm,
-        build_tokenizer,
-    )
+    from tokenreduce.models.vlm import VLMTrainConfig, build_small_vlm, build_tokenizer
+    from tokenreduce.models.vlm.batches import training_batch as _training_batch
+    from tokenreduce.models.vlm.losses import RouteProbe as _RouteProbe
+    from tokenreduce.models.vlm.losses import routing_loss as _routing_loss
 
     c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=3, text_heads=4, text_kv_heads=2,
                        batch_size=3, route_weight=0.5, route_layers=(0, 2), route_head=3)
@@ -564,7 +559,8 @@ def test_routing_loss_equals_eager_attention_share():
 def test_routing_targets_follow_the_kept_patches_of_reduced_images():
     """With the warm restart's reduction augmentation a route's target columns are the kept tokens whose
     patches lie in its cells; routes whose digits were all dropped, and pooled images, have none."""
-    from tokenreduce.models.small_vlm import VLMTrainConfig, _training_batch, build_tokenizer
+    from tokenreduce.models.vlm import VLMTrainConfig, build_tokenizer
+    from tokenreduce.models.vlm.batches import training_batch as _training_batch
 
     c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=3, text_heads=4, text_kv_heads=2,
                        batch_size=6, route_weight=0.5, route_layers=(1,), restart_drop=1.0, drop_merge=0.0)
@@ -587,7 +583,8 @@ def test_axis_rationale_decides_the_answer():
     """rationale_axis: the spatial rationale names each digit's column (left/right questions) or row
     (above/below), and the yes/no follows from those two words alone; off, it is not in the hash."""
     from tokenreduce.data.vqa import make_vqa_set
-    from tokenreduce.models.small_vlm import VLMTrainConfig, _routing_targets, axis_rationale, training_target
+    from tokenreduce.models.vlm import VLMTrainConfig, axis_rationale, training_target
+    from tokenreduce.models.vlm.targets import routing_targets as _routing_targets
 
     assert VLMTrainConfig().config_hash() != VLMTrainConfig(rationale_axis=False).config_hash()
     order = {"left": 0, "center": 1, "right": 2, "top": 0, "bottom": 2}
@@ -611,7 +608,9 @@ def test_text_relation_sequences():
     """text_relation: text-only spatial turns appended to the batch, no image tokens, trained only on the
     words text determines (copied digits, commas, yes/no, </s>), one tagged yes/no per turn, consistent
     with the rationale's positions."""
-    from tokenreduce.models.small_vlm import _LOSS_TYPES, VLMTrainConfig, _training_batch, build_tokenizer
+    from tokenreduce.models.vlm import VLMTrainConfig, build_tokenizer
+    from tokenreduce.models.vlm.batches import training_batch as _training_batch
+    from tokenreduce.models.vlm.targets import LOSS_TYPES as _LOSS_TYPES
 
     c = VLMTrainConfig(batch_size=2, text_relation=3, spatial_choice=False)
     b = _training_batch(c, 7, build_tokenizer())
@@ -641,7 +640,8 @@ def test_text_relation_sequences():
 def test_describe_order_by_value():
     """describe_order="value": a describe turn lists its regular digits by ascending value (the small digit
     last), with each digit's own place; the default keeps the generator's cell order and the hash."""
-    from tokenreduce.models.small_vlm import VLMTrainConfig, _ordered_description
+    from tokenreduce.models.vlm import VLMTrainConfig
+    from tokenreduce.models.vlm.targets import ordered_description as _ordered_description
 
     data = make_vqa_set("train", 30, seed=2, types=("describe",))
     for qa in data.qas:
@@ -665,7 +665,9 @@ def test_grounding_loss_reads_tokens_through_the_word_embeddings():
     """ground_weight: the projected visual tokens, read through the input embedding matrix, name their
     digit's value (inked patches) and their cell's column and row words; tokens built from those words'
     embeddings score a low loss, shuffled ones a high one."""
-    from tokenreduce.models.small_vlm import VLMTrainConfig, _grounding_loss, _patch_labels
+    from tokenreduce.models.vlm import VLMTrainConfig
+    from tokenreduce.models.vlm.losses import grounding_loss as _grounding_loss
+    from tokenreduce.models.vlm.targets import patch_labels as _patch_labels
 
     c = VLMTrainConfig(ground_weight=0.1)
     _, scenes, ink = generate_scenes("train", 6, seed=3)
@@ -695,7 +697,7 @@ def test_training_loop_end_to_end(tmp_path, monkeypatch):
     """train_small_vlm on a tiny config (2 vision + 2 joint steps, then a 2-step warm restart with
     token-reduction augmentation), every optional loss on: the checkpoint and metrics are written under the
     config's hash, each loss term is logged, and the saved model loads and answers."""
-    from tokenreduce.models.small_vlm import (
+    from tokenreduce.models.vlm import (
         VLMTrainConfig,
         checkpoint_dir,
         eval_set,

@@ -460,7 +460,7 @@ def test_pre_projector_reduction_keeps_each_tokens_position_code(name):
     source patch of every token a before-the-projector method keeps: a kept (unmerged) token's projected
     feature is exactly the full image's projected token of the same patch, position included; without the
     source patches the projector would refuse the shorter input."""
-    from tokenreduce.models.small_vlm import GridPositionProjector
+    from tokenreduce.models.vlm import GridPositionProjector
 
     m = _model(seed=1)
     proj = GridPositionProjector(m.config, IMG // PATCH, scale=1.0)

@@ -17,7 +17,7 @@ METHODS = [r["name"] for r in tr.methods("vlm-visual")]
 
 @pytest.fixture(scope="module")
 def vlm():
-    from tokenreduce.models.small_vlm import eval_set, load_small_vlm
+    from tokenreduce.models.vlm import eval_set, load_small_vlm
 
     try:
         model, tok, info = load_small_vlm()
@@ -50,7 +50,7 @@ def test_trained_accuracy_recorded(vlm):
 def test_reported_accuracy_reproduces(vlm):
     """A 20-per-type prefix of the reported test set, answered by generate(): the routing types and detail
     stay above their baselines."""
-    from tokenreduce.models.small_vlm import evaluate_vqa
+    from tokenreduce.models.vlm import evaluate_vqa
 
     model, tok, info, data = vlm
     r = evaluate_vqa(model, tok, data, generate=True)
@@ -64,7 +64,7 @@ def test_reported_accuracy_reproduces(vlm):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_identity_on_trained_model(vlm, name):
-    from tokenreduce.models.small_vlm import answer_questions
+    from tokenreduce.models.vlm import answer_questions
 
     model, tok, _, data = vlm
     qas = data.qas[:16]
@@ -77,7 +77,7 @@ def test_identity_on_trained_model(vlm, name):
 @pytest.mark.parametrize("name", METHODS)
 def test_reduction_shrinks_cache_on_trained_model(vlm, name):
     from tokenreduce.data.vqa import VOCAB
-    from tokenreduce.models.small_vlm import answer_questions, encode_prompts, prompt_format
+    from tokenreduce.models.vlm import answer_questions, encode_prompts, prompt_format
 
     model, tok, _, data = vlm
     qas = data.qas[:4]
@@ -98,7 +98,7 @@ def test_reduction_shrinks_cache_on_trained_model(vlm, name):
 def test_fastv_keeps_most_answers(vlm):
     """FastV at keep=0.5 (its paper setting, K=2) changes few answers of the trained model. (Before-the-LLM
     methods change many more on this small model: see the benchmark's agreement column.)"""
-    from tokenreduce.models.small_vlm import answer_questions
+    from tokenreduce.models.vlm import answer_questions
 
     model, tok, _, data = vlm
     qas = data.qas[:60]
@@ -109,7 +109,7 @@ def test_fastv_keeps_most_answers(vlm):
 
 
 def test_batch_equals_single_on_trained_model(vlm):
-    from tokenreduce.models.small_vlm import answer_questions
+    from tokenreduce.models.vlm import answer_questions
 
     model, tok, _, data = vlm
     qas = data.qas[:6]
@@ -124,7 +124,7 @@ def test_relation_step_is_learned(vlm):
     writes the right choice answer (measured 1.0 on 200 test questions with ``scripts/vlm_diagnostics.py``,
     with and without word grounding): the relation step is learned either way."""
     from tokenreduce.data.vqa import VOCAB
-    from tokenreduce.models.small_vlm import axis_rationale, encode_prompts, prompt_format
+    from tokenreduce.models.vlm import axis_rationale, encode_prompts, prompt_format
 
     model, tok, info, data = vlm
     if not info["config"].spatial_choice:
@@ -143,12 +143,7 @@ def test_lookup_is_learned(vlm):
     both of the question's digits with their true column/row (measured: both parts right 0.965 of 200 test
     questions on ``v3-0e4ba3681b``; 0.07 on ``v3-d705f465f1``, trained without word grounding)."""
     from tokenreduce.data.vqa import SPECIAL_TOKENS, VOCAB
-    from tokenreduce.models.small_vlm import (
-        RATIONALE_NEW_TOKENS,
-        axis_rationale,
-        encode_prompts,
-        prompt_format,
-    )
+    from tokenreduce.models.vlm import RATIONALE_NEW_TOKENS, axis_rationale, encode_prompts, prompt_format
 
     model, tok, info, data = vlm
     if not info["config"].ground_weight:

@@ -27,9 +27,9 @@ _PLUGINS = {
     "tokenreduce.bench.prompt": bench_app,
     "tokenreduce.bench.encoder": bench_app,
     "tokenreduce.bench.vlm": bench_app,
-    "tokenreduce.models.reference_vit": train_app,
-    "tokenreduce.models.small_vlm": train_app,
-    "tokenreduce.models.gemma": convert_app,
+    "tokenreduce.models.vit.cli": train_app,
+    "tokenreduce.models.vlm.cli": train_app,
+    "tokenreduce.models.gemma.cli": convert_app,
 }
 
 

@@ -85,7 +85,7 @@ def _predict(model: nn.Module, images: Tensor, batch: int) -> Tensor:
 
 
 def _load(train_if_missing: bool) -> tuple[nn.Module, dict[str, Any], Tensor, Tensor]:
-    from ..models.reference_vit import load_reference_vit, reference_eval_set
+    from ..models.vit import load_reference_vit, reference_eval_set
 
     model, info = load_reference_vit(train_if_missing=train_if_missing)
     images, labels = reference_eval_set("test", info["config"])

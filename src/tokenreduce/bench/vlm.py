@@ -62,7 +62,7 @@ class VlmBenchConfig:
 
 # ---------------------------------------------------------------------------- helpers
 def _answers(model: nn.Module, tok: Any, data: Any, batch: int) -> list[str]:
-    from ..models.small_vlm import answer_questions
+    from ..models.vlm import answer_questions
 
     return answer_questions(model, tok, data.images, data.qas, batch_size=batch, generate=True)
 
@@ -77,7 +77,7 @@ def _accuracy(preds: Sequence[str], data: Any) -> dict[str, float]:
 
 
 def _time_batch(tok: Any, data: Any, n: int, n_img_tokens: int, fmt: str = "image_first") -> dict[str, torch.Tensor]:
-    from ..models.small_vlm import encode_prompts
+    from ..models.vlm import encode_prompts
 
     qas = data.qas[:n]
     return encode_prompts(tok, [q.question for q in qas], data.images[[q.scene for q in qas]], n_img_tokens,
@@ -137,12 +137,12 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
         per_type = cfg.per_type
     info: dict[str, Any] = {}
     if model is None:
-        from ..models.small_vlm import eval_set, load_small_vlm
+        from ..models.vlm import eval_set, load_small_vlm
 
         model, tokenizer, info = load_small_vlm(train_if_missing=train_if_missing)
         data = eval_set("test", info["config"], per_type=per_type)
     model.eval()
-    from ..models.small_vlm import prompt_format
+    from ..models.vlm import prompt_format
 
     if prompt_format(model) == "question_first":  # SparseVLM's raters must see the question
         cfg.method_kw.setdefault("sparsevlm", {}).setdefault("raters_from", "all_text")
@@ -292,10 +292,10 @@ def _viz_question(data: Any) -> Any:
 def _kept_for_viz(model: nn.Module, tok: Any, data: Any, method: str, keep: float, kw: dict[str, Any]) -> dict[str, Any]:
     """Patch indices a method keeps on one scene: at the LLM input and, for inside-LLM methods, after its
     first in-LLM stage."""
-    from ..models.small_vlm import encode_prompts
+    from ..models.vlm import encode_prompts
 
     qa = _viz_question(data)
-    from ..models.small_vlm import prompt_format
+    from ..models.vlm import prompt_format
 
     batch = encode_prompts(tok, [qa.question], data.images[[qa.scene]], model.config.image_seq_length,
                            prompt=prompt_format(model))
