@@ -25,12 +25,9 @@ __all__ = [
     "VlmMethod",
     "check_layer",
     "increasing_layers",
-    "last_query_scores",
-    "require_fraction",
     "require_grid",
     "scaled_layers",
     "select_tokens",
-    "stage_counts",
     "top_tokens",
 ]
 
@@ -54,7 +51,8 @@ class StageView:
     """What an inside-LLM stage sees during prefill (current tokens, after earlier reductions).
 
     ``attn(layer)`` returns the attention (B, H, Q, L) that ``query`` tokens pay to all current tokens at
-    LLM ``layer`` (computed from that layer's own q/k projections for the Q query rows only).
+    LLM ``layer`` (computed from that layer's own q/k projections for the Q query rows only);
+    :meth:`last_query_scores` the last real token's row of it, :meth:`counts` a stage's budget.
     """
 
     stage: int
@@ -69,6 +67,26 @@ class StageView:
     lm_real: Tensor  # (B, L0) bool
     attn: Any  # callable(layer, query_index (B, Q)) -> (B, H, Q, L)
     n_visual0: Tensor  # (B,) visual tokens at the LLM input
+
+    def counts(self, frac: KeepLike, first: bool = True) -> Tensor:
+        """Visual tokens kept per sample at this stage: ``frac`` of the LLM-input visual tokens (or a count).
+        The first reduction of a sample that has visual tokens may not leave zero (a clear error); later
+        pyramid stages may."""
+        n_now = self.visual.sum(1)
+        if isinstance(frac, int):
+            if (n_now < frac).any():
+                raise ValueError(f"keep={frac} visual tokens is more than a sample has ({int(n_now.min())})")
+            return torch.full_like(n_now, frac)
+        k = torch.minimum(torch.round(self.n_visual0.double() * frac).long(), n_now)
+        if first and ((k < 1) & (n_now > 0)).any():
+            n = int(self.n_visual0[(k < 1) & (n_now > 0)].min())
+            raise ValueError(f"keep={frac:.4g} leaves zero of {n} visual tokens; accepted: a ratio >= {0.5 / n:.3g}")
+        return k
+
+    def last_query_scores(self, layer: int) -> Tensor:
+        """Attention the last real token pays to each current token at ``layer``, mean over heads: (B, L)."""
+        p = self.attn(layer, self.last[:, None])  # (B, H, 1, L)
+        return p.mean(1)[:, 0]
 
 
 @dataclass
@@ -114,6 +132,12 @@ class VlmMethod:
         """Vision layers whose attention this method needs -> kinds ({"cls", "mean", "keys"})."""
         return {}
 
+    def require_fraction(self, what: str) -> None:
+        """A TypeError unless ``keep`` is a float (methods whose ``keep`` is no token count); ``what`` says
+        what ``keep`` means for the method."""
+        if isinstance(self.keep, int):
+            raise TypeError(f"{what}: give a float in (0, 1]")
+
     def count(self, n: int) -> int:
         """Tokens kept out of ``n`` (before-LLM budget): round(keep * n) or the count; never zero."""
         return _count(self.keep, n)
@@ -145,12 +169,6 @@ def _count(keep: float, n: int) -> int:
         raise ValueError(f"keep={keep} leaves zero of {n} visual tokens; accepted: a ratio >= {0.5 / n:.3g} "
                          f"or a count in 1..{n}")
     return k
-
-
-def require_fraction(keep: KeepLike, what: str) -> None:
-    """A TypeError unless ``keep`` is a float (methods whose ``keep`` is no token count); ``what`` names it."""
-    if isinstance(keep, int):
-        raise TypeError(f"{what}: give a float in (0, 1]")
 
 
 def require_grid(info: ModelInfo, name: str) -> None:
@@ -197,26 +215,3 @@ def top_tokens(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
     B, N = scores.shape
     valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
     return select_tokens(x, ops.masked_topk(scores, valid, torch.full((B,), k)))
-
-
-# ---------------------------------------------------------------------------- inside the LLM: stage budgets
-def stage_counts(view: StageView, frac: KeepLike, first: bool = True) -> Tensor:
-    """Visual tokens kept per sample at this stage: ``frac`` of the LLM-input visual tokens (or a count).
-    The first reduction of a sample that has visual tokens may not leave zero (a clear error); later
-    pyramid stages may."""
-    n_now = view.visual.sum(1)
-    if isinstance(frac, int):
-        if (n_now < frac).any():
-            raise ValueError(f"keep={frac} visual tokens is more than a sample has ({int(n_now.min())})")
-        return torch.full_like(n_now, frac)
-    k = torch.minimum(torch.round(view.n_visual0.double() * frac).long(), n_now)
-    if first and ((k < 1) & (n_now > 0)).any():
-        n = int(view.n_visual0[(k < 1) & (n_now > 0)].min())
-        raise ValueError(f"keep={frac:.4g} leaves zero of {n} visual tokens; accepted: a ratio >= {0.5 / n:.3g}")
-    return k
-
-
-def last_query_scores(view: StageView, layer: int) -> Tensor:
-    """Attention the last real token pays to each current token at ``layer``, mean over heads: (B, L)."""
-    p = view.attn(layer, view.last[:, None])  # (B, H, 1, L)
-    return p.mean(1)[:, 0]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ...core import ops
 from ...core.budget import KeepLike
 from ...registry import register
-from .base import VLM, ModelInfo, StageDecision, StageView, VlmMethod, check_layer, last_query_scores, stage_counts
+from .base import VLM, ModelInfo, StageDecision, StageView, VlmMethod, check_layer
 
 __all__ = ["FastV"]
 
@@ -32,5 +32,5 @@ class FastV(VlmMethod):
         self.stages = (check_layer(self.layer, info.depth, "layer"),)
 
     def reduce_stage(self, view: StageView) -> StageDecision:
-        s = last_query_scores(view, view.layer - 1)
-        return StageDecision(ops.masked_topk(s, view.visual, stage_counts(view, self.keep)))
+        s = view.last_query_scores(view.layer - 1)
+        return StageDecision(ops.masked_topk(s, view.visual, view.counts(self.keep)))

@@ -9,18 +9,7 @@ from typing import ClassVar
 from ...core import ops
 from ...core.budget import KeepLike
 from ...registry import register
-from .base import (
-    VLM,
-    ModelInfo,
-    StageDecision,
-    StageView,
-    VlmMethod,
-    increasing_layers,
-    last_query_scores,
-    require_fraction,
-    scaled_layers,
-    stage_counts,
-)
+from .base import VLM, ModelInfo, StageDecision, StageView, VlmMethod, increasing_layers, scaled_layers
 
 __all__ = ["PDrop"]
 
@@ -47,13 +36,13 @@ class PDrop(VlmMethod):
         super().setup(info)
         layers = self.layers if self.layers is not None else scaled_layers((8, 16, 24), 32, info.depth)
         layers = increasing_layers(layers, info.depth)
-        require_fraction(self.keep, "pdrop's keep is the per-stage ratio lambda")
+        self.require_fraction("pdrop's keep is the per-stage ratio lambda")
         self.stages = layers
 
     def score_layer(self, stage: int) -> int:
         return self.stages[stage]
 
     def reduce_stage(self, view: StageView) -> StageDecision:
-        s = last_query_scores(view, view.layer)
+        s = view.last_query_scores(view.layer)
         frac = float(self.keep) ** (view.stage + 1)
-        return StageDecision(ops.masked_topk(s, view.visual, stage_counts(view, frac, view.stage == 0)))
+        return StageDecision(ops.masked_topk(s, view.visual, view.counts(frac, view.stage == 0)))

@@ -15,17 +15,7 @@ from ...core import visual as V
 from ...core.budget import KeepLike
 from ...core.state import TokenState, batched_index_select
 from ...registry import register
-from .base import (
-    VLM,
-    ModelInfo,
-    StageDecision,
-    StageView,
-    VlmMethod,
-    increasing_layers,
-    require_fraction,
-    scaled_layers,
-    stage_counts,
-)
+from .base import VLM, ModelInfo, StageDecision, StageView, VlmMethod, increasing_layers, scaled_layers
 
 __all__ = ["SparseVLM"]
 
@@ -60,7 +50,7 @@ class SparseVLM(VlmMethod):
         locs = tuple(self.layers) if self.layers is not None else scaled_layers((2, 6, 15), 32, info.depth, low=0)
         locs = tuple(l for l in locs if l < info.depth - 1) or (0,)
         locs = increasing_layers(locs, info.depth - 1, low=0)
-        require_fraction(self.keep, "sparsevlm's keep is a layer-averaged fraction")
+        self.require_fraction("sparsevlm's keep is a layer-averaged fraction")
         self._locs = locs
         self.stages = tuple(l + 1 for l in locs)
         self._fracs = V.sparsevlm_schedule(float(self.keep), self.stages, info.depth)
@@ -90,7 +80,7 @@ class SparseVLM(VlmMethod):
         q_idx, q_ok = ops.compact(raters)
         p = view.attn(view.layer - 1, q_idx).mean(1)  # (B, Q, L)
         s = (p * q_ok[..., None]).sum(1) / q_ok.sum(1, keepdim=True).clamp(min=1)
-        keep = ops.masked_topk(s, view.visual, stage_counts(view, self._fracs[view.stage], view.stage == 0))
+        keep = ops.masked_topk(s, view.visual, view.counts(self._fracs[view.stage], view.stage == 0))
         deleted = view.visual & ~keep
         extra = extra_valid = None
         if self.recycle > 0 and deleted.any():

@@ -12,7 +12,7 @@ from ...core import visual as V
 from ...core.budget import KeepLike
 from ...core.criteria import divprune_order
 from ...registry import register
-from .base import VLM, ModelInfo, StageDecision, StageView, VlmMethod, check_layer, last_query_scores, top_tokens
+from .base import VLM, ModelInfo, StageDecision, StageView, VlmMethod, check_layer, top_tokens
 
 __all__ = ["ToDRE"]
 
@@ -63,6 +63,6 @@ class ToDRE(VlmMethod):
     def reduce_stage(self, view: StageView) -> StageDecision:
         drop = torch.ones(view.real.shape[0], dtype=torch.bool, device=view.real.device)
         if self.relevance > 0:
-            p = last_query_scores(view, view.layer - 1)
+            p = view.last_query_scores(view.layer - 1)
             drop = (p * view.visual).sum(1) < self.relevance
         return StageDecision(view.visual & ~drop[:, None])
