@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import masked_topk
+from .ops import compact, masked_topk
 
 __all__ = [
     "hiprune_keep",
+    "kcenter_order",
     "neighbours4",
     "pdrop_lambda",
     "sparsevlm_raters",
@@ -50,8 +51,8 @@ def visionzip_merge(x: Tensor, cls_attn: Tensor, keys: Tensor, dominant: int, co
                          f"({dominant + contextual}) <= {N} patches")
     dom = masked_topk(cls_attn, torch.ones(B, N, dtype=torch.bool, device=x.device),
                        torch.full((B,), dominant, device=x.device))
-    rest_idx = torch.argsort(dom.to(torch.int8), dim=1, stable=True)[:, : N - dominant]  # remaining, in order
-    dom_idx = torch.argsort((~dom).to(torch.int8), dim=1, stable=True)[:, :dominant]
+    rest_idx, _ = compact(~dom)  # (B, N - dominant) the remaining patches, in order
+    dom_idx, _ = compact(dom)
     n_rest = N - dominant
     if contextual == 0 or n_rest == 0:
         src = dom_idx
@@ -75,6 +76,31 @@ def visionzip_merge(x: Tensor, cls_attn: Tensor, keys: Tensor, dominant: int, co
     size = torch.cat([torch.ones(B, dominant, device=x.device), ctx_size.float()], 1)
     order = src.argsort(1)
     return tokens.gather(1, order[..., None].expand(-1, -1, D)), src.gather(1, order), size.gather(1, order)
+
+
+# ---------------------------------------------------------------------------- ToDRE
+def kcenter_order(x: Tensor, first: Tensor, k: int) -> Tensor:
+    """ToDRE's diversity stage (Li et al., arXiv:2505.18757): greedy k-center (max-min) selection over cosine
+    distances d_ij = 1 - cos(x_i, x_j), S_{t+1} = S_t + argmax_{i not in S_t} min_{j in S_t} d_ij, started at
+    ``first`` (B,) (ties: lower index). The token picked at step t < ``k`` scores N - t, the rest -inf, so
+    the top-k of the scores is the selection. x (B, N, D) -> (B, N) scores.
+
+    The same greedy as :func:`~tokenreduce.core.criteria.divprune_order`, from a given start and on the
+    plain ``1 - m @ m^T`` distances (not symmetrised).
+    """
+    B, N, _ = x.shape
+    m = F.normalize(x.float(), dim=-1)
+    dist = 1.0 - m @ m.transpose(1, 2)
+    scores = torch.full((B, N), NEG, device=x.device)
+    mind = torch.full((B, N), float("inf"), device=x.device)
+    picked = torch.zeros(B, N, dtype=torch.bool, device=x.device)
+    cur, ar = first, torch.arange(B, device=x.device)
+    for t in range(k):
+        scores[ar, cur] = float(N - t)
+        picked[ar, cur] = True
+        mind = torch.minimum(mind, dist[ar, cur])
+        cur = mind.masked_fill(picked, NEG).argmax(1)
+    return scores
 
 
 # ---------------------------------------------------------------------------- HiPrune
