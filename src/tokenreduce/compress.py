@@ -83,7 +83,7 @@ def _resolve_tokenizer(lm: Any, tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _target_tokens(keep: float | int, n: int) -> int:
+def _target_tokens(keep: float, n: int) -> int:
     """Target LM tokens: ``round(keep n)`` (at least 1) for a fraction, the count of ``Keep(count=...)``."""
     validate_keep_value(keep)
     if isinstance(keep, float):

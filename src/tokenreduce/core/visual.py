@@ -18,7 +18,6 @@ from .ops import compact, masked_topk
 
 __all__ = [
     "hiprune_keep",
-    "kcenter_order",
     "neighbours4",
     "pdrop_lambda",
     "sparsevlm_raters",
@@ -79,30 +78,6 @@ def visionzip_merge(x: Tensor, cls_attn: Tensor, keys: Tensor, dominant: int, co
 
 
 # ---------------------------------------------------------------------------- ToDRE
-def kcenter_order(x: Tensor, first: Tensor, k: int) -> Tensor:
-    """ToDRE's diversity stage (Li et al., arXiv:2505.18757): greedy k-center (max-min) selection over cosine
-    distances d_ij = 1 - cos(x_i, x_j), S_{t+1} = S_t + argmax_{i not in S_t} min_{j in S_t} d_ij, started at
-    ``first`` (B,) (ties: lower index). The token picked at step t < ``k`` scores N - t, the rest -inf, so
-    the top-k of the scores is the selection. x (B, N, D) -> (B, N) scores.
-
-    The same greedy as :func:`~tokenreduce.core.criteria.divprune_order`, from a given start and on the
-    plain ``1 - m @ m^T`` distances (not symmetrised).
-    """
-    B, N, _ = x.shape
-    m = F.normalize(x.float(), dim=-1)
-    dist = 1.0 - m @ m.transpose(1, 2)
-    scores = torch.full((B, N), NEG, device=x.device)
-    mind = torch.full((B, N), float("inf"), device=x.device)
-    picked = torch.zeros(B, N, dtype=torch.bool, device=x.device)
-    cur, ar = first, torch.arange(B, device=x.device)
-    for t in range(k):
-        scores[ar, cur] = float(N - t)
-        picked[ar, cur] = True
-        mind = torch.minimum(mind, dist[ar, cur])
-        cur = mind.masked_fill(picked, NEG).argmax(1)
-    return scores
-
-
 # ---------------------------------------------------------------------------- HiPrune
 def neighbours4(idx: Tensor, grid: tuple[int, int]) -> Tensor:
     """(B, 5k) the tokens ``idx`` (B, k) and their up/down/left/right neighbours on an (h, w) grid (the

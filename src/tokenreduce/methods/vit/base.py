@@ -48,16 +48,23 @@ def default_stage_layers(depth: int) -> tuple[int, ...]:
 
 
 def fit_work(name: str, keep: float, knob: tuple[float, float], after: Callable[[float], list[int]],
-             protected: int, start: int, where: str) -> float:
-    """The knob in ``knob`` (lo, hi) whose schedule ``after(knob)`` keeps the work closest to ``keep``; a
-    ValueError when ``keep`` is clearly below the least work the schedule reaches (``where``: why)."""
+             protected: int, start: int, where: str, notes: list[str] | None = None) -> float:
+    """The knob in ``knob`` (lo, hi) whose schedule ``after(knob)`` keeps the work closest to ``keep``.
+
+    When ``keep`` is clearly below the least work the schedule reaches (``where``: why): a ValueError naming
+    the reachable range, or, with ``notes`` (a shorter sample of a padded batch, whose few tokens cannot be
+    split finely enough), the least plan and a note."""
     def work(k: float) -> float:
         return layer_work(protected, start, after(k))
 
     least = work(knob[0])
     if keep < 0.95 * least:
-        raise ValueError(f"{name}: keep={keep} is below the least token-block work it can keep on this input "
-                         f"({least:.3f}: {where}); accepted: keep in [{least:.3f}, 1]")
+        if notes is None:
+            raise ValueError(f"{name}: keep={keep} is below the least token-block work it can keep on this input "
+                             f"({least:.3f}: {where}); accepted: keep in [{least:.3f}, 1]")
+        notes.append(f"{name}: a sample of {protected + start} tokens cannot keep less than {least:.3f} of its "
+                     f"token-block work (keep={keep}); it keeps {least:.3f}")
+        return knob[0]
     return closest_plan(work, keep, *knob)[0]
 
 
@@ -142,13 +149,14 @@ class StageMethod(VisionMethod):
         """(B, stages) counts: per sample, the stage counts of the keep rate whose work is closest to keep."""
         keep = float(self.budget.fraction)  # type: ignore[arg-type]
         rows: dict[int, list[int]] = {}
-        for start in state.reducible_counts().tolist():
+        starts = state.reducible_counts().tolist()
+        for start in starts:
             if start not in rows:
                 first = min(self._stage)
                 rate = fit_work(getattr(self, "label", type(self).__name__), keep, (1e-6, 1.0),
                                 lambda r, s=start: self._after_blocks(s, r, state.grid), state.protected, start,
                                 f"every token is processed up to the first stage, block {first} of {self.depth}; "
-                                f"move it earlier with layers=")
+                                f"move it earlier with layers=", None if start == max(starts) else self.notes)
                 rows[start] = self.stage_counts(start, rate, state.grid)
         return torch.tensor([rows[s] for s in state.reducible_counts().tolist()], dtype=torch.long,
                             device=state.x.device)

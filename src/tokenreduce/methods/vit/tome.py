@@ -70,12 +70,13 @@ class ToMe(VisionMethod):
         if self.budget.fraction is None:
             return self.budget.counts(state.reducible_counts())
         finals: dict[int, int] = {}
-        for start in state.reducible_counts().tolist():
+        starts = state.reducible_counts().tolist()
+        for start in starts:
             if start not in finals:
                 k = fit_work(getattr(self, "label", "tome"), float(self.budget.fraction), (1.0, float(max(start, 1))),
                              lambda f, s=start: self.plan(state.protected, s, round(f)), state.protected, start,
                              f"bipartite matching merges at most half of the tokens per block over {self.depth} "
-                             f"blocks")
+                             f"blocks", None if start == max(starts) else self.notes)
                 finals[start] = round(k)
         return torch.tensor([finals[s] for s in state.reducible_counts().tolist()], device=state.x.device)
 

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ...core import visual as V
 from ...core.budget import KeepLike
 from ...core.criteria import divprune_order
 from ...registry import register
@@ -54,10 +53,8 @@ class ToDRE(VlmMethod):
 
     def reduce_image(self, x: Tensor, ctx: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         k = self.count(x.shape[1])
-        if self.info.has_cls:
-            scores = V.kcenter_order(x, ctx["cls"][self.info.feature_layer].argmax(1), k)
-        else:
-            scores = divprune_order(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+        first = ctx["cls"][self.info.feature_layer].argmax(1) if self.info.has_cls else None  # else DivPrune's start
+        scores = divprune_order(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), first=first)
         return top_tokens(x, scores, k)
 
     def reduce_stage(self, view: StageView) -> StageDecision:
