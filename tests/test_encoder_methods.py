@@ -86,7 +86,7 @@ def test_invariants(family, method, tok):
             torch.testing.assert_close(mean_pool(h, out), ref_pool, atol=1e-5, rtol=1e-5)
 
         # 2. reduction: fewer tokens, ragged, batch = each sample alone, deterministic
-        h = tr.apply(model, method, keep=0.5)
+        h = tr.apply(model, method, keep=0.75)  # of the token-block work (4 layers: 0.5 is near the floor)
         out = model(**enc).last_hidden_state
         pooled = mean_pool(h, out)
         final = h.stats.final_tokens
@@ -114,7 +114,7 @@ def test_invariants(family, method, tok):
 def test_task_head_and_stats(tok):
     model = _bert(tok, cls="BertForSequenceClassification")
     enc = tok(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad(), tr.apply(model, "tome", keep=0.5) as h:
+    with torch.no_grad(), tr.apply(model, "tome", keep=0.75) as h:
         logits = model(**enc).logits
         assert logits.shape == (3, 3) and torch.isfinite(logits).all()
         st_ = h.stats
@@ -140,16 +140,18 @@ def test_random_seed_and_keep_schedule(tok):
 def test_errors(tok):
     model = _bert(tok)
     enc = tok(TEXTS, padding=True, return_tensors="pt")
-    for bad in (0.0, 1.5, -1):
+    for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="out of range"):
             tr.apply(model, "tome", keep=bad)
+    with pytest.raises(TypeError, match="ambiguous"):
+        tr.apply(model, "tome", keep=-1)
     with pytest.raises(ValueError, match="did you mean"):
         tr.apply(model, "tomee", keep=0.5)
     with pytest.raises(ValueError, match="not available at integration point 'encoder-layers'"):
         tr.apply(model, "snapkv", keep=0.5)
     with pytest.raises(ValueError, match="attention_mask"):
         mean_pool(None, torch.zeros(2, 3, 4))
-    with torch.no_grad(), tr.apply(model, "tome", keep=0.5) as h:
+    with torch.no_grad(), tr.apply(model, "tome", keep=0.75) as h:
         with pytest.raises(RuntimeError, match="not run a forward"):
             mean_pool(h, torch.zeros(3, 5, 32))
         out = model(**enc).last_hidden_state
@@ -202,3 +204,20 @@ def test_pool1d_conserves_size_and_mean(lengths, frac, protected):
         assert sizes.max() - sizes.min() <= 1 and sizes.sum() == n
         src = out.source[b, protected: protected + int(counts[b])]
         assert torch.all(src[1:] > src[:-1])
+
+
+@pytest.mark.parametrize("method", ENCODER_METHODS)
+def test_all_padding_row_and_what_users_pool_with(method, tok):
+    """A batch row that is all padding (BERT `pool` used to crash on it), and the output being shorter than the
+    input's attention mask: h.attention_mask is the mask of the output tokens, tr.mean_pool the size-aware mean."""
+    model = _bert(tok)
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    enc["attention_mask"][1] = 0
+    with torch.no_grad(), tr.apply(model, method, keep=0.75) as h:
+        out = model(**enc).last_hidden_state
+        mask = h.attention_mask
+        assert mask.shape == out.shape[:2] and mask[1].sum() == 0 and mask.sum(1).tolist() == h.stats.final_tokens
+        usual = (out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # the usual masked mean
+        pooled = tr.mean_pool(h, out)
+        assert torch.isfinite(usual).all() and pooled.shape == usual.shape
+        assert abs(h.stats.keep_achieved - 0.75) < 0.1  # the empty row neither counts nor asks for anything

@@ -192,6 +192,29 @@ def test_keep_is_required_and_never_a_plain_int(images):
     assert not hasattr(model.blocks[0], "__dict__") or "forward" not in model.blocks[0].__dict__  # nothing patched
 
 
+def test_cls_methods_refuse_a_model_without_cls(images):
+    """EViT and Token Transforming rank by the [CLS] token's attention; on a ViT without one they used to rank
+    by the first patch, silently."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    m = VisionTransformer(img_size=IMG, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=7,
+                          class_token=False, global_pool="avg").eval()
+    for method in ("evit", "token-transforming"):
+        with pytest.raises(TypeError, match=r"\[CLS\].*has none.*tome, cluster, pool, random"):
+            tr.apply(m, method, keep=0.75)
+        assert "forward" not in m.blocks[0].__dict__
+    with tr.apply(m, "tome", keep=0.75), torch.no_grad():
+        assert m(images).shape == (3, 7)
+
+
+def test_removed_handle_refuses_to_be_entered(images):
+    model = _timm("sdpa")
+    h = tr.apply(model, "tome", keep=0.75)
+    h.remove()
+    with pytest.raises(RuntimeError, match="removed.*unreduced"), h:
+        pass
+
+
 @torch.no_grad()
 def test_bf16_runs(images):
     model = _timm("sdpa").to(torch.bfloat16)

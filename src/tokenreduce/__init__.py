@@ -7,6 +7,7 @@ place them in real model families. See docs/design.md.
 
 from . import methods as _methods_pkg  # noqa: F401  (importing the methods registers them)
 from .adapters.base import Handle, Stats
+from .adapters.encoder import mean_pool
 from .api import apply, methods  # `tr.methods` is the function; the package stays tokenreduce.methods
 from .compress import compress  # `tr.compress` is the function; the module stays tokenreduce.compress
 from .core import Keep, Reducer, TokenState, criteria, strategies
@@ -23,6 +24,7 @@ __all__ = [
     "apply",
     "compress",
     "criteria",
+    "mean_pool",
     "methods",
     "strategies",
 ]

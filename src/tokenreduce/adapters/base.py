@@ -132,6 +132,18 @@ class Handle:
     def stats(self) -> Stats:
         return self._stats_fn()
 
+    @property
+    def attention_mask(self) -> Any:
+        """The (B, K) 0/1 mask of the last forward's output tokens (real tokens vs padding of a ragged batch):
+        what the usual masked mean pools with when the output is shorter than the input's mask. For the
+        size-weighted mean that equals the unreduced masked mean at keep=1.0, use ``tr.mean_pool(h, out)``."""
+        if "attention_mask" not in self._extras:
+            raise NotImplementedError(f"{self.method_name}: this integration point keeps its token positions")
+        mask = self._extras["attention_mask"]()
+        if mask is None:
+            raise RuntimeError("no forward pass has run since tr.apply")
+        return mask
+
     def unmerge(self, y: Any) -> Any:
         """Map the last forward's reduced token outputs (B,K,D) back to the input tokens (B,N,D)."""
         if "unmerge" not in self._extras:
@@ -146,6 +158,9 @@ class Handle:
             self.active = False
 
     def __enter__(self) -> Self:
+        if not self.active:
+            raise RuntimeError(f"{self!r}: the handle was removed, so the model would run unreduced; "
+                               f"call tr.apply again")
         return self
 
     def __exit__(self, *exc: object) -> None:

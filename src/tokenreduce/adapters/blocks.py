@@ -98,7 +98,7 @@ class BlockRun:
                                             grid=self.grid if self.grid and self.grid[0] * self.grid[1] + self.protected == x.shape[1] else None,
                                             check=False)
         self._bias_valid = False
-        self.input_real = self.state.mask.sum(1).clamp(min=1)
+        self.input_real = self.state.mask.sum(1)
         self._cur = Stats(method=self.name, input_tokens=x.shape[1], keep=getattr(self.method.budget, "fraction", None))
         self.method.notes = self._cur.notes
 
@@ -207,7 +207,9 @@ def make_block_forward(run: BlockRun, layer: int, qk: QK) -> Callable[..., Tenso
             cur.final_tokens = run.state.mask.sum(1).tolist()
             # the meaning of keep at vit-/encoder-layers: per sample, the tokens both halves of every block
             # processed over (2 x depth x its real input tokens), averaged over the batch
-            cur.keep_achieved = float((run.work.double() / (2 * run.depth * run.input_real.double())).mean())
+            real = run.input_real > 0  # an all-padding row processes nothing and asks for nothing
+            frac = run.work.double() / (2 * run.depth * run.input_real.clamp(min=1).double())
+            cur.keep_achieved = float(frac[real].mean()) if bool(real.any()) else 1.0
             if run.dims is not None:
                 f = run.dims.flops(cur.tokens_attn, cur.tokens_mlp)
                 cur.flops = {"gflops": f["gflops"], "gflops_unreduced": run.dims.flops()["gflops"]}
@@ -230,6 +232,10 @@ def attach_blocks(model: nn.Module, method: Any, method_name: str, family: Block
     """Patch the blocks of ``model`` with ``method``: block forwards, q/k capture hooks where the method
     reduces and needs attention context. Returns the handle, the run and the patcher (for extra patches)."""
     blocks = family.blocks(model)
+    if "cls_attn" in method.needs and family.protected(model) == 0:
+        raise TypeError(f"{method_name} ranks tokens by the attention of the [CLS] token, and this "
+                        f"{type(model).__name__} has none (no prefix token); use a method that needs no [CLS]: "
+                        f"tome, cluster, pool, random")
     method.label = method_name  # the registered name, for messages
     method.setup(len(blocks))
     run = BlockRun(method, method_name, family, blocks, family.protected(model), grid)
@@ -245,5 +251,6 @@ def attach_blocks(model: nn.Module, method: Any, method_name: str, family: Block
                 p.hook(qk.q_module.register_forward_hook(capture_hook(run, "q")))
                 p.hook(qk.k_module.register_forward_hook(capture_hook(run, "k")))
     handle = Handle(model, method_name, method, p, run.stats,
-                    extras={"unmerge": run.unmerge, "state": lambda: run.state})
+                    extras={"unmerge": run.unmerge, "state": lambda: run.state,
+                            "attention_mask": lambda: None if run.state is None else run.state.mask.long()})
     return handle, run, p

@@ -151,6 +151,8 @@ class StageMethod(VisionMethod):
         rows: dict[int, list[int]] = {}
         starts = state.reducible_counts().tolist()
         for start in starts:
+            if start == 0:  # nothing to reduce (an all-padding row)
+                rows[0] = [0] * len(self._stage)
             if start not in rows:
                 first = min(self._stage)
                 rate = fit_work(getattr(self, "label", type(self).__name__), keep, (1e-6, 1.0),

@@ -72,6 +72,8 @@ class ToMe(VisionMethod):
         finals: dict[int, int] = {}
         starts = state.reducible_counts().tolist()
         for start in starts:
+            if start == 0:  # nothing to reduce (an all-padding row)
+                finals[0] = 0
             if start not in finals:
                 k = fit_work(getattr(self, "label", "tome"), float(self.budget.fraction), (1.0, float(max(start, 1))),
                              lambda f, s=start: self.plan(state.protected, s, round(f)), state.protected, start,
