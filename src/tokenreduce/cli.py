@@ -11,11 +11,13 @@ import importlib.util
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"show_default": True},
                   help="Token reduction for vision, language and multimodal transformers.")
-bench_app = typer.Typer(no_args_is_help=True, help="Run a benchmark (JSONL + plots + HTML report).")
-train_app = typer.Typer(no_args_is_help=True, help="Train a reference model (cached in ~/.cache/tokenreduce).")
-convert_app = typer.Typer(no_args_is_help=True, help="Convert a packaged pretrained model to a cached checkpoint.")
+_SUB = {"no_args_is_help": True, "context_settings": {"show_default": True}}
+bench_app = typer.Typer(help="Run a benchmark (JSONL + plots + HTML report).", **_SUB)
+train_app = typer.Typer(help="Train a reference model (cached in ~/.cache/tokenreduce).", **_SUB)
+convert_app = typer.Typer(help="Convert a packaged pretrained model to a cached checkpoint.", **_SUB)
 app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train")
 app.add_typer(convert_app, name="convert")
@@ -51,20 +53,40 @@ def _register_plugins() -> None:
 
 
 @app.command("list")
-def list_methods(integration: str = typer.Option(None, help="Only this integration point, e.g. vit-layers")) -> None:
-    """List the registered methods: name, modality, integration point, paper."""
+def list_methods(
+    name: str = typer.Argument(None, help="A method: show its keep meaning, knobs with defaults, presets, docstring"),
+    integration: str = typer.Option(None, help="Only this integration point (vit-layers or vit, encoder-layers or "
+                                    "encoder, kv-cache or kv, prompt, vlm-visual or vlm, diffusion)"),
+) -> None:
+    """List the registered methods (name, integration point, paper), or one method in detail."""
     from rich.console import Console
     from rich.table import Table
 
     import tokenreduce as tr
+    from tokenreduce.registry import get_method
 
+    console = Console()
+    if name is not None:
+        spec = get_method(name, integration)
+        others = [r["integration"] for r in tr.methods() if r["name"] == name and r["integration"] != spec.integration]
+        console.print(f"[bold]{spec.name}[/bold] at {spec.integration} ({spec.modality}); {spec.paper}")
+        if others:
+            console.print(f"also registered at: {', '.join(others)} (--integration to choose)")
+        console.print(f"equation: {spec.equation}")
+        console.print(f"keep: {spec.keep_meaning()}")
+        console.print("knobs: " + (", ".join(f"{k}={v!r}" for k, v in spec.knobs().items()) or "none"))
+        for p, settings in spec.presets.items():
+            console.print(f"preset {p!r}: " + ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+        console.print()
+        console.print(spec.doc)
+        return
     rows = tr.methods(integration)
-    table = Table(title=f"tokenreduce methods ({len(rows)})")
-    for col in ("name", "modality", "integration", "paper"):
+    table = Table(title=f"tokenreduce methods ({len(rows)}); `tokenreduce list NAME` for one")
+    for col in ("name", "integration", "presets", "paper"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], r["modality"], r["integration"], r["paper"])
-    Console().print(table)
+        table.add_row(r["name"], r["integration"], ", ".join(r["presets"]), r["paper"])
+    console.print(table)
 
 
 @app.command()
@@ -86,8 +108,31 @@ def demo(
 
 
 def main() -> None:
+    """The console script: a usage error (bad name, keep, dtype, path, missing model) is one line and exit
+    code 2, not a traceback; ``TOKENREDUCE_DEBUG=1`` shows the traceback."""
+    import os
+    import sys
+
     _register_plugins()
-    app()
+    try:
+        app(standalone_mode=False)
+    except (typer.Exit, SystemExit) as e:
+        raise SystemExit(getattr(e, "exit_code", getattr(e, "code", 0))) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except Exception as e:  # click's own usage errors print themselves; ours are ValueError/TypeError/...
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        if os.environ.get("TOKENREDUCE_DEBUG") or not isinstance(e, (ValueError, TypeError, FileNotFoundError,
+                                                                      RuntimeError, KeyError)):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"tokenreduce: error: {msg}", file=sys.stderr)
+        print("(TOKENREDUCE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -81,10 +81,13 @@ def run_encoder_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[
 
     from ..adapters.minilm import load_minilm
     from ..data.text import lee_documents, lee_similarity_matrix, lee_test_documents
+    from .args import check_methods, parse_keeps
     from .report import format_table, html_report
     from .results import ResultWriter
     from .timing import fixed_threads, interleaved, speedup
 
+    check_methods(methods, "encoder-layers")  # every check before anything is loaded or written
+    keeps, time_keeps = parse_keeps(keeps, "keeps"), parse_keeps(time_keeps, "time_keeps")
     cfg = EncoderBenchConfig(methods=list(methods), keeps=list(keeps), time_keeps=list(time_keeps),
                              lengths=list(lengths), batch=batch, n_fidelity=n_fidelity, warmup=warmup, repeats=repeats,
                              threads=threads, out=out)
@@ -172,6 +175,7 @@ def register_cli(bench_app: Any) -> None:
         out: str = typer.Option("results/encoder", help="output directory"),
     ) -> None:
         """all-MiniLM-L6-v2 with token reduction: cosine fidelity, Spearman vs human judgements, sentences/s."""
-        run_encoder_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
-                          keeps=[float(k) for k in keep.split(",")], time_keeps=[float(k) for k in time_keep.split(",")],
+        from .args import parse_keeps, split_list
+
+        run_encoder_bench(methods=split_list(methods), keeps=parse_keeps(keep), time_keeps=parse_keeps(time_keep, "--time-keep"),
                           repeats=repeats, n_fidelity=n_fidelity, threads=threads, out=out)

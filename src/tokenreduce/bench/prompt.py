@@ -88,10 +88,16 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
     import tokenreduce as tr
 
     from ..data.passcode import make_passcode_samples
+    from .args import check_methods, parse_keeps
     from .report import format_table, html_report
     from .results import ResultWriter
     from .timing import fixed_threads
 
+    check_methods(methods, "prompt")  # every check before anything is loaded or written
+    keeps, peer_keeps = parse_keeps(keeps, "keeps"), parse_keeps(peer_keeps, "peer_keeps")
+    if peers is not None and not Path(peers).is_file():
+        raise FileNotFoundError(f"--peers {peers}: no such python interpreter (build the peers' virtualenv with "
+                                f"`make peers`)")
     cfg = PromptBenchConfig(methods=list(methods), keeps=list(keeps), n_samples=n_samples,
                             target_tokens=target_tokens, max_new_tokens=max_new_tokens, threads=threads, seed=seed,
                             peers=peers, peer_methods=list(peer_methods), peer_keeps=list(peer_keeps), out=out)
@@ -382,8 +388,8 @@ def register_cli(bench_app: Any) -> None:
         peer_keep: str = typer.Option("0.5", help="comma-separated keep values for the peers"),
     ) -> None:
         """Prompt compression on passcode retrieval with Gemma 3 270M: ratio, accuracy, latency (+ peers)."""
-        run_prompt_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
-                         keeps=[float(k) for k in keep.split(",")], n_samples=n, target_tokens=tokens, out=out,
+        from .args import parse_keeps, split_list
+
+        run_prompt_bench(methods=split_list(methods), keeps=parse_keeps(keep), n_samples=n, target_tokens=tokens, out=out,
                          threads=threads, peers=peers,
-                         peer_methods=[m.strip() for m in peer_methods.split(",") if m.strip()],
-                         peer_keeps=[float(k) for k in peer_keep.split(",")])
+                         peer_methods=split_list(peer_methods), peer_keeps=parse_keeps(peer_keep, "--peer-keep"))

@@ -29,6 +29,7 @@ import tokenreduce as tr
 
 from ..accounting.flops import ViTDims, timm_vit_dims
 from ..accounting.memory import peak_memory
+from .args import check_choice, check_methods, parse_keeps, split_list
 from .report import format_table, html_report, pareto_plot
 from .results import ResultWriter
 from .timing import fixed_threads, interleaved, retain_freed_memory, speedup
@@ -36,7 +37,7 @@ from .timing import fixed_threads, interleaved, retain_freed_memory, speedup
 __all__ = ["VitBenchConfig", "register_cli", "run_vit_bench", "zero_overhead_forward"]
 
 DEFAULT_METHODS = ("tome", "evit", "token-transforming", "cluster", "pool", "random")
-DEFAULT_KEEPS = (1.0, 0.75, 0.5, 0.35, 0.25)
+DEFAULT_KEEPS = (1.0, 0.8, 0.7, 0.6, 0.5)  # of the token-block work (registry.INTEGRATIONS)
 MALLOC_MODES = ("retain", "default")
 
 
@@ -108,10 +109,13 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     """
     from tqdm.auto import tqdm
 
+    # every check before anything is loaded or written
+    check_methods(methods, "vit-layers")
+    keeps = parse_keeps(keeps, "keeps")
+    check_choice(clock, ("wall", "cpu"), "clock")
     if clock == "cpu" and threads != 1:
         raise ValueError(f"clock='cpu' measures one thread's compute and needs threads=1, got threads={threads}")
-    if malloc not in MALLOC_MODES:
-        raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {malloc!r}")
+    check_choice(malloc, MALLOC_MODES, "malloc")
     cfg = VitBenchConfig(methods=list(methods), keeps=list(keeps), n_images=n_images, time_batch=time_batch,
                          warmup=warmup, repeats=repeats, threads=threads, clock=clock, malloc=malloc, out=out,
                          method_kw=method_kw or {})
@@ -134,7 +138,7 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
             torch.inference_mode():
         base_pred = _predict(model, images, 250)
         base_acc = (base_pred == labels).float().mean().item()
-        base_row = {"method": "none", "keep": 1.0, "accuracy": base_acc, "agreement": 1.0,
+        base_row = {"method": "none", "keep": 1.0, "keep_achieved": 1.0, "accuracy": base_acc, "agreement": 1.0,
                     "gflops": base_flops["gflops"], "flops_ratio": 1.0, "speedup": 1.0, "speedup_low": 1.0,
                     "speedup_high": 1.0, "limit_speedup": 1.0, "efficiency": 1.0, "overhead_ms": 0.0,
                     "peak_mem_mb": peak_memory(lambda: model(tbatch)) / 2**20, "mean_tokens": float(dims.num_tokens),
@@ -150,17 +154,23 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
             fns: dict[str, Callable[[], Any]] = {"none": lambda: model(tbatch)}
             handles: dict[float, Any] = {}
             per_keep: dict[float, dict[str, Any]] = {}
-            for keep in cfg.keeps:
+            for keep in list(cfg.keeps):
                 # accuracy on the full test set, stats from the timing batch
-                with tr.apply(model, method, keep=keep, **kw) as h:
-                    pred = _predict(model, images, 250)
-                    model(tbatch)
-                    st = h.stats
+                try:
+                    with tr.apply(model, method, keep=keep, **kw) as h:
+                        pred = _predict(model, images, 250)
+                        model(tbatch)
+                        st = h.stats
+                except ValueError as e:  # a keep this method's schedule cannot reach on this model: say so
+                    writer.write({"method": method, "keep": keep, "error": str(e)})
+                    rows.append({"method": method, "keep": keep, "error": str(e)})
+                    bar.update(1)
+                    continue
                 ta = [round(t) for t in st.tokens_attn]
                 tm = [round(t) for t in st.tokens_mlp]
                 fl = dims.flops(st.tokens_attn, st.tokens_mlp)
                 per_keep[keep] = {
-                    "method": method, "keep": keep,
+                    "method": method, "keep": keep, "keep_achieved": st.keep_achieved,
                     "accuracy": (pred == labels).float().mean().item(),
                     "agreement": (pred == base_pred).float().mean().item(),
                     "gflops": fl["gflops"], "flops_ratio": base_flops["total"] / fl["total"],
@@ -172,7 +182,7 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
             # timing: one interleaved group per method (unreduced, each keep, each keep's limit)
             overhead: dict[float, list[float]] = {}
             copies = []
-            for keep in cfg.keeps:
+            for keep in per_keep:
                 ta, tm = handles[keep]
                 fns[f"limit@{keep}"] = functools.partial(zero_overhead_forward(model, ta, tm), tbatch)
                 fns[f"method@{keep}"], hk = _timed_copy(model, method, keep, kw, tbatch, overhead.setdefault(keep, []))
@@ -180,8 +190,7 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
             timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True, clock=cfg.clock)
             for hk in copies:
                 hk.remove()
-            for keep in cfg.keeps:
-                row = per_keep[keep]
+            for keep, row in per_keep.items():
                 sp = speedup(timings["none"], timings[f"method@{keep}"], paired=True)
                 lim = speedup(timings["none"], timings[f"limit@{keep}"], paired=True)
                 ov = sorted(overhead[keep][cfg.warmup:] or [0.0])
@@ -214,11 +223,13 @@ def _timed_copy(model: nn.Module, method: str, keep: float, kw: dict[str, Any], 
     return call, h
 
 
-COLUMNS = ["method", "keep", "accuracy", "agreement", "gflops", "flops_ratio", "limit_speedup", "speedup",
+COLUMNS = ["method", "keep", "keep_achieved", "accuracy", "agreement", "gflops", "flops_ratio", "limit_speedup", "speedup",
            "efficiency", "overhead_ms", "mean_tokens", "final_tokens", "peak_mem_mb"]
 
 
 def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VitBenchConfig, meta: dict[str, Any]) -> None:
+    errors = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
     table = [{c: r.get(c) for c in COLUMNS} for r in rows]
     print(format_table(table, COLUMNS, title="reference ViT: accuracy vs measured speed"))
     png = pareto_plot(rows, x="speedup", y="accuracy", group="method", path=outdir / "pareto.png",
@@ -229,7 +240,11 @@ def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VitBenchConfig, meta:
     notes = ("speedup: median of per-round ratios vs the unreduced model, interleaved in the same run "
              f"({cfg.repeats} rounds, {cfg.threads} threads, batch {cfg.time_batch}, {cfg.clock} clock, "
              f"allocator: {meta.get('allocator', 'default')}); limit_speedup: the same "
-             "blocks run directly on the kept token counts (zero overhead); efficiency = speedup / limit.")
+             "blocks run directly on the kept token counts (zero overhead); efficiency = speedup / limit. "
+             "keep: the fraction of the token-block work kept; keep_achieved: what ran.")
+    if errors:
+        notes += " Not run (keep out of the method's reach): " + "; ".join(
+            f"{r['method']}@{r['keep']}: {r['error']}" for r in errors)
     html_report("tokenreduce: vision methods on the reference ViT", meta, [("results", table)],
                 [("accuracy vs measured speedup", png), ("accuracy vs FLOPs ratio", png2)],
                 outdir / "report.html", notes=notes)
@@ -253,7 +268,6 @@ def register_cli(bench_app: Any) -> None:
                                    "fresh activation) or default (glibc's adaptive mmap threshold)"),
     ) -> None:
         """Vision methods on the reference ViT: accuracy, agreement, FLOPs, measured speedup vs limit."""
-        run_vit_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
-                      keeps=[float(k) for k in keep.split(",")], out=out, n_images=n_images, repeats=repeats,
+        run_vit_bench(methods=split_list(methods), keeps=parse_keeps(keep), out=out, n_images=n_images, repeats=repeats,
                       time_batch=time_batch, threads=threads, train_if_missing=train, clock=clock,
                       malloc=malloc)

@@ -77,8 +77,8 @@ class ToMe(VisionMethod):
             if start not in finals:
                 k = fit_work(getattr(self, "label", "tome"), float(self.budget.fraction), (1.0, float(max(start, 1))),
                              lambda f, s=start: self.plan(state.protected, s, round(f)), state.protected, start,
-                             f"bipartite matching merges at most half of the tokens per block over {self.depth} "
-                             f"blocks", None if start == max(starts) else self.notes)
+                             f"ToMe removes the same number of tokens in each of the {self.depth} blocks (the paper's "
+                             f"constant r)", None if start == max(starts) else self.notes)
                 finals[start] = round(k)
         return torch.tensor([finals[s] for s in state.reducible_counts().tolist()], device=state.x.device)
 
