@@ -5,8 +5,9 @@ Three short runs on the pretrained models that install as packages (no training)
 * **KV cache** (Gemma 3 270M, converted once from its GGUF package, about a minute): pass-key retrieval
   from real news filler, the question kept; the unreduced cache against SnapKV (question window), TOVA and
   StreamingLLM at keep 0.25 (a quarter of the KV cache kept): answers right, KV bytes kept, seconds per prompt;
-* **prompt compression** (Gemma 3 270M as scorer and reader): Selective Context and LLMLingua at keep 0.5 of
-  the context: answers right, tokens kept, compression and answer seconds;
+* **prompt compression** (Gemma 3 270M as reader): Selective Context (question-agnostic, Gemma as scorer) and
+  extractive (question-aware, MiniLM relevance) at keep 0.5 of the context: answers right, tokens kept,
+  compression and answer seconds;
 * **sentence embeddings** (all-MiniLM-L6-v2): ToMe, EViT, pooling and random at keep 0.75 of the token-block
   work: Spearman correlation with the human similarity judgements of the 50 Lee documents, and cosine to
   the unreduced embeddings.
@@ -30,7 +31,7 @@ __all__ = ["run_demo"]
 
 KV_METHODS: dict[str, dict[str, Any]] = {"none": {}, "snapkv": {"window_size": "question"}, "tova": {},
                                          "streaming-llm": {}}
-PROMPT_METHODS = ("selective-context", "llmlingua")
+PROMPT_METHODS = ("selective-context", "extractive")
 ENCODER_METHODS = ("tome", "evit", "pool", "random")
 
 
@@ -95,7 +96,8 @@ def _prompt_part(model: Any, tok: Any, samples: list[Any], keep: float) -> list[
         for s in samples:
             context, c_sec = s.context, 0.0
             if name != "none":
-                res = tr.compress(s.context, method=name, keep=keep, lm=model, tokenizer=tok)
+                res = tr.compress(s.context, method=name, keep=keep, lm=model, tokenizer=tok,
+                                  question=s.question if name == "extractive" else None)
                 context, c_sec = res.text, res.timings["total"]
                 ratio.append(res.kept_ratio)
             text, a_sec, _ = _answer(model, tok, f"{context}\n{s.question}\n{s.answer_prefix}")
@@ -147,7 +149,7 @@ def _encoder_part(keep: float) -> list[dict[str, Any]]:
     return rows
 
 
-def run_demo(out: str = "results/demo", n_prompts: int = 6, context_tokens: int = 700, kv_keep: float = 0.25,
+def run_demo(out: str = "results/demo", n_prompts: int = 5, context_tokens: int = 600, kv_keep: float = 0.25,
              prompt_keep: float = 0.5, encoder_keep: float = 0.75) -> Path:
     """Run the three parts (see the module docstring); returns the HTML report's path."""
     from tokenreduce.data.passcode import make_passcode_samples
