@@ -10,6 +10,7 @@ from .adapters.base import Handle, Stats
 from .api import apply, methods  # `tr.methods` is the function; the package stays tokenreduce.methods
 from .compress import compress  # `tr.compress` is the function; the module stays tokenreduce.compress
 from .core import Keep, Reducer, TokenState, criteria, strategies
+from .pipelines import generate_with_question, question_length  # kv-cache QA: count / keep the question
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,8 @@ __all__ = [
     "apply",
     "compress",
     "criteria",
+    "generate_with_question",
     "methods",
+    "question_length",
     "strategies",
 ]
