@@ -158,3 +158,40 @@ def test_merge_results_parts_filter_idempotent_and_report(tmp_path):
     B.build_report(dest.parent)
     text = (dest.parent / "report.txt").read_text()
     assert text.index("Timing 'main'") < text.index("Timing 'kvpress venv'")
+
+
+# the settings each passcode variant / timing candidate ran with before they became presets (labels unchanged)
+_SETTINGS = {
+    "snapkv": {"window_size": 32, "pooling": "avgpool", "kernel_size": 5},
+    "snapkv-q": {"window_size": "question", "pooling": "avgpool", "kernel_size": 5},
+    "snapkv-q-max9": {"window_size": "question", "pooling": "maxpool", "kernel_size": 9},
+    "pyramidkv-q": {"window_size": "question"},
+    "tokenselect": {"n_init": 4, "n_local": 16},
+    "gemfilter": {"window_size": 1, "pooling": "avgpool", "kernel_size": 5},
+    "gemfilter-q-max9": {"window_size": "question", "pooling": "maxpool", "kernel_size": 9},
+}
+
+
+def test_variants_use_the_methods_presets():
+    import tokenreduce as tr
+
+    runs = {**{v: (name, kw) for v, (name, kw) in B.VARIANTS.items()},
+            **{c: (name, kw) for c, (name, _, _, kw) in B.TIMING_CANDIDATES.items() if name}}
+    for label, (name, kw) in runs.items():
+        kw = {k: v for k, v in kw.items() if k != "layers"}
+        method = tr.registry.get_method(name, "kv-cache").build(keep=0.25, question_len=3, **kw)
+        expected = _SETTINGS.get(label.split("@")[0], {})
+        assert {k: getattr(method, k) for k in expected} == expected, label
+        assert all(k == "preset" for k in kw), (label, kw)  # no setting repeated by hand
+    assert {"snapkv-q-max9", "tokenselect", "pyramidkv-q", "gemfilter-q-max9"} <= set(B.DEFAULT_VARIANTS)
+
+
+def test_ppl_part_holds_a_cache_capacity(tmp_path):
+    """The streaming perplexity runs each method at a fixed cache of ppl_budget entries (tr.Keep(count=...))."""
+    cfg = B.KVBenchConfig(ppl_tokens=48, ppl_budget=16, ppl_segment=16, ppl_streams=1, ppl_chunk=8, out=str(tmp_path))
+    with ResultWriter(tmp_path / "kv.jsonl") as w:
+        rows = B.run_ppl(_tiny_gemma(), _Tok(), cfg, w)
+    by = {r["variant"]: r for r in rows}
+    assert by["full cache"]["kv_fraction_end"] == 1.0
+    for label in ("window (no sinks)", "streaming-llm", "h2o", "tova"):
+        assert by[label]["budget"] == 16 and by[label]["kv_fraction_end"] == pytest.approx(16 / 48), label

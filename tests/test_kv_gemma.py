@@ -65,8 +65,7 @@ def test_passcode_unreduced_and_identity(gemma, prompts):
 
 def test_passcode_snapkv_question_window_at_real_keep_quarter(gemma, prompts):
     model, tok = gemma
-    hits, fr = _retrieve(model, tok, prompts, "snapkv", keep=0.25, window_size="question", pooling="maxpool",
-                         kernel_size=9)
+    hits, fr = _retrieve(model, tok, prompts, "snapkv", keep=0.25, preset="question-max9")  # bench's snapkv-q-max9
     assert all(abs(f - 0.25) < 0.01 for f in fr), fr  # real KV bytes follow keep over all layers
     assert hits >= 3, hits
 

@@ -229,7 +229,7 @@ def test_decoding_methods_hold_the_budget_while_generating(models):
     m = models("llama")
     a, _, _, _ = _prompts()
     for name in ("streaming-llm", "h2o", "tova"):
-        with _apply(m, name, keep=20) as h:  # a count: a fixed cache size (the papers' setting)
+        with _apply(m, name, keep=tr.Keep(count=20)) as h:  # a count: a fixed cache size (the papers' setting)
             m.generate(a, max_new_tokens=12, **GEN)
             assert all(k[0] == 20 for k in h.stats.kept), (name, h.stats.kept)
             assert h.stats.logical_length == 40 + 11
@@ -279,7 +279,7 @@ def test_positions_after_eviction_match_hand_reference(models, family, impl):
     m = models(family, impl)
     a, _, _, _ = _prompts()
     n, sinks, T = 40, 4, 8
-    with tr.apply(m, "streaming-llm", keep=20, sinks=sinks):  # a fixed cache of 20 entries per layer
+    with tr.apply(m, "streaming-llm", keep=tr.Keep(count=20), sinks=sinks):  # a fixed cache of 20 entries per layer
         out = m.generate(a, max_new_tokens=T, **GEN)
     w_full = 20 - sinks  # global layers: 4 sinks + 16 recent entries, + the new token
 
@@ -300,7 +300,8 @@ def test_in_place_decoding_equals_repacking_every_step(models, family, monkeypat
 
     m = models(family)
     _, _, ids, mask = _prompts()
-    for name, keep in (("streaming-llm", 20), ("h2o", 20), ("tova", 0.5), ("snapkv", 0.5)):
+    for name, keep in (("streaming-llm", tr.Keep(count=20)), ("h2o", tr.Keep(count=20)), ("tova", 0.5),
+                       ("snapkv", 0.5)):
         with _apply(m, name, keep=keep) as h:
             fast = m.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
             kept_fast = h.stats.kept
@@ -322,7 +323,7 @@ def test_plain_forward_loop_uses_logical_positions(models):
     """Without generate(): a manual decode loop (no position_ids, no mask) continues at the logical length."""
     m = models("llama")
     a, _, _, _ = _prompts()
-    with tr.apply(m, "streaming-llm", keep=20, sinks=4), torch.no_grad():
+    with tr.apply(m, "streaming-llm", keep=tr.Keep(count=20), sinks=4), torch.no_grad():
         cache = DynamicCache(config=m.config)
         out = m(a, past_key_values=cache)
         nxt = out.logits[:, -1:].argmax(-1)
@@ -374,10 +375,19 @@ def test_bf16_runs_and_shrinks(models):
 
 
 # ---------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, 0])
+@pytest.mark.parametrize("keep", [0.0, -0.5, 1.5])
 def test_keep_out_of_range(models, keep):
     with pytest.raises(ValueError, match=r"keep=.*out of range"):
         tr.apply(models("llama"), "snapkv", keep=keep)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 20])
+def test_plain_int_keep_is_refused(models, keep):
+    """keep=20 used to be a 20-entry cache: a count is only ever tr.Keep(count=20) (a capacity per layer)."""
+    m = models("llama")
+    with pytest.raises(TypeError, match=rf"keep={keep}: a plain int is ambiguous.*tr.Keep\(count={keep}\)"):
+        tr.apply(m, "streaming-llm", keep=keep)
+    assert m.config._attn_implementation == "sdpa" and "_tokenreduce_handle" not in m.__dict__
 
 
 def test_clear_errors(models):
@@ -391,26 +401,28 @@ def test_clear_errors(models):
         tr.apply(m, "snapk", keep=0.5)
     with pytest.raises(TypeError, match="unsupported model .*Llama"):
         tr.apply(torch.nn.Linear(2, 2), "snapkv", keep=0.5)
-    with tr.apply(m, "streaming-llm", keep=3, sinks=4), pytest.raises(ValueError, match=r"sinks \(4\)"):
+    with pytest.raises(ValueError, match=r"fewer than the question \(30 entries.*accepted: keep >= 0\.75"), \
+            tr.apply(m, "snapkv", keep=0.5, question_len=30):
         m.generate(a, max_new_tokens=2, **GEN)
-    with tr.apply(m, "snapkv", keep=0.1, window_size=8), pytest.raises(ValueError, match="observation window"):
+    with pytest.raises(ValueError, match=r"fewer than the question.*accepted: tr.Keep\(count=30\)"), \
+            tr.apply(m, "h2o", keep=tr.Keep(count=20), question_len=30):
         m.generate(a, max_new_tokens=2, **GEN)
     with tr.apply(m, "snapkv", keep=0.5), pytest.raises(TypeError, match="unsupported cache type StaticCache"):
         m(a, past_key_values=StaticCache(config=m.config, max_cache_len=64))
     with pytest.raises(ValueError, match="question_len"), tr.apply(m, "snapkv", keep=0.5, question_len=50):
         m.generate(a, max_new_tokens=2, **GEN)
-    with pytest.raises(TypeError, match="pyramidkv .*ratio"):
-        tr.apply(m, "pyramidkv", keep=10)
+    with pytest.raises(TypeError, match=r"pyramidkv .*ratio.*got tr.Keep\(count=10\)"):
+        tr.apply(m, "pyramidkv", keep=tr.Keep(count=10))
 
 
 def test_budget_larger_than_sequence_evicts_nothing_and_says_so(models):
     m = models("llama")
     a, _, _, _ = _prompts()
     ref = m.generate(a, max_new_tokens=4, **GEN)
-    with tr.apply(m, "knorm", keep=1000) as h:
+    with tr.apply(m, "knorm", keep=tr.Keep(count=1000)) as h:
         out = m.generate(a, max_new_tokens=4, **GEN)
         assert h.stats.kv_kept_fraction == 1.0
-    with tr.apply(m, "knorm", keep=1000) as h, torch.no_grad():
+    with tr.apply(m, "knorm", keep=tr.Keep(count=1000)) as h, torch.no_grad():
         m(a, past_key_values=DynamicCache(config=m.config))
         assert any("nothing evicted" in n for n in h.stats.notes), h.stats.notes
     assert torch.equal(_logits(out), _logits(ref))
@@ -582,7 +594,8 @@ def test_gemfilter_errors_and_notes(models):
         m.generate(a, max_new_tokens=1, **GEN)
     with pytest.raises(ValueError, match="out of range"), _apply(m, "gemfilter", keep=0.5, layer=9):
         m.generate(a, max_new_tokens=1, **GEN)
-    with pytest.raises(ValueError, match="fewer than the question"), _apply(m, "gemfilter", keep=3, question_len=5):
+    with pytest.raises(ValueError, match="fewer than the question"), \
+            _apply(m, "gemfilter", keep=tr.Keep(count=3), question_len=5):
         m.generate(a, max_new_tokens=1, **GEN)
     with pytest.raises(ValueError, match="layers= is not accepted"):
         tr.apply(m, "gemfilter", keep=0.5, layers=[2])
@@ -592,7 +605,7 @@ def test_gemfilter_errors_and_notes(models):
         with torch.no_grad():
             m(a)
         assert any("was not filtered" in n for n in h.stats.notes)
-    with _apply(m, "gemfilter", keep=40) as h:  # a budget of the whole prompt: nothing filtered, and it says so
+    with _apply(m, "gemfilter", keep=tr.Keep(count=40)) as h:  # the whole prompt: nothing filtered, and it says so
         out = m.generate(a, max_new_tokens=3, **GEN)
         assert any("nothing filtered" in n for n in h.stats.notes)
     assert torch.equal(out.sequences, m.generate(a, max_new_tokens=3, **GEN).sequences)
@@ -608,3 +621,222 @@ def test_gemfilter_with_several_returned_sequences(models):
                      pad_token_id=0)
     assert out.shape == (2, 43) and torch.equal(out[:, :40], a.expand(2, 40))
     assert torch.equal(out[:, 40:], ref[:, 20:])
+
+
+# ---------------------------------------------------------------------------- one meaning of keep
+def _achieved_from_counts(name, st):
+    """The kv-cache meaning of keep, from the stats' own counts (see KVStats)."""
+    phase = tr.registry.get_method(name, "kv-cache").cls.phase
+    if phase == "filter":
+        return sum(map(len, st.filter_kept)) / sum(st.filter_prompt)
+    if phase == "select":
+        return sum(st.attended) / sum(st.attendable)
+    kept, total = (st.prefill_kept, st.prefill_unreduced) if phase == "prefill" else (st.kept, st.unreduced)
+    return sum(map(sum, kept)) / sum(map(sum, total))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("keep", [0.5, 0.25])
+def test_keep_is_the_fraction_of_kv_entries_for_every_method(models, family, keep):
+    """One meaning of keep at the kv-cache: the fraction of the cache entries kept over all layers (after the prompt
+    for methods that compress it once, at every step for the decoding ones; TokenSelect: of the entries a query
+    attends to; GemFilter: of the prompt tokens). Every method lands within a few points of it and reports what
+    its own counts say."""
+    m = models(family)
+    _, _, ids, mask = _prompts()
+    for name in KV_METHODS:
+        with _apply(m, name, keep=keep) as h:
+            m.generate(ids, attention_mask=mask, max_new_tokens=4, **GEN)
+            st = h.stats
+        assert st.keep == keep, name
+        assert st.keep_achieved == pytest.approx(_achieved_from_counts(name, st), abs=1e-12), name
+        assert abs(st.keep_achieved - keep) < 0.04, (name, st.keep_achieved)
+        if family == "llama":  # what keep is a fraction of: the unreduced cache (40 + 3 and 28 + 3 real tokens)
+            assert st.unreduced == [[43, 31]] * 4, name
+            assert name == "gemfilter" or st.prefill_unreduced == [[40, 28]] * 4, name
+
+
+def test_keep_achieved_of_decoding_methods_at_every_step_and_of_counts(models):
+    m = models("gemma3")
+    a, _, _, _ = _prompts()
+    with tr.apply(m, "h2o", keep=0.25) as h, torch.no_grad():
+        cache = DynamicCache(config=m.config)
+        nxt = m(a, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(5):  # every step holds a quarter of what the unreduced cache holds then
+            nxt = m(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            assert abs(h.stats.keep_achieved - 0.25) < 0.03
+    with tr.apply(m, "streaming-llm", keep=tr.Keep(count=10)) as h:  # a capacity: keep is None, achieved = counts
+        m.generate(a, max_new_tokens=3, **GEN)
+        st = h.stats
+    assert st.keep is None and st.keep_achieved == pytest.approx(4 * 10 / (3 * 15 + 42))
+
+
+@pytest.mark.parametrize("name", KV_METHODS)
+def test_capacity_above_what_a_layer_holds_evicts_nothing_and_says_so(models, name):
+    """tr.Keep(count=n) is a cache capacity per layer; one larger than what a layer holds evicts nothing there,
+    and every method says so in the stats' notes (also after generate(): the prompt's notes stay visible)."""
+    m = models("gemma3")
+    a, _, _, _ = _prompts()
+    ref = m.generate(a, max_new_tokens=4, **GEN)
+    if name == "pyramidkv":  # a pyramid distributes a fraction: its widest layer may hold everything
+        with pytest.raises(TypeError, match="ratio"):
+            tr.apply(m, name, keep=tr.Keep(count=1000))
+        with _apply(m, name, keep=0.7) as h:
+            m.generate(a, max_new_tokens=4, **GEN)
+        assert any("holds every entry of a sample in layers [" in n for n in h.stats.notes), h.stats.notes
+        return
+    with _apply(m, name, keep=tr.Keep(count=1000)) as h:
+        out = m.generate(a, max_new_tokens=4, **GEN)
+        st = h.stats
+    assert torch.equal(out.sequences, ref.sequences)
+    assert st.keep is None and st.keep_achieved == 1.0
+    nothing = {"gemfilter": "nothing filtered", "tokenselect": "nothing left out of attention"}.get(name,
+                                                                                                   "nothing evicted")
+    assert any(nothing in n for n in st.notes), st.notes
+
+
+def test_paper_defaults_degrade_gracefully_on_short_prompts(models):
+    """The README's `tr.apply(llm, "snapkv", keep=0.25)` on a prompt under ~128 tokens (window 32), PyramidKV
+    likewise, TokenSelect's 128 + 512 initial/local tokens under ~2,560: the forced entries shrink to half the
+    budget (of what the question leaves), the method runs at keep, and the stats say so."""
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    cases = {"snapkv": "the observation window (32) left no room in a budget of 10 entries: shrunk to 5",
+             "pyramidkv": "the observation window (32) left no room in a budget of 10 entries: shrunk to 5",
+             "tokenselect": "n_init + n_local (128 + 512) left no room in a budget of 11 entries: shrunk to 5"}
+    for name, note in cases.items():
+        with tr.apply(m, name, keep=0.25) as h:
+            m.generate(a, max_new_tokens=4, **GEN)
+            st = h.stats
+        assert any(note in n for n in st.notes), (name, st.notes)
+        assert abs(st.keep_achieved - 0.25) < 0.03, name
+    with tr.apply(m, "snapkv", keep=0.25) as h, torch.no_grad():
+        cache = DynamicCache(config=m.config)
+        m(a, past_key_values=cache)
+    assert all(bool((layer.pos == c).any(-1).all()) for layer in cache.layers for c in range(35, 40))  # window 5
+
+
+def test_sinks_and_recent_window_shrink_to_fit(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    with tr.apply(m, "streaming-llm", keep=tr.Keep(count=3), sinks=4) as h, torch.no_grad():
+        cache = DynamicCache(config=m.config)
+        nxt = m(a, past_key_values=cache).logits[:, -1:].argmax(-1)
+        m(nxt, past_key_values=cache)
+        st = h.stats
+    assert any("the attention sinks (4) left no room in a budget of 3 entries: shrunk to 1" in n for n in st.notes)
+    assert all(sorted(layer.pos[0, 0][layer.pos[0, 0] >= 0].tolist()) == [0, 39, 40] for layer in cache.layers)
+    with tr.apply(m, "streaming-llm", keep=0.1) as h:  # a chunk of 16 at keep 0.1: a budget of 2 entries
+        out = m.generate(a, max_new_tokens=3, prefill_chunk_size=16, **GEN)
+    assert out.sequences.shape == (1, 43)
+    # H2O while decoding: the question (older than the recent tokens) and the recent window share the budget
+    with tr.apply(m, "h2o", keep=tr.Keep(count=20), question_len=15) as h:
+        m.generate(a, max_new_tokens=8, **GEN)
+        st = h.stats
+    assert any("h2o: the recent window (0.5 of the budget) left no room in a budget of 20 entries" in n
+               for n in st.notes), st.notes
+    assert all(k[0] == 20 for k in st.kept) and st.question_entries == [15]
+
+
+def test_question_longer_than_the_budget_names_the_least_keep(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    with pytest.raises(ValueError, match=r"tokenselect: the budget of layer 0 is 10 entries \(keep=0.25 of 41 "
+                                         r"entries\), fewer than the question \(20 entries, never evicted\); "
+                                         r"accepted: keep >= 0.488"), \
+            tr.apply(m, "tokenselect", keep=0.25, question_len=20):
+        m.generate(a, max_new_tokens=2, **GEN)
+
+
+# ---------------------------------------------------------------------------- presets, public helpers
+PRESETS = {("snapkv", "question"): {"window_size": "question"},
+           ("snapkv", "question-max9"): {"window_size": "question", "pooling": "maxpool", "kernel_size": 9},
+           ("gemfilter", "question-max9"): {"window_size": "question", "pooling": "maxpool", "kernel_size": 9},
+           ("pyramidkv", "question"): {"window_size": "question"},
+           ("tokenselect", "short"): {"n_init": 4, "n_local": 16}}
+
+
+@pytest.mark.parametrize("name,preset", list(PRESETS))
+def test_presets_are_the_benchmarks_settings(models, name, preset):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    with tr.apply(m, name, keep=0.5, preset=preset, question_len=4) as h:
+        assert all(getattr(h.method, k) == v for k, v in PRESETS[name, preset].items())
+        by_preset = m.generate(a, max_new_tokens=4, **GEN)
+    with tr.apply(m, name, keep=0.5, question_len=4, **PRESETS[name, preset]):
+        by_hand = m.generate(a, max_new_tokens=4, **GEN)
+    assert torch.equal(by_preset.sequences, by_hand.sequences)
+    row = next(r for r in tr.methods("kv") if r["name"] == name)
+    assert row["presets"][preset] == PRESETS[name, preset] and f'"{preset}"' in row["doc"]
+
+
+class _CharTok:
+    """A character-level tokenizer over the tiny models' vocabulary."""
+
+    def __call__(self, text, return_tensors=None):
+        ids = [ord(c) % 120 + 3 for c in text]
+
+        class Enc:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+
+        return Enc()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i) + 60) for i in ids)
+
+
+def test_question_length_and_generate_with_question_are_public(models):
+    m = models("llama")
+    tok = _CharTok()
+    context, question = "a long document about many things " * 2, "\nwhat?\n"
+    assert tr.question_length(tok, context, context + question) == len(question)
+    text, st = tr.generate_with_question(m, tok, context, question, "snapkv", 0.5, max_new_tokens=3,
+                                         preset="question")
+    assert len(text) == 3 and st.question_entries == [len(question)] and abs(st.keep_achieved - 0.5) < 0.01
+    doc = next(r for r in tr.methods("kv") if r["name"] == "h2o")["doc"]
+    assert "tr.question_length(" in doc and "tr.generate_with_question(" in doc
+
+
+# ---------------------------------------------------------------------------- errors of the adapter
+def test_unknown_keyword_lists_only_real_knobs(models):
+    m = models("llama")
+    with pytest.raises(TypeError, match=r"unexpected keyword 'sink'.*did you mean 'sinks'") as e:
+        tr.apply(m, "streaming-llm", keep=0.5, sink=2)
+    accepted = str(e.value).split("accepted keywords:")[1]
+    assert "'sinks'" in accepted and "'question_len'" in accepted
+    for class_var in ("phase", "name", "min_free", "shared_heads", "stateful"):
+        assert f"'{class_var}'" not in accepted
+        with pytest.raises(TypeError, match=f"unexpected keyword '{class_var}'"):
+            tr.apply(m, "streaming-llm", keep=0.5, **{class_var: 1})
+    assert m.config._attn_implementation == "sdpa"
+
+
+def test_second_apply_is_refused_before_touching_the_model(models):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    ref = m.generate(a, max_new_tokens=4, **GEN)
+    with tr.apply(m, "snapkv", keep=0.5) as h:
+        first = m.generate(a, max_new_tokens=4, **GEN)
+        with pytest.raises(RuntimeError, match=r"LlamaForCausalLM already has tokenreduce method 'snapkv' applied; "
+                                               r"call .remove\(\) on its handle first"):
+            tr.apply(m, "h2o", keep=0.5)
+        with pytest.raises(RuntimeError, match=r"LlamaModel already has tokenreduce method 'snapkv' applied .*"
+                                               r"call .remove\(\) on its handle first"):
+            tr.apply(m.model, "h2o", keep=0.5)
+        assert "_tokenreduce_handle" not in m.model.__dict__ and h.active
+        assert torch.equal(m.generate(a, max_new_tokens=4, **GEN).sequences, first.sequences)  # still the first
+    assert m.config._attn_implementation == "sdpa" and not m.model._forward_pre_hooks
+    assert torch.equal(m.generate(a, max_new_tokens=4, **GEN).sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_embeds_are_refused(models, bad):
+    m = models("llama")
+    a, _, _, _ = _prompts()
+    emb = m.get_input_embeddings()(a).detach().clone()
+    emb[0, 3, 5] = bad
+    with tr.apply(m, "snapkv", keep=0.5):
+        with pytest.raises(ValueError, match="inputs_embeds contains 1 NaN/Inf values; token reduction needs finite"):
+            m(inputs_embeds=emb)
+        with pytest.raises(ValueError, match="inputs_embeds contains 1 NaN/Inf"):
+            m.generate(inputs_embeds=emb, max_new_tokens=2, **GEN)

@@ -11,6 +11,7 @@ from .adapters.encoder import mean_pool
 from .api import apply, methods  # `tr.methods` is the function; the package stays tokenreduce.methods
 from .compress import compress  # `tr.compress` is the function; the module stays tokenreduce.compress
 from .core import Keep, Reducer, TokenState, criteria, strategies
+from .pipelines import generate_with_question, question_length  # kv-cache QA: count / keep the question
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,9 @@ __all__ = [
     "apply",
     "compress",
     "criteria",
+    "generate_with_question",
     "mean_pool",
     "methods",
+    "question_length",
     "strategies",
 ]

@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["run_demo"]
 
-KV_METHODS: dict[str, dict[str, Any]] = {"none": {}, "snapkv": {"window_size": "question"}, "tova": {},
+KV_METHODS: dict[str, dict[str, Any]] = {"none": {}, "snapkv": {"preset": "question"}, "tova": {},
                                          "streaming-llm": {}}
 PROMPT_METHODS = ("selective-context", "extractive")
 ENCODER_METHODS = ("tome", "evit", "pool", "random")
@@ -63,7 +63,6 @@ def _answer(model: Any, tok: Any, prompt: str, n: int = 8, apply: Callable[[], A
 
 def _kv_part(model: Any, tok: Any, samples: list[Any], keep: float) -> list[dict[str, Any]]:
     import tokenreduce as tr
-    from tokenreduce.adapters.llm import question_length
 
     rows = []
     bar = _bar(len(samples) * len(KV_METHODS), "KV cache (Gemma 3 270M)")
@@ -71,7 +70,7 @@ def _kv_part(model: Any, tok: Any, samples: list[Any], keep: float) -> list[dict
         right, secs, kept = 0, [], []
         for s in samples:
             tail = f"\n{s.question}\n{s.answer_prefix}"
-            ql = question_length(tok, s.context, s.prompt)
+            ql = tr.question_length(tok, s.context, s.prompt)
             make = None if name == "none" else (lambda q, name=name, kw=kw: tr.apply(model, name, keep=keep,
                                                                                     question_len=q, **kw))
             text, sec, st = _answer(model, tok, s.context + tail, apply=make, question_len=ql)

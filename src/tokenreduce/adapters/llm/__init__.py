@@ -35,25 +35,25 @@ decoding, through transformers' own extension points — no copied forward pass:
 
 Usage::
 
-    with tr.apply(model, "snapkv", keep=0.25, question_len=17, window_size="question") as h:
+    q = tr.question_length(tok, document, document + question)  # the question's tokens, never evicted
+    with tr.apply(model, "snapkv", keep=0.25, question_len=q, preset="question-max9") as h:
         out = model.generate(**enc, max_new_tokens=16)          # batches with left padding work too
-    h.stats.prefill_kept_fraction, h.stats.kv_bytes, h.stats.kept  # real bytes, entries per layer/sample
-    with tr.apply(model, "streaming-llm", keep=1024):           # a fixed 1024-entry cache per layer
+    h.stats.keep_achieved, h.stats.kv_bytes, h.stats.kept      # what ran, real bytes, entries per layer/sample
+    with tr.apply(model, "streaming-llm", keep=tr.Keep(count=1024)):  # a fixed 1024-entry cache per layer
         model.generate(**enc, prefill_chunk_size=512)           # chunked prefill: eviction between chunks
 
-``keep`` applies to every layer's cache as it exists (a sliding-window layer holds at most window-1 entries);
-``layers=`` restricts a method to some layers; ``question_len`` trailing prompt tokens are never evicted and
-count in the budget (:func:`question_length` counts them with a tokenizer; :mod:`tokenreduce.pipelines` runs a
-whole QA prompt). :func:`capture_prefill` / :func:`replay_prefill` (:mod:`.replay`) evaluate many methods on
-one prompt forward (benchmarks). Not supported (clear errors): StaticCache/quantized/offloaded caches,
+``keep`` is the fraction of the KV-cache entries kept, of every layer's cache as it exists (a sliding-window
+layer holds at most window-1 entries; see ``methods.kv.BUDGET_DOC``); ``tr.Keep(count=n)`` a capacity per
+layer; ``layers=`` restricts a method to some layers; ``question_len`` trailing prompt tokens are never evicted
+and count in the budget (``tr.generate_with_question`` runs a whole QA prompt). :func:`capture_prefill` /
+:func:`replay_prefill` (:mod:`.replay`) evaluate many methods on one prompt forward (benchmarks). Not supported (clear errors): StaticCache/quantized/offloaded caches,
 flash/flex attention, 4D attention masks, cropping a compressed cache (assisted decoding).
 """
 
 from .adapter import FAMILIES, LLMAdapter
 from .cache import KVLayer, KVSlidingLayer
-from .question import question_length
 from .replay import PrefillCapture, capture_prefill, replay_prefill
 from .stats import KVStats
 
 __all__ = ["FAMILIES", "KVLayer", "KVSlidingLayer", "KVStats", "LLMAdapter", "PrefillCapture", "capture_prefill",
-           "question_length", "replay_prefill"]
+           "replay_prefill"]

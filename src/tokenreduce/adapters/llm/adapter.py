@@ -15,6 +15,7 @@ from ..base import Handle, Patcher, register_adapter
 from .attention import ATTN_IMPLS, RUN_ATTR, register_interfaces, wrapped_attention
 from .filter import filtered_generate
 from .run import KVRun
+from .stats import KVStats
 
 __all__ = ["FAMILIES", "LLMAdapter", "model_family"]
 
@@ -56,8 +57,26 @@ class LLMAdapter:
         layers = getattr(base, "layers", None)
         if layers is None or not len(layers):
             raise TypeError(f"{type(model).__name__}: no decoder layers found at {type(base).__name__}.layers")
+        p = Patcher()
+        runs: list[KVRun] = []
+        # the handle first: a model that already has a method applied is refused before anything is touched
+        handle = Handle(model, method_name, method, p, lambda: runs[0].stats() if runs else KVStats(method_name))
+        try:
+            runs.append(self._patch(model, base, layers, method, method_name, p))
+        except BaseException:
+            handle.remove()
+            raise
+        return handle
+
+    def _patch(self, model: nn.Module, base: nn.Module, layers: Any, method: KVMethod, method_name: str,
+               p: Patcher) -> KVRun:
         config = base.config
         impl = config._attn_implementation
+        if impl.startswith("tokenreduce_"):  # applied to the causal LM and now to its base model (or back)
+            other = layers[0].self_attn.__dict__.get(RUN_ATTR)
+            raise RuntimeError(f"{type(model).__name__} already has tokenreduce method "
+                               f"{getattr(other, 'name', '?')!r} applied (to the model sharing its decoder layers); "
+                               f"call .remove() on its handle first")
         if impl not in ATTN_IMPLS:
             raise TypeError(f"attn_implementation={impl!r} is not supported by tokenreduce kv-cache methods; "
                             f"accepted: {', '.join(ATTN_IMPLS)} (load the model with attn_implementation='sdpa')")
@@ -65,7 +84,6 @@ class LLMAdapter:
         attn_modules = [layer.self_attn for layer in layers]
         inner = wrapped_attention(impl, attn_modules[0])
         run = KVRun(model, base, method, method_name, impl, inner, attn_modules)
-        p = Patcher()
         for m in attn_modules:
             p.set_attr(m, RUN_ATTR, run)
         old_impl = impl
@@ -82,7 +100,7 @@ class LLMAdapter:
                 raise TypeError(f"{method_name} filters the prompt of generate(): {type(model).__name__} has none "
                                 f"(apply it to the *ForCausalLM model)")
             p.set_method(model, "generate", filtered_generate(run.prompt_filter, run.name, model.generate))
-        return Handle(model, method_name, method, p, run.stats)
+        return run
 
 
 register_adapter(LLMAdapter())

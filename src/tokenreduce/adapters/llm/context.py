@@ -23,13 +23,16 @@ def entries(layer: Any, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 def layer_context(li: int, num_layers: int, layer: Any, f: Forward, query: Tensor, keys: Tensor, pos: Tensor,
-                  valid: Tensor, module: nn.Module, kwargs: dict) -> KVContext:
+                  valid: Tensor, module: nn.Module, kwargs: dict, budget: Tensor, natural: Tensor,
+                  question: Tensor) -> KVContext:
     """The :class:`KVContext` of layer ``li`` in this forward (``kwargs``: the attention call's, for the scaling
-    and softcap the model uses)."""
+    and softcap the model uses; ``budget``/``natural`` (B,) from :func:`~.budget.set_budget`, ``question``
+    (B, H, N) the question entries held)."""
     cs = f.cstate
     rel = pos - cs.first_col.view(-1, 1, 1)
     return KVContext(query=query, keys=keys, pos=pos, valid=valid, qpos=query_positions(layer, f, pos.device),
                      rel=rel, prompt_end=cs.prompt_end, question_start=cs.question_start,
                      scaling=float(kwargs.get("scaling") or module.scaling), layer=li, num_layers=num_layers,
                      window=getattr(layer, "sliding_window", None), softcap=kwargs.get("softcap"),
-                     is_prefill=f.is_prefill, state=dict(layer.state))
+                     is_prefill=f.is_prefill, state=dict(layer.state), budget=budget, natural=natural,
+                     question=question)

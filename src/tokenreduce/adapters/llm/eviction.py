@@ -25,15 +25,15 @@ def reduce_layer(method: KVMethod, num_layers: int, li: int, layer: Any, f: Forw
     keys, values, pos = entries(layer, key, value)
     if method.phase == "prefill" and not f.is_prefill:
         return
-    budget = set_budget(method, num_layers, li, layer, f)  # grows with the sequence (ratio) or up to a fixed count
+    budget, natural = set_budget(method, num_layers, li, layer, f)  # grows with the sequence (ratio) or a capacity
     valid, alive, question = regions(layer, f, pos)
     cand = alive
+    question = question & cand
     n = cand.sum(-1)  # (B, H)
     if not bool((n > budget.view(-1, 1)).any()):
-        if f.is_prefill and method.phase == "prefill":
-            f.notes.append(f"layer {li}: {int(n.max())} entries <= budget, nothing evicted")
         if method.stateful:  # keep the method's per-entry state (H2O's sums) aligned with the entries
-            ctx = layer_context(li, num_layers, layer, f, query, keys, pos, valid, module, kwargs)
+            ctx = layer_context(li, num_layers, layer, f, query, keys, pos, valid, module, kwargs, budget, natural,
+                                question)
             method.score(ctx)
             if layer.compact:
                 layer.state = dict(ctx.state)
@@ -42,10 +42,11 @@ def reduce_layer(method: KVMethod, num_layers: int, li: int, layer: Any, f: Forw
                 f.cstate.compact = True
         return
     B, H, N = pos.shape
-    ctx = layer_context(li, num_layers, layer, f, query, keys, pos, valid, module, kwargs)
-    forced = (method.forced(ctx, budget).expand(B, H, N) | question) & cand  # the question stays, in budget
-    check_budget(method, num_layers, li, budget, forced.sum(-1), n)
+    ctx = layer_context(li, num_layers, layer, f, query, keys, pos, valid, module, kwargs, budget, natural, question)
+    forced = (method.forced(ctx).expand(B, H, N) | question) & cand  # the question stays, in budget
+    check_budget(method, num_layers, li, budget, forced.sum(-1), n, question.sum(-1))
     scores = method.score(ctx)
+    f.notes.extend(ctx.notes)
     scores = scores.expand(B, H, N) if scores.shape[1] == 1 else scores
     counts = torch.minimum(n, budget.view(-1, 1))
     idx, ok = K.select_in_order(scores, cand, forced, counts)

@@ -71,9 +71,10 @@ class PromptFilter:
                             rel=pos - first.view(-1, 1, 1), prompt_end=end, question_start=end - fp.question_len,
                             scaling=float(kwargs.get("scaling") or module.scaling), layer=li,
                             num_layers=self.num_layers, window=getattr(module, "sliding_window", None),
-                            softcap=kwargs.get("softcap"), is_prefill=True)
+                            softcap=kwargs.get("softcap"), is_prefill=True, budget=fp.budget,
+                            natural=fp.mask2d.sum(1))
             fp.scores = self.method.score(ctx)
-            fp.forced = self.method.forced(ctx, fp.budget) & valid[:, :1]
+            fp.forced = self.method.forced(ctx) & valid[:, :1]
         raise FilterDone
 
     def filter_prompt(self, input_ids: Tensor, attention_mask: Tensor | None, chunk: int | None
@@ -103,15 +104,17 @@ class PromptFilter:
         assert fp.scores is not None and fp.forced is not None
         n_forced = fp.forced.sum(-1).view(-1)
         if bool((n_forced > budget).any()):
-            b = int(budget[n_forced > budget].min())
-            raise ValueError(f"{method.name}: keep={method.keep} leaves {b} prompt tokens, fewer than "
-                             f"{method.forced_desc()} ({int(n_forced.max())} tokens); accepted: a keep giving at "
-                             f"least {int(n_forced.max())} tokens")
+            b, k = int(budget[n_forced > budget].min()), int(n_forced.max())
+            least = (f"keep >= {k / int(n_real.max()):.3g}" if isinstance(method.keep, float)
+                     else f"tr.Keep(count={k}) or more")
+            raise ValueError(f"{method.name}: {method.keep_desc(layer, self.num_layers)} leaves {b} prompt tokens, "
+                             f"fewer than {method.forced_desc()} ({k} tokens); accepted: {least} or a shorter "
+                             f"question_len")
         rec = self.record
         rec.notes = []
         if bool((budget >= n_real).any()):
-            rec.notes.append(f"{method.name}: a budget >= the {int(n_real.min())} prompt tokens of a sample: "
-                             f"nothing filtered there")
+            rec.notes.append(f"{method.name}: {method.keep_desc(layer, self.num_layers)} is at least the "
+                             f"{int(n_real[budget >= n_real].max())} prompt tokens of a sample: nothing filtered there")
         idx, ok = K.select_in_order(fp.scores, mask.view(B, 1, N), fp.forced, budget.view(B, 1))
         idx, ok = idx[:, 0], ok[:, 0]
         Kmax = idx.shape[1]
@@ -122,6 +125,7 @@ class PromptFilter:
         new_ids = torch.where(keep_slot, input_ids.gather(1, gathered), torch.zeros_like(gathered))
         rec.removed = N - Kmax
         rec.kept = [idx[b][ok[b]].tolist() for b in range(B)]
+        rec.prompt = n_real.tolist()
         rec.seconds = time.perf_counter() - t0
         return new_ids, keep_slot.long()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ...core.state import check_finite
 from ...methods.kv import KVMethod
 from .eviction import reduce_layer
 from .filter import PromptFilter
@@ -34,7 +35,7 @@ class KVRun:
         self.num_layers = len(attn_modules)
         self.layer_types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers)
         self.fwd: Forward | None = None
-        self._stats = KVStats(method=name)
+        self._stats = KVStats(method=name, keep=method.keep_fraction)
         self.prompt_filter = PromptFilter(method, base, inner, self.num_layers, self.layer_types)
 
     # ------------------------------------------------------------------ hooks on the base model
@@ -49,6 +50,8 @@ class KVRun:
         ref = ids if ids is not None else emb
         if ref is None:
             raise ValueError("tokenreduce kv-cache: the model got neither input_ids nor inputs_embeds")
+        if emb is not None:
+            check_finite(emb, "inputs_embeds")  # as the other adapters: reductions would spread NaN/Inf silently
         B, q_len = int(ref.shape[0]), int(ref.shape[1])
         cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")

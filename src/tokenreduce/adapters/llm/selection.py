@@ -25,17 +25,21 @@ def select_entries(method: KVMethod, num_layers: int, impl: str, li: int, layer:
     """The (keys, values, attention mask) layer ``li`` attends to in this decoding forward (the given ones when
     the budget holds every visible entry)."""
     keys, values, pos = entries(layer, key, value)
-    budget = set_budget(method, num_layers, li, layer, f)
+    budget, natural = set_budget(method, num_layers, li, layer, f)
     _, alive, question = regions(layer, f, pos)
     qpos = query_positions(layer, f, pos.device)
     alive = alive & (pos <= qpos[0])  # entries visible to this forward's first query
+    question = question[:, :1] & alive[:, :1]
     n = alive[:, 0].sum(-1)
+    f.attendable[li] = float(n.float().mean())
     if not bool((n > budget).any()):
         f.attended[li] = float(n.float().mean())
         return key, value, mask
-    ctx = layer_context(li, num_layers, layer, f, query, keys, pos[:, :1], alive[:, :1], module, kwargs)
-    forced = (method.forced(ctx, budget)[:, :1] | question[:, :1]) & alive[:, :1]
-    check_budget(method, num_layers, li, budget, forced.sum(-1), n.view(-1, 1))
+    ctx = layer_context(li, num_layers, layer, f, query, keys, pos[:, :1], alive[:, :1], module, kwargs, budget,
+                        natural, question)
+    forced = (method.forced(ctx)[:, :1] | question) & alive[:, :1]
+    f.notes.extend(ctx.notes)
+    check_budget(method, num_layers, li, budget, forced.sum(-1), n.view(-1, 1), question.sum(-1))
     middle = alive[:, :1] & ~forced
     n_mid = torch.clamp(budget - forced.sum(-1)[:, 0], min=0)  # (B,)
     chosen = _middle(method.reuse_threshold, li, f, query, keys, pos, middle, n_mid)  # type: ignore[attr-defined]

@@ -46,7 +46,9 @@ class Forward:
     evicted: bool = False
     reduce_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    attended: dict[int, float] = field(default_factory=dict)
+    attended: dict[int, float] = field(default_factory=dict)  # layer -> entries a query attended to (batch mean)
+    attendable: dict[int, float] = field(default_factory=dict)  # layer -> entries it could see (batch mean)
+    unlimited: dict[int, int] = field(default_factory=dict)  # layer -> entries of a sample its budget holds whole
 
 
 @dataclass
@@ -57,6 +59,7 @@ class FilterRecord:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     kept: list[list[int]] = field(default_factory=list)  # kept prompt columns per sample
+    prompt: list[int] = field(default_factory=list)  # real prompt tokens per sample before filtering
     in_generate: bool = False  # a prompt filter acts inside generate() only
 
 

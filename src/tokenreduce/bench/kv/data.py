@@ -18,8 +18,8 @@ DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 def passcode_prompts(tok: Any, length: int, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """Passcode prompts (real filler) as dicts: prompt, context, answer, depth, tokens, question_len."""
-    from ...adapters.llm import question_length
     from ...data.passcode import make_passcode_samples
+    from ...pipelines import question_length
 
     samples = make_passcode_samples(n, length, lambda s: len(tok(s).input_ids), depths=DEPTHS, seed=seed)
     out = []

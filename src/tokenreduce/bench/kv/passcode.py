@@ -77,7 +77,8 @@ def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[
                             out = replay_greedy(model, None, cap, cfg.max_new_tokens)
                         else:
                             out = greedy(model, ids, cfg.max_new_tokens)
-                        rec.update(kv_fraction=1.0, kv_bytes=None, kept=None, replayed=pi >= cfg.check_replay)
+                        rec.update(kv_fraction=1.0, keep_achieved=1.0, kv_bytes=None, kept=None,
+                                   replayed=pi >= cfg.check_replay)
                     else:
                         name, kw = VARIANTS[variant]
                         with tr.apply(model, name, keep=keep, question_len=p["question_len"],
@@ -89,7 +90,8 @@ def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[
                             else:
                                 out = greedy(model, ids, cfg.max_new_tokens)
                             st = h.stats
-                        rec.update(kv_fraction=st.prefill_kept_fraction, kv_bytes=st.prefill_kv_bytes,
+                        rec.update(kv_fraction=st.prefill_kept_fraction, keep_achieved=st.keep_achieved,
+                                   kv_bytes=st.prefill_kv_bytes,
                                    kv_bytes_unreduced=st.prefill_kv_bytes_unreduced,
                                    kept=[k[0] for k in st.prefill_kept], replayed=replay)
                         if replay and pi < cfg.check_replay:  # the real path must give the same tokens
@@ -119,6 +121,7 @@ def run_passcode(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[
                 "n": len(ok), "correct": n_correct, "accuracy": n_correct / len(ok) if ok else None,
                 "kv_fraction": sum(fr) / len(fr) if fr else None,
                 "kv_saved": 1 - sum(fr) / len(fr) if fr else None,
+                "keep_achieved": sum(r["keep_achieved"] for r in ok) / len(ok) if ok else None,
                 "kv_bytes": (sum(r["kv_bytes"] for r in ok) / len(ok)) if ok and ok[0]["kv_bytes"] else None,
                 "kept_per_layer": [sum(k[i] for k in kept) / len(kept) for i in range(len(kept[0]))] if kept else None,
                 "errors": len(recs) - len(ok), "error": next((r["error"] for r in recs if r["error"]), None),

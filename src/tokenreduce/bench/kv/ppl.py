@@ -38,7 +38,7 @@ def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[
         raise ValueError(f"the text gave {ids.shape[1]} tokens, fewer than ppl_tokens + 1 = {T + 1}")
     rows = []
     for label, (name, kw) in PPL_VARIANTS.items():
-        handle = tr.apply(model, name, keep=cfg.ppl_budget, **kw) if name else None
+        handle = tr.apply(model, name, keep=tr.Keep(count=cfg.ppl_budget), **kw) if name else None
         cache = DynamicCache(config=model.config)
         nll = torch.zeros(S, T)
         t0 = time.perf_counter()

@@ -64,7 +64,8 @@ def timing_call(model: Any, tok: Any, ids: torch.Tensor, p: dict[str, Any], labe
                 out = greedy(model, ids, 1 + T, logits_processor=procs, **extra)
                 info.setdefault(label, {}).update(
                     kv_bytes=h.stats.prefill_kv_bytes, kv_fraction=h.stats.prefill_kept_fraction,
-                    kv_bytes_end=h.stats.kv_bytes, kv_fraction_end=h.stats.kv_kept_fraction)
+                    kv_bytes_end=h.stats.kv_bytes, kv_fraction_end=h.stats.kv_kept_fraction,
+                    keep_achieved=h.stats.keep_achieved)
         if split is not None:
             split[label].append((stamps.times[0] - t0, stamps.times[-1] - stamps.times[0]))
             info.setdefault(label, {})["output"] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

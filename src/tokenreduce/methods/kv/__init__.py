@@ -3,7 +3,7 @@ registers them. What they share (:class:`KVContext`, :class:`KVMethod`, the budg
 every method answers) is described in :mod:`.base`; the LLM adapter (``adapters/llm/``) places them in the
 model's own ``DynamicCache`` and attention interface."""
 
-from .base import KV, KVContext, KVMethod, check_window_and_pooling
+from .base import BUDGET_DOC, KV, QUESTION_PRESETS, KVContext, KVMethod, check_window_and_pooling, shrunk_window
 from .gemfilter import GemFilter
 from .h2o import H2O
 from .knorm import Knorm
@@ -14,5 +14,5 @@ from .streaming_llm import StreamingLLM
 from .tokenselect import TokenSelect
 from .tova import TOVA
 
-__all__ = ["H2O", "KV", "TOVA", "GemFilter", "KVContext", "KVMethod", "Knorm", "PyramidKV", "RandomKV", "SnapKV",
-           "StreamingLLM", "TokenSelect", "check_window_and_pooling"]
+__all__ = ["BUDGET_DOC", "H2O", "KV", "QUESTION_PRESETS", "TOVA", "GemFilter", "KVContext", "KVMethod", "Knorm",
+           "PyramidKV", "RandomKV", "SnapKV", "StreamingLLM", "TokenSelect", "check_window_and_pooling", "shrunk_window"]

@@ -6,25 +6,22 @@ GemFilter. Each method is a criterion (which cache entries matter) + a budget, p
 Every method answers three questions for one attention layer, given a :class:`KVContext`:
 
 * ``score(ctx)``  -> (B, H, N) scores (higher = keep), H = KV heads (per-head selection) or 1 (shared);
-* ``forced(ctx)`` -> (B, 1, N) entries that must stay (attention sinks, observation window, recent window);
-  they count against the budget, and a budget smaller than them is an error;
+* ``forced(ctx)`` -> (B, 1|H, N) entries that must stay (attention sinks, observation window, recent window);
+  they count against the layer's budget ``ctx.budget``. They are knobs sized for long prompts: where they leave
+  no room in a budget (with the question), they shrink for that layer and sample (see :data:`BUDGET_DOC`) and
+  the method says so in ``ctx.notes`` (the stats' notes);
 * ``phase``: ``"prefill"`` compress once after the prompt (SnapKV, PyramidKV, Knorm, random), ``"decode"`` keep
   the cache at its budget after every forward (StreamingLLM, H2O, TOVA: evict as the cache grows),
   ``"select"`` keep the cache whole and attend to a per-query selection (TokenSelect), or ``"filter"`` select
   prompt tokens with an early layer and run the whole generation on them (GemFilter: prefill itself shrinks).
 
-``keep`` (float in (0, 1] or int >= 1) is the fraction/count of each layer's cache entries that survive, *per
-layer as the layer's cache exists* (a Gemma 3 sliding-window layer holds at most window-1 entries, a global
-layer the whole prompt). For the decoding methods a ratio is a fraction of what the unreduced cache holds at
-every step (the cache grows by ``keep`` per new token, and chunked prefill works), a count is a fixed cache
-size (the papers' setting: StreamingLLM/H2O/TOVA caches of N tokens). ``question_len`` trailing prompt tokens (int, or one per sample) are never evicted;
-they count against the budget, so the cache holds ``keep`` of its entries in every layer whatever the split
-(context vs question of a QA pipeline). SnapKV/PyramidKV's observation window is the end of the prompt, i.e.
-the question in that setting (``window_size="question"`` makes it exactly the question).
+:data:`BUDGET_DOC` (appended to every method's docstring, so ``tokenreduce list NAME`` shows it) says what
+``keep`` and ``question_len`` mean here.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,9 +33,40 @@ from ...core import kv as K
 from ...core import ops
 from ...core.budget import Keep, KeepLike, validate_keep_value
 
-__all__ = ["KV", "KVContext", "KVMethod", "check_window_and_pooling"]
+__all__ = ["BUDGET_DOC", "KV", "QUESTION_PRESETS", "KVContext", "KVMethod", "check_window_and_pooling",
+           "shrunk_window"]
 
 KV = "kv-cache"
+
+# presets of the methods with an observation window (SnapKV, GemFilter): the question as the window, and with
+# max pooling over 9 tokens (bench kv's best settings on passcode retrieval)
+QUESTION_PRESETS: dict[str, dict[str, Any]] = {
+    "question": {"window_size": "question"},
+    "question-max9": {"window_size": "question", "pooling": "maxpool", "kernel_size": 9},
+}
+
+BUDGET_DOC = """
+Budget (every kv-cache method; PyramidKV, TokenSelect and GemFilter say above how theirs differs): ``keep`` is
+a float fraction in (0, 1] of the KV-cache entries kept, over all layers (= KV bytes): each layer keeps
+``round(keep x n)`` of the ``n`` entries its unreduced cache holds (a Gemma 3 sliding-window layer at most
+window-1, a global layer the whole sequence); methods that evict while decoding hold that at every step, of what
+the unreduced cache holds then (chunked prefill works). ``tr.Keep(count=n)`` is a cache capacity: a fixed cache
+of ``n`` entries per layer (the StreamingLLM/H2O/TOVA papers' setting); a capacity at least what a layer holds
+evicts nothing there, and the stats' notes say so. ``h.stats.keep_achieved`` is what ran (``prefill_kept`` /
+``prefill_unreduced`` entries after the prompt for methods that compress the prompt once, ``kept`` /
+``unreduced`` for those that evict while decoding).
+
+Forced entries (observation window, sinks, recent window, TokenSelect's initial/local tokens) are knobs sized
+for long prompts: where they leave no room in a layer's budget they shrink for that layer and sample (SnapKV's
+window to half the budget, StreamingLLM's sinks and TokenSelect's tokens to half of what the question leaves,
+H2O's recent window to what the question leaves) and the stats' notes say so.
+
+Question: ``question_len`` trailing prompt tokens (an int, or one per sample) are never evicted and count in
+the budget, so the cache holds ``keep`` of its entries whatever the split between context and question; a
+budget smaller than the question raises ValueError naming the least keep. Count them with
+``tr.question_length(tokenizer, context, context + question)``, or run a whole QA prompt with
+``tr.generate_with_question(model, tokenizer, context, question, method, keep)``.
+"""
 
 
 # ---------------------------------------------------------------------------- what a method sees
@@ -52,7 +80,10 @@ class KVContext:
     token (left padding removed); prompt_end (B,) first column after the prompt, question_start (B,) first
     column of the uncompressed question (= prompt_end without one); window: sliding window of
     the layer (None = global); state: per-entry tensors a method keeps between forwards (e.g. H2O's sums),
-    aligned with the entries (the adapter gathers/pads them with the cache).
+    aligned with the entries (the adapter gathers/pads them with the cache). budget (B,) the entries this layer
+    keeps; natural (B,) the entries its unreduced cache holds now (what ``keep`` is a fraction of); question
+    (B,Hkv,N) the question entries it holds (never evicted, in the budget); notes: what the method tells the stats
+    (e.g. a window shrunk to fit the budget).
     """
 
     query: Tensor
@@ -70,6 +101,10 @@ class KVContext:
     softcap: float | None = None
     is_prefill: bool = True
     state: dict[str, Tensor] = field(default_factory=dict)
+    budget: Tensor | None = None
+    natural: Tensor | None = None
+    question: Tensor | None = None
+    notes: list[str] = field(default_factory=list)
     _probs: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -111,9 +146,9 @@ class KVContext:
         n_t = torch.as_tensor(n, device=self.pos.device).reshape(-1, 1, 1)
         return self.valid & (self.pos > newest - n_t)
 
-    def first(self, n: int) -> Tensor:
-        """(B, H, N) the first ``n`` real tokens of each sample (attention sinks)."""
-        return self.valid & (self.rel < n)
+    def first(self, n: int | Tensor) -> Tensor:
+        """(B, H, N) the first ``n`` real tokens of each sample (attention sinks); ``n`` int or (B,)."""
+        return self.valid & (self.rel < torch.as_tensor(n, device=self.rel.device).reshape(-1, 1, 1))
 
     def prompt_tail(self, n: int | Tensor) -> Tensor:
         """(B, H, N) the last ``n`` prompt tokens (the observation window); ``n`` int or (B,)."""
@@ -124,6 +159,18 @@ class KVContext:
     @property
     def question_len(self) -> Tensor:
         return self.prompt_end - self.question_start
+
+    def question_held(self) -> Tensor:
+        """(B,) question entries this layer holds (0 without a question)."""
+        if self.question is None:
+            return torch.zeros_like(self.prompt_end)
+        return self.question.sum(-1).amax(1)
+
+    def room(self, min_free: int = 0) -> Tensor:
+        """(B,) entries of the budget the question leaves, less ``min_free`` (what a method's own forced
+        entries and its selection share)."""
+        assert self.budget is not None, "the adapter sets ctx.budget before forced()"
+        return self.budget - self.question_held() - min_free
 
     def window_probs(self, n: int | Tensor) -> Tensor:
         """Attention (B,Hkv,G,W,N) of the last ``n`` prompt queries (``n`` int or one per sample; rows of
@@ -139,7 +186,8 @@ class KVContext:
 # ---------------------------------------------------------------------------- base
 @dataclass
 class KVMethod:
-    """Base class (see module docstring). Subclasses set ``phase``/``shared_heads`` and override ``score``."""
+    """Base class (see module docstring). Subclasses set ``phase``/``shared_heads`` and override ``score``;
+    :data:`BUDGET_DOC` is appended to every subclass's docstring."""
 
     keep: KeepLike = 1.0
     question_len: int | Sequence[int] = 0
@@ -149,11 +197,17 @@ class KVMethod:
     phase: ClassVar[str] = "prefill"
     shared_heads: ClassVar[bool] = False  # one selection for all KV heads of a layer
     stateful: ClassVar[bool] = False  # keeps per-entry state between forwards (ctx.state)
+    min_free: ClassVar[int] = 0  # entries the budget must hold beyond the forced ones
     name: ClassVar[str] = "kv"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ and "Budget (every kv-cache method" not in cls.__doc__:  # indented like a class docstring
+            cls.__doc__ = cls.__doc__.rstrip() + "\n\n" + textwrap.indent(BUDGET_DOC.strip("\n"), "    ") + "\n    "
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, (Keep, list, tuple)):
-            raise TypeError(f"{self.name}: keep must be a float in (0, 1] or an int >= 1 (one budget per layer); "
+            raise TypeError(f"{self.name}: keep must be a float in (0, 1] or tr.Keep(count=n) (one budget per layer); "
                             f"got {self.keep!r}")
         validate_keep_value(self.keep)
         self.budget = Keep.of(self.keep)
@@ -182,6 +236,16 @@ class KVMethod:
     def is_identity(self) -> bool:
         return self.budget.is_identity
 
+    @property
+    def keep_fraction(self) -> float | None:
+        """The requested fraction (``Stats.keep``): None for a count (a cache capacity)."""
+        return self.keep if isinstance(self.keep, float) else None
+
+    def keep_desc(self, layer: int, num_layers: int) -> str:
+        """``keep=0.25`` / ``Keep(count=20)`` of ``layer`` (for messages; PyramidKV varies it)."""
+        kv = self.layer_keep(layer, num_layers)
+        return f"keep={kv:.4g}" if isinstance(kv, float) else f"Keep(count={kv})"
+
     def layer_keep(self, layer: int, num_layers: int) -> float | int:
         """The keep value of ``layer`` (for messages; PyramidKV varies it)."""
         return self.keep  # type: ignore[return-value]
@@ -196,16 +260,31 @@ class KVMethod:
             return torch.minimum(b.long().clamp(min=1), n)
         return torch.minimum(torch.full_like(n, int(kv)), n)
 
-    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+    def forced(self, ctx: KVContext) -> Tensor:
+        """(B, 1|H, N) entries that must stay (see the module docstring); none by default."""
         return torch.zeros_like(ctx.valid[:, :1])
-
-    min_free: ClassVar[int] = 0  # entries the budget must hold beyond the forced ones
 
     def forced_desc(self) -> str:
         return ""
 
+    def shrink_note(self, ctx: KVContext, knob: str, size: int | str, fitted: Tensor, fits: Tensor,
+                    budget: Tensor | None = None) -> None:
+        """Record in ``ctx.notes`` that ``knob`` (of ``size`` entries) was shrunk to ``fitted`` (B,) where it left
+        no room (``fits`` (B,) False) in ``budget`` (B,) (default: the layer's)."""
+        budget = ctx.budget if budget is None else budget
+        b = int(budget[~fits].min()) if budget is not None else 0
+        ctx.notes.append(f"{self.name}: {knob} ({size}) left no room in a budget of {b} entries: shrunk to "
+                         f"{int(fitted[~fits].min())} there")
+
     def score(self, ctx: KVContext) -> Tensor:
         raise NotImplementedError
+
+
+def shrunk_window(window: int, budget: Tensor) -> tuple[Tensor, Tensor]:
+    """An observation window of ``window`` tokens fitted to budgets (B,): unchanged where it leaves room for a
+    selected entry (``window < budget``), else half the budget (at least 1). Returns (windows (B,), fits (B,))."""
+    fits = budget > window
+    return torch.where(fits, torch.full_like(budget, window), (budget // 2).clamp(min=1)), fits
 
 
 def check_window_and_pooling(m: Any) -> None:

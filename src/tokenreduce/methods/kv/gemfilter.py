@@ -12,7 +12,7 @@ from torch import Tensor
 from ...core import kv as K
 from ...core import ops
 from ...registry import register
-from .base import KV, KVContext, KVMethod, check_window_and_pooling
+from .base import KV, QUESTION_PRESETS, KVContext, KVMethod, check_window_and_pooling
 
 __all__ = ["GemFilter"]
 
@@ -20,7 +20,7 @@ __all__ = ["GemFilter"]
 @register("gemfilter", modality="language", integration=KV,
           paper="Shi et al., Discovering the Gems in Early Layers: Accelerating Long-Context LLMs with 1000x Input "
                 "Token Reduction (GemFilter), 2024",
-          equation="s = smooth1d(sum_h q_h^last K_h^T) at layer r; prompt' = top-k(s)")
+          equation="s = smooth1d(sum_h q_h^last K_h^T) at layer r; prompt' = top-k(s)", presets=QUESTION_PRESETS)
 @dataclass
 class GemFilter(KVMethod):
     """GemFilter (Shi, Ming, Xu, Hao, Ding, Zhang, Liang, "Discovering the Gems in Early Layers: Accelerating
@@ -39,6 +39,15 @@ class GemFilter(KVMethod):
     queries (SnapKV's observation window; paper: 1). ``layer=None`` takes the last full-attention layer at or
     before 40% of the depth (the paper's LLaMA-3.1-8B setting is 13 of 32; a sliding-window layer cannot see
     the whole prompt). A plain ``model(...)`` forward is not filtered: the method acts on ``generate()``.
+
+    ``keep`` here is the fraction of the prompt's tokens kept (``round(keep n)`` of a sample's ``n`` real
+    prompt tokens; ``tr.Keep(count=k)``: ``k`` tokens), which is also the fraction of KV entries every global
+    layer holds after the prompt; ``h.stats.keep_achieved`` = kept / real prompt tokens (``filter_kept``,
+    ``filter_prompt``). A budget smaller than the question (+ the last prompt token) raises ValueError.
+
+    Presets: ``"question"`` = ``window_size="question"``; ``"question-max9"`` = the question's queries, max
+    pooling with kernel 9 (``bench kv``'s ``gemfilter-q-max9``, its best GemFilter variant on passcode
+    retrieval).
     """
 
     layer: int | None = None
@@ -85,7 +94,7 @@ class GemFilter(KVMethod):
             return ctx.question_len.clamp(min=1)
         return torch.full_like(ctx.prompt_end, int(self.window_size))
 
-    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
+    def forced(self, ctx: KVContext) -> Tensor:
         return (ctx.prompt_tail(ctx.question_len) | ctx.prompt_tail(1))[:, :1]
 
     def forced_desc(self) -> str:

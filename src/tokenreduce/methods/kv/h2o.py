@@ -25,7 +25,9 @@ class H2O(KVMethod):
     Per head, every entry accumulates the attention it receives from every query so far,
     ``F_i = sum_{t} A_t[i]`` (prompt queries included); the cache keeps the ``recent`` most recent entries and
     the heavy hitters ``argtop_{budget - recent} F`` among the rest, evicting after every forward.
-    Paper default: half heavy hitters, half recent (``recent_ratio=0.5``).
+    Paper default: half heavy hitters, half recent (``recent_ratio=0.5``). Where the recent window and the
+    question (while decoding, the question is older than the recent tokens) exceed the budget, the recent
+    window shrinks to what the question leaves (noted in the stats).
     """
 
     recent_ratio: float = 0.5
@@ -38,8 +40,18 @@ class H2O(KVMethod):
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio must be in [0, 1], got {self.recent_ratio!r}")
 
-    def forced(self, ctx: KVContext, budget: Tensor) -> Tensor:
-        return ctx.recent(torch.round(budget.double() * self.recent_ratio).long())
+    def forced(self, ctx: KVContext) -> Tensor:
+        assert ctx.budget is not None
+        r = torch.round(ctx.budget.double() * self.recent_ratio).long()
+        recent = ctx.recent(r)
+        room = ctx.room()  # what the question leaves: recent entries outside it must fit there
+        outside = recent if ctx.question is None else recent & ~ctx.question
+        fits = outside.sum(-1).amax(1) <= room
+        if bool(fits.all()):
+            return recent
+        fitted = torch.where(fits, r, room.clamp(min=0))
+        self.shrink_note(ctx, "the recent window", f"{self.recent_ratio:g} of the budget", fitted, fits)
+        return ctx.recent(fitted)
 
     def forced_desc(self) -> str:
         return f"the recent window ({self.recent_ratio:g} of the budget)"
