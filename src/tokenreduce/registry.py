@@ -79,6 +79,7 @@ class MethodSpec:
     cls: type | None = None  # the method's dataclass, when it is one
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # named settings (may include keep)
     budget_knobs: tuple[str, ...] = ()  # keywords that set a budget themselves (ToMe's r): keep may be left out
+    keep_doc: str = ""  # where a method's keep is a fraction of something else than the integration point's
 
     def build(self, keep: Any = None, preset: str | None = None, **kw: Any) -> Any:
         """The method object for ``keep`` and keywords (over the preset's settings, over the defaults).
@@ -97,9 +98,8 @@ class MethodSpec:
         else:
             settings.pop("keep", None)
         if keep is None and not any(k in kw for k in self.budget_knobs) and self.integration != "prompt":
-            integ = INTEGRATIONS.get(self.integration)
             raise TypeError(
-                f"{self.name}: keep is required: {integ.keep if integ else 'the fraction of tokens kept'}, a float "
+                f"{self.name}: keep is required: {self.keep_meaning() or 'the fraction of tokens kept'}, a float "
                 f"in (0, 1] (1.0 = unreduced) or tr.Keep(count=n)"
                 + (f"; or a preset that sets one ({', '.join(p for p, v in self.presets.items() if 'keep' in v)})"
                    if any("keep" in v for v in self.presets.values()) else "")
@@ -107,6 +107,8 @@ class MethodSpec:
         return self.factory(keep=keep, **settings) if keep is not None else self.factory(**settings)
 
     def keep_meaning(self) -> str:
+        if self.keep_doc:
+            return self.keep_doc
         integ = INTEGRATIONS.get(self.integration)
         return integ.keep if integ else ""
 
@@ -159,13 +161,14 @@ def _dataclass_factory(name: str, cls: type) -> Callable[..., Any]:
 
 def register(name: str, *, modality: str, integration: str, paper: str, equation: str = "",
              presets: dict[str, dict[str, Any]] | None = None, budget_knobs: tuple[str, ...] = (),
-             **defaults: Any) -> Callable[[T], T]:
+             keep_meaning: str = "", **defaults: Any) -> Callable[[T], T]:
     """Decorator registering a method dataclass (or a factory function) under ``name`` at ``integration``.
 
     ``presets``: named settings users reach with ``tr.apply(..., preset=name)`` (documented in
     ``tokenreduce list NAME``; a preset may include ``keep``). ``budget_knobs``: keywords that set a budget
-    themselves, so ``keep`` may be left out when one is given. The same class may be registered at several
-    integration points (stack the decorators)."""
+    themselves, so ``keep`` may be left out when one is given. ``keep_meaning``: only for a method whose keep
+    cannot be the integration point's (say what it is a fraction of instead). The same class may be registered
+    at several integration points (stack the decorators)."""
     if integration not in INTEGRATIONS:
         raise ValueError(f"register({name!r}): unknown integration point {integration!r}; accepted: "
                          f"{sorted(INTEGRATIONS)}")
@@ -180,7 +183,7 @@ def register(name: str, *, modality: str, integration: str, paper: str, equation
         factory = _dataclass_factory(name, obj) if is_cls else obj
         METHODS[f"{name}@{integration}"] = MethodSpec(name, factory, modality, integration, paper, equation, defaults,
                                                       obj if is_cls else None, dict(presets or {}),
-                                                      tuple(budget_knobs))
+                                                      tuple(budget_knobs), keep_meaning)
         return obj
 
     return deco

@@ -20,7 +20,8 @@ __all__ = ["GemFilter"]
 @register("gemfilter", modality="language", integration=KV,
           paper="Shi et al., Discovering the Gems in Early Layers: Accelerating Long-Context LLMs with 1000x Input "
                 "Token Reduction (GemFilter), 2024",
-          equation="s = smooth1d(sum_h q_h^last K_h^T) at layer r; prompt' = top-k(s)", presets=QUESTION_PRESETS)
+          equation="s = smooth1d(sum_h q_h^last K_h^T) at layer r; prompt' = top-k(s)", presets=QUESTION_PRESETS,
+          keep_meaning="fraction of the prompt tokens kept (every layer's cache then holds only those)")
 @dataclass
 class GemFilter(KVMethod):
     """GemFilter (Shi, Ming, Xu, Hao, Ding, Zhang, Liang, "Discovering the Gems in Early Layers: Accelerating

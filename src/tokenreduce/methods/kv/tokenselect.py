@@ -19,7 +19,9 @@ __all__ = ["TokenSelect"]
           paper="Wu et al., TokenSelect: Efficient Long-Context Inference via Dynamic Token-Level KV Cache "
                 "Selection, 2025",
           equation="S_i = sum_h softmax_i(q_h k_{h,i}); attend to init + local + argtop S",
-          presets={"short": {"n_init": 4, "n_local": 16}})
+          presets={"short": {"n_init": 4, "n_local": 16}},
+          keep_meaning="fraction of the cache entries each decoding query attends to (the cache itself is not "
+                       "reduced: the attended entries are)")
 @dataclass
 class TokenSelect(KVMethod):
     """TokenSelect (Wu et al., "TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs
