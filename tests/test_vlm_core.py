@@ -95,16 +95,32 @@ def test_attention_probs_rows_are_distributions():
     assert (p[1, :, 2] == 0).all()
 
 
-def test_schedules_hit_their_layer_average():
-    layers, depth = (8, 16, 24), 32
-    for keep in (0.9, 0.5, 0.2, 0.05):
-        lam = V.pdrop_lambda(keep, layers, depth)
-        avg = V.stage_average([lam, lam ** 2, lam ** 3], layers, depth, layers[0])
-        assert abs(avg - keep) < 1e-6
-        fr = V.sparsevlm_schedule(keep, (3, 7, 16), depth)
-        assert abs(V.stage_average(fr, (3, 7, 16), depth, 3) - keep) < 1e-6
-        assert fr[0] >= fr[1] >= fr[2]
-    assert V.sparsevlm_schedule(1.0, (3, 7, 16), 32) == (1.0, 1.0, 1.0)
+def test_visual_work_is_the_layer_mean_over_the_unreduced_tokens():
+    assert V.visual_work(16, (), (), 6) == 1.0
+    assert V.visual_work(16, (2,), (4,), 6) == (2 * 16 + 4 * 4) / (6 * 16)  # FastV K=2, 4 kept
+    assert V.visual_work(16, (2, 3, 4), (8, 4, 2), 6) == (2 * 16 + 8 + 4 + 2 * 2) / 96
+    assert V.visual_work(16, (3,), (0,), 6) == 0.5  # ToDRE: everything dropped at the middle layer
+    assert V.visual_work(0, (1,), (0,), 6) == 1.0  # no visual tokens: nothing to reduce
+
+
+@given(n0=st.integers(1, 600), fr=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4), floor=st.integers(1, 3))
+@settings(max_examples=50, deadline=None)
+def test_staged_counts_never_below_the_floor_nor_growing(n0, fr, floor):
+    counts = V.staged_counts(n0, fr, floor)
+    prev = n0
+    for f, c in zip(fr, counts):
+        assert c <= prev and (c >= min(floor, prev))
+        assert c == prev or c == max(floor, round(n0 * f))
+        prev = c
+
+
+def test_sparsevlm_after_counts_the_merged_recycled_tokens():
+    n_rec, n_clu = V.sparsevlm_recycled(torch.tensor([0, 5, 40, 100]), 0.3)
+    assert n_rec.tolist() == [0, 2, 13, 31] and n_clu.tolist() == [0, 1, 2, 4]
+    assert V.sparsevlm_recycled(torch.tensor([40]), 0.0)[1].tolist() == [0]
+    # 576 -> 66 (510 deleted: 154 recycled -> 16 merged) -> 30 of 82 (52 deleted: 16 -> 2) -> 17 of 32 (15: 5 -> 1)
+    assert V.sparsevlm_after(576, (66, 30, 17), 0.3) == (82, 32, 18)
+    assert V.sparsevlm_after(576, (66, 30, 17), 0.0) == (66, 30, 17)
 
 
 def test_sparsevlm_raters_above_mean():

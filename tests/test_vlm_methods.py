@@ -1,7 +1,8 @@
 """Every VLM method (integration point ``vlm-visual``) on tiny random-weight ``LlavaForConditionalGeneration``
 models against DESIGN.md's invariants: identity at keep=1 (generate() unchanged, exact restore), batch
 consistency with different prompts and ragged kept counts, a KV cache that is really smaller, exactness of
-the mechanism against a masked reference computation, eager == SDPA, and clear errors."""
+the mechanism against a masked reference computation, eager == SDPA, beam search, and clear errors; keep's
+one meaning (the fraction of the visual-token work in the LLM kept) for every method, counts, presets."""
 
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ IMAGE_ID, PAD = 3, 0
 GEN = 4
 
 
-def _model(attn: str = "sdpa", strategy: str = "default", feature_layer: int = -1, seed: int = 0):
+def _model(attn: str = "sdpa", strategy: str = "default", feature_layer: int = -1, seed: int = 0, img: int = IMG):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    v = CLIPVisionConfig(image_size=IMG, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    v = CLIPVisionConfig(image_size=img, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                          num_attention_heads=2)
     t = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=DEPTH, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=2, bos_token_id=1)
-    n = NTOK + (1 if strategy == "full" else 0)
+    n = (img // PATCH) ** 2 + (1 if strategy == "full" else 0)
     c = LlavaConfig(vision_config=v, text_config=t, image_token_id=IMAGE_ID, vision_feature_layer=feature_layer,
                     vision_feature_select_strategy=strategy, image_seq_length=n)
     m = LlavaForConditionalGeneration._from_config(c, attn_implementation=attn).eval()
@@ -142,7 +143,7 @@ def test_batch_consistency_ragged(model, name):
 def test_cache_is_smaller(model, name):
     batch = _batch(*SINGLE)
     full = _gen(model, batch).past_key_values
-    with tr.apply(model, name, keep=0.25, **_kw(name)) as h:
+    with tr.apply(model, name, keep=0.4, **_kw(name)) as h:  # a keep every method reaches on 6 layers
         red = _gen(model, batch).past_key_values
         stats = h.stats
     lens_full = [l.keys.shape[-2] for l in full.layers]
@@ -210,16 +211,25 @@ def test_inside_llm_matches_masked_reference(name, attn):
         torch.testing.assert_close(lg, ref[:, L0 - 1 + t], rtol=1e-4, atol=1e-4)
 
 
+def _stage1_keep(name: str) -> float:
+    """A keep whose before-the-LLM stage keeps half of each image's tokens: todre's stage 1 keeps
+    keep x depth / layer (its stage 2 drops every visual token from the middle layer on)."""
+    return 0.25 if name == "todre" else 0.5
+
+
+@pytest.mark.parametrize("beams", [1, 2])
 @pytest.mark.parametrize("name", BEFORE + ["todre"])
-def test_before_llm_equals_shorter_prompt(model, name):
+def test_before_llm_equals_shorter_prompt(model, name, beams):
     """Before-the-LLM reduction == the unpatched model given the reduced features and a prompt with that
-    many placeholders (what LLaVA itself would build)."""
+    many placeholders (what LLaVA itself would build); also with beam search (generate repeats every prompt
+    and its images per beam, and reorders the cache every step)."""
     prompts, n_img = RAGGED
     batch = _batch(prompts, n_img)
     # todre: an attention threshold no sample falls below keeps its stage 2 from acting -> stage 1 alone
     kw = {"relevance": 1e-12} if name == "todre" else _kw(name)
-    with tr.apply(model, name, keep=0.5, **kw):
-        out = _gen(model, batch)
+    gkw = {"num_beams": beams, "num_return_sequences": beams} if beams > 1 else {}
+    with tr.apply(model, name, keep=_stage1_keep(name), **kw):
+        out = _gen(model, batch, **gkw)
         with torch.no_grad():
             feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
     k = feats.pooler_output[0].shape[0]
@@ -228,7 +238,7 @@ def test_before_llm_equals_shorter_prompt(model, name):
              for p in prompts]
     sb = _batch(short, n_img)
     ref = _gen(model, {"input_ids": sb["input_ids"], "attention_mask": sb["attention_mask"],
-                       "mm_encoder_outputs": {"image": feats}})
+                       "mm_encoder_outputs": {"image": feats}}, **gkw)
     assert torch.equal(out.sequences[:, -GEN:], ref.sequences[:, -GEN:])
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -285,10 +295,11 @@ def test_text_only_prompt_passes_through(model):
 
 def test_stats_report_reduction(model):
     batch = _batch(*SINGLE)
-    with tr.apply(model, "fastv", keep=0.25, layer=2) as h:
+    with tr.apply(model, "fastv", keep=tr.Keep([0.25]), layer=2) as h:  # FastV's own 1 - R from layer K=2
         _gen(model, batch)
     st = h.stats
     assert st.visual_tokens[:2] == [NTOK, NTOK] and all(v == 4 for v in st.visual_tokens[2:])
+    assert st.keep is None and st.keep_achieved == pytest.approx((2 * NTOK + 4 * 4) / (DEPTH * NTOK))
     assert st.kv_tokens[:2] > st.kv_tokens[2:] and len(st.stage_patches[0][0]) == 4
     assert st.reduce_seconds > 0
 
@@ -297,7 +308,7 @@ def test_stats_report_reduction(model):
 def test_error_no_image_token(model):
     batch = _batch(*SINGLE)
     batch["input_ids"] = torch.where(batch["input_ids"] == IMAGE_ID, 7, batch["input_ids"])
-    with tr.apply(model, "fastv"), pytest.raises(ValueError, match="no <image> token"):
+    with tr.apply(model, "fastv", keep=0.5), pytest.raises(ValueError, match="no <image> token"):
         _gen(model, batch)
 
 
@@ -309,16 +320,16 @@ def test_error_image_count_mismatch(model):
 
 
 def test_error_keep_leaves_zero_tokens(model):
-    batch = _batch(*SINGLE)
-    with tr.apply(model, "random", keep=0.01), pytest.raises(ValueError, match="leaves zero"):
-        _gen(model, batch)
+    with pytest.raises(ValueError, match="leaves zero of an image's 16 visual tokens; accepted: keep >= 0.0312"):
+        tr.apply(model, "random", keep=0.01)  # refused at apply: the model's tokens per image are known
+    assert not any(m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("name,kw", [("fastv", {"layer": DEPTH}), ("fastv", {"layer": 0}),
                                      ("pdrop", {"layers": [2, 99]}), ("todre", {"layer": 40})])
 def test_error_layer_out_of_range(model, name, kw):
     with pytest.raises(ValueError, match="out of range"):
-        tr.apply(model, name, **kw)
+        tr.apply(model, name, keep=0.5, **kw)
     assert not any(m._forward_pre_hooks for m in model.modules())  # nothing left patched (HF adds none pre)
 
 
@@ -335,7 +346,7 @@ def test_error_bad_keep_and_kwargs(model):
     with pytest.raises(ValueError, match="out of range"):
         tr.apply(model, "fastv", keep=1.5)
     with pytest.raises(TypeError, match="accepted keywords"):
-        tr.apply(model, "fastv", bogus=1)
+        tr.apply(model, "fastv", keep=0.5, bogus=1)
     with pytest.raises(ValueError, match="did you mean"):
         tr.apply(model, "fastvv")
 
@@ -376,7 +387,7 @@ def test_llava_next_inside_llm(name):
     assert o1.sequences[0, -GEN:].tolist() == out.sequences[1, -GEN:].tolist()
     assert h.stats.kv_tokens[-1] < ref.past_key_values.layers[-1].keys.shape[-2]
     with pytest.raises(ValueError, match="one patch grid"):
-        tr.apply(m, "divprune")
+        tr.apply(m, "divprune", keep=0.5)
 
 
 # ---------------------------------------------------------------------------- positions="keep" before the LLM
@@ -403,7 +414,7 @@ def test_before_llm_keep_positions(model, name):
     prompts, n_img = RAGGED
     batch = _batch(prompts, n_img)
     kw = {"relevance": 1e-12} if name == "todre" else _kw(name)  # todre: stage 1 alone (see above)
-    with tr.apply(model, name, keep=0.5, positions="keep", **kw) as h:
+    with tr.apply(model, name, keep=_stage1_keep(name), positions="keep", **kw) as h:
         out = _gen(model, batch)
         kept = h.stats.kept_patches
         with torch.no_grad():
@@ -436,14 +447,14 @@ def test_before_llm_keep_positions(model, name):
     for a, b in zip(out.logits, logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # and differs from the compact layout (the ids really are the unreduced prompt's)
-    with tr.apply(model, name, keep=0.5, **kw):
+    with tr.apply(model, name, keep=_stage1_keep(name), **kw):
         comp = _gen(model, batch)
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(comp.logits, out.logits))
 
 
 def test_keep_positions_bad_value_and_precomputed_features(model):
     with pytest.raises(ValueError, match="positions='sideways' is invalid"):
-        tr.apply(model, "random", positions="sideways")
+        tr.apply(model, "random", keep=0.5, positions="sideways")
     batch = _batch(*SINGLE)
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
@@ -483,3 +494,279 @@ def test_pre_projector_reduction_keeps_each_tokens_position_code(name):
             idx = d.argmin(1)
             assert (d.min(1).values < 1e-4).all() and (idx.diff() > 0).all()
     assert exact > 0
+
+
+# ---------------------------------------------------------------------------- beam search, batch operations
+@pytest.mark.parametrize("name", METHODS)
+def test_beam_search_identity(model, name):
+    """keep=1.0 with beam search (and several returned sequences): the unreduced model's beams."""
+    batch = _batch(*RAGGED)
+    gkw = {"num_beams": 2, "num_return_sequences": 2, "output_scores": True}
+    ref = _gen(model, batch, **gkw)
+    with tr.apply(model, name, keep=1.0, **_kw(name)):
+        out = _gen(model, batch, **gkw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["compact", "keep"])
+@pytest.mark.parametrize("name", METHODS)
+def test_beam_search_batch_equals_single(model, name, positions):
+    """At keep 0.5 (todre: its stage 1 keeps half), beam search on a ragged batch gives every prompt the beams
+    it gets alone."""
+    if positions == "keep" and name not in BEFORE + ["todre"]:
+        pytest.skip("positions is a keyword of the before-the-LLM methods")
+    prompts, n_img = RAGGED
+    batch = _batch(prompts, n_img)
+    gkw = {"num_beams": 2, "num_return_sequences": 2, "output_scores": True}
+    kw = {**_kw(name), **({"positions": positions} if name in BEFORE + ["todre"] else {})}
+    with tr.apply(model, name, keep=_stage1_keep(name), **kw):
+        out = _gen(model, batch, **gkw)
+        starts = [0, 1, 3]
+        for i, p in enumerate(prompts):
+            single = _batch([p], [n_img[i]])
+            single["pixel_values"] = batch["pixel_values"][starts[i]: starts[i] + n_img[i]]
+            o = _gen(model, single, **gkw)
+            assert o.sequences[:, -GEN:].tolist() == out.sequences[2 * i: 2 * i + 2, -GEN:].tolist(), (name, i)
+            torch.testing.assert_close(o.sequences_scores, out.sequences_scores[2 * i: 2 * i + 2], rtol=1e-4,
+                                       atol=1e-4)
+
+
+def _decode_step(m, batch, rows=None, op=None):
+    """Prefill ``batch``, apply the cache operation ``op`` (to the cache, as a decoder would), then one greedy
+    decode step for the batch rows ``rows``: that step's logits."""
+    with torch.no_grad():
+        out = m(**batch, use_cache=True)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        am = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], 1)
+        if op is not None:
+            op(cache)
+        if rows is not None:
+            nxt, am = nxt[rows], am[rows]
+        return m(input_ids=nxt, attention_mask=am, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+@pytest.mark.parametrize("name", ["random", "fastv", "sparsevlm", "todre"])
+def test_decode_plan_follows_the_caches_batch_operations(model, name):
+    """The per-row masks and position shifts of the decode plan move with the cache's rows: a reordering
+    across samples (beam search reorders within one; any permutation must hold) and a batch expansion."""
+    batch = _batch(*RAGGED)
+    with tr.apply(model, name, keep=_stage1_keep(name), **_kw(name)):
+        ref = _decode_step(model, batch)
+        perm = torch.tensor([2, 0, 1])
+        got = _decode_step(model, batch, perm, lambda c: c.reorder_cache(perm))
+        torch.testing.assert_close(got, ref[perm], rtol=1e-5, atol=1e-5)
+        rep = torch.arange(3).repeat_interleave(2)
+        got = _decode_step(model, batch, rep, lambda c: c.batch_repeat_interleave(2))
+        torch.testing.assert_close(got, ref[rep], rtol=1e-5, atol=1e-5)
+        sel = torch.tensor([1, 2])
+        got = _decode_step(model, batch, sel, lambda c: c.batch_select_indices(sel))
+        torch.testing.assert_close(got, ref[sel], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- non-finite inputs
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+@pytest.mark.parametrize("name", ["random", "fastv"])
+def test_non_finite_inputs_are_refused(model, name, keep):
+    """NaN/Inf pixel values or input embeddings are refused, as by the ViT adapter (also at keep=1.0)."""
+    batch = _batch(*SINGLE)
+    batch["pixel_values"][1, 0, 3, 4] = float("nan")
+    emb = model.get_input_embeddings()(batch["input_ids"]).detach()
+    emb[0, -1, 0] = float("inf")
+    with tr.apply(model, name, keep=keep):
+        with pytest.raises(ValueError, match=r"^pixel_values contains 1 NaN/Inf values; token reduction needs finite"):
+            model(**batch)
+        with pytest.raises(ValueError, match=r"pixel_values contains \d+ NaN/Inf values; token reduction needs"):
+            model.generate(**batch, max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"^inputs_embeds contains 1 NaN/Inf values; token reduction needs"):
+            model(inputs_embeds=emb, attention_mask=batch["attention_mask"])
+    model(**_batch(*SINGLE))  # removed: the unpatched model is untouched
+
+
+# ---------------------------------------------------------------------------- keep: one meaning
+BIG = 64  # an 8x8 patch grid: 64 visual tokens per image, fine enough for every schedule to land near keep
+NBIG = (BIG // PATCH) ** 2
+
+
+@pytest.fixture(scope="module")
+def big_model():
+    return _model(img=BIG)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.4])
+def test_keep_means_the_same_work_for_every_method(big_model, keep):
+    """keep = the fraction of the visual-token work in the LLM kept: every method lands within a few points
+    of it (ragged images per sample), keep_achieved is what its own per-layer counts say and what it
+    planned, and methods at the same keep land close to each other."""
+    n_img = [1, 2, 1]
+    prompts = [_prompt(n, 2 + i, 3, i, NBIG) for i, n in enumerate(n_img)]
+    batch = _batch(prompts, n_img, img=BIG)
+    achieved = {}
+    for name in METHODS:
+        with tr.apply(big_model, name, keep=keep, **_kw(name)) as h, torch.no_grad():
+            big_model(**batch, use_cache=True)
+        st = h.stats
+        assert st.keep == keep and st.visual_unreduced == pytest.approx(NBIG * 4 / 3)
+        assert st.keep_achieved == pytest.approx(sum(st.visual_tokens) / (DEPTH * st.visual_unreduced), abs=1e-9)
+        planned = sum(h.method.planned_work(n * NBIG) * n for n in n_img) / sum(n_img)
+        assert st.keep_achieved == pytest.approx(planned, abs=1e-6), name
+        assert abs(st.keep_achieved - keep) <= 0.035, (name, st.keep_achieved)
+        achieved[name] = st.keep_achieved
+    assert max(achieved.values()) - min(achieved.values()) <= 0.06, achieved
+
+
+def test_unreachable_keeps_name_the_range(model):
+    """A schedule that cannot reach a keep says so at tr.apply, with the reachable range (6 layers, 16 tokens)."""
+    with pytest.raises(ValueError, match=r"^fastv: keep=0.1 is below the least visual-token work it can keep "
+                                         r"\(0.219: layer 0 \(of 6\) processes every visual token.*accepted: keep "
+                                         r"in \[0.219, 1\]"):
+        tr.apply(model, "fastv", keep=0.1)  # K = 2 of 32 scaled to 6 layers: K = 1
+    with pytest.raises(ValueError, match=r"layers 0-1 \(of 6\) process every visual token.*an earlier layer= "
+                                         r"reaches less\); accepted: keep in \[0.375, 1\]"):
+        tr.apply(model, "fastv", keep=0.3, layer=2)
+    with pytest.raises(ValueError, match=r"^todre: keep=0.6 is above the most visual-token work it can keep \(0.500: "
+                                         r"every visual token is dropped from layer 3 of 6.*accepted: keep in "
+                                         r"\(0, 0.500\] or 1.0"):
+        tr.apply(model, "todre", keep=0.6)
+    with pytest.raises(ValueError, match=r"^pdrop: keep=0.25 is below .*accepted: keep in \[0.375, 1\]"):
+        tr.apply(model, "pdrop", keep=0.25)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # nothing left patched
+    for name, kw in (("fastv", {"keep": 0.3}), ("todre", {"keep": 0.75, "layer": 5}), ("todre", {"keep": 1.0})):
+        tr.apply(model, name, **kw).remove()
+
+
+def test_pdrop_never_leaves_an_image_without_visual_tokens(model):
+    """PDrop's old per-stage lambda = keep = 0.25 ended with round(16 x 0.25^3) = 0 visual tokens; now no
+    stage leaves fewer than one per image, and the stats say when that floor binds."""
+    batch = _batch(*RAGGED)
+    with tr.apply(model, "pdrop", keep=0.21, layers=[1, 2, 3]) as h:  # the least it can keep: 0.219
+        _gen(model, batch)
+    st = h.stats
+    for stage in st.stage_patches:
+        assert [len(s) for s in stage] == [1, 2, 1]  # one per image
+    assert st.keep_achieved == pytest.approx((NTOK + 5) / (DEPTH * NTOK))
+    assert any("keeps 0.219" in n for n in st.notes) and any("never fewer than one per image" in n for n in st.notes)
+    with tr.apply(model, "pdrop", keep=tr.Keep([0.25, 0.0625, 0.015625])) as h:  # lambda 0.25 in its own terms
+        _gen(model, batch)
+    assert [len(s) for s in h.stats.stage_patches[-1]] == [1, 2, 1]
+    assert any("stage 2 (layer 4) keeps 1 of 16 visual tokens" in n for n in h.stats.notes)
+
+
+@pytest.mark.parametrize("name", BEFORE + ["todre"])
+def test_count_is_visual_tokens_per_image(model, name):
+    batch = _batch(*RAGGED)
+    with tr.apply(model, name, keep=tr.Keep(count=4), **_kw(name)) as h:
+        _gen(model, batch)
+    st = h.stats
+    assert [len(img) for sample in st.kept_patches for img in sample] == [4, 4, 4, 4]
+    assert st.keep is None and st.keep_achieved == pytest.approx(4 / NTOK * (0.5 if name == "todre" else 1.0))
+    with pytest.raises(ValueError, match=r"Keep\(count=17\) visual tokens per image is more than the 16 an image "
+                                         r"has \(accepted: 1..16\)"):
+        tr.apply(model, name, keep=tr.Keep(count=17))
+
+
+def test_pool_count_not_on_a_grid_says_so(model):
+    with tr.apply(model, "pool", keep=tr.Keep(count=8)) as h:
+        _gen(model, _batch(*SINGLE))
+    assert [len(i) for s in h.stats.kept_patches for i in s] == [9, 9]  # 4x4 -> 3x3 keeps the aspect ratio
+    assert h.stats.notes == ["pool: Keep(count=8) pools each image to the nearest grid, 9 cells"]
+
+
+@pytest.mark.parametrize("name", INSIDE)
+def test_count_is_refused_inside_the_llm(model, name):
+    with pytest.raises(TypeError, match=rf"^{name}: tr.Keep\(count=4\) has no meaning here \({name} prunes a "
+                                        r"sample's visual tokens together.*or tr.Keep\(\[...\]\)"):
+        tr.apply(model, name, keep=tr.Keep(count=4))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_plain_int_keep_is_refused(model, name):
+    with pytest.raises(TypeError, match=r"keep=1: a plain int is ambiguous .*1.0 keeps everything.*"
+                                        r"tr.Keep\(count=1\)"):
+        tr.apply(model, name, keep=1)
+    with pytest.raises(TypeError, match=r"keep=4: a plain int is ambiguous .*tr.Keep\(count=4\)"):
+        tr.apply(model, name, keep=4)
+
+
+def test_keep_is_required_and_other_budgets_refused(model):
+    with pytest.raises(TypeError, match=r"visionzip: keep is required: fraction of the visual-token work in the LLM "
+                                        r"kept.*or a preset that sets one \(paper\)"):
+        tr.apply(model, "visionzip")
+    with pytest.raises(TypeError, match="random: keep is required"):
+        tr.apply(model, "random")
+    with pytest.raises(TypeError, match=r"visionzip: a keep schedule Keep\(\(0.5,\)\) has no meaning here"):
+        tr.apply(model, "visionzip", keep=tr.Keep([0.5]))
+    with pytest.raises(TypeError, match=r"fastv: Keep\(threshold=0.1, min_keep=1\) is not accepted"):
+        tr.apply(model, "fastv", keep=tr.Keep(threshold=0.1))
+    with pytest.raises(ValueError, match=r"fastv: the keep schedule Keep\(\(0.5, 0.25\)\) has 2 stages but the "
+                                         r"method prunes at 1 layers \[1\]"):
+        tr.apply(model, "fastv", keep=tr.Keep([0.5, 0.25]))
+
+
+#: visual tokens entering each of the 6 layers with preset "paper", one 16-token image per sample
+PAPER = {
+    "visionzip": [2] * 6,  # 64/576 of 16
+    "divprune": [2] * 6,  # 0.098 of 16
+    "hiprune": [5] * 6,  # 192/576 of 16
+    "fastv": [16] + [8] * 5,  # R = 50% from layer K = 1 (2 of 32 scaled)
+    "pdrop": [16, 16, 8, 4, 2, 2],  # lambda = 0.5 at layers 2, 3, 4
+    "sparsevlm": [16, 3, 2, 2, 2, 2],  # 2, 1, 1 selected (66, 30, 17 of 576; floor 1) + 1 merged recycled each
+    "todre": [2, 2, 2, 0, 0, 0],  # stage 1: 0.1 of 16; stage 2 from the middle layer
+}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_paper_preset(model, name):
+    """The budgets that used to apply when keep was left out are the documented preset "paper"."""
+    presets = next(r for r in tr.methods("vlm-visual") if r["name"] == name)["presets"]
+    if name not in PAPER:  # baselines have no paper
+        assert presets == {}
+        with pytest.raises(ValueError, match=rf"{name}: unknown preset 'paper'; presets: none"):
+            tr.apply(model, name, preset="paper")
+        return
+    assert set(presets) == {"paper"} and "keep" in presets["paper"]
+    with tr.apply(model, name, preset="paper") as h:
+        _gen(model, _batch(*SINGLE))
+    st = h.stats
+    assert st.visual_tokens == PAPER[name]
+    assert st.keep == (presets["paper"]["keep"] if isinstance(presets["paper"]["keep"], float) else None)
+    assert st.keep_achieved == pytest.approx(sum(PAPER[name]) / (DEPTH * NTOK))
+    with tr.apply(model, name, keep=0.5, preset="paper") as h:  # an explicit keep wins over the preset's
+        _gen(model, _batch(*SINGLE))
+    assert h.stats.keep == 0.5
+
+
+# ---------------------------------------------------------------------------- the benchmark checks its plan first
+def test_bench_vlm_checks_methods_keeps_and_presets_before_loading_a_model(monkeypatch, tmp_path):
+    import tokenreduce.models.vlm as small_vlm
+    from tokenreduce.bench.vlm import run_vlm_bench
+    from tokenreduce.cli import _register_plugins, app
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the plan was checked")
+
+    monkeypatch.setattr(small_vlm, "load_small_vlm", no_model)
+    names = "divprune, fastv, hiprune, pdrop, pool, random, sparsevlm, todre, visionzip"
+    for kw, msg in (
+        ({"methods": ["fastvv"]}, rf"^unknown VLM method 'fastvv' \(did you mean 'fastv'\?\); accepted: {names}$"),
+        ({"methods": []}, rf"^no methods given; accepted: {names}$"),
+        ({"keeps": [1, 0.5]}, r"^keep=1: a plain int is ambiguous"),
+        ({"keeps": [0.5, 1.5]}, r"^keep=1.5 is out of range: a fraction must be a float in \(0, 1\]"),
+        ({"presets": ["papr"]}, r"^unknown preset 'papr' \(did you mean 'paper'\?\) for methods .*; accepted: paper$"),
+        ({"methods": ["pool", "random"], "presets": ["paper"]}, r"accepted: none$"),
+        ({"keeps": [], "presets": []}, r"^nothing to run"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            run_vlm_bench(out=str(tmp_path / "out"), **kw)
+    assert not (tmp_path / "out").exists()
+    from typer.testing import CliRunner
+
+    _register_plugins()
+    for args, msg in ((["--keep", "1.0,abc"], "--keep: '1.0,abc': accepted comma-separated fractions in (0, 1]"),
+                      (["--methods", "fastv,tomee"], "unknown VLM method 'tomee'"),
+                      (["--keep", "0.5", "--presets", "papr"], "unknown preset 'papr'")):
+        res = CliRunner().invoke(app, ["bench", "vlm", *args, "--out", str(tmp_path / "out")])
+        assert res.exit_code == 2 and msg in " ".join(res.output.replace("│", " ").split()), res.output
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """`tokenreduce bench vlm`: visual token reduction on the small LLaVA-style VLM (digit-scene VQA).
 
-For every (method, keep) the run measures, in one process:
+For every (method, keep) -- and (method, preset) for the named presets asked for, e.g. ``"paper"`` -- the run
+measures, in one process:
 
 * accuracy per question type (greedy ``generate``, the answer word after any rationale) on the held-out test questions, and
   agreement with the unreduced model's answers;
@@ -12,6 +13,11 @@ For every (method, keep) the run measures, in one process:
   (one thread) times process CPU seconds instead, immune to time slices lost to other processes, and
   ``malloc="retain"`` keeps freed memory in the heap (no page fault per fresh activation; as ``bench vit``);
 * peak tensor memory of the prefill (exact allocation tracking, :func:`~tokenreduce.accounting.memory.peak_memory`).
+
+``keep`` is the integration point's one meaning (the fraction of the visual-token work in the LLM kept); every
+row records the requested ``keep`` (None for a preset whose budget is in the method's own terms) and the
+``keep_achieved`` of the timed batch's prefill (``Handle.stats``). Method names, keeps and presets are checked
+before any model loads (:func:`check_plan`).
 
 Results: JSONL (with hardware/software metadata), plots (accuracy per type vs keep, accuracy vs measured
 prefill speedup and vs FLOPs, and the patches each method keeps on one scene) and a self-contained HTML report.
@@ -32,11 +38,14 @@ import tokenreduce as tr
 
 from ..accounting.flops import vlm_prefill_flops
 from ..accounting.memory import peak_memory
+from ..core.budget import validate_fraction
+from ..core.errors import suggest
+from ..registry import get_method
 from .report import format_table, html_report, pareto_plot
 from .results import ResultWriter
 from .timing import CLOCKS, fixed_threads, interleaved, retain_freed_memory, speedup
 
-__all__ = ["VlmBenchConfig", "register_cli", "run_vlm_bench"]
+__all__ = ["VlmBenchConfig", "check_plan", "register_cli", "run_vlm_bench"]
 
 DEFAULT_METHODS = ("visionzip", "divprune", "hiprune", "pool", "random", "fastv", "sparsevlm", "pdrop", "todre")
 DEFAULT_KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -46,6 +55,7 @@ DEFAULT_KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 class VlmBenchConfig:
     methods: Sequence[str] = DEFAULT_METHODS
     keeps: Sequence[float] = DEFAULT_KEEPS
+    presets: Sequence[str] = ()
     per_type: int = 100
     eval_batch: int = 50
     time_batch: int = 8
@@ -58,6 +68,44 @@ class VlmBenchConfig:
     out: str = "results/vlm"
     viz_keep: float = 0.25
     method_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- what to run
+def check_plan(methods: Sequence[str], keeps: Sequence[object], presets: Sequence[str] = ()) -> None:
+    """A one-line ValueError, before any model loads, unless every method is a registered VLM method, every
+    keep a float fraction in (0, 1] and every preset defined for at least one of the methods."""
+    known = {r["name"]: r for r in tr.methods("vlm-visual")}
+    if not methods:
+        raise ValueError(f"no methods given; accepted: {', '.join(sorted(known))}")
+    for m in methods:
+        if m not in known:
+            raise ValueError(f"unknown VLM method {m!r}{suggest(m, known)}; accepted: {', '.join(sorted(known))}")
+    if not keeps and not presets:
+        raise ValueError("nothing to run: give keeps (fractions in (0, 1]) or presets")
+    for k in keeps:
+        try:
+            validate_fraction(k)
+        except (TypeError, ValueError) as e:
+            raise ValueError(str(e)) from None
+    offered = sorted({p for m in methods for p in known[m]["presets"]})
+    for p in presets:
+        if p not in offered:
+            raise ValueError(f"unknown preset {p!r}{suggest(p, offered)} for methods {', '.join(methods)}; accepted: "
+                             f"{', '.join(offered) or 'none'}")
+
+
+def _budgets(cfg: VlmBenchConfig) -> list[tuple[Any, str | None]]:
+    """(keep, preset) of every row of a method: the keeps, then the presets (keep None: the preset's)."""
+    return [(k, None) for k in cfg.keeps] + [(None, p) for p in cfg.presets]
+
+
+def _row_keep(method: str, keep: float | None, preset: str | None) -> dict[str, Any]:
+    """The requested budget of a row: ``keep`` (a preset's own keep when it is a fraction) and ``preset``."""
+    if preset is None:
+        return {"keep": keep}
+    spec = get_method(method, "vlm-visual").presets.get(preset, {})
+    k = spec.get("keep")
+    return {"keep": k if isinstance(k, float) else None, "preset": preset, "keep_spec": repr(k)}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -89,13 +137,16 @@ PARTS = ("all", "accuracy", "timing")
 
 
 def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[float] = DEFAULT_KEEPS,
-                  out: str = "results/vlm", per_type: int = 100, repeats: int = 5, warmup: int = 1,
+                  presets: Sequence[str] = (), out: str = "results/vlm", per_type: int = 100, repeats: int = 5, warmup: int = 1,
                   time_batch: int = 8, gen_tokens: int = 8, threads: int = 1, eval_batch: int = 50,
                   train_if_missing: bool = False, model: nn.Module | None = None, tokenizer: Any = None,
                   data: Any = None, progress: bool = True, method_kw: dict[str, dict[str, Any]] | None = None,
                   viz_keep: float = 0.25, parts: str = "all", clock: str = "wall",
                   malloc: str = "retain") -> list[dict[str, Any]]:
     """Run the VLM benchmark; returns the result rows (also written to ``out/results.jsonl``).
+
+    ``keeps``: fractions of the visual-token work; ``presets``: named method settings (``tokenreduce list
+    NAME``) run as extra rows for the methods that define them (``preset`` column).
 
     ``parts``: "all" (one process measures everything), "accuracy" (everything but wall-clock: run it at low
     priority) or "timing" (wall-clock only, for the (method, keep) rows of the last "accuracy" run in
@@ -107,6 +158,7 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     """
     from tqdm.auto import tqdm
 
+    check_plan(methods, keeps, presets)
     if parts not in PARTS:
         raise ValueError(f"parts={parts!r} is invalid: accepted {PARTS}")
     if clock not in CLOCKS:
@@ -115,7 +167,7 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
         raise ValueError(f"clock='cpu' measures one thread's compute and needs threads=1, got threads={threads}")
     if malloc not in ("retain", "default"):
         raise ValueError(f"malloc={malloc!r} is invalid: accepted 'retain', 'default'")
-    cfg = VlmBenchConfig(methods=list(methods), keeps=list(keeps), per_type=per_type, eval_batch=eval_batch,
+    cfg = VlmBenchConfig(methods=list(methods), keeps=list(keeps), presets=list(presets), per_type=per_type, eval_batch=eval_batch,
                          time_batch=time_batch, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
                          threads=threads, clock=clock, malloc=malloc, out=out, viz_keep=viz_keep,
                          method_kw=method_kw or {})
@@ -167,20 +219,24 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
             model(**tb, use_cache=True)
             base_fl = vlm_prefill_flops(model, None, prompt_tokens)
             base_kv = _kv_bytes(model, tb)
-            base_row = {"method": "none", "keep": 1.0, **_accuracy(base_pred, data), "agreement": 1.0,
+            base_row = {"method": "none", "keep": 1.0, "keep_achieved": 1.0, **_accuracy(base_pred, data), "agreement": 1.0,
                         "gflops": base_fl["gflops"], "flops_ratio": 1.0, "decode_gflops": base_fl["decode_gflops"],
                         "visual_tokens_avg": float(n_img), "llm_input_tokens": prompt_tokens, "kv_bytes": base_kv,
                         "peak_mem_mb": peak_memory(lambda: model(**tb, use_cache=True)) / 2**20}
         for k in ("run_id", "type") + (_BASE_TIMING if timed else ()):  # a timing run re-measures the base
             base_row.pop(k, None)
-        jobs = [(m, k) for m in cfg.methods for k in cfg.keeps]
+        jobs = [(m, b) for m in cfg.methods for b in _budgets(cfg)]
         bar = tqdm(total=len(jobs), desc=f"vlm bench ({parts})", disable=not progress)
         for method in cfg.methods:
             kw = cfg.method_kw.get(method, {})
-            per_keep: dict[float, dict[str, Any]] = {}
-            for keep in cfg.keeps:
+            per_keep: dict[tuple[Any, str | None], dict[str, Any]] = {}
+            for keep, preset in _budgets(cfg):
+                if preset is not None and preset not in get_method(method, "vlm-visual").presets:
+                    bar.update(1)  # a preset of another method
+                    continue
                 if parts == "timing":
-                    old = next((r for r in prior if r["method"] == method and r["keep"] == keep), None)
+                    old = next((r for r in prior if r["method"] == method and r.get("preset") == preset
+                                and (preset is not None or r["keep"] == keep)), None)
                     if old is None:
                         bar.update(1)
                         continue
@@ -190,23 +246,23 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
                         rows.append(row)
                         bar.update(1)
                     else:
-                        per_keep[keep] = row
+                        per_keep[keep, preset] = row
                     continue
-                row = {"method": method, "keep": keep}
+                row = {"method": method, **_row_keep(method, keep, preset)}
                 try:
-                    with tr.apply(model, method, keep=keep, **kw) as h:
+                    with tr.apply(model, method, keep=keep, preset=preset, **kw) as h:
                         pred = _answers(model, tokenizer, data, eval_batch)
                         model(**tb, use_cache=True)
                         st = h.stats
                         mem = peak_memory(lambda: model(**tb, use_cache=True)) / 2**20
-                except (ValueError, RuntimeError) as e:  # e.g. keep leaves zero tokens for this method
-                    row["error"] = str(e)
+                except (ValueError, RuntimeError) as e:  # e.g. a keep this method's schedule cannot reach
+                    row.update({"keep_achieved": None, "error": str(e)})
                     writer.write(row)
                     rows.append(row)
                     bar.update(1)
                     continue
                 fl = vlm_prefill_flops(model, st, prompt_tokens)
-                row.update({**_accuracy(pred, data),
+                row.update({"keep_achieved": st.keep_achieved, **_accuracy(pred, data),
                             "agreement": sum(a == b for a, b in zip(pred, base_pred)) / max(1, len(pred)),
                             "gflops": fl["gflops"], "flops_ratio": base_fl["total"] / fl["total"],
                             "decode_gflops": fl["decode_gflops"],
@@ -214,8 +270,8 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
                             "visual_tokens_in": st.visual_input, "visual_tokens_last": st.visual_tokens[-1],
                             "llm_input_tokens": st.llm_input_tokens, "kv_bytes": st.kv_bytes,
                             "kv_ratio": st.kv_bytes / base_kv if base_kv else None, "peak_mem_mb": mem,
-                            "tokens_attn": st.tokens_attn, "visual_tokens": st.visual_tokens})
-                per_keep[keep] = row
+                            "tokens_attn": st.tokens_attn, "visual_tokens": st.visual_tokens, "notes": st.notes})
+                per_keep[keep, preset] = row
             if timed and per_keep:
                 _time_method(model, method, kw, per_keep, tb, gen_kw, cfg, base_row)
             for row in per_keep.values():
@@ -234,7 +290,7 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
 _BASE_TIMING = ("prefill_ms", "gen_ms", "prefill_speedup", "gen_speedup")
 
 
-def _time_method(model: nn.Module, method: str, kw: dict[str, Any], per_keep: dict[float, dict[str, Any]],
+def _time_method(model: nn.Module, method: str, kw: dict[str, Any], per_keep: dict[tuple[Any, str | None], dict[str, Any]],
                  tb: dict[str, torch.Tensor], gen_kw: dict[str, Any], cfg: VlmBenchConfig,
                  base_row: dict[str, Any]) -> None:
     """One interleaved timing group per method (unreduced + each keep; prefill and generate); adds the
@@ -242,24 +298,26 @@ def _time_method(model: nn.Module, method: str, kw: dict[str, Any], per_keep: di
     fns: dict[str, Callable[[], Any]] = {"none/prefill": lambda: model(**tb, use_cache=True),
                                          "none/gen": lambda: model.generate(**tb, **gen_kw)}
     copies, overhead = [], {}
-    for keep in per_keep:
+    for keep, preset in per_keep:
+        label = preset or keep
         m2 = copy.deepcopy(model)
-        h2 = tr.apply(m2, method, keep=keep, **kw)
+        h2 = tr.apply(m2, method, keep=keep, preset=preset, **kw)
         copies.append(h2)
-        sink = overhead.setdefault(keep, [])
-        fns[f"{keep}/prefill"] = _prefill_call(m2, h2, tb, sink)
-        fns[f"{keep}/gen"] = (lambda m=m2: m.generate(**tb, **gen_kw))
+        sink = overhead.setdefault(label, [])
+        fns[f"{label}/prefill"] = _prefill_call(m2, h2, tb, sink)
+        fns[f"{label}/gen"] = (lambda m=m2: m.generate(**tb, **gen_kw))
     timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True, clock=cfg.clock)
     for h2 in copies:
         h2.remove()
-    for keep, row in per_keep.items():
-        sp = speedup(timings["none/prefill"], timings[f"{keep}/prefill"], paired=True)
-        sg = speedup(timings["none/gen"], timings[f"{keep}/gen"], paired=True)
-        ov = sorted(overhead[keep][cfg.warmup:] or [0.0])
-        row.update({"prefill_ms": timings[f"{keep}/prefill"].median * 1e3,
+    for (keep, preset), row in per_keep.items():
+        label = preset or keep
+        sp = speedup(timings["none/prefill"], timings[f"{label}/prefill"], paired=True)
+        sg = speedup(timings["none/gen"], timings[f"{label}/gen"], paired=True)
+        ov = sorted(overhead[label][cfg.warmup:] or [0.0])
+        row.update({"prefill_ms": timings[f"{label}/prefill"].median * 1e3,
                     "base_prefill_ms": timings["none/prefill"].median * 1e3,
                     "prefill_speedup": sp.ratio, "prefill_speedup_low": sp.low, "prefill_speedup_high": sp.high,
-                    "gen_ms": timings[f"{keep}/gen"].median * 1e3,
+                    "gen_ms": timings[f"{label}/gen"].median * 1e3,
                     "base_gen_ms": timings["none/gen"].median * 1e3,
                     "gen_speedup": sg.ratio, "gen_speedup_low": sg.low, "gen_speedup_high": sg.high,
                     "overhead_ms": ov[len(ov) // 2] * 1e3})
@@ -315,7 +373,7 @@ def _kept_for_viz(model: nn.Module, tok: Any, data: Any, method: str, keep: floa
 
 
 # ---------------------------------------------------------------------------- report
-COLUMNS = ["method", "keep", "accuracy", "acc_identity", "acc_counting", "acc_spatial", "acc_comparison",
+COLUMNS = ["method", "keep", "preset", "keep_achieved", "accuracy", "acc_identity", "acc_counting", "acc_spatial", "acc_comparison",
            "acc_detail", "agreement", "visual_tokens_avg", "gflops", "flops_ratio", "prefill_ms", "prefill_speedup",
            "gen_ms", "gen_speedup", "overhead_ms", "kv_bytes", "peak_mem_mb"]
 
@@ -324,7 +382,8 @@ def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VlmBenchConfig, meta:
             viz: dict[str, Any]) -> None:
     ok = [r for r in rows if "error" not in r]
     table = [{c: r.get(c) for c in COLUMNS} for r in ok]
-    errors = [{"method": r["method"], "keep": r["keep"], "error": r["error"]} for r in rows if "error" in r]
+    errors = [{"method": r["method"], "keep": r["keep"], "preset": r.get("preset"), "error": r["error"]}
+              for r in rows if "error" in r]
     print(format_table(table, COLUMNS, title="small VLM: accuracy per question type vs speed"))
     if errors:
         print(format_table(errors, title="not run"))
@@ -341,9 +400,10 @@ def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VlmBenchConfig, meta:
     images.append((f"patches kept on one test scene at keep={cfg.viz_keep} (dimmed = dropped)",
                    _viz_plot(viz, data, outdir / "kept_patches.png")))
     notes = ("Accuracy: greedy generate, the answer word (after the rationale a spatial answer is trained with), on held-out digit scenes (base digits disjoint from "
-             "training). keep: see tokenreduce.methods.vlm (fraction of visual tokens per image before the LLM; "
-             "FastV 1-R; PDrop lambda; SparseVLM layer-averaged; ToDRE stage-1 fraction, all visual tokens dropped "
-             "mid-LLM (keep=1: identity)). visual_tokens_avg: visual tokens averaged over LLM layers. Speedups: median of per-round "
+             "training). keep: the fraction of the visual-token work in the LLM kept (the mean over decoder layers of the "
+             "visual tokens they process, over those of the unreduced prompt), mapped onto each method's schedule (see "
+             "tokenreduce.methods.vlm); keep_achieved: what ran; preset rows: the method's named setting (keep in its own terms). "
+             "visual_tokens_avg: visual tokens averaged over LLM layers. Speedups: median of per-round "
              f"ratios vs the unreduced model, interleaved in the same run ({cfg.repeats} rounds, {cfg.threads} "
              f"thread(s), {cfg.clock} clock, batch {cfg.time_batch}; generate = {cfg.gen_tokens} new tokens). gflops: analytic "
              "prefill FLOPs per sample (vision + projector + LLM + head), scoring excluded (overhead_ms).")
@@ -364,7 +424,8 @@ def _acc_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     for i, col in enumerate(cols):
         ax = fig.add_subplot(2, 3, i + 1)
         for j, m in enumerate(methods):
-            rs = sorted((r for r in rows if r["method"] == m and r.get(col) is not None), key=lambda r: r["keep"])
+            rs = sorted((r for r in rows if r["method"] == m and r.get(col) is not None and r.get("keep") is not None
+                         and r.get("preset") is None), key=lambda r: r["keep"])
             if rs:
                 ax.plot([r["keep"] for r in rs], [r[col] for r in rs], marker="o", ms=3, color=f"C{j % 10}",
                         ls="-" if j < 10 else "--", label=m)
@@ -435,7 +496,9 @@ def register_cli(bench_app: Any) -> None:
     @bench_app.command("vlm")
     def vlm(
         methods: str = typer.Option(",".join(DEFAULT_METHODS), help="comma-separated method names"),
-        keep: str = typer.Option(",".join(str(k) for k in DEFAULT_KEEPS), help="comma-separated keep values"),
+        keep: str = typer.Option(",".join(str(k) for k in DEFAULT_KEEPS),
+                                 help="comma-separated keeps: fractions in (0, 1] of the visual-token work in the LLM"),
+        presets: str = typer.Option("", help="comma-separated method presets to run as extra rows, e.g. paper"),
         out: str = typer.Option("results/vlm", help="output directory"),
         per_type: int = typer.Option(100, help="test questions per question type"),
         repeats: int = typer.Option(5, help="timed rounds (interleaved)"),
@@ -451,7 +514,17 @@ def register_cli(bench_app: Any) -> None:
                                               "the rows of the last accuracy run in --out; run alone/under a lock)"),
     ) -> None:
         """Visual token reduction on the small VLM: accuracy per question type, agreement, FLOPs, latency, memory."""
-        run_vlm_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
-                      keeps=[float(k) for k in keep.split(",")], out=out, per_type=per_type, repeats=repeats,
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        pre = [p.strip() for p in presets.split(",") if p.strip()]
+        try:
+            keeps = [float(k) for k in keep.split(",") if k.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{keep!r}: accepted comma-separated fractions in (0, 1], e.g. 1.0,0.5,0.25",
+                                     param_hint="--keep") from None
+        try:
+            check_plan(names, keeps, pre)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        run_vlm_bench(methods=names, keeps=keeps, presets=pre, out=out, per_type=per_type, repeats=repeats,
                       time_batch=time_batch, gen_tokens=gen_tokens, threads=threads, train_if_missing=train,
                       parts=parts, clock=clock, malloc=malloc)

@@ -43,6 +43,7 @@ class VlmAdapter:
                              f"(LLaVA-1.5 style); {type(model).__name__} packs anyres crops. Use an inside-LLM "
                              f"method (fastv, sparsevlm, pdrop)")
         method.setup(info)
+        method.check_budget()
         state = RunState(name=method_name)
         vision = VisionAttention(parts.vision_layers, info.has_cls)
         before = BeforeLlm(state, method, parts, info, vision)

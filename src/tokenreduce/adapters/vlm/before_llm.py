@@ -5,6 +5,7 @@ shorter prompt. Also the checks of what a prompt may hold (labels, cache type, i
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core.state import batched_index_select
+from ...core.state import batched_index_select, check_finite
 from ...methods.vlm import ModelInfo, VlmMethod
 from .parts import LlavaParts
 from .state import LlmInput, RunState
@@ -44,8 +45,9 @@ class BeforeLlm:
         method, state = self.method, self.state
 
         def forward(proj: nn.Module, x: Tensor, *a: Any, **kw: Any) -> Tensor:
+            check_finite(x, "the vision features of pixel_values")
+            state.image_sources = state.image_out = None
             if method.is_identity and method.where is not None and not method.stages:
-                state.image_sources = None
                 return orig(x, *a, **kw)
             t0 = time.perf_counter()
             ctx = self.vision.context(method.vision_layers()) if method.vision_layers() else {}
@@ -74,7 +76,7 @@ class BeforeLlm:
                     y = batched_index_select(y, order)
             if src is not None and keep_cls:
                 src = _with_cls(src)
-            state.image_sources = src
+            state.image_sources, state.image_out = src, y
             state.pending_reduce = dt + time.perf_counter() - t0
             return y
 
@@ -94,9 +96,14 @@ class BeforeLlm:
         names = ("input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
         for i, a in enumerate(args):  # positional -> keyword
             kw[names[i]] = a
+        for name in ("pixel_values", "inputs_embeds"):
+            if isinstance(kw.get(name), Tensor):
+                check_finite(kw[name], name)
         input_ids = kw.get("input_ids")
         cache = kw.get("past_key_values")
         mm = kw.get("mm_encoder_outputs") or {}
+        for f in getattr(mm.get("image"), "pooler_output", None) or ():  # generate encodes pixel_values first
+            check_finite(f, "the image features of pixel_values")
         has_images = kw.get("pixel_values") is not None or mm.get("image") is not None
         prefill = cache is None or cache.get_seq_length() == 0
         if cache is not None and type(cache).__name__ != "DynamicCache":
@@ -125,6 +132,9 @@ class BeforeLlm:
                                  f"(or image features) were given")
             state.phase = "off"
             return (), kw
+        if self.method.where is not None and kw.get("pixel_values") is None:
+            self._follow_expansion(kw, vis)
+            mm = kw["mm_encoder_outputs"]
         n_img = self._count_images(kw, vis)
         state.images_per_sample = n_img / input_ids.shape[0]
         # before the LLM: make sure the features are reduced, then drop the surplus placeholders
@@ -147,7 +157,8 @@ class BeforeLlm:
             real = torch.ones_like(input_ids, dtype=torch.bool) if am is None else am.bool()
             zero = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
             L = input_ids.shape[1]
-            state.prompt = LlmInput(orig_len=L, length=L, real=real, removed=zero, compacted=False, shift=zero)
+            state.prompt = LlmInput(orig_len=L, length=L, real=real, removed=zero, compacted=False, shift=zero,
+                                    visual0=(vis & real).sum(1))
         state.lm_ids = kw["input_ids"]
         state.phase = "prefill"
         return (), kw
@@ -169,6 +180,37 @@ class BeforeLlm:
                     f"({per} per image, so {[c / per for c in counts.tolist()]} images) but {n_given} images were "
                     f"given")
         return n_given
+
+    def _follow_expansion(self, kw: dict, vis: Tensor) -> None:
+        """generate(num_beams=k) (or num_return_sequences=k) repeats each prompt k times, and the image
+        features by matching the prompts' placeholder counts with the features' token counts, which a
+        before-the-LLM reduction changed: the features end up grouped wrongly or lost ([A, B] -> [A, B, A, B]
+        instead of [A, A, B, B]). When the prompts are k copies of the prompts whose images the projector just
+        reduced, rebuild the features (and their source patches) from its output in row order."""
+        y, feats = self.state.image_out, kw["mm_encoder_outputs"]["image"]
+        pooled, ids = feats.pooler_output, kw["input_ids"]
+        per = self.info.tokens_per_image
+        if y is None or per <= 0:
+            return
+        n_need = int(vis.sum()) // per
+        if n_need == y.shape[0] or n_need % y.shape[0]:
+            return
+        k = n_need // y.shape[0]
+        B = ids.shape[0]
+        if B % k or not bool((ids.view(B // k, k, -1) == ids[::k, None]).all()):
+            return  # not k copies of each prompt: the count checks below explain the mismatch
+        order, start = [], 0
+        for c in (vis[::k].sum(1) // per).tolist():
+            order += list(range(start, start + c)) * k
+            start += c
+        if start != y.shape[0]:
+            return
+        idx = torch.tensor(order, device=y.device)
+        out = copy.copy(feats)
+        out.pooler_output = y[idx] if isinstance(pooled, Tensor) else list(y[idx])
+        kw["mm_encoder_outputs"] = {**kw["mm_encoder_outputs"], "image": out}
+        if self.state.image_sources is not None:
+            self.state.image_sources = self.state.image_sources[idx.to(self.state.image_sources.device)]
 
     # ------------------------------------------------------------------ prompt compaction
     def _compact(self, kw: dict, vis: Tensor, lengths: list[int]) -> None:
@@ -214,7 +256,8 @@ class BeforeLlm:
             kw["attention_mask"] = new_real.long()
         removed = (real & ~keep_tok).sum(1)
         self.state.prompt = LlmInput(orig_len=L, length=L2, real=new_real, removed=removed, compacted=True,
-                                     shift=torch.zeros_like(removed) if keep_pos else removed)
+                                     shift=torch.zeros_like(removed) if keep_pos else removed,
+                                     visual0=(vis & real).sum(1))
 
     # ------------------------------------------------------------------ decoding
     def _decode_translate(self, kw: dict, cache: Any) -> None:

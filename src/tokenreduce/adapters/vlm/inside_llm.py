@@ -22,8 +22,8 @@ from ...core.ops import attention_probs
 from ...core.state import batched_index_select
 from ...methods.vlm import ModelInfo, StageDecision, StageView, VlmMethod
 from .parts import LlavaParts
-from .state import DecodePlan, RunState, StagePlan
-from .stats import VlmStats, record_cache, record_flops, record_layer, record_stage, start_stats
+from .state import DecodePlan, RunState, StagePlan, follow_cache
+from .stats import VlmStats, finish_stats, record_cache, record_flops, record_layer, record_stage, start_stats
 from .tensors import causal_allowed, last_real, mask4d, packed_order
 
 __all__ = ["InsideLlm"]
@@ -88,8 +88,9 @@ class InsideLlm:
         self.cur = _Prefill(index=torch.arange(L, device=emb.device).expand(B, L), real=real, visual=visual, pos=pos,
                             lm_input=emb, lm_visual=visual, lm_real=real, n_visual0=visual.sum(1),
                             lm_last_pos=pos.gather(1, last[:, None])[:, 0], pad_left=pad_left)
-        self.cur_stats = start_stats(state.name, state.prompt.orig_len, real, visual, state.pending_reduce,
-                                     state.image_sources, self.info.tokens_per_image)
+        self.cur_stats = start_stats(state.name, state.prompt.orig_len, real, visual, state.prompt.visual0,
+                                     state.pending_reduce, state.image_sources, self.info.tokens_per_image,
+                                     self.method.fraction)
         state.pending_reduce = 0.0
         self.stages = []
 
@@ -108,9 +109,11 @@ class InsideLlm:
                              float(prompt.real.sum(1).float().mean()) + removed)
             if cache is not None:
                 state.plan = DecodePlan(cache=weakref.ref(cache), prompt=prompt, stages=self.stages)
+                follow_cache(cache, state)
+            finish_stats(st, self.method.take_notes())
             state.stats = st
             self.cur = None
-            state.image_sources = None  # used up: never carried over to another prompt's features
+            state.image_sources = state.image_out = None  # used up: never carried over to another prompt's features
         state.phase = "off"
 
     # ------------------------------------------------------------------ decoder layer pre-hooks

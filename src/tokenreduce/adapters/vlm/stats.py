@@ -12,7 +12,8 @@ from torch import Tensor
 from ...accounting.flops import vlm_prefill_flops
 from ..base import Stats
 
-__all__ = ["VlmStats", "kept_patches", "record_cache", "record_flops", "record_layer", "record_stage", "start_stats"]
+__all__ = ["VlmStats", "finish_stats", "kept_patches", "record_cache", "record_flops", "record_layer", "record_stage",
+           "start_stats"]
 
 
 @dataclass
@@ -21,12 +22,15 @@ class VlmStats(Stats):
     (``tokens_attn``), visual tokens (``visual_tokens``) and KV-cache entries (``kv_tokens``, padded per
     sample) and bytes (``kv_bytes``); ``kept_patches[b]`` = the patch indices of sample b's visual tokens
     at the LLM input (list per image) and ``stage_patches[s][b]`` those left after inside stage s (as
-    ordinals of the LLM-input visual tokens; -1 = recycled/merged). ``stage_index[s][b]`` /
+    ordinals of the LLM-input visual tokens; -1 = recycled/merged). ``visual_unreduced``: mean visual tokens
+    of the unreduced prompt, so ``keep_achieved`` = mean(``visual_tokens``) / ``visual_unreduced`` (the
+    fraction of the visual-token work kept, integration point ``vlm-visual``). ``stage_index[s][b]`` /
     ``stage_positions[s][b]``: LLM-input index (-1 = inserted) and position id of every token that enters
     layer ``stage_layers[s]`` (the exact token map, e.g. to rebuild the computation by masking)."""
 
     visual_tokens: list[float] = field(default_factory=list)
     visual_input: float = 0.0
+    visual_unreduced: float = 0.0
     kv_tokens: list[int] = field(default_factory=list)
     kv_bytes: int = 0
     llm_input_tokens: float = 0.0
@@ -56,12 +60,14 @@ def kept_patches(sources: Tensor | None, visual: Tensor, per_image: int) -> list
     return out
 
 
-def start_stats(name: str, input_tokens: int, real: Tensor, visual: Tensor, reduce_seconds: float,
-                sources: Tensor | None, per_image: int) -> VlmStats:
-    """The stats of a prefill at the LLM input: ``real`` / ``visual`` (B, L) its tokens."""
-    st = VlmStats(method=name, input_tokens=int(input_tokens))
+def start_stats(name: str, input_tokens: int, real: Tensor, visual: Tensor, visual0: Tensor, reduce_seconds: float,
+                sources: Tensor | None, per_image: int, keep: float | None) -> VlmStats:
+    """The stats of a prefill at the LLM input: ``real`` / ``visual`` (B, L) its tokens, ``visual0`` (B,) the
+    visual tokens of the unreduced prompt, ``keep`` the requested fraction (None for counts and schedules)."""
+    st = VlmStats(method=name, input_tokens=int(input_tokens), keep=keep)
     st.llm_input_tokens = float(real.sum(1).float().mean())
     st.visual_input = float(visual.sum(1).float().mean())
+    st.visual_unreduced = float(visual0.float().mean())
     st.reduce_seconds = reduce_seconds
     st.kept_patches = kept_patches(sources, visual, per_image)
     return st
@@ -72,6 +78,13 @@ def record_layer(st: VlmStats, real: Tensor, visual: Tensor) -> None:
     st.tokens_attn.append(float(real.sum(1).float().mean()))
     st.tokens_mlp.append(st.tokens_attn[-1])
     st.visual_tokens.append(float(visual.sum(1).float().mean()))
+
+
+def finish_stats(st: VlmStats, notes: list[str]) -> None:
+    """``keep_achieved`` from the per-layer visual tokens, and the method's ``notes`` of this prefill."""
+    if st.visual_tokens and st.visual_unreduced > 0:
+        st.keep_achieved = sum(st.visual_tokens) / (len(st.visual_tokens) * st.visual_unreduced)
+    st.notes.extend(n for n in notes if n not in st.notes)
 
 
 def record_stage(st: VlmStats, layer: int, index: Tensor, real: Tensor, visual: Tensor, pos: Tensor,

@@ -15,26 +15,36 @@ Two places, as in the papers:
   survivors (their KV cache is really smaller); text tokens are never removed. Scores use the attention
   the last (or rater) text tokens pay, computed from a layer's own q/k for those few query rows.
 
-``keep``, per method (a float fraction in (0, 1] or an int count of visual tokens per image):
+``keep`` is one thing for every method here (``tr.methods()``, integration point ``vlm-visual``): the
+**fraction of the visual-token work in the LLM kept**, the mean over the decoder layers of the visual tokens
+they process, over the visual tokens of the unreduced prompt (:func:`~tokenreduce.core.visual.visual_work`).
+Each method maps it onto its own schedule; ``Handle.stats.keep_achieved`` reports what ran (from the
+per-layer ``visual_tokens``), ``Handle.stats.notes`` what a budget could not honour exactly:
 
-=========== ======================================================================== =====================
-method      keep means                                                               paper default
-=========== ======================================================================== =====================
-visionzip   tokens per image (dominant + contextual, 54:10 as LLaVA's 64-token cfg)  64/576
-divprune    tokens per image                                                         0.098 (~56/576)
-hiprune     tokens per image (anchors + buffers + registers)                         192/576
-pool        tokens per image (average pooling of the patch grid)                     --
-random      tokens per image (seeded)                                                --
-fastv       visual tokens kept from ``layer`` on (FastV's 1 - R)                     K=2, R=50% -> 0.5
-sparsevlm   visual fraction averaged over the layers from the 1st pruned one on,        64/576
-            split over stages in the official 64-token list's shape (66 : 30 : 17)
-pdrop       PyramidDrop's lambda: fraction kept at each stage (lambda, lambda^2, ...)  0.5
-todre       tokens per image after stage 1 (diversity); all visual tokens dropped    0.1
-            from ``layer`` on (information migration); keep=1: identity
-=========== ======================================================================== =====================
+=========== ============================================================== ===============================
+method      keep -> the method's schedule                                  preset ``"paper"``
+=========== ============================================================== ===============================
+visionzip   keep x N tokens per image (before the LLM: work = keep)        keep = 64/576
+divprune    keep x N tokens per image                                      keep = 0.098
+hiprune     keep x N tokens per image                                      keep = 192/576
+pool        the grid with about keep x N cells per image                   --
+random      keep x N tokens per image                                      --
+fastv       f = 1 - R kept from ``layer`` K on, (K + (L-K) f) / L = keep;    Keep([0.5]) (R = 50%)
+            keep < K/L unreachable
+sparsevlm   the official 64-token list's shape (66 : 30 : 17) scaled so     Keep((66, 30, 17) / 576)
+            that the all-layer average (recycled tokens included) is keep
+pdrop       lambda solved so that the all-layer average is keep; never      Keep([0.5, 0.25, 0.125])
+            fewer than one visual token per image at a stage
+todre       stage 1 keeps keep x L / ``layer`` per image, all visual        Keep([0.1]) (stage 1)
+            tokens dropped from ``layer`` on; keep > layer/L unreachable
+            (keep = 1.0: identity)
+=========== ============================================================== ===============================
 
-The layer-averaged visual-token fraction each run really had is in ``Handle.stats`` (``visual_tokens``
-per layer) and in the benchmark's FLOPs.
+A keep a schedule cannot reach is a ValueError naming the reachable range (raised by ``tr.apply`` on
+models with a fixed number of tokens per image). The papers' own budgets stay reachable in the methods'
+own terms: ``tr.Keep(count=n)`` is n visual tokens per image for the before-the-LLM methods and ToDRE's stage
+1 (refused by the inside-LLM ones, which prune a sample's visual tokens together), ``tr.Keep([...])`` the
+per-stage fractions of fastv, sparsevlm, pdrop and todre, and ``preset="paper"`` the paper's setting.
 """
 
 from .base import VLM, ModelInfo, StageDecision, StageView, VlmMethod

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ...core import visual as V
-from ...core.budget import KeepLike
 from ...registry import register
 from .base import VLM, ModelInfo, VlmMethod, require_grid, select_tokens
 
@@ -17,7 +16,8 @@ __all__ = ["HiPrune"]
 
 @register("hiprune", modality="multimodal", integration=VLM,
           paper="Liu et al., HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention, 2025",
-          equation="anchors=topk A_mid; buffers=4-neighbours; registers=topk A_out")
+          equation="anchors=topk A_mid; buffers=4-neighbours; registers=topk A_out",
+          presets={"paper": {"keep": 192 / 576}})
 @dataclass
 class HiPrune(VlmMethod):
     """HiPrune (Liu et al., "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in
@@ -25,13 +25,16 @@ class HiPrune(VlmMethod):
     4-neighbours, registers = top attention in the output layer; attention = mean over heads and queries
     (the official "global attention"); buffers are true grid neighbours (the official flat index +-1 can
     wrap across rows); see :func:`tokenreduce.core.visual.hiprune_keep`.
-    ``object_layer`` (1-based, default scaled from 9 of CLIP-L's 24 layers), ``alpha`` = 0.1."""
+    ``object_layer`` (1-based, default scaled from 9 of CLIP-L's 24 layers), ``alpha`` = 0.1.
 
-    keep: KeepLike = 192 / 576
+    ``keep``: the fraction of each image's tokens kept (= of the visual-token work); ``tr.Keep(count=n)``: n
+    tokens per image; preset ``"paper"``: LLaVA-1.5's 192 of 576 tokens (keep = 192/576)."""
+
     alpha: float = 0.1
     object_layer: int | None = None
     positions: str = "compact"
     where: ClassVar[str | None] = "pre"
+    label: ClassVar[str] = "hiprune"
 
     def setup(self, info: ModelInfo) -> None:
         super().setup(info)

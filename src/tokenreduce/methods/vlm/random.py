@@ -20,11 +20,13 @@ __all__ = ["RandomVLM"]
 @dataclass
 class RandomVLM(VlmMethod):
     """Random baseline: a seeded random ``keep`` subset of each image's patches (same draw for every
-    image, so a sample keeps the same tokens alone or in a batch)."""
+    image, so a sample keeps the same tokens alone or in a batch). ``keep``: the fraction of each image's
+    tokens kept (= of the visual-token work); ``tr.Keep(count=n)``: n tokens per image. No paper preset."""
 
     seed: int = 0
     positions: str = "compact"
     where: ClassVar[str | None] = "pre"
+    label: ClassVar[str] = "random"
 
     def reduce_image(self, x: Tensor, ctx: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         scores = C.Random(seed=self.seed)(TokenState.from_tensor(x, check=False))

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ...core import visual as V
-from ...core.budget import KeepLike
 from ...registry import register
 from .base import VLM, VlmMethod
 
@@ -17,7 +16,8 @@ __all__ = ["VisionZip"]
 
 @register("visionzip", modality="multimodal", integration=VLM,
           paper="Yang et al., VisionZip: Longer is Better but Not Necessary in VLMs, CVPR 2025",
-          equation="dominant=topk sum_h A[cls,i]; contextual x_t'=x_t+mean_{i->t} x_i (key similarity)")
+          equation="dominant=topk sum_h A[cls,i]; contextual x_t'=x_t+mean_{i->t} x_i (key similarity)",
+          presets={"paper": {"keep": 64 / 576}})
 @dataclass
 class VisionZip(VlmMethod):
     """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in VLMs", CVPR 2025).
@@ -27,12 +27,15 @@ class VisionZip(VlmMethod):
     uniformly spaced targets and merged, x_t' = x_t + mean_{i -> t} x_i (official code); then LLaVA's
     projector. ``contextual``: fraction of the budget that is contextual (10/64 in the paper's
     64-token setting). Towers without [CLS] use the mean attention received instead.
+
+    ``keep``: the fraction of each image's tokens kept (= of the visual-token work); ``tr.Keep(count=n)``: n
+    tokens per image; preset ``"paper"``: LLaVA-1.5's 64 of 576 tokens (keep = 64/576).
     """
 
-    keep: KeepLike = 64 / 576
     contextual: float = 10 / 64
     positions: str = "compact"
     where: ClassVar[str | None] = "pre"
+    label: ClassVar[str] = "visionzip"
 
     def vision_layers(self) -> dict[int, frozenset[str]]:
         return {self.info.feature_layer: frozenset({"cls" if self.info.has_cls else "mean", "keys"})}
