@@ -631,6 +631,9 @@ def test_unreachable_keeps_name_the_range(model):
         tr.apply(model, "todre", keep=0.6)
     with pytest.raises(ValueError, match=r"^pdrop: keep=0.25 is below .*accepted: keep in \[0.375, 1\]"):
         tr.apply(model, "pdrop", keep=0.25)
+    with pytest.raises(ValueError, match=r"^todre: keep=0.01 leaves zero of an image's 16 visual tokens in stage 1 "
+                                         r"\(it keeps keep x 6/3 of them\); accepted: keep >= 0.0156"):
+        tr.apply(model, "todre", keep=0.01)
     assert not any(m._forward_pre_hooks for m in model.modules())  # nothing left patched
     for name, kw in (("fastv", {"keep": 0.3}), ("todre", {"keep": 0.75, "layer": 5}), ("todre", {"keep": 1.0})):
         tr.apply(model, name, **kw).remove()
@@ -738,10 +741,14 @@ def test_paper_preset(model, name):
 
 
 # ---------------------------------------------------------------------------- the benchmark checks its plan first
-def test_bench_vlm_checks_methods_keeps_and_presets_before_loading_a_model(monkeypatch, tmp_path):
+def test_bench_vlm_checks_methods_keeps_and_presets_before_loading_a_model(monkeypatch, tmp_path, capsys):
+    """Method names, keeps and presets are checked before a model loads or a file is written; on the command
+    line the error is one line and exit code 2."""
+    import sys
+
     import tokenreduce.models.vlm as small_vlm
+    from tokenreduce import cli
     from tokenreduce.bench.vlm import run_vlm_bench
-    from tokenreduce.cli import _register_plugins, app
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the plan was checked")
@@ -749,24 +756,56 @@ def test_bench_vlm_checks_methods_keeps_and_presets_before_loading_a_model(monke
     monkeypatch.setattr(small_vlm, "load_small_vlm", no_model)
     names = "divprune, fastv, hiprune, pdrop, pool, random, sparsevlm, todre, visionzip"
     for kw, msg in (
-        ({"methods": ["fastvv"]}, rf"^unknown VLM method 'fastvv' \(did you mean 'fastv'\?\); accepted: {names}$"),
-        ({"methods": []}, rf"^no methods given; accepted: {names}$"),
-        ({"keeps": [1, 0.5]}, r"^keep=1: a plain int is ambiguous"),
-        ({"keeps": [0.5, 1.5]}, r"^keep=1.5 is out of range: a fraction must be a float in \(0, 1\]"),
-        ({"presets": ["papr"]}, r"^unknown preset 'papr' \(did you mean 'paper'\?\) for methods .*; accepted: paper$"),
+        ({"methods": ["fastvv"]}, (rf"^methods: unknown method 'fastvv' \(did you mean 'fastv'\?\) at vlm-visual; "
+                                   rf"accepted: {names}$")),
+        ({"methods": []}, r"^methods: give at least one method"),
+        ({"keeps": [0.5, 2]}, r"^keeps 2=2.0 is out of range: a fraction must be a float in \(0, 1\]"),
+        ({"keeps": ["abc"]}, r"^keeps: 'abc' is not a number"),
+        ({"presets": ["papr"]}, r"^presets: unknown preset 'papr' \(did you mean 'paper'\?\) for .*; accepted: paper$"),
         ({"methods": ["pool", "random"], "presets": ["paper"]}, r"accepted: none$"),
-        ({"keeps": [], "presets": []}, r"^nothing to run"),
+        ({"keeps": [], "presets": []}, r"^keeps: give at least one keep"),
+        ({"parts": "speed"}, r"^parts: 'speed' is not accepted"),
     ):
         with pytest.raises(ValueError, match=msg):
             run_vlm_bench(out=str(tmp_path / "out"), **kw)
-    assert not (tmp_path / "out").exists()
-    from typer.testing import CliRunner
-
-    _register_plugins()
-    for args, msg in ((["--keep", "1.0,abc"], "--keep: '1.0,abc': accepted comma-separated fractions in (0, 1]"),
-                      (["--methods", "fastv,tomee"], "unknown VLM method 'tomee'"),
+    for args, msg in ((["--keep", "1.0,abc"], "--keep: 'abc' is not a number"),
+                      (["--methods", "fastv,tomee"], "unknown method 'tomee'"),
                       (["--keep", "0.5", "--presets", "papr"], "unknown preset 'papr'")):
-        res = CliRunner().invoke(app, ["bench", "vlm", *args, "--out", str(tmp_path / "out")])
-        assert res.exit_code == 2 and msg in " ".join(res.output.replace("│", " ").split()), res.output
-        assert "Traceback" not in res.output
+        old, sys.argv = sys.argv, ["tokenreduce", "bench", "vlm", *args, "--out", str(tmp_path / "out")]
+        try:
+            with pytest.raises(SystemExit) as e:
+                cli.main()
+        finally:
+            sys.argv = old
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_vlm_rows_record_keep_and_keep_achieved(tmp_path):
+    """Every row records the requested keep and what ran (keep_achieved); a keep out of a method's reach is an
+    error row saying so; presets are extra rows (with the preset's own keep when it is a fraction)."""
+    from tokenreduce.bench.results import read_results
+    from tokenreduce.bench.vlm import run_vlm_bench
+    from tokenreduce.models.vlm import VLMTrainConfig, build_small_vlm, build_tokenizer, eval_set
+
+    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=4, route_layers=(0,), text_heads=2,
+                       text_kv_heads=1, stem_channels=0)
+    torch.manual_seed(0)
+    m, tok = build_small_vlm(c), build_tokenizer()
+    rows = run_vlm_bench(methods=["fastv", "pool"], keeps=[0.5, 0.1], presets=["paper"],
+                         out=str(tmp_path), per_type=1, model=m, tokenizer=tok, data=eval_set("test", c, per_type=1),
+                         eval_batch=10, time_batch=2, gen_tokens=2, progress=False, parts="accuracy")
+    assert all("keep" in r and "keep_achieved" in r for r in rows)
+    by = {(r["method"], r["keep"], r.get("preset")): r for r in rows}
+    assert len(by) == len(rows) == 1 + 2 * 2 + 1  # none; 2 methods x 2 keeps; fastv's "paper" (pool has none)
+    for (method, keep, preset), r in by.items():
+        if "error" in r:
+            assert (method, keep) == ("fastv", 0.1) and r["keep_achieved"] is None
+            assert "fastv: keep=0.1 is below the least visual-token work it can keep" in r["error"]
+        elif preset is None:
+            assert abs(r["keep_achieved"] - keep) <= 0.035, r
+    assert by["fastv", None, "paper"]["keep_spec"] == "Keep((0.5,))" and by["fastv", None, "paper"]["keep_achieved"]
+    _, written = read_results(tmp_path / "results.jsonl")
+    assert sorted(str({k: v for k, v in r.items() if k not in ("run_id", "type")}) for r in written) == \
+        sorted(map(str, rows))

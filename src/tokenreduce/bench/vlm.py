@@ -38,15 +38,16 @@ import tokenreduce as tr
 
 from ..accounting.flops import vlm_prefill_flops
 from ..accounting.memory import peak_memory
-from ..core.budget import validate_fraction
 from ..core.errors import suggest
 from ..registry import get_method
+from .args import check_choice, check_methods, parse_keeps, split_list
 from .report import format_table, html_report, pareto_plot
 from .results import ResultWriter
 from .timing import CLOCKS, fixed_threads, interleaved, retain_freed_memory, speedup
 
 __all__ = ["VlmBenchConfig", "check_plan", "register_cli", "run_vlm_bench"]
 
+VLM = "vlm-visual"
 DEFAULT_METHODS = ("visionzip", "divprune", "hiprune", "pool", "random", "fastv", "sparsevlm", "pdrop", "todre")
 DEFAULT_KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 
@@ -71,27 +72,20 @@ class VlmBenchConfig:
 
 
 # ---------------------------------------------------------------------------- what to run
-def check_plan(methods: Sequence[str], keeps: Sequence[object], presets: Sequence[str] = ()) -> None:
-    """A one-line ValueError, before any model loads, unless every method is a registered VLM method, every
-    keep a float fraction in (0, 1] and every preset defined for at least one of the methods."""
-    known = {r["name"]: r for r in tr.methods("vlm-visual")}
+def check_plan(methods: Sequence[str], keeps: Sequence[float] | str, presets: Sequence[str] = ()) -> list[float]:
+    """The keeps as fractions, or a one-line ValueError (before any model loads) unless every method is a
+    registered VLM method, every keep a fraction in (0, 1] (at least one unless presets are given) and every
+    preset defined for at least one of the methods."""
     if not methods:
-        raise ValueError(f"no methods given; accepted: {', '.join(sorted(known))}")
-    for m in methods:
-        if m not in known:
-            raise ValueError(f"unknown VLM method {m!r}{suggest(m, known)}; accepted: {', '.join(sorted(known))}")
-    if not keeps and not presets:
-        raise ValueError("nothing to run: give keeps (fractions in (0, 1]) or presets")
-    for k in keeps:
-        try:
-            validate_fraction(k)
-        except (TypeError, ValueError) as e:
-            raise ValueError(str(e)) from None
-    offered = sorted({p for m in methods for p in known[m]["presets"]})
+        raise ValueError("methods: give at least one method (tokenreduce list --integration vlm)")
+    check_methods(methods, VLM, "methods")
+    keeps = parse_keeps(keeps, "keeps") if len(keeps) or not presets else []
+    offered = sorted({p for m in methods for p in get_method(m, VLM).presets})
     for p in presets:
         if p not in offered:
-            raise ValueError(f"unknown preset {p!r}{suggest(p, offered)} for methods {', '.join(methods)}; accepted: "
-                             f"{', '.join(offered) or 'none'}")
+            raise ValueError(f"presets: unknown preset {p!r}{suggest(p, offered)} for {', '.join(methods)}; "
+                             f"accepted: {', '.join(offered) or 'none'}")
+    return keeps
 
 
 def _budgets(cfg: VlmBenchConfig) -> list[tuple[Any, str | None]]:
@@ -103,7 +97,7 @@ def _row_keep(method: str, keep: float | None, preset: str | None) -> dict[str, 
     """The requested budget of a row: ``keep`` (a preset's own keep when it is a fraction) and ``preset``."""
     if preset is None:
         return {"keep": keep}
-    spec = get_method(method, "vlm-visual").presets.get(preset, {})
+    spec = get_method(method, VLM).presets.get(preset, {})
     k = spec.get("keep")
     return {"keep": k if isinstance(k, float) else None, "preset": preset, "keep_spec": repr(k)}
 
@@ -158,15 +152,13 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     """
     from tqdm.auto import tqdm
 
-    check_plan(methods, keeps, presets)
-    if parts not in PARTS:
-        raise ValueError(f"parts={parts!r} is invalid: accepted {PARTS}")
-    if clock not in CLOCKS:
-        raise ValueError(f"clock={clock!r} is invalid: accepted {sorted(CLOCKS)}")
+    # every check before anything is loaded or written
+    keeps = check_plan(methods, keeps, presets)
+    check_choice(parts, PARTS, "parts")
+    check_choice(clock, sorted(CLOCKS), "clock")
     if clock == "cpu" and threads != 1:
         raise ValueError(f"clock='cpu' measures one thread's compute and needs threads=1, got threads={threads}")
-    if malloc not in ("retain", "default"):
-        raise ValueError(f"malloc={malloc!r} is invalid: accepted 'retain', 'default'")
+    check_choice(malloc, ("retain", "default"), "malloc")
     cfg = VlmBenchConfig(methods=list(methods), keeps=list(keeps), presets=list(presets), per_type=per_type, eval_batch=eval_batch,
                          time_batch=time_batch, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
                          threads=threads, clock=clock, malloc=malloc, out=out, viz_keep=viz_keep,
@@ -231,7 +223,7 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
             kw = cfg.method_kw.get(method, {})
             per_keep: dict[tuple[Any, str | None], dict[str, Any]] = {}
             for keep, preset in _budgets(cfg):
-                if preset is not None and preset not in get_method(method, "vlm-visual").presets:
+                if preset is not None and preset not in get_method(method, VLM).presets:
                     bar.update(1)  # a preset of another method
                     continue
                 if parts == "timing":
@@ -514,17 +506,8 @@ def register_cli(bench_app: Any) -> None:
                                               "the rows of the last accuracy run in --out; run alone/under a lock)"),
     ) -> None:
         """Visual token reduction on the small VLM: accuracy per question type, agreement, FLOPs, latency, memory."""
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        pre = [p.strip() for p in presets.split(",") if p.strip()]
-        try:
-            keeps = [float(k) for k in keep.split(",") if k.strip()]
-        except ValueError:
-            raise typer.BadParameter(f"{keep!r}: accepted comma-separated fractions in (0, 1], e.g. 1.0,0.5,0.25",
-                                     param_hint="--keep") from None
-        try:
-            check_plan(names, keeps, pre)
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
+        names, pre = split_list(methods), split_list(presets)
+        keeps = parse_keeps(keep) if split_list(keep) or not pre else []
         run_vlm_bench(methods=names, keeps=keeps, presets=pre, out=out, per_type=per_type, repeats=repeats,
                       time_batch=time_batch, gen_tokens=gen_tokens, threads=threads, train_if_missing=train,
                       parts=parts, clock=clock, malloc=malloc)

@@ -72,7 +72,13 @@ class ToDRE(VlmMethod):
         return min(1.0, self.fraction / most)
 
     def count(self, n: int) -> int:
-        return image_count(self.stage1(), n)
+        s = self.stage1()
+        if self.fraction is not None and round(s * n) < 1:  # say it in terms of keep, not of stage 1's share
+            most = self._drop / self.info.depth
+            raise ValueError(f"todre: keep={self.fraction} leaves zero of an image's {n} visual tokens in stage 1 "
+                             f"(it keeps keep x {self.info.depth}/{self._drop} of them); accepted: keep >= "
+                             f"{0.5 / n * most:.3g}, or tr.Keep(count=n) with n in 1..{n}")
+        return image_count(s, n)
 
     def vision_layers(self) -> dict[int, frozenset[str]]:
         return {self.info.feature_layer: frozenset({"cls"})} if self.info.has_cls else {}
