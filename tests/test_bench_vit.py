@@ -67,7 +67,7 @@ def test_run_vit_bench_cpu_clock_needs_one_thread(tmp_path):
 def test_run_vit_bench_rejects_unknown_malloc_mode(tmp_path):
     m = _tiny()
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
-    with pytest.raises(ValueError, match="malloc must be one of"):
+    with pytest.raises(ValueError, match="malloc: 'jemalloc' is not accepted"):
         run_vit_bench(methods=["random"], keeps=[0.5], out=str(tmp_path), n_images=8, repeats=1, warmup=0,
                       time_batch=8, threads=1, model=m, images=images, labels=labels, progress=False,
                       malloc="jemalloc")

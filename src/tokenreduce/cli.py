@@ -65,11 +65,11 @@ def list_methods(
     import tokenreduce as tr
     from tokenreduce.registry import get_method
 
-    console = Console()
+    console = Console(markup=False, highlight=False)  # equations hold brackets, not rich markup
     if name is not None:
         spec = get_method(name, integration)
         others = [r["integration"] for r in tr.methods() if r["name"] == name and r["integration"] != spec.integration]
-        console.print(f"[bold]{spec.name}[/bold] at {spec.integration} ({spec.modality}); {spec.paper}")
+        console.print(f"{spec.name} at {spec.integration} ({spec.modality}); {spec.paper}")
         if others:
             console.print(f"also registered at: {', '.join(others)} (--integration to choose)")
         console.print(f"equation: {spec.equation}")

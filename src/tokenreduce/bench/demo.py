@@ -169,13 +169,15 @@ def run_demo(out: str = "results/demo", n_prompts: int = 5, context_tokens: int 
     tables: list[tuple[str, list[dict[str, Any]]]] = []
     with fixed_threads(torch.get_num_threads()), ResultWriter(outdir / "results.jsonl",
                                                               extra_meta={"bench": "demo"}) as writer:
-        for title, part in (
-                (f"KV cache, Gemma 3 270M: pass-key retrieval at ~{context_tokens} tokens, keep {kv_keep} of the "
-                 f"KV entries", lambda: _kv_part(model, tok, samples, kv_keep)),
-                (f"prompt compression, Gemma 3 270M: keep {prompt_keep} of the context's tokens",
-                 lambda: _prompt_part(model, tok, samples, prompt_keep)),
-                (f"sentence embeddings, all-MiniLM-L6-v2: keep {encoder_keep} of the token-block work, 50 Lee "
-                 f"documents", lambda: _encoder_part(encoder_keep))):
+        parts = (
+            (f"KV cache, Gemma 3 270M: pass-key retrieval at ~{context_tokens} tokens, keep {kv_keep} of the KV entries",
+             lambda: _kv_part(model, tok, samples, kv_keep)),
+            (f"prompt compression, Gemma 3 270M: keep {prompt_keep} of the context's tokens",
+             lambda: _prompt_part(model, tok, samples, prompt_keep)),
+            (f"sentence embeddings, all-MiniLM-L6-v2: keep {encoder_keep} of the token-block work, 50 Lee documents",
+             lambda: _encoder_part(encoder_keep)),
+        )
+        for title, part in parts:
             rows = part()
             for r in rows:
                 writer.write(r)
