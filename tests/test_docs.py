@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import tokenreduce as tr
+from tests import tiny
 from tokenreduce.registry import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,14 +20,11 @@ def _python_blocks(path: Path) -> list[str]:
 
 def test_design_doc_method_example_registers_and_runs():
     """'Adding a method' in docs/design.md: the example registers, runs on a ViT and keeps its budget."""
-    from timm.models.vision_transformer import VisionTransformer
-
     block = next(b for b in _python_blocks(ROOT / "docs" / "design.md") if "@register(" in b)
     try:
         exec(compile(block, "docs/design.md", "exec"), {})  # noqa: S102 (the documentation's own example)
         assert "norm-prune" in [r["name"] for r in tr.methods("vit")]
-        torch.manual_seed(0)
-        model = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+        model = tiny.timm_vit(classes=5)
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             ref = model(x)

@@ -33,7 +33,7 @@ def capture_prefill(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     records and then calls the model's own attention). With :func:`replay_prefill` many kv-cache methods can be
     evaluated on one prompt for the cost of one prefill: eviction happens *after* each layer's attention, so a
     method's prompt forward computes exactly these tensors and logits (benchmarks; checked against the real
-    path in tests/test_kv_methods.py)."""
+    path in tests/methods/test_kv.py)."""
     from transformers import DynamicCache
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import AttentionInterface

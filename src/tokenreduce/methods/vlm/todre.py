@@ -35,7 +35,7 @@ class ToDRE(VlmMethod):
 
     ``keep`` (the fraction of the visual-token work): stage 1 keeps s = keep x L / layer of each image's
     tokens, so that (s x layer) / L = keep; a keep above layer/L is unreachable (a ValueError naming the
-    range; a later ``layer`` keeps more), except ``keep=1.0``, the identity (both stages off, DESIGN.md
+    range; a later ``layer`` keeps more), except ``keep=1.0``, the identity (both stages off, docs/design.md
     invariant 1). ``tr.Keep(count=n)``: stage 1 keeps n tokens per image; ``tr.Keep([s])``: stage 1 keeps
     the fraction s; preset ``"paper"``: s = 0.1. With ``relevance`` > 0 the samples that keep their visual
     tokens do more work than planned (``Handle.stats.notes`` says how many).

@@ -22,16 +22,6 @@ from tokenreduce.models.vit import (
     train_reference_vit,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster (and kinder to a busy machine) than two."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "stem_channels": 8, "stem_extra_convs": 1}
 
 

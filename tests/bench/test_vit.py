@@ -7,19 +7,13 @@ import json
 import pytest
 import torch
 
+from tests.tiny import timm_vit
 from tokenreduce.bench.vit import run_vit_bench, zero_overhead_forward
-
-
-def _tiny():
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
 
 
 @torch.no_grad()
 def test_zero_overhead_forward_matches_model_when_unreduced():
-    m = _tiny()
+    m = timm_vit(classes=5)
     x = torch.randn(2, 3, 32, 32)
     f = zero_overhead_forward(m, [65] * 4, [65] * 4)
     torch.testing.assert_close(f(x), m(x))
@@ -28,7 +22,7 @@ def test_zero_overhead_forward_matches_model_when_unreduced():
 
 
 def test_run_vit_bench_writes_results(tmp_path):
-    m = _tiny()
+    m = timm_vit(classes=5)
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 5, (24,), generator=g)
     rows = run_vit_bench(methods=["tome", "random"], keeps=[1.0, 0.5], out=str(tmp_path), n_images=24,
@@ -53,7 +47,7 @@ def test_run_vit_bench_writes_results(tmp_path):
 
 
 def test_run_vit_bench_cpu_clock_needs_one_thread(tmp_path):
-    m = _tiny()
+    m = timm_vit(classes=5)
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
     with pytest.raises(ValueError, match="needs threads=1"):
         run_vit_bench(methods=["random"], keeps=[0.5], out=str(tmp_path), n_images=8, repeats=1, warmup=0,
@@ -65,7 +59,7 @@ def test_run_vit_bench_cpu_clock_needs_one_thread(tmp_path):
 
 
 def test_run_vit_bench_rejects_unknown_malloc_mode(tmp_path):
-    m = _tiny()
+    m = timm_vit(classes=5)
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
     with pytest.raises(ValueError, match="malloc: 'jemalloc' is not accepted"):
         run_vit_bench(methods=["random"], keeps=[0.5], out=str(tmp_path), n_images=8, repeats=1, warmup=0,

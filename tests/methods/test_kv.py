@@ -1,6 +1,6 @@
 """KV-cache methods on tiny random-weight Llama / Qwen2 / Mistral / Gemma 3 models (real transformers classes).
 
-Invariants (DESIGN.md) for every registered kv-cache method: identity at keep=1 (generate() bit-identical,
+Invariants (docs/design.md) for every registered kv-cache method: identity at keep=1 (generate() bit-identical,
 model restored after exit), batch consistency with left padding and ragged kept counts, the cache really
 shrinks (bytes of the real tensors), positions stay right after eviction (checked against a hand-built
 attention mask on the unpatched model), determinism, clear errors.
@@ -16,6 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import tokenreduce as tr
+from tests.tiny import decoder_llm as _tiny
 from tokenreduce.accounting.kv import kv_bytes
 from tokenreduce.adapters.llm import LLMAdapter
 
@@ -23,13 +24,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (
     DynamicCache,
     Gemma3ForCausalLM,
-    Gemma3TextConfig,
     LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
     StaticCache,
 )
 
@@ -39,42 +34,6 @@ SMALL = {"snapkv": {"window_size": 4}, "pyramidkv": {"window_size": 4}, "tokense
 KEEP = {"pyramidkv": 0.7}  # a 4-layer pyramid at 0.5 would give the top layer < window
 GEN = {"do_sample": False, "pad_token_id": 0, "output_logits": True, "return_dict_in_generate": True}
 SLIDING = 16
-
-
-def _tiny(family: str, impl: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
-    torch.manual_seed(seed)
-    common = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "pad_token_id": 0}
-    if family == "llama":
-        cfg, cls = LlamaConfig(**common), LlamaForCausalLM
-    elif family == "qwen2":
-        cfg, cls = Qwen2Config(**common), Qwen2ForCausalLM
-    elif family == "mistral":
-        cfg, cls = MistralConfig(**common, sliding_window=SLIDING), MistralForCausalLM
-    elif family == "gemma3":
-        cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=SLIDING,
-                               layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                            "sliding_attention"])
-        cls = Gemma3ForCausalLM
-    else:
-        raise ValueError(family)
-    cfg._attn_implementation = impl
-    model = cls(cfg).eval()
-    with torch.no_grad():  # Gemma's q/k RMSNorm weights start at 0: give them spread, as trained ones have
-        for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.normal_(0, 0.5)
-    model.generation_config.eos_token_id = None
-    return model.to(dtype)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and immune to other jobs on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.tiny import vit_tiny_patch16 as tiny_timm_vit
 from tokenreduce.accounting.flops import (
     BLOCK_PARTS,
     ViTDims,
@@ -213,13 +214,6 @@ def test_block_flops_match_flop_counter_on_timm_block(n_tokens):
     y = torch.randn(batch, n_tokens // 2, dim)
     mlp_only = counted_flops(lambda: blk.mlp(y)) / batch
     assert mlp_only == pytest.approx(block_flops(1, n_tokens // 2, dim, 256)["mlp"], rel=0.02)
-
-
-def tiny_timm_vit():
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=10).eval()
-    for blk in m.blocks:
-        blk.attn.fused_attn = False
-    return m
 
 
 def test_timm_vit_dims_and_total_match_flop_counter():

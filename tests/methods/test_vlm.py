@@ -1,17 +1,19 @@
 """Every VLM method (integration point ``vlm-visual``) on tiny random-weight ``LlavaForConditionalGeneration``
-models against DESIGN.md's invariants: identity at keep=1 (generate() unchanged, exact restore), batch
+models against docs/design.md's invariants: identity at keep=1 (generate() unchanged, exact restore), batch
 consistency with different prompts and ragged kept counts, a KV cache that is really smaller, exactness of
 the mechanism against a masked reference computation, eager == SDPA, beam search, and clear errors; keep's
 one meaning (the fraction of the visual-token work in the LLM kept) for every method, counts, presets."""
 
 from __future__ import annotations
 
+import functools
 import io
 
 import pytest
 import torch
 
 import tokenreduce as tr
+from tests.tiny import llava, llava_next
 
 METHODS = [r["name"] for r in tr.methods("vlm-visual")]
 INSIDE = ["fastv", "sparsevlm", "pdrop"]
@@ -20,32 +22,8 @@ IMG, PATCH, DEPTH = 32, 8, 6
 NTOK = (IMG // PATCH) ** 2  # 16 visual tokens per image
 IMAGE_ID, PAD = 3, 0
 GEN = 4
-
-
-def _model(attn: str = "sdpa", strategy: str = "default", feature_layer: int = -1, seed: int = 0, img: int = IMG):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    v = CLIPVisionConfig(image_size=img, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=2)
-    t = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=DEPTH, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=2, bos_token_id=1)
-    n = (img // PATCH) ** 2 + (1 if strategy == "full" else 0)
-    c = LlavaConfig(vision_config=v, text_config=t, image_token_id=IMAGE_ID, vision_feature_layer=feature_layer,
-                    vision_feature_select_strategy=strategy, image_seq_length=n)
-    m = LlavaForConditionalGeneration._from_config(c, attn_implementation=attn).eval()
-    m.generation_config.pad_token_id = PAD
-    m.generation_config.eos_token_id = None  # always generate GEN tokens
-    return m
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded (and the CI box is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_model = functools.partial(llava, patch=PATCH, depth=DEPTH, image_id=IMAGE_ID, pad=PAD)
+_next_model = functools.partial(llava_next, patch=PATCH, depth=DEPTH, image_id=IMAGE_ID, pad=PAD)
 
 
 @pytest.fixture(scope="module")
@@ -352,22 +330,6 @@ def test_error_bad_keep_and_kwargs(model):
 
 
 # ---------------------------------------------------------------------------- LLaVA-NeXT (anyres): same code path
-def _next_model():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    torch.manual_seed(0)
-    v = CLIPVisionConfig(image_size=IMG, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=2)
-    t = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=DEPTH, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD)
-    c = LlavaNextConfig(vision_config=v, text_config=t, image_token_id=IMAGE_ID, vision_feature_layer=-1,
-                        image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
-    m = LlavaNextForConditionalGeneration._from_config(c, attn_implementation="sdpa").eval()
-    m.generation_config.pad_token_id = PAD
-    m.generation_config.eos_token_id = None
-    return m
-
-
 @pytest.mark.parametrize("name", INSIDE)
 def test_llava_next_inside_llm(name):
     m = _next_model()

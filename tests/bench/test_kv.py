@@ -12,8 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("transformers")
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+from tests.tiny import gemma3_sliding as _tiny_gemma
 from tokenreduce.bench import kv as B
 from tokenreduce.bench.results import ResultWriter, read_runs
 
@@ -31,20 +31,6 @@ class _Tok:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(int(i) + 64) for i in ids)
-
-
-def _tiny_gemma() -> Gemma3ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
-                           pad_token_id=0, sliding_window=64,
-                           layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                        "sliding_attention"])
-    cfg._attn_implementation = "sdpa"
-    model = Gemma3ForCausalLM(cfg).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def _prompts_file(tmp_path, length: int = 300, seed: int = 7):

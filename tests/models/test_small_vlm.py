@@ -1,6 +1,6 @@
 """Slow tests on the trained small VLM (needs ~/.cache/tokenreduce/small_vlm; `tokenreduce train vlm`).
 
-Run with ``pytest -m slow tests/test_vlm_small.py``.
+Run with ``pytest -m slow tests/models/test_small_vlm.py``.
 """
 
 from __future__ import annotations

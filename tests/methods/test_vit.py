@@ -1,4 +1,4 @@
-"""Every registered vision method x every supported ViT family x eager/SDPA against DESIGN.md's invariants,
+"""Every registered vision method x every supported ViT family x eager/SDPA against docs/design.md's invariants,
 on tiny random-weight configs of the real timm/transformers classes."""
 
 from __future__ import annotations
@@ -11,47 +11,13 @@ import torch
 from torch import nn
 
 import tokenreduce as tr
+from tests.tiny import clip_vision as _clip
+from tests.tiny import hf_vit as _hf_vit
+from tests.tiny import hf_vit_model as _hf_vit_model
+from tests.tiny import timm_vit as _timm
 
 VISION_METHODS = [r["name"] for r in tr.methods("vit-layers")]
 IMG = 32
-
-
-def _timm(attn: str, pool: str = "token") -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    m = VisionTransformer(img_size=IMG, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=7,
-                          global_pool=pool, qkv_bias=True)
-    for b in m.blocks:
-        b.attn.fused_attn = attn == "sdpa"
-    return m.eval()
-
-
-def _hf_vit(attn: str) -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=IMG, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                    intermediate_size=64, num_labels=7)
-    return ViTForImageClassification._from_config(cfg, attn_implementation=attn).eval()
-
-
-def _hf_vit_model(attn: str) -> nn.Module:
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=IMG, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                    intermediate_size=64)
-    return ViTModel._from_config(cfg, attn_implementation=attn).eval()
-
-
-def _clip(attn: str) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(image_size=IMG, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                           intermediate_size=64)
-    return CLIPVisionModel._from_config(cfg, attn_implementation=attn).eval()
 
 
 MODELS = {

