@@ -182,7 +182,7 @@ class Random:
     """Uniform random scores from a seeded generator (the random baseline).
 
     The scores depend only on (seed, token index), not on the batch: every sample sees the same random
-    draw, so a sample scores the same alone or inside a padded batch (DESIGN invariants 2 and 4).
+    draw, so a sample scores the same alone or inside a padded batch (docs/design.md, invariants 2 and 4).
     """
 
     seed: int = 0
