@@ -87,6 +87,10 @@ def test_bench_errors_are_one_line_and_come_before_any_work(capsys, tmp_path):
                          (["bench", "vit", "--clock", "gpu"], "'gpu' is not accepted"),
                          (["bench", "encoder", "--methods", "tomee"], "did you mean 'tome'"),
                          (["bench", "prompt", "--methods", "selective"], "did you mean"),
+                         (["bench", "kv", "--dtype", "fp16"], "'fp16' is not accepted"),
+                         (["bench", "kv", "--keeps", "0.5,abc"], "'abc' is not a number"),
+                         (["bench", "kv", "--variants", "snapkvv"], "unknown variants"),
+                         (["bench", "kv", "--lengths", "1k"], "whole numbers of tokens"),
                          (["list", "tomee"], "did you mean 'tome'")):
         code, out = _main([*args, "--out", str(tmp_path / "r")] if args[0] == "bench" else args, capsys)
         assert code == 2, (args, out)

