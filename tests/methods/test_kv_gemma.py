@@ -18,7 +18,7 @@ from tokenreduce.models.gemma import gemma_cache_ready
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not gemma_cache_ready(), reason="Gemma 3 270M cache missing (python scripts/convert_gemma.py)"),
+    pytest.mark.skipif(not gemma_cache_ready(), reason="Gemma 3 270M cache missing (tokenreduce convert gemma)"),
 ]
 
 

@@ -1,5 +1,5 @@
 """Prompt compression with the real scorer, Gemma 3 270M (slow; skipped without the converted checkpoint:
-build it once with `python scripts/convert_gemma.py`)."""
+build it once with `tokenreduce convert gemma`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def gemma():
     from tokenreduce.models.gemma import gemma_cache_ready, load_gemma
 
     if not gemma_cache_ready():
-        pytest.skip("Gemma 3 270M checkpoint not in the cache (python scripts/convert_gemma.py)")
+        pytest.skip("Gemma 3 270M checkpoint not in the cache (tokenreduce convert gemma)")
     return load_gemma()
 
 

@@ -1,6 +1,6 @@
 """Gemma 3 270M loader: fast unit tests of the tokenizer rebuild, slow tests against the real cache.
 
-The slow tests need the converted checkpoint (``python scripts/convert_gemma.py``); they skip
+The slow tests need the converted checkpoint (``tokenreduce convert gemma``); they skip
 cleanly when it is missing.
 """
 
@@ -127,7 +127,6 @@ def test_missing_cache_error_message(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         G.load_gemma()
     msg = str(err.value)
-    assert "python scripts/convert_gemma.py" in msg
     assert "tokenreduce convert gemma" in msg
     assert str(tmp_path / G.CACHE_SUBDIR) in msg
 
@@ -155,14 +154,14 @@ except ImportError:  # pragma: no cover
     pass
 
 needs_cache = pytest.mark.skipif(
-    not G.gemma_cache_ready(), reason="Gemma cache missing: run `python scripts/convert_gemma.py`"
+    not G.gemma_cache_ready(), reason="Gemma cache missing: run `tokenreduce convert gemma`"
 )
 
 
 @pytest.fixture(scope="module")
 def gemma():
     if not G.gemma_cache_ready():
-        pytest.skip("Gemma cache missing: run `python scripts/convert_gemma.py`")
+        pytest.skip("Gemma cache missing: run `tokenreduce convert gemma`")
     return G.load_gemma()
 
 

@@ -131,7 +131,7 @@ def test_cached_reference_vit_is_accurate():
     try:
         model, info = load_reference_vit()
     except FileNotFoundError:
-        pytest.skip("trained reference ViT not cached; run scripts/train_reference_vit.py")
+        pytest.skip("trained reference ViT not cached; run tokenreduce train vit")
     x, y = reference_eval_set("test", info["config"])
     n = 500
     acc = evaluate(model, x[:n], y[:n])["acc"]

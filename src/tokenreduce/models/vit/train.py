@@ -23,7 +23,7 @@ from .model import build_reference_vit
 
 __all__ = ["load_reference_vit", "train_or_load_metrics", "train_reference_vit"]
 
-_TRAIN_HINT = "run `tokenreduce train vit` or `python scripts/train_reference_vit.py`"
+_TRAIN_HINT = "build it once with `tokenreduce train vit`"
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ from .targets import N_AUX, N_WHAT, patch_class, patch_labels
 
 __all__ = ["load_small_vlm", "train_small_vlm"]
 
-_TRAIN_HINT = "run `tokenreduce train vlm` or `python scripts/train_vlm.py`"
+_TRAIN_HINT = "build it once with `tokenreduce train vlm`"
 
 
 def _cell_readout(what: torch.Tensor, scenes, c: VLMTrainConfig) -> float:
