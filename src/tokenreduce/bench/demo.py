@@ -65,6 +65,7 @@ def _kv_part(model: Any, tok: Any, samples: list[Any], keep: float) -> list[dict
     import tokenreduce as tr
 
     rows = []
+    _answer(model, tok, samples[0].prompt)  # warm-up: the first generate() of a process is slower
     bar = _bar(len(samples) * len(KV_METHODS), "KV cache (Gemma 3 270M)")
     for name, kw in KV_METHODS.items():
         right, secs, kept = 0, [], []
