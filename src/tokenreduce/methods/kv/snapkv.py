@@ -13,6 +13,7 @@ from .base import KV, QUESTION_PRESETS, KVContext, KVMethod, check_window_and_po
 
 __all__ = ["SnapKV"]
 
+
 @register("snapkv", modality="language", integration=KV,
           paper="Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024",
           equation="S = smooth1d(sum_{q in window} softmax(qK^T/sqrt d)); keep window + argtop S",

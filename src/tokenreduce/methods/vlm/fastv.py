@@ -45,7 +45,6 @@ class FastV(VlmMethod):
     def stage_fractions(self, knob: float) -> list[float]:
         return [knob]
 
-
     def reduce_stage(self, view: StageView) -> StageDecision:
         s = view.last_query_scores(view.layer - 1)
         return StageDecision(ops.masked_topk(s, view.visual, self.stage_counts(view)))

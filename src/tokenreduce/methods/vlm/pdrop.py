@@ -50,7 +50,6 @@ class PDrop(VlmMethod):
     def stage_fractions(self, knob: float) -> list[float]:
         return [knob ** (s + 1) for s in range(len(self.stages))]
 
-
     def score_layer(self, stage: int) -> int:
         return self.stages[stage]
 
