@@ -3,7 +3,7 @@
 Three short runs on the pretrained models that install as packages (no training):
 
 * **KV cache** (Gemma 3 270M, converted once from its GGUF package, about a minute): pass-key retrieval
-  from real news filler, the question kept; the unreduced cache against SnapKV (question window), TOVA and
+  from real news filler, the question kept; the unreduced cache against SnapKV (preset question-max9: the question as observation window, max pooling), TOVA and
   StreamingLLM at keep 0.25 (a quarter of the KV cache kept): answers right, KV bytes kept, seconds per prompt;
 * **prompt compression** (Gemma 3 270M as reader): Selective Context (question-agnostic, Gemma as scorer) and
   extractive (question-aware, MiniLM relevance) at keep 0.5 of the context: answers right, tokens kept,
@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["run_demo"]
 
-KV_METHODS: dict[str, dict[str, Any]] = {"snapkv": {"preset": "question"}, "tova": {}, "streaming-llm": {}}
+KV_METHODS: dict[str, dict[str, Any]] = {"snapkv": {"preset": "question-max9"}, "tova": {}, "streaming-llm": {}}
 PROMPT_METHODS = ("selective-context", "extractive")
 ENCODER_METHODS = ("tome", "evit", "pool", "random")
 
