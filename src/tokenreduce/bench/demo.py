@@ -3,8 +3,9 @@
 Three short runs on the pretrained models that install as packages (no training):
 
 * **KV cache** (Gemma 3 270M, converted once from its GGUF package, about a minute): pass-key retrieval
-  from real news filler, the question kept; the unreduced cache against SnapKV (preset question-max9: the question as observation window, max pooling), TOVA and
-  StreamingLLM at keep 0.25 (a quarter of the KV cache kept): answers right, KV bytes kept, seconds per prompt;
+  from real news filler, the question kept; the unreduced cache against SnapKV (preset question-max9: the
+  question as observation window, max pooling), TOVA and StreamingLLM at keep 0.25 (a quarter of the KV
+  cache kept): answers right, KV bytes kept, seconds per prompt;
 * **prompt compression** (Gemma 3 270M as reader): Selective Context (question-agnostic, Gemma as scorer) and
   extractive (question-aware, MiniLM relevance) at keep 0.5 of the context: answers right, tokens kept,
   compression and answer seconds;
