@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["SMOKE_MODEL", "smoke_causal_lm", "smoke_encoder", "smoke_vit", "smoke_vlm", "text_tokenizer"]
+__all__ = ["SMOKE_MODEL", "smoke_causal_lm", "smoke_encoder", "smoke_vit", "smoke_vlm", "smoke_vlm_config",
+           "text_tokenizer"]
 
 #: the model name of smoke cells (resume never mixes them with the real model's rows)
 SMOKE_MODEL = "smoke"
@@ -27,13 +28,20 @@ def smoke_vit(n_images: int = 32) -> tuple[Any, torch.Tensor, torch.Tensor]:
     return model, batch.images, batch.labels
 
 
+def smoke_vlm_config() -> Any:
+    """The small VLM's recipe at width 32 (2 vision layers, 4 text layers)."""
+    from ..models.vlm import VLMTrainConfig
+
+    return VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=4, route_layers=(0,), text_heads=2,
+                          text_kv_heads=1, stem_channels=0)
+
+
 def smoke_vlm(per_type: int = 2) -> tuple[Any, Any, Any]:
     """The small VLM's classes (LLaVA: CLIP tower, grid projector, Llama) at width 32, and ``per_type`` test
     questions per type."""
-    from ..models.vlm import VLMTrainConfig, build_small_vlm, build_tokenizer, eval_set
+    from ..models.vlm import build_small_vlm, build_tokenizer, eval_set
 
-    c = VLMTrainConfig(vision_dim=32, vision_layers=2, text_dim=32, text_layers=4, route_layers=(0,), text_heads=2,
-                       text_kv_heads=1, stem_channels=0)
+    c = smoke_vlm_config()
     torch.manual_seed(0)
     return build_small_vlm(c).eval(), build_tokenizer(), eval_set("test", c, per_type=per_type)
 
