@@ -72,6 +72,7 @@ def smoke_causal_lm() -> tuple[Any, Any]:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     tok = text_tokenizer()
+    tok.model_input_names = ["input_ids", "attention_mask"]  # no BERT token_type_ids into generate()
     torch.manual_seed(0)
     cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
