@@ -7,8 +7,9 @@ from __future__ import annotations
 from .cell import Cell, canonical_json
 from .executors import EXECUTORS, LocalExecutor, make_executor
 from .grid import PARTS, budget_tuple, method_cells
-from .harness import Sweep, SweepResult, finished_cells, run_sweep
+from .harness import SweepResult, finished_cells, run_sweep
 from .runner import METADATA_FIELDS, CachedLoader, CellRunner, error_row
+from .spec import Sweep
 
 __all__ = [
     "EXECUTORS",

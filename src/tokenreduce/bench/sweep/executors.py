@@ -3,20 +3,17 @@ benchmarks' behaviour before sweeps); ``ray`` (:mod:`.ray_executor`) spreads the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import Protocol
 
 from ..args import check_choice
 from .cell import Cell
 from .runner import CellRunner
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .harness import Sweep
+from .spec import Finished, Sweep
 
 __all__ = ["EXECUTORS", "Executor", "LocalExecutor", "make_executor"]
 
 EXECUTORS = ("local", "ray")
-Finished = Callable[[Cell, list[dict[str, Any]]], None]
 
 
 class Executor(Protocol):

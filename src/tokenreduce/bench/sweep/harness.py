@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,33 +18,9 @@ from ..meta import environment
 from ..results import ResultWriter, read_runs
 from .cell import Cell
 from .executors import make_executor
+from .spec import Rows, Sweep
 
 __all__ = ["Sweep", "SweepResult", "finished_cells", "run_sweep"]
-
-Rows = list[dict[str, Any]]
-
-
-@dataclass
-class Sweep:
-    """What a benchmark hands the harness.
-
-    ``cells``: the grid; ``load(model_name)``: the context its cells need (model, data), built once per worker
-    process and model (wrap it in :class:`~tokenreduce.bench.sweep.runner.CachedLoader`); ``run(context,
-    cell)``: the cell's rows, a pure function of the cell; ``meta``: extra fields of the run's header line;
-    ``cpus_per_cell``: CPUs a Ray actor reserves (the cell's torch threads); ``derive(rows)``: rows computed
-    from the whole grid's rows (summaries), appended after the cells' rows of a run that computed any.
-    Everything but ``meta`` and ``derive`` is shipped to Ray workers, so it must pickle (module-level
-    functions, or closures over picklable objects).
-    """
-
-    bench: str
-    cells: Sequence[Cell]
-    load: Callable[[str], Any]
-    run: Callable[[Any, Cell], Rows]
-    meta: dict[str, Any] = field(default_factory=dict)
-    cpus_per_cell: float = 1.0
-    derive: Callable[[Rows], Rows] | None = None
-
 
 @dataclass
 class SweepResult:

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .cell import Cell
-from .executors import Finished
 from .runner import CellRunner, error_row, stamp, utc_now
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .harness import Sweep
+from .spec import Finished, Sweep
 
 __all__ = ["RAY_INSTALL", "TIMING_RESOURCE", "RayExecutor", "check_reachable", "import_ray"]
 
