@@ -177,13 +177,13 @@ def _throughput(ctx: EncoderContext, method: str, rows: dict[float, dict[str, An
 def run_encoder_cell(ctx: EncoderContext, cell: Any) -> list[dict[str, Any]]:
     """The rows of one cell: the unreduced model's, or a method's at the cell's keeps (fidelity and Spearman;
     with ``cell.timing`` the throughput of its time keeps, interleaved with the unreduced model)."""
-    from .sweep import METADATA_FIELDS, budget_tuple
+    from .sweep import budget_tuple, without_metadata
     from .timing import fixed_threads
 
     s = dict(cell.settings)
     with fixed_threads(s["threads"]):
         if cell.given:  # the timing part: the accuracy part's rows
-            rows = [{k: v for k, v in r.items() if k not in METADATA_FIELDS} for r in cell.given]
+            rows = without_metadata(list(cell.given))
         elif cell.method == "none":
             ref_lee, _ = ctx.refs
             rows = [{"method": "none", "keep": 1.0, "spearman": _spearman(ref_lee, ctx.human), "cos_lee": 1.0,
@@ -225,7 +225,7 @@ def run_encoder_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[
     ``address``, ``resume`` as in ``bench vit`` (docs/sweeps.md)."""
     from .args import check_choice, check_device, check_methods, parse_keeps
     from .report import format_table, html_report
-    from .sweep import PARTS, finished_cells, run_sweep
+    from .sweep import PARTS, finished_cells, run_sweep, without_metadata
 
     if smoke:
         methods, keeps, time_keeps, lengths, batch, n_fidelity, repeats, warmup, threads = (SMOKE[k] for k in (
@@ -247,7 +247,8 @@ def run_encoder_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[
         raise FileNotFoundError(f"parts='timing' needs the rows of an accuracy run in {results}; run "
                                 "parts='accuracy' first")
     sweep.meta = {"bench": "encoder", "config": asdict(cfg)}
-    rows = run_sweep(sweep, results, executor=executor, address=address, resume=resume, progress=progress).rows
+    rows = without_metadata(run_sweep(sweep, results, executor=executor, address=address,
+                                      resume=resume and parts != "timing", progress=progress).rows)
     cols = ["method", "keep", "cos_lee", *[f"cos_{L}" for L in cfg.lengths], "spearman",
             *[c for L in cfg.lengths for c in (f"sent_s_{L}", f"speedup_{L}")]]
     table = format_table(rows, cols, title=f"all-MiniLM-L6-v2: fidelity, Spearman vs human (Lee 50), sentences/s "

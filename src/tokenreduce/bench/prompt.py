@@ -231,7 +231,7 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
     ``resume``: as in ``bench vit`` (docs/sweeps.md). CPU only (the scorer runs on the LM's device)."""
     from .args import check_methods, parse_keeps
     from .report import format_table, html_report
-    from .sweep import run_sweep
+    from .sweep import run_sweep, without_metadata
 
     if smoke:
         methods, keeps, n_samples, target_tokens, max_new_tokens, threads = (SMOKE[k] for k in (
@@ -256,8 +256,8 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
     sweep.meta = {"bench": "prompt", "config": asdict(cfg)}
     result = run_sweep(sweep, outdir / "results.jsonl", executor=executor, address=address, resume=resume,
                        progress=progress)
-    rows = [{k: v for k, v in r.items() if k not in ("kind", "cell_id", "origin")}
-            for r in result.rows if r.get("kind") == "summary" or r.get("cell_failed")]
+    rows = [{k: v for k, v in r.items() if k != "kind"}
+            for r in without_metadata(result.rows) if r.get("kind") == "summary" or r.get("cell_failed")]
     cols = ["method", "keep", "achieved", "achieved_min", "achieved_max", "max_rel_dev", "passcode_kept", "correct",
             "compress_s", "answer_s", "e2e_s", "base_e2e_s", "e2e_speedup", "compress_per_base_answer",
             "forward_s", "compress_per_forward"]

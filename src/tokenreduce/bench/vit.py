@@ -33,7 +33,7 @@ from ..accounting.memory import peak_memory
 from .args import check_choice, check_device, check_methods, parse_keeps, split_list
 from .report import format_table, html_report, pareto_plot
 from .smoke import SMOKE_MODEL, smoke_vit
-from .sweep import METADATA_FIELDS, CachedLoader, Cell, Sweep, finished_cells, run_sweep
+from .sweep import CachedLoader, Cell, Sweep, finished_cells, run_sweep, without_metadata
 from .sweep.grid import PARTS, budget_tuple, method_cells
 from .sweep.options import sweep_options
 from .timing import fixed_threads, interleaved, retain_freed_memory, speedup, timing_clock
@@ -246,7 +246,7 @@ def run_vit_cell(ctx: VitContext, cell: Cell) -> list[dict[str, Any]]:
         if cell.method == "none":
             return [_base_row(ctx)]
         if cell.given:  # the timing part: the accuracy part's rows
-            given = [{k: v for k, v in r.items() if k not in METADATA_FIELDS} for r in cell.given]
+            given = without_metadata(list(cell.given))
             errors = [r for r in given if "error" in r]
             per_keep = {r["keep"]: r for r in given if "error" not in r}
         else:
@@ -321,9 +321,12 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     allocator = retain_freed_memory() if malloc == "retain" and parts != "accuracy" else "default"
     sweep.meta = {"bench": "vit", "config": asdict(cfg), "allocator": allocator,
                   "model_metrics": info.get("metrics", {}), "model_path": str(info.get("path", ""))}
-    result = run_sweep(sweep, results, executor=executor, address=address, resume=resume, progress=progress)
-    _report(result.rows, outdir, cfg, result.meta)
-    return result.rows
+    # the timing part measures again whenever it runs (that is what it is for); the other parts resume
+    result = run_sweep(sweep, results, executor=executor, address=address, resume=resume and parts != "timing",
+                       progress=progress)
+    rows = without_metadata(result.rows)
+    _report(rows, outdir, cfg, result.meta)
+    return rows
 
 
 def _timed_copy(model: nn.Module, method: str, keep: float, kw: dict[str, Any], batch: Tensor,

@@ -46,7 +46,6 @@ from .args import check_choice, check_device, check_methods, parse_keeps, split_
 from .report import format_table, html_report, pareto_plot
 from .smoke import SMOKE_MODEL, smoke_vlm, smoke_vlm_config
 from .sweep import (
-    METADATA_FIELDS,
     PARTS,
     CachedLoader,
     Cell,
@@ -55,6 +54,7 @@ from .sweep import (
     finished_cells,
     method_cells,
     run_sweep,
+    without_metadata,
 )
 from .sweep.options import sweep_options
 from .timing import CLOCKS, fixed_threads, interleaved, retain_freed_memory, speedup, timing_clock
@@ -294,7 +294,7 @@ def run_vlm_cell(ctx: VlmContext, cell: Cell) -> list[dict[str, Any]]:
     budgets (accuracy; with ``cell.timing`` one interleaved timing group; in the timing part on the accuracy
     rows given)."""
     s = dict(cell.settings)
-    given = [{k: v for k, v in r.items() if k not in METADATA_FIELDS} for r in cell.given]
+    given = without_metadata(list(cell.given))
     with fixed_threads(s["threads"]), torch.no_grad():
         if cell.method == "none":
             row = given[0] if given else _base_row(ctx)
@@ -389,13 +389,16 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     sweep.meta = {"bench": "vlm", "parts": parts, "config": asdict(cfg), "allocator": allocator,
                   "model_metrics": {k: v for k, v in info.get("metrics", {}).items() if k != "history"},
                   "model_path": str(info.get("path", ""))}
-    result = run_sweep(sweep, results, executor=executor, address=address, resume=resume, progress=progress)
+    # the timing part measures again whenever it runs (that is what it is for); the other parts resume
+    result = run_sweep(sweep, results, executor=executor, address=address, resume=resume and parts != "timing",
+                       progress=progress)
+    rows = without_metadata(result.rows)
     ctx = sweep.load(sweep.cells[0].model)  # the viz panel runs here (in process: the model is loaded already)
     viz = {m: _kept_for_viz(ctx, m, cfg.viz_keep, cfg.method_kw.get(m, {})) for m in cfg.methods}
     meta = dict(result.meta, n_questions=len(ctx.data.qas),
                 questions_per_type={k: len(v) for k, v in ctx.data.by_type().items()})
-    _report(result.rows, outdir, cfg, meta, ctx.data, viz)
-    return result.rows
+    _report(rows, outdir, cfg, meta, ctx.data, viz)
+    return rows
 
 
 def _adopt_accuracy_run(cfg: VlmBenchConfig, results: Path) -> set[str]:

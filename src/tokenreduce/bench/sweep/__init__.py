@@ -8,7 +8,7 @@ from .cell import Cell, canonical_json
 from .executors import EXECUTORS, LocalExecutor, make_executor
 from .grid import PARTS, budget_tuple, method_cells
 from .harness import SweepResult, finished_cells, run_sweep
-from .runner import METADATA_FIELDS, CachedLoader, CellRunner, error_row
+from .runner import METADATA_FIELDS, CachedLoader, CellRunner, error_row, without_metadata
 from .spec import Sweep
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "make_executor",
     "method_cells",
     "run_sweep",
+    "without_metadata",
 ]

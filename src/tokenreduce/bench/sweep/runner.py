@@ -13,10 +13,15 @@ from typing import Any
 from ..meta import node_info
 from .cell import Cell
 
-__all__ = ["METADATA_FIELDS", "CachedLoader", "CellRunner", "error_row", "stamp", "utc_now"]
+__all__ = ["METADATA_FIELDS", "CachedLoader", "CellRunner", "error_row", "stamp", "utc_now", "without_metadata"]
 
 #: fields the harness adds to every row (metadata: they differ between runs of the same cell)
 METADATA_FIELDS = ("cell_id", "origin")
+
+
+def without_metadata(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as a benchmark returns them (its fields only; the results file keeps the metadata)."""
+    return [{k: v for k, v in r.items() if k not in METADATA_FIELDS} for r in rows]
 
 
 class CachedLoader:
