@@ -23,7 +23,7 @@ from .cell import Cell
 from .runner import CellRunner, error_row, stamp, utc_now
 from .spec import Finished, Sweep
 
-__all__ = ["RAY_INSTALL", "TIMING_RESOURCE", "RayExecutor", "check_reachable", "import_ray"]
+__all__ = ["RAY_INSTALL", "TIMING_RESOURCE", "RayExecutor", "check_reachable", "import_ray", "worker_start_error"]
 
 TIMING_RESOURCE = "timing_slot"
 RAY_INSTALL = "pip install 'tokenreduce[ray]'"
@@ -38,6 +38,20 @@ def import_ray() -> Any:
         raise RuntimeError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL} "
                            "(ray==2.58.0)") from None
     return ray
+
+
+def worker_start_error(e: BaseException) -> str:
+    """One line for an actor that failed in its constructor (on a cluster: usually a node whose tokenreduce
+    is missing, older, or lacks a dependency)."""
+    import re
+
+    from ..meta import git_commit, package_version
+
+    found = re.findall(r"\b(\w+(?:Error|Exception): [^\n]+)", str(e))
+    detail = found[-1] if found else str(e).strip().splitlines()[-1]
+    return (f"a Ray worker could not start ({detail[:200]}): every node needs this tokenreduce "
+            f"({package_version('tokenreduce')}, commit {(git_commit()['commit'] or 'unknown')[:10]}) importable, with "
+            f"its dependencies ({RAY_INSTALL}) and the models its cells load (docs/sweeps.md)")
 
 
 class _Worker:
@@ -151,6 +165,8 @@ class RayExecutor:
                     cause = getattr(e, "cause", None)
                     raise (cause if isinstance(cause, Exception) else RuntimeError(str(e))) from None
                 except ray.exceptions.RayActorError as e:  # the worker died beyond its restarts: a fresh one
+                    if getattr(e, "actor_init_failed", False):  # no worker can start: the nodes' install differs
+                        raise RuntimeError(worker_start_error(e)) from None
                     rows = stamp(cell, [error_row(cell, e)], "ray", utc_now(), 0.0)
                     ray.kill(actors[slot], no_restart=True)
                     actors[slot] = spawn()
