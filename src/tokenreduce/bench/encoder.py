@@ -199,10 +199,10 @@ def run_encoder_cell(ctx: EncoderContext, cell: Any) -> list[dict[str, Any]]:
 def encoder_sweep(cfg: EncoderBenchConfig, model: Any = None, tokenizer: Any = None,
                   finished: Any = ()) -> Any:
     """The benchmark as a grid of cells, its loader and cell function."""
-    from .smoke import SMOKE_MODEL
+    from .smoke import cell_model
     from .sweep import CachedLoader, Sweep, method_cells
 
-    name = SMOKE_MODEL if cfg.smoke else "custom" if model is not None else "all-MiniLM-L6-v2"
+    name = cell_model(cfg.smoke, model is not None, lambda: "all-MiniLM-L6-v2")
     accuracy = {"lengths": list(cfg.lengths), "n_fidelity": cfg.n_fidelity, "threads": cfg.threads,
                 "device": cfg.device}
     timing = {"time_keeps": list(cfg.time_keeps), "batch": cfg.batch, "warmup": cfg.warmup, "repeats": cfg.repeats}

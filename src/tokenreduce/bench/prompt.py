@@ -201,10 +201,10 @@ def run_prompt_cell(ctx: PromptContext, cell: Any) -> list[dict[str, Any]]:
 
 def prompt_sweep(cfg: PromptBenchConfig, model: Any = None, tokenizer: Any = None) -> Any:
     """One timing cell per (method, keep), one for the uncompressed prompts, one for the peers."""
-    from .smoke import SMOKE_MODEL
+    from .smoke import cell_model
     from .sweep import CachedLoader, Cell, Sweep
 
-    name = SMOKE_MODEL if cfg.smoke else "custom" if model is not None else "gemma3-270m"
+    name = cell_model(cfg.smoke, model is not None, lambda: "gemma3-270m")
     s = {"n_samples": cfg.n_samples, "target_tokens": cfg.target_tokens, "max_new_tokens": cfg.max_new_tokens,
          "threads": cfg.threads, "warm_methods": list(cfg.methods), "device": "cpu"}
     cells = [Cell("prompt", name, "none", 1.0, s, seed=cfg.seed, timing=True)]

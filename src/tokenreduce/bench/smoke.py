@@ -4,15 +4,40 @@ accuracy-type rows every time and on every executor."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["SMOKE_MODEL", "smoke_causal_lm", "smoke_encoder", "smoke_vit", "smoke_vlm", "smoke_vlm_config",
+__all__ = ["CUSTOM_MODEL", "SMOKE_MODEL", "cell_model", "resolve_model", "smoke_causal_lm", "smoke_encoder", "smoke_vit", "smoke_vlm", "smoke_vlm_config",
            "text_tokenizer"]
 
 #: the model name of smoke cells (resume never mixes them with the real model's rows)
 SMOKE_MODEL = "smoke"
+#: the model name of cells run on a model passed in by the caller (tests)
+CUSTOM_MODEL = "custom"
+
+
+def cell_model(smoke: bool, custom: bool, real: Callable[[], str]) -> str:
+    """The model name of a benchmark's cells: :data:`SMOKE_MODEL`, :data:`CUSTOM_MODEL` or ``real()`` (the
+    cached model's name, e.g. its checkpoint directory)."""
+    if smoke:
+        return SMOKE_MODEL
+    return CUSTOM_MODEL if custom else real()
+
+
+def resolve_model(name: str, given: tuple[Any, ...], smoke: Callable[[], tuple[Any, ...]],
+                  real: Callable[[], tuple[Any, ...]], retain: bool = False) -> tuple[Any, ...]:
+    """A benchmark loader's (model, data...): ``given`` when its model is not None (a caller's), else the smoke
+    one (``name`` :data:`SMOKE_MODEL`) or the real one. ``retain``: this process keeps freed memory
+    (:func:`~tokenreduce.bench.timing.retain_freed_memory`) first."""
+    if retain:
+        from .timing import retain_freed_memory
+
+        retain_freed_memory()
+    if given[0] is not None:
+        return given
+    return smoke() if name == SMOKE_MODEL else real()
 
 
 def smoke_vit(n_images: int = 32) -> tuple[Any, torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from ..accounting.flops import ViTDims, timm_vit_dims
 from ..accounting.memory import peak_memory
 from .args import check_choice, check_device, check_methods, parse_keeps, split_list
 from .report import format_table, html_report, pareto_plot
-from .smoke import SMOKE_MODEL, smoke_vit
+from .smoke import cell_model, resolve_model, smoke_vit
 from .sweep import CachedLoader, Cell, Sweep, finished_cells, run_sweep, without_metadata
 from .sweep.grid import PARTS, budget_tuple, method_cells
 from .sweep.options import sweep_options
@@ -123,14 +123,17 @@ class VitContext:
         return self._base_pred
 
 
-def _model_name(smoke: bool, custom: bool) -> str:
-    if smoke:
-        return SMOKE_MODEL
-    if custom:
-        return "custom"
+def _reference_name() -> str:
     from ..models.vit import TrainConfig, checkpoint_dir
 
     return f"reference-vit/{checkpoint_dir(TrainConfig()).name}"
+
+
+def _reference() -> tuple[nn.Module, Tensor, Tensor]:
+    from ..models.vit import load_reference_vit, reference_eval_set
+
+    model, info = load_reference_vit()
+    return (model, *reference_eval_set("test", info["config"]))
 
 
 def _model_info(name: str, train_if_missing: bool) -> dict[str, Any]:
@@ -153,16 +156,8 @@ def load_vit_context(name: str, n_images: int, time_batch: int, eval_batch: int 
     """The context of model ``name``: the reference ViT and its test set, the smoke ViT (``"smoke"``) or the
     given ``model``/``images``/``labels``; on ``device``; ``retain``: this process keeps freed memory
     (:func:`~tokenreduce.bench.timing.retain_freed_memory`)."""
-    if retain:
-        retain_freed_memory()
-    if model is None:
-        if name == SMOKE_MODEL:
-            model, images, labels = smoke_vit(n_images)
-        else:
-            from ..models.vit import load_reference_vit, reference_eval_set
-
-            model, info = load_reference_vit()
-            images, labels = reference_eval_set("test", info["config"])
+    model, images, labels = resolve_model(name, (model, images, labels), lambda: smoke_vit(n_images), _reference,
+                                          retain)
     assert images is not None and labels is not None
     model = model.eval().to(device)
     return VitContext(model, images[:n_images].to(device), labels[:n_images].to(device), time_batch, eval_batch)
@@ -261,7 +256,7 @@ def vit_sweep(cfg: VitBenchConfig, model: nn.Module | None = None, images: Tenso
               labels: Tensor | None = None, finished: Collection[str] = ()) -> Sweep:
     """The benchmark as a grid of cells (:func:`~tokenreduce.bench.sweep.method_cells`), its loader and cell
     function. ``finished``: ids of cells already in the results file (the timing part runs over them)."""
-    name = _model_name(cfg.smoke, model is not None)
+    name = cell_model(cfg.smoke, model is not None, _reference_name)
     accuracy = {"n_images": cfg.n_images, "eval_batch": cfg.eval_batch, "time_batch": cfg.time_batch,
                 "threads": cfg.threads, "device": cfg.device}
     timing = {"warmup": cfg.warmup, "repeats": cfg.repeats, "clock": cfg.clock, "malloc": cfg.malloc}

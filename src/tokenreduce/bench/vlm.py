@@ -43,7 +43,7 @@ from ..accounting.memory import peak_memory
 from ..core.errors import suggest
 from ..registry import get_method
 from .args import check_choice, check_device, check_methods, parse_keeps, split_list
-from .smoke import SMOKE_MODEL, smoke_vlm, smoke_vlm_config
+from .smoke import SMOKE_MODEL, cell_model, resolve_model, smoke_vlm, smoke_vlm_config
 from .sweep import (
     PARTS,
     CachedLoader,
@@ -197,14 +197,17 @@ class VlmContext:
         return self._base
 
 
-def _model_name(smoke: bool, custom: bool) -> str:
-    if smoke:
-        return SMOKE_MODEL
-    if custom:
-        return "custom"
+def _small_vlm_name() -> str:
     from ..models.vlm import VLMTrainConfig, checkpoint_dir
 
     return f"small-vlm/{checkpoint_dir(VLMTrainConfig()).name}"
+
+
+def _small_vlm(per_type: int) -> tuple[nn.Module, Any, Any]:
+    from ..models.vlm import eval_set, load_small_vlm
+
+    model, tokenizer, info = load_small_vlm()
+    return model, tokenizer, eval_set("test", info["config"], per_type=per_type)
 
 
 def load_vlm_context(name: str, per_type: int, time_batch: int, gen_tokens: int, eval_batch: int,
@@ -212,16 +215,8 @@ def load_vlm_context(name: str, per_type: int, time_batch: int, gen_tokens: int,
                      tokenizer: Any = None, data: Any = None) -> VlmContext:
     """The context of model ``name``: the small VLM and its test set, the smoke VLM (``"smoke"``) or the given
     ``model``/``tokenizer``/``data``; on ``device``; ``retain``: keep freed memory in this process."""
-    if retain:
-        retain_freed_memory()
-    if model is None:
-        if name == SMOKE_MODEL:
-            model, tokenizer, data = smoke_vlm(per_type)
-        else:
-            from ..models.vlm import eval_set, load_small_vlm
-
-            model, tokenizer, info = load_small_vlm()
-            data = eval_set("test", info["config"], per_type=per_type)
+    model, tokenizer, data = resolve_model(name, (model, tokenizer, data), lambda: smoke_vlm(per_type),
+                                           lambda: _small_vlm(per_type), retain)
     return VlmContext(model.eval().to(device), tokenizer, data, time_batch, gen_tokens, eval_batch, device)
 
 
@@ -319,7 +314,7 @@ def vlm_sweep(cfg: VlmBenchConfig, model: nn.Module | None = None, tokenizer: An
               finished: Collection[str] = ()) -> Sweep:
     """The benchmark as a grid of cells (:func:`~tokenreduce.bench.sweep.method_cells`; the unreduced model is
     timed alone), its loader and cell function."""
-    name = _model_name(cfg.smoke, model is not None)
+    name = cell_model(cfg.smoke, model is not None, _small_vlm_name)
     accuracy = {"per_type": cfg.per_type, "eval_batch": cfg.eval_batch, "time_batch": cfg.time_batch,
                 "threads": cfg.threads, "device": cfg.device}
     timing = {"gen_tokens": cfg.gen_tokens, "warmup": cfg.warmup, "repeats": cfg.repeats, "clock": cfg.clock,
@@ -381,7 +376,7 @@ def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     finished: Collection[str] = ()
     if parts == "timing":
         finished = _adopt_accuracy_run(cfg, results)
-    info = _model_info(_model_name(smoke, model is not None), train_if_missing, model)
+    info = _model_info(cell_model(smoke, model is not None, _small_vlm_name), train_if_missing, model)
     if info["prompt"] == "question_first":  # SparseVLM's raters must see the question
         cfg.method_kw.setdefault("sparsevlm", {}).setdefault("raters_from", "all_text")
     sweep = vlm_sweep(cfg, model, tokenizer, data, finished)

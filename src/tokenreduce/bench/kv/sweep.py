@@ -112,9 +112,9 @@ def _derive(cfg: KVBenchConfig, rows: list[dict[str, Any]]) -> list[dict[str, An
 
 
 def sweep_model_name(smoke: bool) -> str:
-    from ..smoke import SMOKE_MODEL
+    from ..smoke import cell_model
 
-    return SMOKE_MODEL if smoke else "gemma3-270m"
+    return cell_model(smoke, False, lambda: "gemma3-270m")
 
 
 def kv_sweep(cfg: KVBenchConfig, smoke: bool = False) -> Sweep:
