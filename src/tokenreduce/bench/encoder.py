@@ -210,7 +210,8 @@ def encoder_sweep(cfg: EncoderBenchConfig, model: Any = None, tokenizer: Any = N
                          finished, time_base=True)
     load = CachedLoader(functools.partial(load_encoder_context, batch=cfg.batch, n_fidelity=cfg.n_fidelity,
                                           lengths=cfg.lengths, device=cfg.device, model=model, tokenizer=tokenizer))
-    return Sweep("encoder", cells, load, run_encoder_cell, cpus_per_cell=cfg.threads)
+    return Sweep("encoder", cells, load, run_encoder_cell, cpus_per_cell=cfg.threads,
+                 gpus_per_cell=1.0 if cfg.device == "cuda" else 0.0)
 
 
 def run_encoder_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[float] = DEFAULT_KEEPS,

@@ -266,7 +266,8 @@ def vit_sweep(cfg: VitBenchConfig, model: nn.Module | None = None, images: Tenso
                                           eval_batch=cfg.eval_batch, device=cfg.device,
                                           retain=cfg.malloc == "retain" and cfg.parts != "accuracy",
                                           model=model, images=images, labels=labels))
-    return Sweep("vit", cells, load, run_vit_cell, cpus_per_cell=cfg.threads)
+    return Sweep("vit", cells, load, run_vit_cell, cpus_per_cell=cfg.threads,
+                 gpus_per_cell=1.0 if cfg.device == "cuda" else 0.0)
 
 
 def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[float] = DEFAULT_KEEPS,

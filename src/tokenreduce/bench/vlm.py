@@ -329,7 +329,8 @@ def vlm_sweep(cfg: VlmBenchConfig, model: nn.Module | None = None, tokenizer: An
         load_vlm_context, per_type=cfg.per_type, time_batch=cfg.time_batch, gen_tokens=cfg.gen_tokens,
         eval_batch=cfg.eval_batch, device=cfg.device, retain=cfg.malloc == "retain" and cfg.parts != "accuracy",
         model=model, tokenizer=tokenizer, data=data))
-    return Sweep("vlm", cells, load, run_vlm_cell, cpus_per_cell=cfg.threads)
+    return Sweep("vlm", cells, load, run_vlm_cell, cpus_per_cell=cfg.threads,
+                 gpus_per_cell=1.0 if cfg.device == "cuda" else 0.0)
 
 
 def run_vlm_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[float] = DEFAULT_KEEPS,

@@ -4,8 +4,8 @@ cluster at ``--address``).
 * **Actors keep the model loaded.** Each worker is a Ray actor holding a :class:`~.runner.CellRunner`; it
   loads a model once and runs cell after cell on it (``max_restarts``/``max_task_retries``: a worker killed,
   e.g. out of memory, is restarted and its cell retried once; a cell still failing becomes an error row).
-* **Resources.** An accuracy actor reserves ``cpus_per_cell`` CPUs (the cells' torch threads), so a node runs
-  as many as it has CPUs for.
+* **Resources.** An accuracy actor reserves ``cpus_per_cell`` CPUs (the cells' torch threads) and, for
+  ``--device cuda``, one GPU, so a node runs as many as it has CPUs (GPUs) for.
 * **Timing cells run alone on their node.** They run in a second phase, after every accuracy cell has
   finished and its actors are gone, on actors that each hold the node's one ``timing_slot`` resource: at most
   one timing cell per node at a time. A local cluster gets ``{"timing_slot": 1}``; on a cluster give every
@@ -109,9 +109,6 @@ class RayExecutor:
             self.ray.shutdown()
         self.started = False
 
-    def _cpus(self) -> float:
-        return float(self.ray.cluster_resources().get("CPU", 1.0))
-
     def _timing_nodes(self) -> int:
         return sum(1 for n in self.ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(TIMING_RESOURCE))
 
@@ -124,13 +121,20 @@ class RayExecutor:
                                f"cluster at {self.address} has none: start each node that may time with `ray start "
                                f"... --resources='{{\"{TIMING_RESOURCE}\": 1}}'` (or run --parts accuracy)")
         try:
-            cpus = sweep.cpus_per_cell
+            cpus, gpus = sweep.cpus_per_cell, sweep.gpus_per_cell
+            per = {"num_cpus": cpus, "num_gpus": gpus}
             if accuracy:
-                n = min(len(accuracy), max(1, int(self._cpus() // cpus)))
-                self._phase(sweep, accuracy, finished, n, {"num_cpus": cpus})
+                total = self.ray.cluster_resources()
+                n = int(total.get("CPU", 1.0) // cpus) if cpus else len(accuracy)
+                if gpus:
+                    n = min(n, int(total.get("GPU", 0.0) // gpus))
+                if n < 1:
+                    raise RuntimeError(f"no node of the cluster at {self.address or 'this machine'} has {cpus} CPU(s)"
+                                       f"{f' and {gpus} GPU(s)' if gpus else ''} for a cell")
+                self._phase(sweep, accuracy, finished, min(len(accuracy), n), per)
             if timing:
                 self._phase(sweep, timing, finished, min(n_timing, len(timing)),
-                            {"num_cpus": cpus, "resources": {TIMING_RESOURCE: 1}})
+                            {**per, "resources": {TIMING_RESOURCE: 1}})
         finally:
             self.close()
 

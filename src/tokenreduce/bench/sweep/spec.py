@@ -34,4 +34,5 @@ class Sweep:
     run: Callable[[Any, Cell], Rows]
     meta: dict[str, Any] = field(default_factory=dict)
     cpus_per_cell: float = 1.0
+    gpus_per_cell: float = 0.0
     derive: Callable[[Rows], Rows] | None = None
