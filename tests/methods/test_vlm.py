@@ -748,6 +748,7 @@ def test_bench_vlm_rows_record_keep_and_keep_achieved(tmp_path):
     """Every row records the requested keep and what ran (keep_achieved); a keep out of a method's reach is an
     error row saying so; presets are extra rows (with the preset's own keep when it is a fraction)."""
     from tokenreduce.bench.results import read_results
+    from tokenreduce.bench.sweep import METADATA_FIELDS
     from tokenreduce.bench.vlm import run_vlm_bench
     from tokenreduce.models.vlm import VLMTrainConfig, build_small_vlm, build_tokenizer, eval_set
 
@@ -768,6 +769,6 @@ def test_bench_vlm_rows_record_keep_and_keep_achieved(tmp_path):
         elif preset is None:
             assert abs(r["keep_achieved"] - keep) <= 0.035, r
     assert by["fastv", None, "paper"]["keep_spec"] == "Keep((0.5,))" and by["fastv", None, "paper"]["keep_achieved"]
-    _, written = read_results(tmp_path / "results.jsonl")
-    assert sorted(str({k: v for k, v in r.items() if k not in ("run_id", "type")}) for r in written) == \
-        sorted(map(str, rows))
+    _, written = read_results(tmp_path / "results.jsonl")  # the file adds each row's cell id and origin
+    assert sorted(str({k: v for k, v in r.items() if k not in ("run_id", "type", *METADATA_FIELDS)}) for r in written) \
+        == sorted(map(str, rows))

@@ -10,7 +10,7 @@ from ..core.budget import validate_fraction
 from ..core.errors import suggest
 from ..registry import METHODS, resolve_integration
 
-__all__ = ["check_choice", "check_methods", "parse_keeps", "split_list"]
+__all__ = ["DEVICES", "check_choice", "check_device", "check_methods", "parse_keeps", "split_list"]
 
 
 def split_list(text: str) -> list[str]:
@@ -53,3 +53,18 @@ def check_choice(value: str, choices: Sequence[str], option: str) -> str:
         raise ValueError(f"{option}: {value!r} is not accepted{suggest(value, choices)}; accepted: "
                          f"{', '.join(choices)}")
     return value
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str, option: str = "--device") -> str:
+    """``cpu`` or ``cuda`` (the latter only where torch sees a GPU)."""
+    check_choice(device, DEVICES, option)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} cuda: torch sees no CUDA device here (torch {torch.__version__}); use "
+                             f"{option} cpu")
+    return device

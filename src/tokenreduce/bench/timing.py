@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = [
+    "CLOCKS",
+    "CUDA_CLOCK",
     "Speedup",
     "Timing",
     "fixed_threads",
@@ -35,6 +37,7 @@ __all__ = [
     "quantile",
     "retain_freed_memory",
     "speedup",
+    "timing_clock",
 ]
 
 SyncArg = Callable[[], None] | str | None
@@ -204,20 +207,50 @@ def _resolve_sync(sync: SyncArg) -> Callable[[], None] | None:
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+#: GPU time between two CUDA events recorded around the calls (the stream synchronised first and after)
+CUDA_CLOCK = "cuda"
 
 
-def _clock(clock: str) -> Callable[[], float]:
+def _clock(clock: str) -> Callable[[], float] | None:
     """``"wall"``: elapsed time. ``"cpu"``: CPU seconds of this process, immune to time slices lost to other
     processes on a shared machine; it equals the compute time of a call only with one torch thread (with
-    more, it sums every thread's CPU, spin-waits included)."""
+    more, it sums every thread's CPU, spin-waits included). ``"cuda"``: CUDA events (returns None)."""
+    if clock == CUDA_CLOCK:
+        if not torch.cuda.is_available():
+            raise ValueError("clock='cuda' times with CUDA events and needs a CUDA device; torch sees none")
+        return None
     if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)} or {CUDA_CLOCK!r}, got {clock!r}")
     return CLOCKS[clock]
 
 
+def timing_clock(clock: str, device: str) -> str:
+    """The clock a benchmark times with: CUDA events for ``device="cuda"`` (a CPU clock would time only the
+    kernel launches), else ``clock`` (``"cpu"`` on CUDA is refused)."""
+    if device == "cuda":
+        if clock == "cpu":
+            raise ValueError("clock='cpu' measures this process's CPU time, not GPU work: use clock='wall' with "
+                             "device='cuda' (timed with CUDA events)")
+        return CUDA_CLOCK
+    return clock
+
+
+def _time_cuda(fn: Callable[[], Any], number: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(number):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / number
+
+
 def _time_once(fn: Callable[[], Any], sync: Callable[[], None] | None, number: int = 1,
-               clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds per call, averaged over ``number`` back-to-back calls."""
+               clock: Callable[[], float] | None = time.perf_counter) -> float:
+    """Seconds per call, averaged over ``number`` back-to-back calls (``clock=None``: CUDA events)."""
+    if clock is None:
+        return _time_cuda(fn, number)
     if sync is not None:
         sync()
     start = clock()

@@ -3,6 +3,7 @@ alone, for venvs without the other benchmarks' dependencies)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from .config import DEFAULT_VARIANTS, PARTS, TIMING_CANDIDATES, VARIANTS, KVBenc
 from .report import build_report
 from .run import run_kv_bench
 from .runs import merge_results
+from .sweep import SMOKE
 
 __all__ = ["register_cli"]
 
@@ -26,6 +28,10 @@ def _ints(s: str, option: str) -> list[int]:
 def register_cli(bench_app: Any) -> None:
     """Add the ``kv`` command to ``bench_app`` (a typer app)."""
     import typer
+
+    from ..sweep.options import sweep_options
+
+    o = sweep_options()
 
     @bench_app.command("kv")
     def kv(
@@ -62,6 +68,7 @@ def register_cli(bench_app: Any) -> None:
         merge: str = typer.Option("", help="append the runs of these results files (comma-separated; "
                                            "path@part1+part2 keeps only those parts) to <out>/kv.jsonl first"),
         merge_kvpress: str = typer.Option("", help="the same for <out>/kvpress.jsonl (kvpress_compare.py's files)"),
+        executor: str = o.executor, address: str = o.address, resume: bool = o.resume, smoke: bool = o.smoke,
     ) -> None:
         """KV-cache methods on Gemma 3 270M: passcode retrieval, streaming perplexity, timings (+ kvpress)."""
         for srcs, name in ((merge, "kv.jsonl"), (merge_kvpress, "kvpress.jsonl")):
@@ -85,6 +92,8 @@ def register_cli(bench_app: Any) -> None:
         if quick:
             cfg.n_prompts, cfg.keeps, cfg.ppl_tokens, cfg.ppl_budget = 2, [0.25], 256, 64
             cfg.timing_lengths, cfg.repeats, cfg.timing_new_tokens = [512], 1, 8
-        path = run_kv_bench(cfg)
+        if smoke:
+            cfg = dataclasses.replace(cfg, **SMOKE, out=out if out != "results/kv" else "results/kv/smoke")
+        path = run_kv_bench(cfg, smoke=smoke, executor=executor, address=address, resume=resume)
         print((Path(cfg.out) / "report.txt").read_text())
         print(f"report: {path}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,12 +16,13 @@ from .model import progress
 __all__ = ["run_ppl"]
 
 
-def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[str, Any]]:
+def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any, labels: Sequence[str] | None = None
+            ) -> list[dict[str, Any]]:
     """StreamingLLM's language-modelling experiment (Xiao et al. 2024, Sec. 4.1): real text streamed through the
     model with the cache held at a fixed budget (``--ppl-budget`` entries per layer, a count keep), the next-token
     NLL of every position. ``ppl_streams`` independent texts run as one batch; tokens enter ``ppl_chunk`` at a
     time (1 = token by token as in the paper; c > 1 evicts after every c tokens, so the cache holds between the
-    budget and budget + c - 1 entries while a chunk is processed)."""
+    budget and budget + c - 1 entries while a chunk is processed). ``labels``: only these of ``PPL_VARIANTS``."""
     from transformers import DynamicCache
 
     import tokenreduce as tr
@@ -38,6 +40,8 @@ def run_ppl(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[dict[
         raise ValueError(f"the text gave {ids.shape[1]} tokens, fewer than ppl_tokens + 1 = {T + 1}")
     rows = []
     for label, (name, kw) in PPL_VARIANTS.items():
+        if labels is not None and label not in labels:
+            continue
         handle = tr.apply(model, name, keep=tr.Keep(count=cfg.ppl_budget), **kw) if name else None
         cache = DynamicCache(config=model.config)
         nll = torch.zeros(S, T)

@@ -1,21 +1,17 @@
-"""One `bench kv` invocation: check the configuration, load the model, run the chosen parts into
-``<out>/kv.jsonl`` (one run, with metadata) and rebuild the report."""
+"""One `bench kv` invocation: check the configuration, run the chosen parts' cells into ``<out>/kv.jsonl`` (one
+run, with metadata; cells already there are skipped) and rebuild the report."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..args import check_choice, parse_keeps
-from ..results import ResultWriter
-from ..timing import fixed_threads
-from .agreement import run_agreement
+from ..sweep import run_sweep
 from .config import PARTS, TIMING_CANDIDATES, VARIANTS, KVBenchConfig
 from .data import export_for_kvpress
-from .model import load_model
-from .passcode import run_passcode
-from .ppl import run_ppl
 from .report import build_report
-from .timing import check_clock, run_memory, run_timing, timing_labels
+from .sweep import kv_sweep, sweep_model_name
+from .timing import check_clock, timing_labels
 
 __all__ = ["check_config", "run_kv_bench"]
 
@@ -44,24 +40,24 @@ def check_config(cfg: KVBenchConfig) -> None:
             raise ValueError(f"{name} must be token counts >= 50, got {list(values)}")
 
 
-def run_kv_bench(cfg: KVBenchConfig) -> Path:
-    """Run ``cfg.parts`` (in the order export, passcode, agreement, ppl, timing, memory) and build the report;
-    returns the HTML report's path."""
+def run_kv_bench(cfg: KVBenchConfig, smoke: bool = False, executor: str = "local", address: str | None = None,
+                 resume: bool = True, progress: bool = True) -> Path:
+    """Run ``cfg.parts`` (in the order export, passcode, agreement, ppl, timing, memory) as a sweep
+    (:mod:`.sweep`: ``executor`` "local" or "ray", ``resume`` skips the cells already in ``<out>/kv.jsonl``)
+    and build the report; returns the HTML report's path. ``smoke``: a tiny random-weight Gemma 3 (the
+    settings of ``cfg``, e.g. :data:`.sweep.SMOKE`)."""
     check_config(cfg)  # before anything is created, loaded or written
+    if not smoke:
+        from ...models.gemma import gemma_cache_dir, gemma_cache_ready
+        from ...models.gemma.cache import missing_cache_message
+
+        if not gemma_cache_ready():
+            raise FileNotFoundError(missing_cache_message(gemma_cache_dir()))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(cfg)
-    with fixed_threads(cfg.threads), ResultWriter(out / "kv.jsonl", extra_meta={"config": cfg.__dict__}) as w:
-        if "export" in cfg.parts:
-            export_for_kvpress(tok, cfg, out / "kvpress_prompts.json")
-        if "passcode" in cfg.parts:
-            run_passcode(model, tok, cfg, w)
-        if "agreement" in cfg.parts:
-            run_agreement(model, tok, cfg, w)
-        if "ppl" in cfg.parts:
-            run_ppl(model, tok, cfg, w)
-        if "timing" in cfg.parts:
-            run_timing(model, tok, cfg, w)
-        if "memory" in cfg.parts:
-            run_memory(model, tok, cfg, w)
+    sweep = kv_sweep(cfg, smoke)
+    if "export" in cfg.parts:
+        out.mkdir(parents=True, exist_ok=True)
+        export_for_kvpress(sweep.load(sweep_model_name(smoke))[1], cfg, out / "kvpress_prompts.json")
+    if sweep.cells:
+        run_sweep(sweep, out / "kv.jsonl", executor=executor, address=address, resume=resume, progress=progress)
     return build_report(out)
