@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision pinned exactly: both are on this machine's disk (plain pip, not uv/poetry)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,llm,dev,diffusion]'
+	$(BIN)/pip install -q -e '.[test,llm,dev,ray,diffusion]'
 	touch $(STAMP)
 
 demo: $(STAMP)

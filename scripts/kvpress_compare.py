@@ -1,14 +1,12 @@
 """Side by side with NVIDIA kvpress 0.5.5 on the same Gemma 3 270M and the same passcode prompts.
 
 Runs in kvpress's OWN virtualenv (kvpress 0.5.5 needs transformers>=4.56,<5.3; tokenreduce needs 5.23), with
-tokenreduce installed there without its dependencies (for the shared kvpress hook helper), and is never imported
-by tokenreduce (``make peers`` builds this venv)::
+tokenreduce installed there without its dependencies (for the shared kvpress hook helper and KV byte count), and
+is never imported by tokenreduce (``make peers`` builds this venv)::
 
-    python -m venv /work/kvpress-venv
-    /work/kvpress-venv/bin/pip install kvpress==0.5.5 'transformers>=4.56,<5.3' torch==2.14.1
-    /work/kvpress-venv/bin/pip install --no-deps -e .
+    make peers                                                              # builds .venv-kvpress
     tokenreduce bench kv --parts export,agreement --out results/kv          # prompts + our kept positions
-    /work/kvpress-venv/bin/python scripts/kvpress_compare.py --prompts results/kv/kvpress_prompts.json \
+    .venv-kvpress/bin/python scripts/kvpress_compare.py --prompts results/kv/kvpress_prompts.json \
         --out results/kv/kvpress.jsonl
     tokenreduce bench kv --report-only --out results/kv                     # side-by-side tables
 
@@ -44,7 +42,8 @@ import torch
 from kvpress.pipeline import KVPressTextGenerationPipeline
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from tokenreduce.bench.kv import kvpress_global_only  # stdlib + torch only: imports in kvpress's venv
+from tokenreduce.accounting.kv import kv_bytes
+from tokenreduce.bench.kv.kvpress import kvpress_global_only  # stdlib + torch only: imports in kvpress's venv
 
 PRESSES = {  # label -> (press class, kwargs, our comparable bench variant)
     "SnapKVPress": ("SnapKVPress", {}, "snapkv"),
@@ -54,15 +53,6 @@ PRESSES = {  # label -> (press class, kwargs, our comparable bench variant)
     "PyramidKVPress": ("PyramidKVPress", {}, "pyramidkv-q"),
     "RandomPress": ("RandomPress", {"seed": 0}, "random"),
 }
-
-
-def kv_bytes(cache) -> int:
-    n = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if t is not None and t.numel():
-                n += t.numel() * t.element_size()
-    return n
 
 
 class _Press:
@@ -149,7 +139,7 @@ def main() -> None:
                 with (press(model) if press is not None else contextlib.nullcontext()):
                     model.model(input_ids=ctx, past_key_values=cache)
                 t1 = time.perf_counter()
-                by = kv_bytes(cache)
+                by = kv_bytes(cache)["tensor"]
                 if args.question_stepwise:
                     answer = answer_stepwise(model, tok, q, cache, ctx.shape[1], max_new)
                 else:

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 try:
-    from tokenreduce.models.reference_vit import TrainConfig, train_or_load_metrics
+    from tokenreduce.models.vit import TrainConfig, train_or_load_metrics
 except ImportError:  # running from a source checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from tokenreduce.models.reference_vit import TrainConfig, train_or_load_metrics
+    from tokenreduce.models.vit import TrainConfig, train_or_load_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

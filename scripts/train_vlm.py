@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tokenreduce.models.small_vlm import VLMTrainConfig, checkpoint_dir, train_small_vlm
+from tokenreduce.models.vlm import VLMTrainConfig, checkpoint_dir, train_small_vlm
 
 
 def main() -> None:

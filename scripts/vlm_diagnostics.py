@@ -17,7 +17,7 @@
 
     python scripts/vlm_diagnostics.py [--n 200] [--probe] [--model ~/.cache/tokenreduce/small_vlm/<v3-hash>]
 
-The numbers quoted in ``tokenreduce.models.small_vlm``'s docstring come from this script.
+The numbers quoted in ``docs/experiments/small_vlm.md`` come from this script.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tokenreduce.data.vqa import POSITION_NAMES, SPECIAL_TOKENS, VOCAB, cell_of_patch
-from tokenreduce.models.small_vlm import (
+from tokenreduce.models.vlm import (
     RATIONALE_NEW_TOKENS,
     VLMTrainConfig,
     axis_rationale,

@@ -35,7 +35,7 @@ def test_train_vlm_options_address_the_cached_model(tmp_path, monkeypatch):
     reported instead of retrained (``--ground-weight 0``: the model trained before word grounding)."""
     import json
 
-    from tokenreduce.models.small_vlm import VLMTrainConfig, checkpoint_dir
+    from tokenreduce.models.vlm import VLMTrainConfig, checkpoint_dir
 
     monkeypatch.setenv("TOKENREDUCE_CACHE", str(tmp_path))
     for c, acc in ((VLMTrainConfig(ground_weight=0.0), 0.25), (VLMTrainConfig(), 0.75)):
@@ -48,3 +48,56 @@ def test_train_vlm_options_address_the_cached_model(tmp_path, monkeypatch):
     res = CliRunner().invoke(_app(), ["train", "vlm"])
     assert res.exit_code == 0, res.output
     assert "0e4ba3681b" in res.output and "test acc 0.750" in res.output
+
+
+def _main(args, capsys):
+    """The console script (``tokenreduce ...``): its exit code and stderr."""
+    import sys
+
+    old = sys.argv
+    sys.argv = ["tokenreduce", *args]
+    try:
+        with __import__("pytest").raises(SystemExit) as e:
+            cli.main()
+    finally:
+        sys.argv = old
+    return e.value.code, capsys.readouterr()
+
+
+def test_list_accepts_short_integration_names_and_refuses_unknown_ones(capsys):
+    res = CliRunner().invoke(_app(), ["list", "--integration", "kv"])
+    assert res.exit_code == 0 and "snapkv" in res.output and "tome" not in res.output
+    code, out = _main(["list", "--integration", "kv-cach"], capsys)
+    assert code == 2 and "did you mean 'kv-cache'" in out.err and "Traceback" not in out.err
+
+
+def test_list_one_method_shows_keep_meaning_knobs_and_doc():
+    res = CliRunner().invoke(_app(), ["list", "snapkv"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "fraction of the KV-cache entries kept" in out and "window_size=32" in out and "SnapKV" in out
+    assert "phase" not in out.split("knobs:")[1].split("\n")[0]  # class variables are not knobs
+
+
+def test_bench_errors_are_one_line_and_come_before_any_work(capsys, tmp_path):
+    """Names, keeps and choices are checked before a model loads; the error is one line, exit code 2."""
+    for args, needle in ((["bench", "vit", "--methods", "tomee"], "did you mean 'tome'"),
+                         (["bench", "vit", "--keep", "abc"], "'abc' is not a number"),
+                         (["bench", "vit", "--keep", "0.5,2"], "out of range"),
+                         (["bench", "vit", "--clock", "gpu"], "'gpu' is not accepted"),
+                         (["bench", "encoder", "--methods", "tomee"], "did you mean 'tome'"),
+                         (["bench", "prompt", "--methods", "selective"], "did you mean"),
+                         (["bench", "kv", "--dtype", "fp16"], "'fp16' is not accepted"),
+                         (["bench", "kv", "--keeps", "0.5,abc"], "'abc' is not a number"),
+                         (["bench", "kv", "--variants", "snapkvv"], "unknown variants"),
+                         (["bench", "kv", "--lengths", "1k"], "whole numbers of tokens"),
+                         (["list", "tomee"], "did you mean 'tome'")):
+        code, out = _main([*args, "--out", str(tmp_path / "r")] if args[0] == "bench" else args, capsys)
+        assert code == 2, (args, out)
+        assert needle in out.err and "Traceback" not in out.err and len(out.err.strip().splitlines()) == 2, out.err
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_help_shows_defaults():
+    res = CliRunner().invoke(_app(), ["bench", "vit", "--help"])
+    assert "[default: tome,evit" in " ".join(res.output.split()).replace("│ ", "")

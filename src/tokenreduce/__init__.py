@@ -7,9 +7,11 @@ place them in real model families. See docs/design.md.
 
 from . import methods as _methods_pkg  # noqa: F401  (importing the methods registers them)
 from .adapters.base import Handle, Stats
+from .adapters.encoder import mean_pool
 from .api import apply, methods  # `tr.methods` is the function; the package stays tokenreduce.methods
 from .compress import compress  # `tr.compress` is the function; the module stays tokenreduce.compress
 from .core import Keep, Reducer, TokenState, criteria, strategies
+from .pipelines import generate_with_question, question_length  # kv-cache QA: count / keep the question
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,9 @@ __all__ = [
     "apply",
     "compress",
     "criteria",
+    "generate_with_question",
+    "mean_pool",
     "methods",
+    "question_length",
     "strategies",
 ]

@@ -83,12 +83,16 @@ class Patcher:
 
 @dataclass
 class Stats:
-    """What the last forward did. ``tokens_attn[l]``/``tokens_mlp[l]``: mean real tokens entering block
-    l's attention / MLP; ``final_tokens``: per sample after the last block; ``reduce_seconds``: time spent
-    in scoring + reducing (overhead); ``flops``: analytic estimate from the kept counts (if known)."""
+    """What the last forward did. ``keep``: the requested fraction (None for counts, thresholds, schedules);
+    ``keep_achieved``: what ran, in the integration point's meaning of keep (``tr.methods()["keep"]``);
+    ``tokens_attn[l]``/``tokens_mlp[l]``: mean real tokens entering block l's attention / MLP;
+    ``final_tokens``: per sample after the last block; ``reduce_seconds``: time spent in scoring + reducing
+    (overhead); ``flops``: analytic estimate from the kept counts (if known)."""
 
     method: str
     input_tokens: int = 0
+    keep: float | None = None
+    keep_achieved: float = 1.0
     tokens_attn: list[float] = field(default_factory=list)
     tokens_mlp: list[float] = field(default_factory=list)
     final_tokens: list[int] = field(default_factory=list)
@@ -128,6 +132,18 @@ class Handle:
     def stats(self) -> Stats:
         return self._stats_fn()
 
+    @property
+    def attention_mask(self) -> Any:
+        """The (B, K) 0/1 mask of the last forward's output tokens (real tokens vs padding of a ragged batch):
+        what the usual masked mean pools with when the output is shorter than the input's mask. For the
+        size-weighted mean that equals the unreduced masked mean at keep=1.0, use ``tr.mean_pool(h, out)``."""
+        if "attention_mask" not in self._extras:
+            raise NotImplementedError(f"{self.method_name}: this integration point keeps its token positions")
+        mask = self._extras["attention_mask"]()
+        if mask is None:
+            raise RuntimeError("no forward pass has run since tr.apply")
+        return mask
+
     def unmerge(self, y: Any) -> Any:
         """Map the last forward's reduced token outputs (B,K,D) back to the input tokens (B,N,D)."""
         if "unmerge" not in self._extras:
@@ -142,6 +158,9 @@ class Handle:
             self.active = False
 
     def __enter__(self) -> Self:
+        if not self.active:
+            raise RuntimeError(f"{self!r}: the handle was removed, so the model would run unreduced; "
+                               f"call tr.apply again")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,4 @@
-"""Text-encoder adapter: the block-split machinery of :mod:`.vit` on transformers BERT-family encoders
+"""Text-encoder adapter: the block-split machinery of :mod:`.blocks` on transformers BERT-family encoders
 (``BertModel``, ``RobertaModel``, ``XLMRobertaModel``, ``ElectraModel`` and their task heads), integration
 point ``encoder-layers``.
 
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Handle, Patcher, register_adapter
-from .vit import QK, VitAdapter, VitFamily, _capture, _hf_encoder_layers, _make_forward, _Run
+from .base import Handle, register_adapter
+from .blocks import QK, BlockFamily, attach_blocks, hf_encoder_layers
+from .vit import VitAdapter
 
 __all__ = ["BERT_FAMILY", "EncoderAdapter", "mean_pool", "padding_from_4d"]
 
@@ -29,7 +30,7 @@ LAYER_CLASSES = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer",
 
 def _bert_layers(m: nn.Module) -> list[nn.Module] | None:
     for name in LAYER_CLASSES:
-        layers = _hf_encoder_layers(m, name)
+        layers = hf_encoder_layers(m, name)
         if layers is not None:
             return layers
     return None
@@ -87,7 +88,7 @@ def padding_from_4d(mask: Tensor | None, x: Tensor) -> Tensor | None:
     return real
 
 
-BERT_FAMILY = VitFamily(
+BERT_FAMILY = BlockFamily(
     "transformers BERT-family encoders (BertModel, RobertaModel, XLMRobertaModel, ElectraModel, + task heads)",
     _bert_matches, _bert_blocks, lambda m: 1, lambda m: None, _bert_attn_half, _bert_mlp_half, _bert_qk,
     "attention_mask", padding_mask=padding_from_4d,
@@ -100,19 +101,7 @@ class EncoderAdapter(VitAdapter):
     integration = "encoder-layers"
 
     def attach(self, model: nn.Module, method: Any, method_name: str) -> Handle:
-        fam = self.family
-        blocks = fam.blocks(model)
-        method.setup(len(blocks))
-        run = _Run(method, method_name, fam, blocks, fam.protected(model), None)
-        p = Patcher()
-        for i, b in enumerate(blocks):
-            qk = fam.qk(b)
-            p.set_method(b, "forward", _make_forward(run, i, qk))
-            if method.reduces_at(i) and method.needs:
-                p.hook(qk.q_module.register_forward_hook(_capture(run, "q")))
-                p.hook(qk.k_module.register_forward_hook(_capture(run, "k")))
-        return Handle(model, method_name, method, p, run.stats,
-                      extras={"unmerge": run.unmerge, "state": lambda: run.state})
+        return attach_blocks(model, method, method_name, self.family, None)[0]
 
 
 def mean_pool(handle: Handle | None, last_hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:

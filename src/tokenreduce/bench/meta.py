@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import platform
 import subprocess
@@ -13,9 +14,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["cpu_model", "environment", "git_commit", "package_version"]
+__all__ = ["cpu_model", "environment", "git_commit", "node_info", "package_version"]
 
-_PACKAGES = ("tokenreduce", "torch", "transformers", "timm", "numpy")
+_PACKAGES = ("tokenreduce", "torch", "transformers", "timm", "numpy", "ray")
 
 
 def cpu_model() -> str:
@@ -89,6 +90,33 @@ def _memory_bytes() -> int | None:
             return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         except (ValueError, OSError, AttributeError):
             return None
+
+
+@functools.lru_cache(maxsize=1)
+def _static_node_info() -> dict[str, Any]:
+    git = git_commit()
+    cuda = _cuda_info()
+    return {"host": platform.node(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "memory_bytes": _memory_bytes(), "gpu": cuda["device"] if cuda else None,
+            "gpu_count": cuda["count"] if cuda else 0, "python": sys.version.split()[0],
+            "git_commit": git["commit"], "git_dirty": git["dirty"],
+            "versions": {name: package_version(name) for name in _PACKAGES}}
+
+
+def node_info() -> dict[str, Any]:
+    """What the rows of a sweep cell record about where they were computed (``origin``): host, Ray node id
+    (``None`` outside Ray), CPU model and count, memory, GPU name and count, git commit and package versions
+    (computed once per process), and the 1-minute load average now."""
+    node_id = None
+    if "ray" in sys.modules:  # inside a Ray worker (never imports Ray itself)
+        ray = sys.modules["ray"]
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
+    return {**_static_node_info(), "node_id": node_id, "pid": os.getpid(), "load_avg_1m": load}
 
 
 def environment(repo: str | Path | None = None) -> dict[str, Any]:

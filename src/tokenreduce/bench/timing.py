@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -26,14 +26,18 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = [
+    "CLOCKS",
+    "CUDA_CLOCK",
     "Speedup",
     "Timing",
     "fixed_threads",
     "interleaved",
     "measure",
+    "paired_ratios",
     "quantile",
     "retain_freed_memory",
     "speedup",
+    "timing_clock",
 ]
 
 SyncArg = Callable[[], None] | str | None
@@ -203,20 +207,50 @@ def _resolve_sync(sync: SyncArg) -> Callable[[], None] | None:
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+#: GPU time between two CUDA events recorded around the calls (the stream synchronised first and after)
+CUDA_CLOCK = "cuda"
 
 
-def _clock(clock: str) -> Callable[[], float]:
+def _clock(clock: str) -> Callable[[], float] | None:
     """``"wall"``: elapsed time. ``"cpu"``: CPU seconds of this process, immune to time slices lost to other
     processes on a shared machine; it equals the compute time of a call only with one torch thread (with
-    more, it sums every thread's CPU, spin-waits included)."""
+    more, it sums every thread's CPU, spin-waits included). ``"cuda"``: CUDA events (returns None)."""
+    if clock == CUDA_CLOCK:
+        if not torch.cuda.is_available():
+            raise ValueError("clock='cuda' times with CUDA events and needs a CUDA device; torch sees none")
+        return None
     if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)} or {CUDA_CLOCK!r}, got {clock!r}")
     return CLOCKS[clock]
 
 
+def timing_clock(clock: str, device: str) -> str:
+    """The clock a benchmark times with: CUDA events for ``device="cuda"`` (a CPU clock would time only the
+    kernel launches), else ``clock`` (``"cpu"`` on CUDA is refused)."""
+    if device == "cuda":
+        if clock == "cpu":
+            raise ValueError("clock='cpu' measures this process's CPU time, not GPU work: use clock='wall' with "
+                             "device='cuda' (timed with CUDA events)")
+        return CUDA_CLOCK
+    return clock
+
+
+def _time_cuda(fn: Callable[[], Any], number: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(number):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / number
+
+
 def _time_once(fn: Callable[[], Any], sync: Callable[[], None] | None, number: int = 1,
-               clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds per call, averaged over ``number`` back-to-back calls."""
+               clock: Callable[[], float] | None = time.perf_counter) -> float:
+    """Seconds per call, averaged over ``number`` back-to-back calls (``clock=None``: CUDA events)."""
+    if clock is None:
+        return _time_cuda(fn, number)
     if sync is not None:
         sync()
     start = clock()
@@ -343,8 +377,14 @@ def speedup(base: Timing, other: Timing, *, paired: bool = False) -> Speedup:
     quartiles are returned; this cancels noise that hit both candidates in a round.
     """
     if paired:
-        if base.n != other.n:
-            raise ValueError(f"paired speedup needs equal sample counts ({base.n} vs {other.n})")
-        ratios = [b / o for b, o in zip(base.times, other.times, strict=True)]
+        ratios = paired_ratios(base.times, other.times)
         return Speedup(quantile(ratios, 0.5), quantile(ratios, 0.25), quantile(ratios, 0.75))
     return Speedup(base.median / other.median, base.q1 / other.q3, base.q3 / other.q1)
+
+
+def paired_ratios(base: Sequence[float], other: Sequence[float]) -> list[float]:
+    """Per-round ratios ``base[i] / other[i]`` of samples from the same rounds of :func:`interleaved`
+    (> 1: ``other`` is faster); ``base`` and ``other`` must have the same number of samples."""
+    if len(base) != len(other):
+        raise ValueError(f"paired speedup needs equal sample counts ({len(base)} vs {len(other)})")
+    return [b / o for b, o in zip(base, other, strict=True)]

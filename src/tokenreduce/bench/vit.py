@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,19 @@ import tokenreduce as tr
 
 from ..accounting.flops import ViTDims, timm_vit_dims
 from ..accounting.memory import peak_memory
+from .args import check_choice, check_device, check_methods, parse_keeps, split_list
 from .report import format_table, html_report, pareto_plot
-from .results import ResultWriter
-from .timing import fixed_threads, interleaved, retain_freed_memory, speedup
+from .smoke import cell_model, resolve_model, smoke_vit
+from .sweep import CachedLoader, Cell, Sweep, finished_cells, run_sweep, without_metadata
+from .sweep.grid import PARTS, budget_tuple, method_cells
+from .sweep.options import sweep_options
+from .timing import fixed_threads, interleaved, retain_freed_memory, speedup, timing_clock
 
-__all__ = ["VitBenchConfig", "register_cli", "run_vit_bench", "zero_overhead_forward"]
+__all__ = ["SMOKE", "VitBenchConfig", "VitContext", "load_vit_context", "register_cli", "run_vit_bench", "run_vit_cell",
+           "vit_sweep", "zero_overhead_forward"]
 
 DEFAULT_METHODS = ("tome", "evit", "token-transforming", "cluster", "pool", "random")
-DEFAULT_KEEPS = (1.0, 0.75, 0.5, 0.35, 0.25)
+DEFAULT_KEEPS = (1.0, 0.8, 0.7, 0.6, 0.5)  # of the token-block work (registry.INTEGRATIONS)
 MALLOC_MODES = ("retain", "default")
 
 
@@ -54,6 +60,14 @@ class VitBenchConfig:
     malloc: str = "retain"
     out: str = "results/vit"
     method_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parts: str = "all"
+    device: str = "cpu"
+    smoke: bool = False
+
+
+#: ``--smoke``: tiny random-weight reference ViT, 32 images, 3 methods x 2 keeps, 2 timed rounds (seconds)
+SMOKE = {"methods": ("tome", "evit", "random"), "keeps": (1.0, 0.6), "n_images": 32, "time_batch": 8, "warmup": 1,
+         "repeats": 2, "threads": 1}
 
 
 def zero_overhead_forward(model: nn.Module, tokens_attn: Sequence[int], tokens_mlp: Sequence[int]
@@ -84,12 +98,176 @@ def _predict(model: nn.Module, images: Tensor, batch: int) -> Tensor:
     return torch.cat([model(images[i: i + batch]).argmax(-1) for i in range(0, images.shape[0], batch)])
 
 
-def _load(train_if_missing: bool) -> tuple[nn.Module, dict[str, Any], Tensor, Tensor]:
-    from ..models.reference_vit import load_reference_vit, reference_eval_set
+# ---------------------------------------------------------------------------- the model a cell runs on
+@dataclass
+class VitContext:
+    """What every cell of one model shares in a worker: the model, the test images, the timing batch, its
+    FLOPs accounting and (computed on first use) the unreduced model's predictions."""
 
-    model, info = load_reference_vit(train_if_missing=train_if_missing)
-    images, labels = reference_eval_set("test", info["config"])
-    return model, info, images, labels
+    model: nn.Module
+    images: Tensor
+    labels: Tensor
+    time_batch: int
+    eval_batch: int
+
+    def __post_init__(self) -> None:
+        self.tbatch = self.images[: self.time_batch]
+        self.dims: ViTDims = timm_vit_dims(self.model)
+        self.base_flops = self.dims.flops()
+        self._base_pred: Tensor | None = None
+
+    @property
+    def base_pred(self) -> Tensor:
+        if self._base_pred is None:
+            self._base_pred = _predict(self.model, self.images, self.eval_batch)
+        return self._base_pred
+
+
+def _reference_name() -> str:
+    from ..models.vit import TrainConfig, checkpoint_dir
+
+    return f"reference-vit/{checkpoint_dir(TrainConfig()).name}"
+
+
+def _reference() -> tuple[nn.Module, Tensor, Tensor]:
+    from ..models.vit import load_reference_vit, reference_eval_set
+
+    model, info = load_reference_vit()
+    return (model, *reference_eval_set("test", info["config"]))
+
+
+def _model_info(name: str, train_if_missing: bool) -> dict[str, Any]:
+    """The reference ViT's metrics and path for the run header, read without loading it (trained first if it
+    is missing and ``train_if_missing``; else the loader's FileNotFoundError)."""
+    if not name.startswith("reference-vit/"):
+        return {}
+    from ..models.vit import TrainConfig, checkpoint_dir, load_reference_vit
+
+    path = checkpoint_dir(TrainConfig()) / "model.pt"
+    if not path.is_file():
+        load_reference_vit(train_if_missing=train_if_missing)
+    metrics = path.with_name("metrics.json")
+    return {"metrics": json.loads(metrics.read_text()) if metrics.is_file() else {}, "path": path}
+
+
+def load_vit_context(name: str, n_images: int, time_batch: int, eval_batch: int = 250, device: str = "cpu",
+                     retain: bool = False, model: nn.Module | None = None, images: Tensor | None = None,
+                     labels: Tensor | None = None) -> VitContext:
+    """The context of model ``name``: the reference ViT and its test set, the smoke ViT (``"smoke"``) or the
+    given ``model``/``images``/``labels``; on ``device``; ``retain``: this process keeps freed memory
+    (:func:`~tokenreduce.bench.timing.retain_freed_memory`)."""
+    model, images, labels = resolve_model(name, (model, images, labels), lambda: smoke_vit(n_images), _reference,
+                                          retain)
+    assert images is not None and labels is not None
+    model = model.eval().to(device)
+    return VitContext(model, images[:n_images].to(device), labels[:n_images].to(device), time_batch, eval_batch)
+
+
+# ---------------------------------------------------------------------------- one cell
+def _base_row(ctx: VitContext) -> dict[str, Any]:
+    model, tbatch, dims = ctx.model, ctx.tbatch, ctx.dims
+    return {"method": "none", "keep": 1.0, "keep_achieved": 1.0,
+            "accuracy": (ctx.base_pred == ctx.labels).float().mean().item(), "agreement": 1.0,
+            "gflops": ctx.base_flops["gflops"], "flops_ratio": 1.0, "speedup": 1.0, "speedup_low": 1.0,
+            "speedup_high": 1.0, "limit_speedup": 1.0, "efficiency": 1.0, "overhead_ms": 0.0,
+            "peak_mem_mb": peak_memory(lambda: model(tbatch)) / 2**20, "mean_tokens": float(dims.num_tokens),
+            "final_tokens": float(dims.num_tokens)}
+
+
+def _accuracy(ctx: VitContext, method: str, keeps: Sequence[float], kw: dict[str, Any]
+              ) -> tuple[list[dict[str, Any]], dict[float, dict[str, Any]]]:
+    """Error rows (a keep out of the method's reach) and ``{keep: row}``: accuracy on the test set, stats of
+    the timing batch, FLOPs, peak memory."""
+    model, tbatch, dims = ctx.model, ctx.tbatch, ctx.dims
+    errors, per_keep = [], {}
+    for keep in keeps:
+        # accuracy on the full test set, stats from the timing batch
+        try:
+            with tr.apply(model, method, keep=keep, **kw) as h:
+                pred = _predict(model, ctx.images, ctx.eval_batch)
+                model(tbatch)
+                st = h.stats
+                mem = peak_memory(lambda: model(tbatch)) / 2**20
+        except ValueError as e:  # a keep this method's schedule cannot reach on this model: say so
+            errors.append({"method": method, "keep": keep, "error": str(e)})
+            continue
+        fl = dims.flops(st.tokens_attn, st.tokens_mlp)
+        per_keep[keep] = {
+            "method": method, "keep": keep, "keep_achieved": st.keep_achieved,
+            "accuracy": (pred == ctx.labels).float().mean().item(),
+            "agreement": (pred == ctx.base_pred).float().mean().item(),
+            "gflops": fl["gflops"], "flops_ratio": ctx.base_flops["total"] / fl["total"],
+            "mean_tokens": sum(st.tokens_attn) / len(st.tokens_attn),
+            "final_tokens": sum(st.final_tokens) / len(st.final_tokens),
+            "tokens_attn": st.tokens_attn, "tokens_mlp": st.tokens_mlp, "peak_mem_mb": mem,
+        }
+    return errors, per_keep
+
+
+def _time_group(ctx: VitContext, method: str, kw: dict[str, Any], per_keep: dict[float, dict[str, Any]],
+                s: dict[str, Any]) -> None:
+    """One interleaved group (unreduced, each keep, each keep's limit); adds the timing columns to the rows."""
+    model, tbatch = ctx.model, ctx.tbatch
+    for _ in range(max(3, s["warmup"])):  # a warm process before the timed group (the first one read low)
+        model(tbatch)
+    fns: dict[str, Callable[[], Any]] = {"none": lambda: model(tbatch)}
+    overhead: dict[float, list[float]] = {}
+    copies = []
+    for keep, row in per_keep.items():
+        ta, tm = [round(t) for t in row["tokens_attn"]], [round(t) for t in row["tokens_mlp"]]
+        fns[f"limit@{keep}"] = functools.partial(zero_overhead_forward(model, ta, tm), tbatch)
+        fns[f"method@{keep}"], hk = _timed_copy(model, method, keep, kw, tbatch, overhead.setdefault(keep, []))
+        copies.append(hk)
+    timings = interleaved(fns, warmup=s["warmup"], repeats=s["repeats"], rotate=True,
+                          clock=timing_clock(s["clock"], s["device"]))
+    for hk in copies:
+        hk.remove()
+    for keep, row in per_keep.items():
+        sp = speedup(timings["none"], timings[f"method@{keep}"], paired=True)
+        lim = speedup(timings["none"], timings[f"limit@{keep}"], paired=True)
+        ov = sorted(overhead[keep][s["warmup"]:] or [0.0])
+        row.update({"speedup": sp.ratio, "speedup_low": sp.low, "speedup_high": sp.high,
+                    "limit_speedup": lim.ratio, "efficiency": sp.ratio / lim.ratio,
+                    "time_ms": timings[f"method@{keep}"].median * 1e3,
+                    "base_time_ms": timings["none"].median * 1e3,
+                    "overhead_ms": ov[len(ov) // 2] * 1e3})
+
+
+def run_vit_cell(ctx: VitContext, cell: Cell) -> list[dict[str, Any]]:
+    """The rows of one cell: the unreduced model's, or a method's at the cell's keeps (accuracy; with
+    ``cell.timing`` also the interleaved timing group; in the timing part on the accuracy rows given)."""
+    s = dict(cell.settings)
+    with fixed_threads(s["threads"]), torch.inference_mode():
+        if cell.method == "none":
+            return [_base_row(ctx)]
+        if cell.given:  # the timing part: the accuracy part's rows
+            given = without_metadata(list(cell.given))
+            errors = [r for r in given if "error" in r]
+            per_keep = {r["keep"]: r for r in given if "error" not in r}
+        else:
+            errors, per_keep = _accuracy(ctx, cell.method, budget_tuple(cell.keep), s["method_kw"])
+        if cell.timing and per_keep:
+            _time_group(ctx, cell.method, s["method_kw"], per_keep, s)
+    return errors + list(per_keep.values())
+
+
+# ---------------------------------------------------------------------------- the sweep
+def vit_sweep(cfg: VitBenchConfig, model: nn.Module | None = None, images: Tensor | None = None,
+              labels: Tensor | None = None, finished: Collection[str] = ()) -> Sweep:
+    """The benchmark as a grid of cells (:func:`~tokenreduce.bench.sweep.method_cells`), its loader and cell
+    function. ``finished``: ids of cells already in the results file (the timing part runs over them)."""
+    name = cell_model(cfg.smoke, model is not None, _reference_name)
+    accuracy = {"n_images": cfg.n_images, "eval_batch": cfg.eval_batch, "time_batch": cfg.time_batch,
+                "threads": cfg.threads, "device": cfg.device}
+    timing = {"warmup": cfg.warmup, "repeats": cfg.repeats, "clock": cfg.clock, "malloc": cfg.malloc}
+    cells = method_cells("vit", name, cfg.methods, lambda m: cfg.keeps, cfg.parts, accuracy, timing,
+                         cfg.method_kw, finished)
+    load = CachedLoader(functools.partial(load_vit_context, n_images=cfg.n_images, time_batch=cfg.time_batch,
+                                          eval_batch=cfg.eval_batch, device=cfg.device,
+                                          retain=cfg.malloc == "retain" and cfg.parts != "accuracy",
+                                          model=model, images=images, labels=labels))
+    return Sweep("vit", cells, load, run_vit_cell, cpus_per_cell=cfg.threads,
+                 gpus_per_cell=1.0 if cfg.device == "cuda" else 0.0)
 
 
 def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[float] = DEFAULT_KEEPS,
@@ -97,106 +275,53 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
                   time_batch: int = 64, threads: int = 2, train_if_missing: bool = False,
                   model: nn.Module | None = None, images: Tensor | None = None, labels: Tensor | None = None,
                   progress: bool = True, method_kw: dict[str, dict[str, Any]] | None = None,
-                  clock: str = "wall", malloc: str = "retain") -> list[dict[str, Any]]:
+                  clock: str = "wall", malloc: str = "retain", parts: str = "all", device: str = "cpu",
+                  smoke: bool = False, executor: str = "local", address: str | None = None,
+                  resume: bool = True) -> list[dict[str, Any]]:
     """Run the ViT benchmark; returns the result rows (also written to ``out/results.jsonl``).
 
-    ``model``/``images``/``labels`` override the reference ViT and its test set (tests use tiny ones).
+    ``model``/``images``/``labels`` override the reference ViT and its test set (tests use tiny ones);
+    ``smoke=True`` uses a tiny random-weight reference ViT and :data:`SMOKE`'s settings instead.
     ``clock="cpu"`` times with the process CPU clock (robust to a shared machine's lost time slices); it
     needs ``threads=1``. ``malloc="retain"`` (default) keeps freed memory in the process heap for the
     whole run (:func:`~tokenreduce.bench.timing.retain_freed_memory`: no page fault per fresh activation
     tensor, for the unreduced model, the limit and every method alike); ``"default"`` leaves glibc alone.
+    ``parts``: "all", "accuracy" (no wall-clock: cells run in parallel) or "timing" (the timing columns for
+    the accuracy rows already in ``out``). ``device``: "cpu" or "cuda" (timed with CUDA events).
+    ``executor``: "local" (this process) or "ray" (``address``: an existing cluster); ``resume``: skip the
+    cells whose rows are already in ``out/results.jsonl`` (docs/sweeps.md).
     """
-    from tqdm.auto import tqdm
-
+    if smoke:
+        methods, keeps, n_images, time_batch, warmup, repeats, threads = (SMOKE[k] for k in (
+            "methods", "keeps", "n_images", "time_batch", "warmup", "repeats", "threads"))
+    # every check before anything is loaded or written
+    check_methods(methods, "vit-layers")
+    keeps = parse_keeps(keeps, "keeps")
+    check_choice(clock, ("wall", "cpu"), "clock")
     if clock == "cpu" and threads != 1:
         raise ValueError(f"clock='cpu' measures one thread's compute and needs threads=1, got threads={threads}")
-    if malloc not in MALLOC_MODES:
-        raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {malloc!r}")
+    check_choice(malloc, MALLOC_MODES, "malloc")
+    check_choice(parts, PARTS, "parts")
+    check_device(device)
+    timing_clock(clock, device)
     cfg = VitBenchConfig(methods=list(methods), keeps=list(keeps), n_images=n_images, time_batch=time_batch,
                          warmup=warmup, repeats=repeats, threads=threads, clock=clock, malloc=malloc, out=out,
-                         method_kw=method_kw or {})
-    allocator = retain_freed_memory() if malloc == "retain" else "default"
-    info: dict[str, Any] = {}
-    if model is None:
-        model, info, images, labels = _load(train_if_missing)
-    assert images is not None and labels is not None
-    images, labels = images[:n_images], labels[:n_images]
-    model.eval()
+                         method_kw=method_kw or {}, parts=parts, device=device, smoke=smoke)
     outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    dims: ViTDims = timm_vit_dims(model)
-    base_flops = dims.flops()
-    tbatch = images[:time_batch]
-    rows: list[dict[str, Any]] = []
-    extra = {"bench": "vit", "config": asdict(cfg), "allocator": allocator, "model_metrics": info.get("metrics", {}),
-             "model_path": str(info.get("path", ""))}
-    with fixed_threads(threads), ResultWriter(outdir / "results.jsonl", extra_meta=extra) as writer, \
-            torch.inference_mode():
-        base_pred = _predict(model, images, 250)
-        base_acc = (base_pred == labels).float().mean().item()
-        base_row = {"method": "none", "keep": 1.0, "accuracy": base_acc, "agreement": 1.0,
-                    "gflops": base_flops["gflops"], "flops_ratio": 1.0, "speedup": 1.0, "speedup_low": 1.0,
-                    "speedup_high": 1.0, "limit_speedup": 1.0, "efficiency": 1.0, "overhead_ms": 0.0,
-                    "peak_mem_mb": peak_memory(lambda: model(tbatch)) / 2**20, "mean_tokens": float(dims.num_tokens),
-                    "final_tokens": float(dims.num_tokens)}
-        writer.write(base_row)
-        rows.append(base_row)
-        for _ in range(max(3, cfg.warmup)):  # a warm process before the first timed group (it read low before)
-            model(tbatch)
-        jobs = [(m, k) for m in cfg.methods for k in cfg.keeps]
-        bar = tqdm(total=len(jobs), desc="vit bench", disable=not progress)
-        for method in cfg.methods:
-            kw = cfg.method_kw.get(method, {})
-            fns: dict[str, Callable[[], Any]] = {"none": lambda: model(tbatch)}
-            handles: dict[float, Any] = {}
-            per_keep: dict[float, dict[str, Any]] = {}
-            for keep in cfg.keeps:
-                # accuracy on the full test set, stats from the timing batch
-                with tr.apply(model, method, keep=keep, **kw) as h:
-                    pred = _predict(model, images, 250)
-                    model(tbatch)
-                    st = h.stats
-                ta = [round(t) for t in st.tokens_attn]
-                tm = [round(t) for t in st.tokens_mlp]
-                fl = dims.flops(st.tokens_attn, st.tokens_mlp)
-                per_keep[keep] = {
-                    "method": method, "keep": keep,
-                    "accuracy": (pred == labels).float().mean().item(),
-                    "agreement": (pred == base_pred).float().mean().item(),
-                    "gflops": fl["gflops"], "flops_ratio": base_flops["total"] / fl["total"],
-                    "mean_tokens": sum(st.tokens_attn) / len(st.tokens_attn),
-                    "final_tokens": sum(st.final_tokens) / len(st.final_tokens),
-                    "tokens_attn": st.tokens_attn, "tokens_mlp": st.tokens_mlp,
-                }
-                handles[keep] = (ta, tm)
-            # timing: one interleaved group per method (unreduced, each keep, each keep's limit)
-            overhead: dict[float, list[float]] = {}
-            copies = []
-            for keep in cfg.keeps:
-                ta, tm = handles[keep]
-                fns[f"limit@{keep}"] = functools.partial(zero_overhead_forward(model, ta, tm), tbatch)
-                fns[f"method@{keep}"], hk = _timed_copy(model, method, keep, kw, tbatch, overhead.setdefault(keep, []))
-                copies.append(hk)
-            timings = interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats, rotate=True, clock=cfg.clock)
-            for hk in copies:
-                hk.remove()
-            for keep in cfg.keeps:
-                row = per_keep[keep]
-                sp = speedup(timings["none"], timings[f"method@{keep}"], paired=True)
-                lim = speedup(timings["none"], timings[f"limit@{keep}"], paired=True)
-                ov = sorted(overhead[keep][cfg.warmup:] or [0.0])
-                with tr.apply(model, method, keep=keep, **kw):
-                    mem = peak_memory(lambda: model(tbatch)) / 2**20
-                row.update({"speedup": sp.ratio, "speedup_low": sp.low, "speedup_high": sp.high,
-                            "limit_speedup": lim.ratio, "efficiency": sp.ratio / lim.ratio,
-                            "time_ms": timings[f"method@{keep}"].median * 1e3,
-                            "base_time_ms": timings["none"].median * 1e3,
-                            "overhead_ms": ov[len(ov) // 2] * 1e3, "peak_mem_mb": mem})
-                writer.write(row)
-                rows.append(row)
-                bar.update(1)
-        bar.close()
-    _report(rows, outdir, cfg, writer.meta)
+    results = outdir / "results.jsonl"
+    sweep = vit_sweep(cfg, model, images, labels, finished_cells(results) if parts == "timing" else ())
+    if parts == "timing" and len(sweep.cells) == 1:
+        raise FileNotFoundError(f"parts='timing' needs the rows of an accuracy run in {results}; run "
+                                "parts='accuracy' first")
+    info = _model_info(sweep.cells[0].model, train_if_missing)
+    allocator = retain_freed_memory() if malloc == "retain" and parts != "accuracy" else "default"
+    sweep.meta = {"bench": "vit", "config": asdict(cfg), "allocator": allocator,
+                  "model_metrics": info.get("metrics", {}), "model_path": str(info.get("path", ""))}
+    # the timing part measures again whenever it runs (that is what it is for); the other parts resume
+    result = run_sweep(sweep, results, executor=executor, address=address, resume=resume and parts != "timing",
+                       progress=progress)
+    rows = without_metadata(result.rows)
+    _report(rows, outdir, cfg, result.meta)
     return rows
 
 
@@ -214,29 +339,41 @@ def _timed_copy(model: nn.Module, method: str, keep: float, kw: dict[str, Any], 
     return call, h
 
 
-COLUMNS = ["method", "keep", "accuracy", "agreement", "gflops", "flops_ratio", "limit_speedup", "speedup",
+COLUMNS = ["method", "keep", "keep_achieved", "accuracy", "agreement", "gflops", "flops_ratio", "limit_speedup", "speedup",
            "efficiency", "overhead_ms", "mean_tokens", "final_tokens", "peak_mem_mb"]
 
 
 def _report(rows: list[dict[str, Any]], outdir: Path, cfg: VitBenchConfig, meta: dict[str, Any]) -> None:
+    errors = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
     table = [{c: r.get(c) for c in COLUMNS} for r in rows]
     print(format_table(table, COLUMNS, title="reference ViT: accuracy vs measured speed"))
-    png = pareto_plot(rows, x="speedup", y="accuracy", group="method", path=outdir / "pareto.png",
-                      title="reference ViT: accuracy vs measured speedup (same run)",
-                      xlabel="measured speedup vs unreduced (x)", ylabel="top-1 accuracy")
-    png2 = pareto_plot(rows, x="flops_ratio", y="accuracy", group="method", path=outdir / "pareto_flops.png",
-                       title="accuracy vs analytic FLOPs reduction", xlabel="FLOPs ratio (x)", ylabel="top-1")
-    notes = ("speedup: median of per-round ratios vs the unreduced model, interleaved in the same run "
-             f"({cfg.repeats} rounds, {cfg.threads} threads, batch {cfg.time_batch}, {cfg.clock} clock, "
+    images = []
+    if cfg.parts != "accuracy":  # the accuracy part measures no speed
+        images.append(("accuracy vs measured speedup", pareto_plot(
+            rows, x="speedup", y="accuracy", group="method", path=outdir / "pareto.png",
+            title="reference ViT: accuracy vs measured speedup (same run)",
+            xlabel="measured speedup vs unreduced (x)", ylabel="top-1 accuracy")))
+    images.append(("accuracy vs FLOPs ratio", pareto_plot(
+        rows, x="flops_ratio", y="accuracy", group="method", path=outdir / "pareto_flops.png",
+        title="accuracy vs analytic FLOPs reduction", xlabel="FLOPs ratio (x)", ylabel="top-1")))
+    notes = ("speedup: median of per-round ratios vs the unreduced model, interleaved in the same cell "
+             f"({cfg.repeats} rounds, {cfg.threads} threads, batch {cfg.time_batch}, "
+             f"{timing_clock(cfg.clock, cfg.device)} clock, device {cfg.device}, "
              f"allocator: {meta.get('allocator', 'default')}); limit_speedup: the same "
-             "blocks run directly on the kept token counts (zero overhead); efficiency = speedup / limit.")
-    html_report("tokenreduce: vision methods on the reference ViT", meta, [("results", table)],
-                [("accuracy vs measured speedup", png), ("accuracy vs FLOPs ratio", png2)],
+             "blocks run directly on the kept token counts (zero overhead); efficiency = speedup / limit. "
+             "keep: the fraction of the token-block work kept; keep_achieved: what ran.")
+    if errors:
+        notes += " Not run (keep out of the method's reach): " + "; ".join(
+            f"{r['method']}@{r['keep']}: {r['error']}" for r in errors)
+    html_report("tokenreduce: vision methods on the reference ViT", meta, [("results", table)], images,
                 outdir / "report.html", notes=notes)
 
 
 def register_cli(bench_app: Any) -> None:
     import typer
+
+    o = sweep_options()
 
     @bench_app.command("vit")
     def vit(
@@ -251,9 +388,15 @@ def register_cli(bench_app: Any) -> None:
         train: bool = typer.Option(True, help="train the reference ViT if it is not cached"),
         malloc: str = typer.Option("retain", help="retain (keep freed memory in the heap: no page fault per "
                                    "fresh activation) or default (glibc's adaptive mmap threshold)"),
+        parts: str = typer.Option("all", help="all | accuracy (no wall-clock: cells run in parallel) | timing "
+                                              "(timing columns for the accuracy rows in --out; run it alone)"),
+        executor: str = o.executor, address: str = o.address, resume: bool = o.resume, smoke: bool = o.smoke,
+        device: str = o.device,
     ) -> None:
         """Vision methods on the reference ViT: accuracy, agreement, FLOPs, measured speedup vs limit."""
-        run_vit_bench(methods=[m.strip() for m in methods.split(",") if m.strip()],
-                      keeps=[float(k) for k in keep.split(",")], out=out, n_images=n_images, repeats=repeats,
+        if smoke and out == "results/vit":
+            out = "results/vit/smoke"
+        run_vit_bench(methods=split_list(methods), keeps=parse_keeps(keep), out=out, n_images=n_images, repeats=repeats,
                       time_batch=time_batch, threads=threads, train_if_missing=train, clock=clock,
-                      malloc=malloc)
+                      malloc=malloc, parts=parts, device=device, smoke=smoke, executor=executor, address=address,
+                      resume=resume)

@@ -77,7 +77,7 @@ def mean_attention(attn: Tensor, query_mask: Tensor | None = None) -> Tensor:
     return (a * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
 
 
-def divprune_order(metric: Tensor, valid: Tensor) -> Tensor:
+def divprune_order(metric: Tensor, valid: Tensor, first: Tensor | None = None) -> Tensor:
     """DivPrune (Alvar et al., CVPR 2025), Alg. 1: greedy max-min diversity, as prefix-consistent scores.
 
     Over cosine distances d_ij = 1 - cos(x_i, x_j) (:func:`~tokenreduce.core.ops.cosine_distances`, exactly
@@ -85,7 +85,8 @@ def divprune_order(metric: Tensor, valid: Tensor) -> Tensor:
     argmax_i min_{j != i} d_ij; then repeatedly s_t = argmax_{i not in S} min_{j in S} d_ij (ties: lower
     index, as the reference code's ``argmax``). The token picked at step t scores N - t, so a top-k of the
     scores is exactly the greedy selection of k tokens for every k. metric (B, N, C), valid (B, N) ->
-    (B, N) scores, invalid tokens -inf.
+    (B, N) scores, invalid tokens -inf. ``first`` (B,): start the greedy there instead (ToDRE starts at the
+    token [CLS] attends to most; the rest is the same k-center greedy).
     """
     B, N, _ = metric.shape
     dist = cosine_distances(metric)
@@ -94,7 +95,7 @@ def divprune_order(metric: Tensor, valid: Tensor) -> Tensor:
     nearest = dist.masked_fill(~valid[:, None, :] | eye, big).amin(-1)  # distance to the nearest other token
     nearest = torch.where(nearest >= big, torch.zeros_like(nearest), nearest)
     neg = torch.finfo(dist.dtype).min
-    cur = nearest.masked_fill(~valid, neg).argmax(1)
+    cur = nearest.masked_fill(~valid, neg).argmax(1) if first is None else first.to(metric.device)
     scores = torch.full((B, N), float("-inf"), device=metric.device)
     mind = torch.full((B, N), float("inf"), device=metric.device)
     picked = torch.zeros(B, N, dtype=torch.bool, device=metric.device)
@@ -181,7 +182,7 @@ class Random:
     """Uniform random scores from a seeded generator (the random baseline).
 
     The scores depend only on (seed, token index), not on the batch: every sample sees the same random
-    draw, so a sample scores the same alone or inside a padded batch (DESIGN invariants 2 and 4).
+    draw, so a sample scores the same alone or inside a padded batch (docs/design.md, invariants 2 and 4).
     """
 
     seed: int = 0

@@ -1,4 +1,5 @@
-"""Pure KV-cache scoring and selection functions (no model knowledge; used by ``methods/kv.py``).
+"""Pure KV-cache scoring and selection functions (no model knowledge; used by ``methods/kv/`` and the LLM
+adapter).
 
 Conventions (one attention layer, one forward):
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import smooth1d
+from .ops import attention_probs, smooth1d
 
 __all__ = [
     "accumulated_attention",
@@ -31,6 +32,7 @@ __all__ = [
     "pyramid_ratios",
     "select_in_order",
     "snapkv_votes",
+    "visible",
 ]
 
 
@@ -44,7 +46,7 @@ def snapkv_votes(window_probs: Tensor, kernel_size: int = 5, pooling: str = "avg
 
     window_probs (B, Hkv, G, W, N) -> (B, Hkv, N).
     """
-    votes = window_probs.sum(dim=3).mean(dim=2)  # (B, Hkv, N)
+    votes = accumulated_attention(window_probs)  # (B, Hkv, N)
     if exclude is not None:
         votes = votes.masked_fill(exclude, 0.0)
     return smooth1d(votes, kernel_size, pooling)
@@ -102,14 +104,9 @@ def head_soft_vote(query: Tensor, keys: Tensor, eligible: Tensor) -> Tensor:
     normalised by a softmax over tokens per head, then summed over all heads,
     ``S_i = sum_h softmax_i(q_h k_{h,i}^T)`` (the reference code uses unscaled dot products; the queries of
     one forward are averaged first). query (B,Hq,Q,D), keys (B,Hkv,N,D), eligible (B,1,N) -> (B, 1, N)."""
-    B, Hq, _, D = query.shape
-    Hkv = keys.shape[1]
-    G = Hq // Hkv
-    q = query.float().mean(dim=2).reshape(B, Hkv, G, D)
-    logits = q @ keys.float().transpose(-1, -2)  # (B, Hkv, G, N)
-    logits = logits.masked_fill(~eligible.unsqueeze(1), float("-inf"))
-    probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
-    return probs.sum(dim=(1, 2)).unsqueeze(1)
+    q = query.float().mean(dim=2, keepdim=True)  # (B, Hq, 1, D)
+    probs = attention_probs(q, keys, 1.0, eligible.unsqueeze(2))  # (B, Hkv, G, 1, N), unscaled logits
+    return probs[:, :, :, 0].sum(dim=(1, 2)).unsqueeze(1)
 
 
 def pyramid_ratios(keep: float, num_layers: int, beta: float = 20.0) -> list[float]:
@@ -136,6 +133,18 @@ def order_key(scores: Tensor, mantissa_bits: int = 12) -> Tensor:
     mono = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))  # IEEE order -> integer order
     shift = 23 - mantissa_bits
     return torch.div(mono, 1 << shift, rounding_mode="floor")
+
+
+def visible(pos: Tensor, valid: Tensor, qpos: Tensor, window: int | None = None) -> Tensor:
+    """(B, H, Q, N) which entries the queries at columns ``qpos`` (Q,) may see: real ones (``valid`` (B, H, N)),
+    not after the query (causal, by the entries' logical positions ``pos`` (B, H, N)) and, in a sliding-window
+    layer, fewer than ``window`` columns before it."""
+    p = pos.unsqueeze(2)  # (B, H, 1, N)
+    q = qpos.view(1, 1, -1, 1)
+    ok = valid.unsqueeze(2) & (p <= q)
+    if window is not None:
+        ok = ok & (q - p < window)
+    return ok
 
 
 def select_in_order(scores: Tensor, eligible: Tensor, forced: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:

@@ -449,7 +449,7 @@ def pool1d(state: TokenState, counts: Tensor) -> TokenState:
     ar = torch.arange(N, device=red.device).expand(B, N)
     idx_of_rank = torch.zeros(B, N + 1, dtype=torch.long, device=red.device)
     idx_of_rank.scatter_(1, torch.where(red, rank, torch.full_like(rank, N)), ar)
-    rep = idx_of_rank.gather(1, first_rank.clamp(max=N))
+    rep = idx_of_rank.gather(1, first_rank.clamp(min=0, max=N))  # rows that keep 0 tokens: unused below
     dst = torch.where(state.mask, ar, torch.full_like(ar, -1))
     dst = torch.where(red, torch.where(k > 0, rep, torch.full_like(rep, -1)), dst)
     return merge_by_assignment(state, dst)

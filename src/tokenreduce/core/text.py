@@ -1,8 +1,10 @@
 """Pure, model-free functions for prompt compression (text in, text out).
 
 :class:`Pieces` splits a text into the segments owned by its LM tokens (from the fast tokenizer's
-character offsets, no whitespace assumptions), :func:`word_units` and :func:`sentence_units` group pieces,
-and :func:`fill_budget` picks units by score so that exactly a target number of LM tokens survives.
+character offsets, no whitespace assumptions), :func:`word_units` and :func:`sentence_units` group pieces
+(:func:`refine_units` intersects such groupings), and :func:`fill_budget` picks units by score so that
+exactly a target number of LM tokens survives (:func:`coarse_keep`: whole units only, with a floor;
+:func:`allocate`: a budget split into exact integer parts).
 
 How a text maps to pieces: token ``i`` owns the characters from the end of the previous tokens up to its
 own end, so the gap before a token (a space, a newline, nothing in CJK text) travels with it and the
@@ -19,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Pieces", "fill_budget", "group_units", "sentence_units", "word_units"]
+__all__ = ["Pieces", "allocate", "coarse_keep", "fill_budget", "group_units", "refine_units", "sentence_units",
+           "word_units"]
 
 
 # ---------------------------------------------------------------------------- prompts: pieces
@@ -153,6 +156,15 @@ def sentence_units(p: Pieces) -> np.ndarray:
     return inv.astype(np.int64)
 
 
+def refine_units(*unit_ids: np.ndarray) -> np.ndarray:
+    """Units that never cross a boundary of any of the given unit partitions (e.g. words within sentences)."""
+    new = np.zeros(len(unit_ids[0]), dtype=bool)
+    new[0] = True
+    for u in unit_ids:
+        new[1:] |= u[1:] != u[:-1]
+    return np.cumsum(new) - 1
+
+
 # ---------------------------------------------------------------------------- prompts: exact budget
 def fill_budget(
     unit_of_piece: np.ndarray,
@@ -204,3 +216,27 @@ def fill_budget(
                     break
             break
     return keep
+
+
+def coarse_keep(units: np.ndarray, ntok: np.ndarray, score: np.ndarray, budget: int, at_least: int) -> np.ndarray:
+    """Whole units by score until ``budget`` tokens; then more (best first) until at least ``at_least``."""
+    keep = fill_budget(units, ntok, score, budget, partial=False)
+    if int(ntok[keep].sum()) < at_least:
+        kept_u = np.zeros(len(score), dtype=bool)
+        kept_u[units[keep]] = True
+        for u in np.lexsort([np.arange(len(score)), -score]):
+            if int(ntok[keep].sum()) >= at_least:
+                break
+            if not kept_u[u]:
+                kept_u[u] = True
+                keep |= units == u
+    return keep
+
+
+def allocate(total: int, weights: np.ndarray) -> np.ndarray:
+    """Split ``total`` into integers proportional to ``weights`` (cumulative rounding: sums exactly)."""
+    c = np.cumsum(weights, dtype=np.float64)
+    if c[-1] <= 0:
+        return np.zeros(len(weights), dtype=np.int64)
+    cum = np.round(c / c[-1] * total).astype(np.int64)
+    return np.diff(np.concatenate([[0], cum]))

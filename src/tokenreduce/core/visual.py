@@ -7,23 +7,23 @@ projections (never switching the model to eager attention) and applies their dec
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import masked_topk
+from .ops import compact, masked_topk
 
 __all__ = [
     "hiprune_keep",
     "neighbours4",
-    "pdrop_lambda",
+    "sparsevlm_after",
     "sparsevlm_raters",
-    "sparsevlm_schedule",
-    "stage_average",
+    "sparsevlm_recycled",
+    "staged_counts",
     "visionzip_merge",
+    "visual_work",
 ]
 
 NEG = float("-inf")
@@ -50,8 +50,8 @@ def visionzip_merge(x: Tensor, cls_attn: Tensor, keys: Tensor, dominant: int, co
                          f"({dominant + contextual}) <= {N} patches")
     dom = masked_topk(cls_attn, torch.ones(B, N, dtype=torch.bool, device=x.device),
                        torch.full((B,), dominant, device=x.device))
-    rest_idx = torch.argsort(dom.to(torch.int8), dim=1, stable=True)[:, : N - dominant]  # remaining, in order
-    dom_idx = torch.argsort((~dom).to(torch.int8), dim=1, stable=True)[:, :dominant]
+    rest_idx, _ = compact(~dom)  # (B, N - dominant) the remaining patches, in order
+    dom_idx, _ = compact(dom)
     n_rest = N - dominant
     if contextual == 0 or n_rest == 0:
         src = dom_idx
@@ -77,6 +77,7 @@ def visionzip_merge(x: Tensor, cls_attn: Tensor, keys: Tensor, dominant: int, co
     return tokens.gather(1, order[..., None].expand(-1, -1, D)), src.gather(1, order), size.gather(1, order)
 
 
+# ---------------------------------------------------------------------------- ToDRE
 # ---------------------------------------------------------------------------- HiPrune
 def neighbours4(idx: Tensor, grid: tuple[int, int]) -> Tensor:
     """(B, 5k) the tokens ``idx`` (B, k) and their up/down/left/right neighbours on an (h, w) grid (the
@@ -137,46 +138,53 @@ def sparsevlm_raters(vis: Tensor, text: Tensor, vis_valid: Tensor, text_valid: T
 
 
 #: Visual tokens kept after SparseVLM's pruning layers (2, 6, 15) of LLaVA-1.5-7B's 576 (official code's
-#: ``sparse_token_list_64/128/192``), the shape its schedule follows.
+#: ``sparse_token_list_64/128/192``); the 64-token list is the shape its schedule follows.
 SPARSEVLM_LISTS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
 
 
-def stage_average(fractions: Sequence[float], layers: Sequence[int], depth: int, start: int) -> float:
-    """Layer-averaged visual-token fraction over layers ``start..depth-1`` when the fraction becomes
-    ``fractions[s]`` from layer ``layers[s]`` on (1 before the first stage)."""
-    total, cur, prev = 0.0, 1.0, start
-    for f, l in zip(fractions, layers):
-        total += cur * (l - prev)
-        cur, prev = f, l
+def sparsevlm_recycled(deleted: Tensor, recycle: float) -> tuple[Tensor, Tensor]:
+    """SparseVLM's recycling sizes for ``deleted`` (B,) pruned visual tokens: the top ``recycle`` share of them
+    (floor + 1, at most all) are recycled and clustered into (recycled // 10 + 1) merged tokens (official code).
+    Returns (recycled (B,), clusters (B,)), both 0 where nothing was deleted (and everywhere for recycle=0)."""
+    if recycle <= 0:
+        return torch.zeros_like(deleted), torch.zeros_like(deleted)
+    n_rec = torch.where(deleted > 0, (deleted.float() * recycle).long() + 1, 0).clamp(max=deleted)
+    n_clu = torch.where(n_rec > 0, n_rec // 10 + 1, 0).clamp(max=n_rec)
+    return n_rec, n_clu
+
+
+# ---------------------------------------------------------------------------- keep as visual-token work
+def visual_work(n0: int, layers: Sequence[int], after: Sequence[int], depth: int) -> float:
+    """The fraction of the visual-token work a ``depth``-layer LLM keeps: the mean over its layers of the
+    visual tokens each processes, over ``n0`` (the visual tokens of the unreduced prompt), when ``after[s]``
+    visual tokens remain from layer ``layers[s]`` on (``n0`` enter the layers before ``layers[0]``)."""
+    if n0 <= 0 or depth <= 0:
+        return 1.0
+    total, cur, prev = 0, n0, 0
+    for n, layer in zip(after, layers):
+        total += cur * (layer - prev)
+        cur, prev = n, layer
     total += cur * (depth - prev)
-    return total / max(1, depth - start)
+    return total / (depth * n0)
 
 
-def sparsevlm_schedule(keep: float, layers: Sequence[int], depth: int) -> tuple[float, ...]:
-    """Per-stage kept fractions for a layer-averaged ``keep`` over layers ``layers[0]..depth-1``:
-    the official 64-token list's shape (66/576, 30/576, 17/576), scaled by c (bisection, capped at 1)."""
-    base = [v / 576 for v in SPARSEVLM_LISTS[64]][: len(layers)]
-    while len(base) < len(layers):
-        base.append(base[-1] * 0.5)
-
-    def avg(c: float) -> float:
-        return stage_average([min(1.0, c * b) for b in base], layers, depth, layers[0])
-
-    lo, hi = 0.0, 1.0 / min(base)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if avg(mid) < keep else (lo, mid)
-    return tuple(min(1.0, hi * b) for b in base)
+def staged_counts(n0: int, fractions: Sequence[float], floor: int) -> tuple[int, ...]:
+    """Visual tokens kept at each stage: round(n0 * fraction), never fewer than ``floor`` (one per image) nor
+    more than the previous stage kept."""
+    out, prev = [], n0
+    for f in fractions:
+        prev = min(prev, max(floor, round(n0 * f)))
+        out.append(prev)
+    return tuple(out)
 
 
-def pdrop_lambda(keep: float, layers: Sequence[int], depth: int) -> float:
-    """PyramidDrop's ratio lambda (fraction kept at every stage: 1, l, l^2, ...) whose layer-averaged
-    visual fraction over layers ``layers[0]..depth-1`` equals ``keep`` (bisection)."""
-    def avg(lam: float) -> float:
-        return stage_average([lam ** (s + 1) for s in range(len(layers))], layers, depth, layers[0])
-
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if avg(mid) < keep else (lo, mid)
-    return hi if math.isfinite(hi) else 1.0
+def sparsevlm_after(n0: int, kept: Sequence[int], recycle: float) -> tuple[int, ...]:
+    """Visual tokens after each SparseVLM stage: the ``kept[s]`` selected (of what the previous stage left,
+    merged tokens included) plus the merged tokens recycled from the ones it deleted."""
+    out, prev = [], n0
+    for k in kept:
+        k = min(k, prev)
+        _, clu = sparsevlm_recycled(torch.tensor([prev - k]), recycle)
+        prev = k + int(clu[0])
+        out.append(prev)
+    return tuple(out)

@@ -1,27 +1,7 @@
-"""Datasets used by tokenreduce benchmarks."""
+"""Datasets used by tokenreduce benchmarks (built from offline packages: sklearn digits, skimage photographs,
+gensim's Lee corpus). The cluttered-digits names are re-exported here."""
 
-from tokenreduce.data.digits import (
-    DATASET_VERSION,
-    NUM_CLASSES,
-    SPLITS,
-    ClutteredDigits,
-    ClutteredDigitsBatch,
-    ClutteredDigitsConfig,
-    generate_cluttered_digits,
-    make_cluttered_digits,
-    patch_foreground,
-    split_indices,
-)
+from . import digits as _digits
+from .digits import *
 
-__all__ = [
-    "DATASET_VERSION",
-    "NUM_CLASSES",
-    "SPLITS",
-    "ClutteredDigits",
-    "ClutteredDigitsBatch",
-    "ClutteredDigitsConfig",
-    "generate_cluttered_digits",
-    "make_cluttered_digits",
-    "patch_foreground",
-    "split_indices",
-]
+__all__ = list(_digits.__all__)

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .config import config_from_dict
+
 __all__ = [
     "DATASET_VERSION",
     "NUM_CLASSES",
@@ -110,11 +112,7 @@ class ClutteredDigitsConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ClutteredDigitsConfig:
         """Inverse of :func:`dataclasses.asdict` (lists from JSON become tuples)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ClutteredDigitsConfig fields {sorted(unknown)}; accepted: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d)
 
 
 class ClutteredDigitsBatch(NamedTuple):

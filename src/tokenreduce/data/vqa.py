@@ -41,7 +41,6 @@ the question and ``answer :``; the answer is one word followed by ``</s>``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,6 +48,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .config import config_from_dict
 from .digits import split_indices
 
 __all__ = [
@@ -137,11 +137,8 @@ class SceneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SceneConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown SceneConfig fields {sorted(unknown)}; accepted: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        """Inverse of :func:`dataclasses.asdict` (lists from JSON become tuples)."""
+        return config_from_dict(cls, d)
 
 
 class Scene(NamedTuple):

@@ -47,7 +47,7 @@ class TextEViT(EViT):
 
 
 _TOME = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (applied to text encoders)"
-register("tome", modality="language", integration=ENCODER, paper=_TOME,
+register("tome", modality="language", integration=ENCODER, paper=_TOME, budget_knobs=("r",),
          equation="bipartite soft matching on keys; x=sum s_i x_i/sum s_i; softmax(QK^T/sqrt(d)+log s)")(ToMe)
 register("evit", modality="language", integration=ENCODER,
          paper="Liang et al., EViT, ICLR 2022 (CLS-attention pruning applied to text encoders)",

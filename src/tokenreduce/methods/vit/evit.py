@@ -30,6 +30,9 @@ class EViT(StageMethod):
     normalize_fused: bool = False
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn"})
 
+    def tokens_after(self, n: int, count: int, grid: tuple[int, int] | None) -> tuple[int, None]:
+        return count + (count < n), None  # the fused "package" token
+
     def reduce(self, layer: int, state: TokenState, ctx: dict[str, Tensor]) -> TokenState:
         scores = C.Attention("cls")(state, **ctx)
         return S.prune_package(state, scores, self.counts(layer, state, scores), normalize=self.normalize_fused)

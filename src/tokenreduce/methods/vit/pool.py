@@ -23,5 +23,11 @@ class Pool(StageMethod):
 
     prop_attn: bool = True
 
+    def tokens_after(self, n: int, count: int, grid: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
+        if grid is None:
+            return count, None
+        oh, ow = S.grid_for_count(grid, count)
+        return oh * ow, (oh, ow)
+
     def reduce(self, layer: int, state: TokenState, ctx: dict[str, Tensor]) -> TokenState:
         return S.pool(state, self.counts(layer, state))

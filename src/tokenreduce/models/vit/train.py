@@ -1,0 +1,187 @@
+"""Training the reference ViT (AdamW, warm-up + cosine schedule, freshly generated images every epoch) and
+loading the cached result."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from tokenreduce.data.digits import generate_cluttered_digits
+
+from ..checkpoint import atomic_write
+from ..training import torch_threads, warmup_cosine
+from .config import TrainConfig, checkpoint_dir
+from .evaluation import evaluate, reference_eval_set
+from .model import build_reference_vit
+
+__all__ = ["load_reference_vit", "train_or_load_metrics", "train_reference_vit"]
+
+_TRAIN_HINT = "build it once with `tokenreduce train vit`"
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on 1-d params (norms, biases), pos_embed, cls_token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in ("pos_embed", "cls_token") or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _train_chunks(config: TrainConfig, epoch: int, chunk_size: int):
+    """Yield freshly generated ``(images, labels)`` chunks covering one epoch."""
+    n_chunks = -(-config.samples_per_epoch // chunk_size)
+    for k in range(n_chunks):
+        n = min(chunk_size, config.samples_per_epoch - k * chunk_size)
+        seed = config.seed * 1_000_003 + epoch * 1_000 + k
+        batch = generate_cluttered_digits("train", n, seed=seed, config=config.data)
+        yield batch.images, batch.labels
+
+
+def _save(out: Path, model: torch.nn.Module, config: TrainConfig, metrics: dict[str, Any]) -> None:
+    """Save ``model.pt`` (state_dict), ``config.json`` and ``metrics.json`` into ``out``."""
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    atomic_write(out / "model.pt", lambda p: torch.save(model.state_dict(), p))
+
+
+def train_reference_vit(config: TrainConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train the reference ViT, evaluate it on val/test, cache it, return the metrics.
+
+    Every epoch regenerates its training images (new placements, clutter and base
+    digit order), which acts as strong augmentation. Uses ``config.num_threads``
+    torch threads (restored afterwards). Shows a tqdm bar if ``progress``.
+
+    Returns:
+        Metrics dict: ``val_acc``, ``test_acc``, ``val_loss``, ``test_loss``,
+        ``train_time_s`` (training loop only), ``total_time_s``, ``steps``,
+        ``history`` (per-epoch train loss and val accuracy), ``config_hash``,
+        ``checkpoint`` and library versions.
+    """
+    import timm
+    from tqdm.auto import tqdm
+
+    config = config or TrainConfig()
+    with torch_threads(config.num_threads):
+        t_start = time.perf_counter()
+        torch.manual_seed(config.seed)
+        model = build_reference_vit(**config.model_kwargs())
+        steps_per_epoch = -(-config.samples_per_epoch // config.batch_size)
+        total_steps = config.epochs * steps_per_epoch
+        warmup = max(1, round(config.warmup_fraction * total_steps))
+        opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, config.min_lr_ratio))
+        val_x, val_y = reference_eval_set("val", config)
+        history: list[dict[str, float]] = []
+        train_time = 0.0
+        bar = tqdm(total=total_steps, desc="train reference ViT", disable=not progress, dynamic_ncols=True)
+        chunk = config.batch_size * 16
+        for epoch in range(config.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum, n_seen = 0.0, 0
+            for xs, ys in _train_chunks(config, epoch, chunk):
+                for i in range(0, xs.shape[0], config.batch_size):
+                    x, y = xs[i : i + config.batch_size], ys[i : i + config.batch_size]
+                    loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    opt.step()
+                    sched.step()
+                    loss_sum += loss.item() * x.shape[0]
+                    n_seen += x.shape[0]
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            train_time += time.perf_counter() - t0
+            val = evaluate(model, val_x, val_y, config.eval_batch_size)
+            history.append({"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "val_acc": val["acc"],
+                            "val_loss": val["loss"], "train_time_s": train_time})
+            bar.set_postfix(epoch=epoch + 1, train_loss=f"{loss_sum / n_seen:.3f}", val_acc=f"{val['acc']:.4f}")
+            if not progress:
+                continue
+            bar.write(f"epoch {epoch + 1}/{config.epochs}: train_loss={loss_sum / n_seen:.4f} "
+                      f"val_acc={val['acc']:.4f} ({train_time:.0f}s)")
+        bar.close()
+        test_x, test_y = reference_eval_set("test", config)
+        test = evaluate(model, test_x, test_y, config.eval_batch_size)
+        out = checkpoint_dir(config)
+        metrics: dict[str, Any] = {
+            "val_acc": history[-1]["val_acc"],
+            "val_loss": history[-1]["val_loss"],
+            "test_acc": test["acc"],
+            "test_loss": test["loss"],
+            "n_val": int(val_y.shape[0]),
+            "n_test": int(test_y.shape[0]),
+            "train_time_s": train_time,
+            "total_time_s": time.perf_counter() - t_start,
+            "steps": total_steps,
+            "train_samples_seen": config.epochs * config.samples_per_epoch,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "num_threads": config.num_threads,
+            "history": history,
+            "config_hash": config.config_hash(),
+            "checkpoint": str(out / "model.pt"),
+            "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        }
+        _save(out, model.eval(), config, metrics)
+        return metrics
+
+
+def load_reference_vit(
+    train_if_missing: bool = False, config: TrainConfig | None = None, progress: bool = True
+) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Load the cached reference ViT (eval mode) and an info dict.
+
+    Args:
+        train_if_missing: Train (and cache) it if no checkpoint exists.
+        config: Which model (default :class:`TrainConfig`); selects the checkpoint by hash.
+        progress: Progress bar when training.
+
+    Returns:
+        ``(model, info)`` with ``info = {"config": TrainConfig, "metrics": dict, "path": Path}``.
+
+    Raises:
+        FileNotFoundError: If the checkpoint is missing and ``train_if_missing`` is False.
+    """
+    config = config or TrainConfig()
+    path = checkpoint_dir(config) / "model.pt"
+    if not path.is_file():
+        if not train_if_missing:
+            raise FileNotFoundError(
+                f"no trained reference ViT at {path}; {_TRAIN_HINT} (CPU only; tens of minutes), "
+                "or call load_reference_vit(train_if_missing=True)"
+            )
+        train_reference_vit(config, progress=progress)
+    model = build_reference_vit(**config.model_kwargs())
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.eval()
+    metrics_path = path.with_name("metrics.json")
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return model, {"config": config, "metrics": metrics, "path": path}
+
+
+def train_or_load_metrics(config: TrainConfig | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Metrics summary of the cached checkpoint of ``config``, training it first if missing or ``force``."""
+    config = config or TrainConfig()
+    out = checkpoint_dir(config)
+    if (out / "model.pt").is_file() and (out / "metrics.json").is_file() and not force:
+        metrics = json.loads((out / "metrics.json").read_text())
+        metrics["cached"] = True
+    else:
+        metrics = train_reference_vit(config, progress=progress)
+        metrics["cached"] = False
+    keys = ("val_acc", "test_acc", "n_val", "n_test", "train_time_s", "total_time_s", "num_threads", "checkpoint",
+            "cached")
+    return {k: metrics.get(k) for k in keys}
