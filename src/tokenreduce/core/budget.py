@@ -73,8 +73,8 @@ def validate_keep_value(keep: object, name: str = "keep") -> Number:
 
 def as_method_keep(keep: object) -> object:
     """What a public ``keep`` becomes inside a method object: a single-fraction ``Keep`` -> its float, a
-    single-count ``Keep(count=n)`` -> the int ``n``, other ``Keep`` objects (schedules, thresholds) unchanged;
-    a float is validated; a plain int or a bool is refused (see the module docstring)."""
+    single-count ``Keep(count=n)`` -> the int ``n``, other ``Keep`` objects (schedules, thresholds) and
+    callables (per-timestep schedules of the diffusion methods) unchanged; a float is validated; a plain int or a bool is refused (see the module docstring)."""
     if isinstance(keep, Keep):
         if keep.value is not None and keep.num_stages is None:
             return keep.value
@@ -83,6 +83,8 @@ def as_method_keep(keep: object) -> object:
         return keep
     if isinstance(keep, (list, tuple)):
         return Keep(tuple(keep))
+    if callable(keep):  # a schedule keep(t) of the diffusion timestep; other methods refuse it themselves
+        return keep
     return validate_fraction(keep)
 
 

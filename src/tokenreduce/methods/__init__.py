@@ -1,6 +1,6 @@
 """Built-in methods, one package per integration point (one file per method where the family is large);
 importing this package registers them all (see ``tokenreduce.registry``)."""
 
-from . import encoder, kv, prompt, vit, vlm
+from . import diffusion, encoder, kv, prompt, vit, vlm
 
-__all__ = ["encoder", "kv", "prompt", "vit", "vlm"]
+__all__ = ["diffusion", "encoder", "kv", "prompt", "vit", "vlm"]

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ...core.budget import Keep, validate_fraction
 from ...core.diffusion import merged_count, stride_partition
 
 __all__ = ["DIFFUSION", "DiffusionMethod", "KeepSchedule", "MergeMethod", "SiteCall", "StrideMethod", "check_int",
@@ -40,14 +41,7 @@ KeepSchedule = float | Sequence[float] | Callable[[float], float]
 
 def check_keep(keep: object, name: str = "keep") -> float:
     """One keep value: a float in (0, 1]; an int (a token count) or anything else is an error."""
-    if isinstance(keep, bool) or not isinstance(keep, float):
-        kind = "an int (a token count)" if isinstance(keep, int) and not isinstance(keep, bool) else \
-            type(keep).__name__
-        raise TypeError(f"{name}={keep!r} is {kind}: diffusion methods take a float in (0, 1], the fraction of a "
-                        f"block's spatial tokens kept (counts are not accepted here)")
-    if math.isnan(keep) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"{name}={keep!r} is out of range: a float in (0, 1] is accepted")
-    return keep
+    return validate_fraction(keep, name)
 
 
 def check_int(name: str, value: object, minimum: int = 1, meaning: str = "") -> int:
@@ -95,6 +89,11 @@ class DiffusionMethod:
 
     def __post_init__(self) -> None:
         k = self.keep
+        if isinstance(k, Keep):  # what the public boundary makes of a list: a per-step schedule
+            if k.value is None:
+                raise TypeError(f"keep={k!r}: diffusion methods take fractions (a float, one float per sampling "
+                                "step, or a callable keep(t)); token counts and thresholds are not accepted here")
+            k = self.keep = k.value
         if callable(k):
             pass
         elif isinstance(k, (list, tuple)):

@@ -180,12 +180,12 @@ def test_unsupported_denoiser_names_the_supported_classes():
 
 @pytest.mark.parametrize("keep", [1.5, 0.0, -0.2, math.nan])
 def test_keep_out_of_range(keep):
-    with pytest.raises(ValueError, match=r"out of range: a float in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"out of range: a fraction must be a float in \(0, 1\]"):
         tr.apply(MODELS["unet"], "tomesd", keep=keep)
 
 
 def test_int_keep_is_rejected():
-    with pytest.raises(TypeError, match="an int .a token count.*fraction"):
+    with pytest.raises(TypeError, match="plain int is ambiguous.*fraction"):
         tr.apply(MODELS["unet"], "todo", keep=128)
 
 
