@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import sys
 
 import pytest
@@ -223,7 +222,7 @@ def test_bench_vit_smoke_on_ray_gives_the_local_accuracy_rows(tmp_path):
     on_ray = _vit(tmp_path / "ray", executor="ray")
     assert _accuracy_fields(on_ray) == _accuracy_fields(local)
     assert all(r["speedup"] > 0 for r in on_ray)
-    (meta_l, written_l), = read_runs(tmp_path / "local" / "results.jsonl").values()
+    (_meta_l, written_l), = read_runs(tmp_path / "local" / "results.jsonl").values()
     (meta_r, written_r), = read_runs(tmp_path / "ray" / "results.jsonl").values()
     assert [r["cell_id"] for r in written_r] == [r["cell_id"] for r in written_l]  # same cells, same ids
     assert all(r["origin"]["executor"] == "ray" and r["origin"]["node_id"] for r in written_r)
