@@ -21,7 +21,6 @@ token grid (ToMe for SD's ``max_downsample``; 1 = the full-resolution blocks onl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
