@@ -111,6 +111,26 @@ def test_keep_one_is_bit_exact_and_restore_is_exact(kind, method):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_stats_report_the_requested_and_achieved_keep(method):
+    """``keep`` is the requested fraction; ``keep_achieved`` the mean over the reduced blocks of the tokens the
+    reduced operation ran on (ToCa: MLP tokens recomputed), so it is near keep at every method."""
+    model, sched = MODELS["dit"], _scheduler()
+    with tr.apply(model, method, keep=0.5, **_kw(method, scheduler=sched)) as h:
+        _loop(model, "dit", sched) if method == "toca" else _run(model, _inputs("dit"))
+    st = h.stats
+    assert st.keep == 0.5 and all(st.reduced)
+    if method == "toca":  # steps 0 and 3 of 4 are full (interval 3): 1.0; steps 1, 2 recompute part of the MLP
+        assert st.full_step and st.keep_achieved == 1.0 and 0.5 < st.keep_run < 1.0
+    elif method in ("tomesd", "tofu", "random"):
+        assert st.keep_achieved == pytest.approx(0.5) and st.keep_run == st.keep_achieved
+    else:  # grid downsampling of the 8x8 grid: each side x sqrt(keep), rounded (6x6)
+        assert st.keep_achieved == pytest.approx(36 / 64)
+    with tr.apply(model, method, keep=lambda t: 0.5, **_kw(method, scheduler=sched)) as h:
+        _loop(model, "dit", sched) if method == "toca" else _run(model, _inputs("dit"))
+    assert h.stats.keep is None  # a schedule has no one requested fraction
+
+
 def test_keep_schedule_per_step_and_callable():
     model, sched = MODELS["dit"], _scheduler(4)
     base = _loop(model, "dit", sched)

@@ -99,10 +99,13 @@ def test_trained_unet_matches_the_tomesd_package(trained):
     net = trained[0]["unet"].net
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(4, 1, 32, 32, generator=g), torch.full((4,), 400), torch.randn(4, 4, 32, generator=g)
+    kw = {"encoder_hidden_states": ctx}
+    if net.config.num_class_embeds:
+        kw["class_labels"] = torch.arange(4)
     with torch.no_grad():
         tomesd.apply_patch(net, ratio=0.5, use_rand=False)
-        theirs = net(x, t, encoder_hidden_states=ctx).sample
+        theirs = net(x, t, **kw).sample
         tomesd.remove_patch(net)
         with tr.apply(net, "tomesd", keep=0.5, use_rand=False):
-            ours = net(x, t, encoder_hidden_states=ctx).sample
+            ours = net(x, t, **kw).sample
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

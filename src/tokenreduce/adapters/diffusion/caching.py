@@ -120,6 +120,7 @@ class CacheRuntime:
             B, n, C = x.shape
             grid = self._reduces(i, n)
             stats.tokens_mlp[i] = float(n)
+            stats.reduced[i] = grid is not None and self.clock.keep < 1.0
             if grid is None or self.full or cache.mlp is None or cache.mlp.shape[0] != B:
                 out = type(ff).forward(ff, x, *args, **kwargs)
                 if grid is not None:

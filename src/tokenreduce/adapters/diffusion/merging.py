@@ -97,6 +97,7 @@ class MergeRuntime:
             if kwargs.get("attention_mask") is not None:
                 raise ValueError(f"{site.name}: token reduction of self-attention with an attention_mask is not "
                                  f"supported")
+            stats.reduced[i] = True
             call = SiteCall(i, len(self.sites), site.name, (h, w), d, clock.t, clock.step)
             with self.timer:
                 if self.method.kv_only:

@@ -24,8 +24,11 @@ class DiffusionStats(Stats):
     """``Stats`` of the last denoiser forward, per site (``sites``, in execution order): ``site_tokens`` its
     spatial tokens N, ``tokens_attn`` the tokens its self-attention ran on (queries), ``tokens_kv`` its
     keys/values, ``tokens_mlp`` the tokens its feed-forward ran on (0 where the output came from a cache);
-    ``timestep``/``step`` of the forward, ``full_step`` (caching methods). ``keep_run``: mean achieved keep over
-    every forward since ``tr.apply``; ``forwards``: their number."""
+    ``timestep``/``step`` of the forward, ``full_step`` (caching methods). ``reduced``: the sites the method
+    acted on (its levels, ``max_downsample``); ``keep_achieved``: the mean of their ``keep_per_site`` (what keep
+    means at this integration point; 1.0 when no site was reduced); ``keep``: the requested fraction (None for
+    a schedule). ``keep_run``: mean achieved keep over every forward since ``tr.apply``; ``forwards``: their
+    number."""
 
     sites: list[str] = field(default_factory=list)
     site_tokens: list[int] = field(default_factory=list)
@@ -33,14 +36,24 @@ class DiffusionStats(Stats):
     timestep: float | None = None
     step: int | None = None
     full_step: bool | None = None
+    reduced: list[bool] = field(default_factory=list)
+    caching: bool = False
     forwards: int = 0
     keep_run: float = 1.0
 
     @property
     def keep_per_site(self) -> list[float]:
-        """Achieved keep of each site: the smallest of queries, keys/values and MLP tokens over N."""
+        """Achieved keep of each site: the smallest of queries, keys/values and MLP tokens over N (caching
+        methods: the MLP tokens recomputed over N; the attention output comes from the cache)."""
+        if self.caching:
+            return [m / n if n else 1.0 for m, n in zip(self.tokens_mlp, self.site_tokens, strict=True)]
         return [min(a, k, m) / n if n else 1.0 for a, k, m, n in
                 zip(self.tokens_attn, self.tokens_kv, self.tokens_mlp, self.site_tokens, strict=True)]
+
+    def achieved(self) -> float:
+        """Mean ``keep_per_site`` over the reduced sites (1.0 if none was reduced)."""
+        ks = [k for k, r in zip(self.keep_per_site, self.reduced, strict=True) if r]
+        return sum(ks) / len(ks) if ks else 1.0
 
     @property
     def mean_keep(self) -> float:
@@ -64,8 +77,11 @@ class Clock:
 
     def _blank(self) -> DiffusionStats:
         n = len(self.sites)
+        keep = self.method.keep
         return DiffusionStats(method=type(self.method).__name__, sites=[s.name for s in self.sites],
-                              site_tokens=[0] * n, tokens_attn=[0.0] * n, tokens_kv=[0.0] * n, tokens_mlp=[0.0] * n)
+                              site_tokens=[0] * n, tokens_attn=[0.0] * n, tokens_kv=[0.0] * n, tokens_mlp=[0.0] * n,
+                              reduced=[False] * n, caching=self.method.caches,
+                              keep=keep if isinstance(keep, float) else None)
 
     # ------------------------------------------------------------------ hooks on the model
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -84,7 +100,8 @@ class Clock:
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         st = self.stats
         self._forwards += 1
-        self._keep_sum += st.mean_keep
+        st.keep_achieved = st.achieved()
+        self._keep_sum += st.keep_achieved
         st.forwards, st.keep_run = self._forwards, self._keep_sum / self._forwards
         st.input_tokens = self.n0
         self.last = st
