@@ -18,14 +18,13 @@ model to pass to ``tr.apply``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from ...methods.diffusion.base import check_int
+from ..checkpoint import short_hash
 from .data import IMAGE_SIZE, NUM_CLASSES, data_version
 
 __all__ = ["KINDS", "MODEL_VERSION", "ClassConditional", "DenoiserConfig", "default_config"]
@@ -90,8 +89,7 @@ class DenoiserConfig:
         """Short stable hash of everything that determines the trained weights."""
         payload = {k: v for k, v in self.to_dict().items() if k not in _HASH_EXCLUDED}
         payload["_versions"] = {"model": MODEL_VERSION, "data": data_version()}
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+        return short_hash(payload, compact=True)
 
 
 def default_config(kind: str, **overrides: Any) -> DenoiserConfig:

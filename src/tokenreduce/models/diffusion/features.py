@@ -10,7 +10,6 @@ sample gives the class accuracy of the generator. Real statistics: held-out test
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._paths import cache_dir
+from ..checkpoint import short_hash
 from .data import NUM_CLASSES, data_version, digit_images
 
 __all__ = ["DigitFeatures", "FeatureConfig", "FidScorer", "load_features", "sample_quality"]
@@ -38,9 +38,7 @@ class FeatureConfig:
     test_samples: int = 2000
 
     def config_hash(self) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "_v": FEATURES_VERSION, "data": data_version()},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+        return short_hash({**dataclasses.asdict(self), "_v": FEATURES_VERSION, "data": data_version()})
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:

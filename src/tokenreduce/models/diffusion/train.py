@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._paths import cache_dir
+from ..checkpoint import atomic_write
 from .data import digit_images
 from .denoisers import MODEL_VERSION, ClassConditional, DenoiserConfig, default_config
 
@@ -96,18 +96,12 @@ def train_denoiser(config: DenoiserConfig, progress: bool = True, log: Any = Non
                    "num_params": sum(p.numel() for p in model.parameters()), "num_threads": config.num_threads,
                    "checkpoint": str(out / "model.pt"),
                    "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-        _atomic(out / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
-        _atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
-        _atomic(out / "model.pt", lambda p: torch.save(ema.state_dict(), p))
+        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
+        atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        atomic_write(out / "model.pt", lambda p: torch.save(ema.state_dict(), p))
         return metrics
     finally:
         torch.set_num_threads(prev)
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def load_denoiser(kind: str, train_if_missing: bool = False, config: DenoiserConfig | None = None,
