@@ -14,7 +14,9 @@ from tokenreduce.bench.sweep import finished_cells
 #: bench -> (results file, a row field every smoke run writes)
 BENCHES = {"vit": ("results.jsonl", "accuracy"), "encoder": ("results.jsonl", "spearman"),
            "vlm": ("results.jsonl", "accuracy"), "prompt": ("results.jsonl", "kind"),
-           "kv": ("kv.jsonl", "part")}
+           "kv": ("kv.jsonl", "part"), "diffusion": ("results.jsonl", "ssim")}
+#: bench -> the extra it needs
+EXTRAS = {"diffusion": "diffusers"}
 
 
 def _cli(args, monkeypatch):
@@ -24,6 +26,8 @@ def _cli(args, monkeypatch):
 
 @pytest.mark.parametrize("bench", sorted(BENCHES))
 def test_smoke_runs_every_bench_end_to_end_and_resumes(bench, tmp_path, monkeypatch, capsys):
+    if bench in EXTRAS:
+        pytest.importorskip(EXTRAS[bench])
     name, field = BENCHES[bench]
     out = tmp_path / bench
     _cli(["bench", bench, "--smoke", "--out", str(out)], monkeypatch)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CUSTOM_MODEL", "SMOKE_MODEL", "cell_model", "resolve_model", "smoke_causal_lm", "smoke_encoder", "smoke_vit", "smoke_vlm", "smoke_vlm_config",
-           "text_tokenizer"]
+__all__ = ["CUSTOM_MODEL", "SMOKE_MODEL", "cell_model", "resolve_model", "smoke_causal_lm", "smoke_denoiser",
+           "smoke_digit_features", "smoke_encoder", "smoke_vit", "smoke_vlm", "smoke_vlm_config", "text_tokenizer"]
 
 #: the model name of smoke cells (resume never mixes them with the real model's rows)
 SMOKE_MODEL = "smoke"
@@ -112,3 +112,21 @@ def smoke_causal_lm() -> tuple[Any, Any]:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def smoke_denoiser(kind: str) -> Any:
+    """The trained denoisers' class (:class:`~tokenreduce.models.diffusion.ClassConditional` around diffusers'
+    ``UNet2DConditionModel`` or the DiT) of ``kind`` at width 16, depth 2."""
+    from ..models.diffusion import ClassConditional, DenoiserConfig
+
+    torch.manual_seed(0)
+    cfg = DenoiserConfig(kind=kind, depth=2, width=16, heads=2, channels=(8, 16), context_dim=8, context_tokens=2)
+    return ClassConditional(cfg).eval()
+
+
+def smoke_digit_features() -> Any:
+    """The digit network of the diffusion bench's FID and class accuracy, random weights."""
+    from ..models.diffusion import DigitFeatures
+
+    torch.manual_seed(0)
+    return DigitFeatures().eval()
