@@ -16,7 +16,7 @@ from .timing import fixed_threads
 
 __all__ = ["COLUMNS", "diffusion_report", "grid_png", "sample_grids"]
 
-COLUMNS = ["model", "method", "keep", "mean_keep", "fid", "class_acc", "psnr", "ssim", "time_per_image_ms",
+COLUMNS = ["model", "method", "keep", "keep_achieved", "fid", "class_acc", "psnr", "ssim", "time_per_image_ms",
            "speedup", "limit_speedup", "efficiency", "peak_mem_mb", "bit_exact"]
 #: samples per configuration in a grid (one of each class)
 GRID_COLUMNS = 10
