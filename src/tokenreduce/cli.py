@@ -32,6 +32,7 @@ _PLUGINS = {
     "tokenreduce.models.vit.cli": train_app,
     "tokenreduce.models.vlm.cli": train_app,
     "tokenreduce.models.gemma.cli": convert_app,
+    "tokenreduce.study.cli": app,
 }
 
 
