@@ -30,13 +30,10 @@ def register_cli(app: Any) -> None:
         from .registry import get_study, parse_overrides
         from .run import run_study
 
-        try:
-            overrides = parse_overrides(get_study(name).config, set_)
-            run = run_study(name, smoke=smoke, out=out, overrides=overrides, executor=executor, address=address,
-                            resume=resume)
-        except (ValueError, FileNotFoundError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+        # a bad name, field or value, or a missing model: one line and exit code 2 (tokenreduce.cli.main)
+        overrides = parse_overrides(get_study(name).config, set_)
+        run = run_study(name, smoke=smoke, out=out, overrides=overrides, executor=executor, address=address,
+                        resume=resume)
         for p in run.result.parts:
             typer.echo(f"[{p.name}] {p.verdict.line}")
         for n in run.result.notes:

@@ -84,7 +84,10 @@ def bootstrap_ci(x: Sequence[Any], stat: Callable[[np.ndarray], float] = _mean, 
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(a), size=(n_boot, len(a)))
     boots = _resampled(a, idx, stat)
-    lo, hi = np.nanquantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
+    boots = boots[~np.isnan(boots)]
+    if not len(boots):  # e.g. a ratio whose denominator is 0 in every resample
+        return stat(a), math.nan, math.nan
+    lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
     return stat(a), float(lo), float(hi)
 
 
