@@ -32,6 +32,6 @@ def test_adversarial_probes_look_like_a_present_digit():
 
 
 def test_chair_counts():
-    words = "3 top left , 9 center , small 7 </s> 4".split()
+    words = ["3", "top", "left", ",", "9", "center", ",", "small", "7", "</s>", "4"]
     assert chair_scores(words, S1) == {"mentions": 3, "hallucinated": 1, "named_present": 2, "present": 3}
     assert chair_scores([], S2) == {"mentions": 0, "hallucinated": 0, "named_present": 0, "present": 3}

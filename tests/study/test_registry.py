@@ -37,7 +37,7 @@ def test_overrides_are_typed_by_the_defaults():
 
 
 def test_missing_models_name_the_command_that_builds_them(monkeypatch, tmp_path):
-    import tokenreduce.models.gemma as gemma
+    from tokenreduce.models import gemma
     from tokenreduce.study import run_study
 
     monkeypatch.setattr(gemma, "gemma_cache_ready", lambda: False)

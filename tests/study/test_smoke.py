@@ -35,6 +35,19 @@ def test_smoke_study_end_to_end_and_resumes(name, tmp_path, monkeypatch, capsys)
     _cli(["study", name, "--smoke", "--out", str(out)], monkeypatch)
     assert len(read_runs(out / "items.jsonl")) == 1  # everything resumed: no new run
     assert "0 failed" in capsys.readouterr().err
+    _cli(["study", name, "--smoke", "--out", str(out), "--report-only"], monkeypatch)
+    assert json.loads((out / "summary.json").read_text())["parts"] == summary["parts"]
+    assert len(read_runs(out / "items.jsonl")) == 1
+
+
+def test_report_only_on_a_partial_run_says_so(tmp_path):
+    from tokenreduce.study import run_study
+
+    out = tmp_path / "d"
+    run = run_study("distraction", smoke=True, out=out, overrides={"n_prompts": 2, "ppl": False}, progress=False)
+    part = run_study("distraction", smoke=True, out=out, overrides={"n_prompts": 3, "ppl": False}, report_only=True)
+    assert part.result.notes[0].startswith("partial: the report holds 0 of the 3 cells")  # n is in every cell id
+    assert run.result.parts[0].table[0]["n"] == 2
 
 
 def test_cli_errors_name_the_fix(monkeypatch, capsys):

@@ -61,7 +61,7 @@ def test_holm_hand_computed():
 def test_min_n_for_halfwidth_is_the_least_such_n():
     for h in (0.05, 0.1, 0.15, 0.2):
         n = min_n_for_halfwidth(h)
-        w = lambda m: (wilson(m // 2, m)[2] - wilson(m // 2, m)[1]) / 2 if m % 2 == 0 else None  # noqa: E731
+        w = lambda m: (wilson(m // 2, m)[2] - wilson(m // 2, m)[1]) / 2 if m % 2 == 0 else None
         z = 1.959963984540054
         assert z / (2 * math.sqrt(n + z * z)) <= h < z / (2 * math.sqrt(n - 1 + z * z))
         if w(n + n % 2) is not None:

@@ -24,6 +24,8 @@ def register_cli(app: Any) -> None:
         executor: str = o.executor,
         address: str = o.address,
         resume: bool = o.resume,
+        report_only: bool = typer.Option(False, help="run nothing: the report from the cells already finished in "
+                                         "<out>/items.jsonl (e.g. of a run still going)"),
     ) -> None:
         """Run a study: hypothesis, paired test against the unreduced model, one verdict line per part
         (results/study/<name>/: items.jsonl, summary.txt/json, plot.png, report.html)."""
@@ -33,7 +35,7 @@ def register_cli(app: Any) -> None:
         # a bad name, field or value, or a missing model: one line and exit code 2 (tokenreduce.cli.main)
         overrides = parse_overrides(get_study(name).config, set_)
         run = run_study(name, smoke=smoke, out=out, overrides=overrides, executor=executor, address=address,
-                        resume=resume)
+                        resume=resume, report_only=report_only)
         for p in run.result.parts:
             typer.echo(f"[{p.name}] {p.verdict.line}")
         for n in run.result.notes:

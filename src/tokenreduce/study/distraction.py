@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..bench.sweep import CachedLoader, Cell, Sweep
 from .analysis import BASELINE, Hypothesis, Metric, compare, decide
@@ -186,7 +186,7 @@ class DistractionStudy(Study):
     __doc__ = __doc__
     name = "distraction"
     config = DistractionConfig
-    smoke = {"lengths": (160,), "n_prompts": 4, "kv_variants": ("snapkv-q-max9", "streaming-llm"),
+    smoke: ClassVar[dict[str, Any]] = {"lengths": (160,), "n_prompts": 4, "kv_variants": ("snapkv-q-max9", "streaming-llm"),
              "prompt_methods": ("extractive",), "keeps": (0.5,), "max_new_tokens": 4, "ppl_variants":
              ("full cache", "streaming-llm"), "ppl_budget": 16, "ppl_tokens": 80, "ppl_segment": 16,
              "ppl_streams": 1, "ppl_chunk": 8}

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..bench.sweep import CachedLoader, Cell, Sweep, budget_tuple, method_cells
 from .analysis import BASELINE, Hypothesis, Metric, compare, decide
@@ -173,7 +173,7 @@ class HallucinationStudy(Study):
     __doc__ = __doc__
     name = "hallucination"
     config = HallucinationConfig
-    smoke = {"methods": ("fastv", "divprune"), "keeps": (0.5,), "clutter": ("high",),
+    smoke: ClassVar[dict[str, Any]] = {"methods": ("fastv", "divprune"), "keeps": (0.5,), "clutter": ("high",),
              "n_scenes": 4, "describe_tokens": 8, "pope": "all", "pope_per_scene": 1, "batch": 4}
 
     def missing_models(self, cfg: HallucinationConfig) -> list[str]:
