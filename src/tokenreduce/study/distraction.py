@@ -223,7 +223,7 @@ class DistractionStudy(Study):
             "look-alike numbers over the unreduced Gemma 3 270M",
             "per length, paired with the unreduced model on the same prompts: Wilson 95% CI, paired-bootstrap CI "
             "of the difference, exact McNemar test, Holm over the query-aware family",
-            Metric("correct", "proportion", True, "accuracy"), treated=lambda r: _is_query_aware(r, cfg),
+            Metric("correct", "proportion", True, "accuracy"), treated=_is_query_aware,
             max_halfwidth=cfg.max_halfwidth)
         table = compare(items, acc.metric, strata=("length",), seed=cfg.seed)
         parts = [Part("retrieval with distractors", acc, table, decide(table, acc, ("length",)), ("length",))]
@@ -261,7 +261,7 @@ class DistractionStudy(Study):
         return StudyResult(parts, tables, notes)
 
 
-def _is_query_aware(r: dict[str, Any], cfg: DistractionConfig) -> bool:
+def _is_query_aware(r: dict[str, Any]) -> bool:
     m = r["method"]
     if m.startswith("prompt:"):
         return _query_aware_prompt(m.split(":", 1)[1])

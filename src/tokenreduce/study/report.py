@@ -46,7 +46,7 @@ def metric_plot(part: Part, path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
     name = part.hypothesis.metric.name
-    strata = sorted({tuple(r.get(k) for k in part.strata) for r in part.table}, key=str)
+    strata = list(dict.fromkeys(tuple(r.get(k) for k in part.strata) for r in part.table))
     fig = Figure(figsize=(5.2 * len(strata), 4.2))
     FigureCanvasAgg(fig)
     for j, s in enumerate(strata):
@@ -65,6 +65,9 @@ def metric_plot(part: Part, path: Path) -> Path | None:
             ax.errorbar([x * (1 + 0.015 * (i - len(methods) / 2)) for x in xs], ys, yerr=err, marker="o", ms=4,
                         capsize=2, lw=1.2, label=m, color=f"C{i % 10}")
         ax.set_xscale("log")
+        keeps = sorted({r["keep"] for r in rows if r["method"] != BASELINE})
+        ax.minorticks_off()
+        ax.set_xticks(keeps, labels=[f"{k:g}" for k in keeps])
         ax.set_xlabel("keep")
         ax.set_ylabel(name)
         ax.set_title(", ".join(f"{k}={v}" for k, v in zip(part.strata, s)) or part.name, fontsize=9)
