@@ -54,3 +54,13 @@ def test_bad_study_settings_fail_before_a_model_loads():
         get_study("hallucination").sweep(HallucinationConfig(methods=("fastvv",)), smoke=True)
     with pytest.raises(ValueError, match="unknown variants"):
         get_study("distraction").sweep(DistractionConfig(kv_variants=("snap",)), smoke=True)
+
+
+def test_query_awareness_comes_from_the_methods_themselves():
+    from tokenreduce.study.distraction import _is_query_aware
+
+    aware = {m: _is_query_aware({"method": m}) for m in ("snapkv-q-max9", "pyramidkv-q", "gemfilter-q-max9",
+                                                         "streaming-llm", "snapkv", "none", "prompt:longllmlingua",
+                                                         "prompt:extractive", "prompt:llmlingua", "prompt:random")}
+    assert [m for m, a in aware.items() if a] == ["snapkv-q-max9", "pyramidkv-q", "gemfilter-q-max9",
+                                                  "prompt:longllmlingua", "prompt:extractive"]
