@@ -34,6 +34,7 @@ _PLUGINS = {
     "tokenreduce.models.vlm.cli": train_app,
     "tokenreduce.models.gemma.cli": convert_app,
     "tokenreduce.models.diffusion": train_app,
+    "tokenreduce.study.cli": app,
 }
 
 

@@ -1,0 +1,140 @@
+"""The statistics every study reports (one implementation each):
+
+* :func:`wilson` -- the Wilson score interval of a proportion (Wilson 1927; Newcombe 1998, method 3);
+* :func:`paired_bootstrap` -- a percentile bootstrap CI of a statistic's difference between two conditions
+  measured on the same items (items resampled jointly; Efron & Tibshirani 1993, ch. 13), with a fixed seed,
+  and :func:`bootstrap_ci` for one condition's statistic;
+* :func:`mcnemar_exact` -- the exact (binomial) McNemar test of paired right/wrong outcomes (McNemar 1947):
+  under H0 the discordant pairs split 50/50, ``p = min(1, 2 * P(Bin(b + c, 1/2) <= min(b, c)))``;
+* :func:`holm` -- Holm's step-down adjustment of p-values for a family of tests (Holm 1979);
+* :func:`min_n_for_halfwidth` -- the least n whose worst-case (p = 1/2) Wilson half-width is at most ``h``:
+  a study refuses a verdict below it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Z95", "bootstrap_ci", "holm", "mcnemar_exact", "min_n_for_halfwidth", "paired_bootstrap", "wilson"]
+
+#: the two-sided 95% normal quantile (1.959964...)
+Z95 = NormalDist().inv_cdf(0.975)
+N_BOOT = 10_000
+
+
+def _z(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence!r} must be in (0, 1), e.g. 0.95")
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(k / n, low, high)``: the proportion and its Wilson score interval,
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``."""
+    if not (isinstance(n, int) and n >= 1) or not (isinstance(k, int) and 0 <= k <= n):
+        raise ValueError(f"wilson needs integers 0 <= k <= n and n >= 1, got k={k!r}, n={n!r}")
+    z = _z(confidence)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return p, max(0.0, mid - half), min(1.0, mid + half)
+
+
+def min_n_for_halfwidth(h: float, confidence: float = 0.95) -> int:
+    """The least n for which the Wilson interval at p = 1/2 (its widest) has half-width <= ``h``."""
+    if not 0.0 < h < 0.5:
+        raise ValueError(f"half-width {h!r} must be in (0, 0.5)")
+    z = _z(confidence)
+    # half-width at p=1/2: z sqrt(1/4n + z^2/4n^2) / (1 + z^2/n) = z / (2 sqrt(n + z^2))
+    n = max(1, math.ceil((z / (2 * h)) ** 2 - z * z))
+    while z / (2 * math.sqrt(n + z * z)) > h:
+        n += 1
+    return n
+
+
+def _as_items(x: Any) -> np.ndarray:
+    a = np.asarray(x, dtype=float)
+    if a.ndim == 0 or len(a) == 0:
+        raise ValueError(f"need a non-empty sequence of per-item values, got {x!r}")
+    return a
+
+
+def _mean(v: np.ndarray) -> float:
+    return float(v.mean())
+
+
+def _resampled(a: np.ndarray, idx: np.ndarray, stat: Callable[[np.ndarray], float]) -> np.ndarray:
+    """``stat`` of every resample (rows ``idx``): vectorised for the mean."""
+    if stat is _mean and a.ndim == 1:
+        return a[idx].mean(axis=1)
+    return np.array([stat(a[i]) for i in idx])
+
+
+def bootstrap_ci(x: Sequence[Any], stat: Callable[[np.ndarray], float] = _mean, confidence: float = 0.95,
+                 n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+    """``(stat(x), low, high)``: the percentile bootstrap interval of ``stat`` over items (rows of ``x``)."""
+    a = _as_items(x)
+    _z(confidence)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    boots = _resampled(a, idx, stat)
+    boots = boots[~np.isnan(boots)]
+    if not len(boots):  # e.g. a ratio whose denominator is 0 in every resample
+        return stat(a), math.nan, math.nan
+    lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return stat(a), float(lo), float(hi)
+
+
+def paired_bootstrap(x: Sequence[Any], y: Sequence[Any], stat: Callable[[np.ndarray], float] = _mean,
+                     confidence: float = 0.95, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, float]:
+    """The difference ``stat(y) - stat(x)`` of two conditions on the same items (row i of ``x`` and of ``y`` is
+    item i; rows may be vectors, e.g. (hallucinated, mentions) for a ratio ``stat``), its percentile bootstrap
+    interval (items resampled jointly, ``seed`` fixed) and a two-sided bootstrap p-value
+    ``min(1, 2 min(P*(d <= 0), P*(d >= 0)))``. Returns ``{"diff", "low", "high", "p"}``."""
+    a, b = _as_items(x), _as_items(y)
+    if a.shape != b.shape:
+        raise ValueError(f"paired conditions need the same items: shapes {a.shape} and {b.shape}")
+    _z(confidence)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    d = _resampled(b, idx, stat) - _resampled(a, idx, stat)
+    d = d[~np.isnan(d)]
+    diff = stat(b) - stat(a)
+    if len(d) == 0:
+        return {"diff": diff, "low": math.nan, "high": math.nan, "p": math.nan}
+    lo, hi = np.quantile(d, [(1 - confidence) / 2, (1 + confidence) / 2])
+    p = 1.0 if diff == 0 and np.all(d == 0) else min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+    return {"diff": float(diff), "low": float(lo), "high": float(hi), "p": p}
+
+
+def mcnemar_exact(x: Sequence[bool], y: Sequence[bool]) -> dict[str, float]:
+    """Exact McNemar test of paired right/wrong outcomes ``x`` (reference) and ``y`` on the same items:
+    ``b`` = items right in x only, ``c`` = right in y only; ``p`` two-sided (1.0 with no discordant pair)."""
+    if len(x) != len(y) or not len(x):
+        raise ValueError(f"McNemar needs two equally long non-empty outcome lists, got {len(x)} and {len(y)}")
+    b = sum(bool(u) and not bool(v) for u, v in zip(x, y))
+    c = sum(bool(v) and not bool(u) for u, v in zip(x, y))
+    m = b + c
+    if m == 0:
+        return {"b": 0, "c": 0, "p": 1.0}
+    k = min(b, c)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
+    return {"b": b, "c": c, "p": min(1.0, 2 * tail)}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values (same order as given; NaN stays NaN and is not counted in the family)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m = len(order)
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
