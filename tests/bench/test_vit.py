@@ -65,3 +65,25 @@ def test_run_vit_bench_rejects_unknown_malloc_mode(tmp_path):
         run_vit_bench(methods=["random"], keeps=[0.5], out=str(tmp_path), n_images=8, repeats=1, warmup=0,
                       time_batch=8, threads=1, model=m, images=images, labels=labels, progress=False,
                       malloc="jemalloc")
+
+
+def test_run_vit_bench_evaluates_a_finetuned_checkpoint(tmp_path, monkeypatch):
+    """``reference="finetune:<method>:<keep>"`` benchmarks the cached fine-tuned model (here random weights
+    saved where fine-tuning would), its cells named by its checkpoint; a missing one names the command."""
+    from tokenreduce.models.vit import build_reference_vit, finetune_dir, parse_finetune_spec
+
+    monkeypatch.setenv("TOKENREDUCE_CACHE", str(tmp_path / "cache"))
+    kw = {"methods": ["tome"], "keeps": [0.6], "out": str(tmp_path / "r"), "n_images": 8, "threads": 1, "progress": False,
+              "parts": "accuracy", "reference": "finetune:tome:0.6"}
+    with pytest.raises(FileNotFoundError, match="tokenreduce train vit --reduce tome --keep 0.6"):
+        run_vit_bench(**kw)
+    with pytest.raises(ValueError, match="finetune:<method>:<keep>"):
+        run_vit_bench(**{**kw, "reference": "tome@0.6"})
+    out = finetune_dir(parse_finetune_spec("finetune:tome:0.6"))
+    out.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_reference_vit(depth=6).state_dict(), out / "model.pt")
+    rows = run_vit_bench(**kw)
+    assert [r["method"] for r in rows] == ["none", "tome"] and 0 <= rows[1]["accuracy"] <= 1
+    meta = json.loads((tmp_path / "r" / "results.jsonl").read_text().splitlines()[0])
+    assert meta["model_path"] == str(out / "model.pt") and meta["config"]["model"] == "finetune:tome:0.6"

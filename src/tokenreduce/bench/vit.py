@@ -63,6 +63,7 @@ class VitBenchConfig:
     parts: str = "all"
     device: str = "cpu"
     smoke: bool = False
+    model: str = "reference"  # or finetune:<method>:<keep> (models/vit/finetune.py)
 
 
 #: ``--smoke``: tiny random-weight reference ViT, 32 images, 3 methods x 2 keeps, 2 timed rounds (seconds)
@@ -123,41 +124,57 @@ class VitContext:
         return self._base_pred
 
 
-def _reference_name() -> str:
-    from ..models.vit import TrainConfig, checkpoint_dir
+def _finetuned(spec: str) -> Any:
+    """The :class:`~tokenreduce.models.vit.FinetuneConfig` of ``--model`` ``spec`` (None for "reference")."""
+    from ..models.vit import parse_finetune_spec
 
-    return f"reference-vit/{checkpoint_dir(TrainConfig()).name}"
-
-
-def _reference() -> tuple[nn.Module, Tensor, Tensor]:
-    from ..models.vit import load_reference_vit, reference_eval_set
-
-    model, info = load_reference_vit()
-    return (model, *reference_eval_set("test", info["config"]))
+    return None if spec == "reference" else parse_finetune_spec(spec)
 
 
-def _model_info(name: str, train_if_missing: bool) -> dict[str, Any]:
-    """The reference ViT's metrics and path for the run header, read without loading it (trained first if it
-    is missing and ``train_if_missing``; else the loader's FileNotFoundError)."""
+def _reference_name(spec: str = "reference") -> str:
+    from ..models.vit import TrainConfig, checkpoint_dir, finetune_dir
+
+    ft = _finetuned(spec)
+    return f"reference-vit/{(checkpoint_dir(TrainConfig()) if ft is None else finetune_dir(ft)).name}"
+
+
+def _reference(spec: str = "reference") -> tuple[nn.Module, Tensor, Tensor]:
+    from ..models.vit import load_finetuned_vit, load_reference_vit, reference_eval_set
+
+    ft = _finetuned(spec)
+    model, info = load_reference_vit() if ft is None else load_finetuned_vit(config=ft)
+    base = info["config"] if ft is None else ft.base
+    return (model, *reference_eval_set("test", base))
+
+
+def _model_info(name: str, train_if_missing: bool, spec: str = "reference") -> dict[str, Any]:
+    """The reference ViT's (or the fine-tuned one's) metrics and path for the run header, read without loading
+    it (the reference trained first if it is missing and ``train_if_missing``; else the loader's
+    FileNotFoundError)."""
     if not name.startswith("reference-vit/"):
         return {}
-    from ..models.vit import TrainConfig, checkpoint_dir, load_reference_vit
+    from ..models.vit import TrainConfig, checkpoint_dir, finetune_dir, load_finetuned_vit, load_reference_vit
 
-    path = checkpoint_dir(TrainConfig()) / "model.pt"
+    ft = _finetuned(spec)
+    path = (checkpoint_dir(TrainConfig()) if ft is None else finetune_dir(ft)) / "model.pt"
     if not path.is_file():
-        load_reference_vit(train_if_missing=train_if_missing)
+        if ft is None:
+            load_reference_vit(train_if_missing=train_if_missing)
+        else:
+            load_finetuned_vit(config=ft)  # raises, naming the command that builds it
     metrics = path.with_name("metrics.json")
     return {"metrics": json.loads(metrics.read_text()) if metrics.is_file() else {}, "path": path}
 
 
 def load_vit_context(name: str, n_images: int, time_batch: int, eval_batch: int = 250, device: str = "cpu",
                      retain: bool = False, model: nn.Module | None = None, images: Tensor | None = None,
-                     labels: Tensor | None = None) -> VitContext:
-    """The context of model ``name``: the reference ViT and its test set, the smoke ViT (``"smoke"``) or the
-    given ``model``/``images``/``labels``; on ``device``; ``retain``: this process keeps freed memory
+                     labels: Tensor | None = None, reference: str = "reference") -> VitContext:
+    """The context of model ``name``: the reference ViT (or, ``reference="finetune:<method>:<keep>"``, its
+    fine-tuned checkpoint) and its test set, the smoke ViT (``"smoke"``) or the given ``model``/``images``/
+    ``labels``; on ``device``; ``retain``: this process keeps freed memory
     (:func:`~tokenreduce.bench.timing.retain_freed_memory`)."""
-    model, images, labels = resolve_model(name, (model, images, labels), lambda: smoke_vit(n_images), _reference,
-                                          retain)
+    model, images, labels = resolve_model(name, (model, images, labels), lambda: smoke_vit(n_images),
+                                          functools.partial(_reference, reference), retain)
     assert images is not None and labels is not None
     model = model.eval().to(device)
     return VitContext(model, images[:n_images].to(device), labels[:n_images].to(device), time_batch, eval_batch)
@@ -256,7 +273,7 @@ def vit_sweep(cfg: VitBenchConfig, model: nn.Module | None = None, images: Tenso
               labels: Tensor | None = None, finished: Collection[str] = ()) -> Sweep:
     """The benchmark as a grid of cells (:func:`~tokenreduce.bench.sweep.method_cells`), its loader and cell
     function. ``finished``: ids of cells already in the results file (the timing part runs over them)."""
-    name = cell_model(cfg.smoke, model is not None, _reference_name)
+    name = cell_model(cfg.smoke, model is not None, functools.partial(_reference_name, cfg.model))
     accuracy = {"n_images": cfg.n_images, "eval_batch": cfg.eval_batch, "time_batch": cfg.time_batch,
                 "threads": cfg.threads, "device": cfg.device}
     timing = {"warmup": cfg.warmup, "repeats": cfg.repeats, "clock": cfg.clock, "malloc": cfg.malloc}
@@ -265,7 +282,7 @@ def vit_sweep(cfg: VitBenchConfig, model: nn.Module | None = None, images: Tenso
     load = CachedLoader(functools.partial(load_vit_context, n_images=cfg.n_images, time_batch=cfg.time_batch,
                                           eval_batch=cfg.eval_batch, device=cfg.device,
                                           retain=cfg.malloc == "retain" and cfg.parts != "accuracy",
-                                          model=model, images=images, labels=labels))
+                                          model=model, images=images, labels=labels, reference=cfg.model))
     return Sweep("vit", cells, load, run_vit_cell, cpus_per_cell=cfg.threads,
                  gpus_per_cell=1.0 if cfg.device == "cuda" else 0.0)
 
@@ -277,7 +294,7 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
                   progress: bool = True, method_kw: dict[str, dict[str, Any]] | None = None,
                   clock: str = "wall", malloc: str = "retain", parts: str = "all", device: str = "cpu",
                   smoke: bool = False, executor: str = "local", address: str | None = None,
-                  resume: bool = True) -> list[dict[str, Any]]:
+                  resume: bool = True, reference: str = "reference") -> list[dict[str, Any]]:
     """Run the ViT benchmark; returns the result rows (also written to ``out/results.jsonl``).
 
     ``model``/``images``/``labels`` override the reference ViT and its test set (tests use tiny ones);
@@ -289,7 +306,9 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     ``parts``: "all", "accuracy" (no wall-clock: cells run in parallel) or "timing" (the timing columns for
     the accuracy rows already in ``out``). ``device``: "cpu" or "cuda" (timed with CUDA events).
     ``executor``: "local" (this process) or "ray" (``address``: an existing cluster); ``resume``: skip the
-    cells whose rows are already in ``out/results.jsonl`` (docs/sweeps.md).
+    cells whose rows are already in ``out/results.jsonl`` (docs/sweeps.md). ``reference``: "reference" (the
+    reference ViT) or "finetune:<method>:<keep>" (its cached fine-tuned checkpoint, ``tokenreduce train vit
+    --reduce METHOD --keep K``; the unreduced row is then the fine-tuned model without reduction).
     """
     if smoke:
         methods, keeps, n_images, time_batch, warmup, repeats, threads = (SMOKE[k] for k in (
@@ -304,16 +323,17 @@ def run_vit_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[floa
     check_choice(parts, PARTS, "parts")
     check_device(device)
     timing_clock(clock, device)
+    _finetuned(reference)  # a malformed --model fails here, before anything loads
     cfg = VitBenchConfig(methods=list(methods), keeps=list(keeps), n_images=n_images, time_batch=time_batch,
                          warmup=warmup, repeats=repeats, threads=threads, clock=clock, malloc=malloc, out=out,
-                         method_kw=method_kw or {}, parts=parts, device=device, smoke=smoke)
+                         method_kw=method_kw or {}, parts=parts, device=device, smoke=smoke, model=reference)
     outdir = Path(out)
     results = outdir / "results.jsonl"
     sweep = vit_sweep(cfg, model, images, labels, finished_cells(results) if parts == "timing" else ())
     if parts == "timing" and len(sweep.cells) == 1:
         raise FileNotFoundError(f"parts='timing' needs the rows of an accuracy run in {results}; run "
                                 "parts='accuracy' first")
-    info = _model_info(sweep.cells[0].model, train_if_missing)
+    info = _model_info(sweep.cells[0].model, train_if_missing, reference)
     allocator = retain_freed_memory() if malloc == "retain" and parts != "accuracy" else "default"
     sweep.meta = {"bench": "vit", "config": asdict(cfg), "allocator": allocator,
                   "model_metrics": info.get("metrics", {}), "model_path": str(info.get("path", ""))}
@@ -392,6 +412,8 @@ def register_cli(bench_app: Any) -> None:
                                               "(timing columns for the accuracy rows in --out; run it alone)"),
         executor: str = o.executor, address: str = o.address, resume: bool = o.resume, smoke: bool = o.smoke,
         device: str = o.device,
+        model: str = typer.Option("reference", help="reference, or finetune:<method>:<keep> (the reference ViT "
+                                  "fine-tuned with that method: tokenreduce train vit --reduce METHOD --keep K)"),
     ) -> None:
         """Vision methods on the reference ViT: accuracy, agreement, FLOPs, measured speedup vs limit."""
         if smoke and out == "results/vit":
@@ -399,4 +421,4 @@ def register_cli(bench_app: Any) -> None:
         run_vit_bench(methods=split_list(methods), keeps=parse_keeps(keep), out=out, n_images=n_images, repeats=repeats,
                       time_batch=time_batch, threads=threads, train_if_missing=train, clock=clock,
                       malloc=malloc, parts=parts, device=device, smoke=smoke, executor=executor, address=address,
-                      resume=resume)
+                      resume=resume, reference=model)

@@ -1,15 +1,18 @@
-"""What the trainers of :mod:`tokenreduce.models` share: the warm-up + cosine learning-rate schedule and a
-temporary torch thread count."""
+"""What the trainers of :mod:`tokenreduce.models` share: the warm-up + cosine learning-rate schedule, a
+temporary torch thread count and loading a checkpoint's weights and metrics."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["torch_threads", "warmup_cosine"]
+__all__ = ["ensure_trained", "load_checkpoint", "torch_threads", "warmup_cosine"]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -34,3 +37,21 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Load the state dict at ``path`` (``model.pt``) into ``model``; return the ``metrics.json`` beside it
+    (``{}`` if there is none)."""
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    metrics_path = path.with_name("metrics.json")
+    return json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+
+
+def ensure_trained(path: Path, train_if_missing: bool, train: Callable[[], object], missing: str) -> None:
+    """Make sure the checkpoint ``path`` exists: call ``train()`` if it is missing and ``train_if_missing``,
+    else raise ``FileNotFoundError(missing)`` (which should name the command that builds it)."""
+    if path.is_file():
+        return
+    if not train_if_missing:
+        raise FileNotFoundError(missing)
+    train()

@@ -22,13 +22,15 @@ Design measurements: ``docs/experiments/reference_vit.md``.
 Modules: :mod:`~tokenreduce.models.vit.config` (:class:`TrainConfig`, checkpoint address),
 :mod:`~tokenreduce.models.vit.model` (the network), :mod:`~tokenreduce.models.vit.train` (training, loading),
 :mod:`~tokenreduce.models.vit.evaluation` (held-out sets, accuracy), :mod:`~tokenreduce.models.vit.cli`
-(``tokenreduce train vit``).
+(``tokenreduce train vit``), :mod:`~tokenreduce.models.vit.finetune` (fine-tuning with a vision method active:
+``tokenreduce train vit --reduce METHOD --keep K``, :func:`load_finetuned_vit`).
 """
 
 from __future__ import annotations
 
 from .config import MODEL_VERSION, STEMS, TrainConfig, checkpoint_dir
 from .evaluation import evaluate, reference_eval_set
+from .finetune import FinetuneConfig, finetune_dir, finetune_reference_vit, load_finetuned_vit, parse_finetune_spec
 from .model import ConvStemPatchEmbed, build_reference_vit
 from .train import load_reference_vit, train_or_load_metrics, train_reference_vit
 
@@ -36,11 +38,16 @@ __all__ = [
     "MODEL_VERSION",
     "STEMS",
     "ConvStemPatchEmbed",
+    "FinetuneConfig",
     "TrainConfig",
     "build_reference_vit",
     "checkpoint_dir",
     "evaluate",
+    "finetune_dir",
+    "finetune_reference_vit",
+    "load_finetuned_vit",
     "load_reference_vit",
+    "parse_finetune_spec",
     "reference_eval_set",
     "train_or_load_metrics",
     "train_reference_vit",

@@ -102,15 +102,20 @@ class TrainConfig(StoredConfig):
         return short_hash(payload, compact=True)
 
 
+def check_positive_ints(c: Any, names: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the first field of ``c`` in ``names`` that is not an int >= 1."""
+    for name in names:
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+
+
 def _validate_train_config(c: TrainConfig) -> None:
     """Raise ``ValueError`` naming the first invalid field of ``c``."""
     positive_ints = ("patch_size", "embed_dim", "depth", "num_heads", "stem_channels", "epochs",
                      "samples_per_epoch", "batch_size", "val_samples", "test_samples", "num_threads",
                      "eval_batch_size")
-    for name in positive_ints:
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+    check_positive_ints(c, positive_ints)
     if isinstance(c.stem_extra_convs, bool) or not isinstance(c.stem_extra_convs, int) or c.stem_extra_convs < 0:
         raise ValueError(f"stem_extra_convs={c.stem_extra_convs!r} is invalid: must be an int >= 0")
     if c.stem not in STEMS:

@@ -16,12 +16,13 @@ from timm.models.vision_transformer import VisionTransformer
 from tokenreduce.data.digits import generate_cluttered_digits
 
 from ..checkpoint import atomic_write
-from ..training import torch_threads, warmup_cosine
+from ..training import ensure_trained, load_checkpoint, torch_threads, warmup_cosine
 from .config import TrainConfig, checkpoint_dir
 from .evaluation import evaluate, reference_eval_set
 from .model import build_reference_vit
 
-__all__ = ["load_reference_vit", "train_or_load_metrics", "train_reference_vit"]
+__all__ = ["load_reference_vit", "make_optimizer", "train_batches", "train_or_load_metrics", "train_reference_vit",
+           "train_step"]
 
 _TRAIN_HINT = "build it once with `tokenreduce train vit`"
 
@@ -49,7 +50,37 @@ def _train_chunks(config: TrainConfig, epoch: int, chunk_size: int):
         yield batch.images, batch.labels
 
 
-def _save(out: Path, model: torch.nn.Module, config: TrainConfig, metrics: dict[str, Any]) -> None:
+def train_batches(config: TrainConfig, epoch: int, batch_size: int):
+    """Yield the ``(images, labels)`` training batches of one epoch of ``config`` (fresh images, generated
+    in chunks of 16 batches)."""
+    for xs, ys in _train_chunks(config, epoch, batch_size * 16):
+        for i in range(0, xs.shape[0], batch_size):
+            yield xs[i : i + batch_size], ys[i : i + batch_size]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
+                   warmup_fraction: float, min_lr_ratio: float):
+    """AdamW (no decay on norms, biases, position embedding, CLS token) and its warm-up + cosine schedule."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, min_lr_ratio))
+    return opt, sched
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
+               label_smoothing: float, grad_clip: float) -> torch.Tensor:
+    """One optimisation step on ``(x, y)`` (label-smoothed cross-entropy, gradient clipping); returns the
+    loss (detached)."""
+    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
+def _save(out: Path, model: torch.nn.Module, config: Any, metrics: dict[str, Any]) -> None:
     """Save ``model.pt`` (state_dict), ``config.json`` and ``metrics.json`` into ``out``."""
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
     atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
@@ -79,31 +110,22 @@ def train_reference_vit(config: TrainConfig | None = None, progress: bool = True
         model = build_reference_vit(**config.model_kwargs())
         steps_per_epoch = -(-config.samples_per_epoch // config.batch_size)
         total_steps = config.epochs * steps_per_epoch
-        warmup = max(1, round(config.warmup_fraction * total_steps))
-        opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, config.min_lr_ratio))
+        opt, sched = make_optimizer(model, config.lr, config.weight_decay, total_steps, config.warmup_fraction,
+                                    config.min_lr_ratio)
         val_x, val_y = reference_eval_set("val", config)
         history: list[dict[str, float]] = []
         train_time = 0.0
         bar = tqdm(total=total_steps, desc="train reference ViT", disable=not progress, dynamic_ncols=True)
-        chunk = config.batch_size * 16
         for epoch in range(config.epochs):
             t0 = time.perf_counter()
             model.train()
             loss_sum, n_seen = 0.0, 0
-            for xs, ys in _train_chunks(config, epoch, chunk):
-                for i in range(0, xs.shape[0], config.batch_size):
-                    x, y = xs[i : i + config.batch_size], ys[i : i + config.batch_size]
-                    loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    opt.step()
-                    sched.step()
-                    loss_sum += loss.item() * x.shape[0]
-                    n_seen += x.shape[0]
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            for x, y in train_batches(config, epoch, config.batch_size):
+                loss = train_step(model, opt, sched, x, y, config.label_smoothing, config.grad_clip)
+                loss_sum += loss.item() * x.shape[0]
+                n_seen += x.shape[0]
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             train_time += time.perf_counter() - t0
             val = evaluate(model, val_x, val_y, config.eval_batch_size)
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "val_acc": val["acc"],
@@ -157,19 +179,12 @@ def load_reference_vit(
     """
     config = config or TrainConfig()
     path = checkpoint_dir(config) / "model.pt"
-    if not path.is_file():
-        if not train_if_missing:
-            raise FileNotFoundError(
-                f"no trained reference ViT at {path}; {_TRAIN_HINT} (CPU only; tens of minutes), "
-                "or call load_reference_vit(train_if_missing=True)"
-            )
-        train_reference_vit(config, progress=progress)
+    ensure_trained(path, train_if_missing, lambda: train_reference_vit(config, progress=progress),
+                   f"no trained reference ViT at {path}; {_TRAIN_HINT} (CPU only; tens of minutes), "
+                   "or call load_reference_vit(train_if_missing=True)")
     model = build_reference_vit(**config.model_kwargs())
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model.eval()
-    metrics_path = path.with_name("metrics.json")
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return model, {"config": config, "metrics": metrics, "path": path}
+    metrics = load_checkpoint(model, path)
+    return model.eval(), {"config": config, "metrics": metrics, "path": path}
 
 
 def train_or_load_metrics(config: TrainConfig | None = None, force: bool = False, progress: bool = True) -> dict:
