@@ -145,8 +145,13 @@ for m in cfg["methods"]:
 
 def run_peers(python: str, samples: Sequence[Any], keeps: Sequence[float], methods: Sequence[str],
               threads: int) -> dict[tuple[str, float, int], dict[str, Any]]:
-    """Run :data:`PEER_SCRIPT` with the peer virtualenv's ``python``; returns {(method, keep, sample): output}."""
+    """Run :data:`PEER_SCRIPT` with the peer virtualenv's ``python``; returns {(method, keep, sample): output}.
+    A python that lacks a module the script imports is a :class:`~.peers.PeerEnvError` naming the modules and
+    the make target, before anything runs (and after, if the script still dies of a missing module)."""
     from ..models.gemma import gemma_cache_dir
+    from .peers import PEERS, PeerEnvError, check_peer_python, missing_message, module_not_found, script_imports
+
+    check_peer_python(python, "prompt", script_imports(PEER_SCRIPT))
 
     with tempfile.TemporaryDirectory() as d:
         script, spec = Path(d) / "peers.py", Path(d) / "spec.json"
@@ -161,6 +166,9 @@ def run_peers(python: str, samples: Sequence[Any], keeps: Sequence[float], metho
         if line.startswith("{"):
             r = json.loads(line)
             out[(r["method"], r["keep"], r["sample"])] = r
+    missing = module_not_found(proc.stderr) if proc.returncode != 0 else None
+    if missing:
+        raise PeerEnvError(missing_message(PEERS["prompt"], python, {missing: "ModuleNotFoundError in the run"}))
     if proc.returncode != 0 and not out:
         raise RuntimeError(f"peer run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return out
