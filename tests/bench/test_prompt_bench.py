@@ -57,12 +57,15 @@ def test_prompt_bench_over_two_lengths_writes_the_break_even_table(tmp_path):
 
     model, tok = smoke_causal_lm()
     rows = run_prompt_bench(methods=["truncate"], keeps=[0.5], n_samples=2, target_tokens=[80, 160], threads=1,
-                            max_new_tokens=2, out=str(tmp_path), model=model, tokenizer=tok, progress=False)
+                            max_new_tokens=2, out=str(tmp_path), model=model, tokenizer=tok, progress=False,
+                            clock="cpu")
     got = {(r["method"], r["tokens"]) for r in rows}
     assert got == {("none", 80), ("truncate", 80), ("none", 160), ("truncate", 160)}
     for r in rows:
         assert r["e2e_s"] >= r["compress_s"] >= 0 and r["e2e_speedup_min"] <= r["e2e_speedup"] <= r["e2e_speedup_max"]
     text = (tmp_path / "summary.txt").read_text()
-    assert "break-even" in text and "e2e x @80" in text and "e2e x @160" in text
+    assert "break-even" in text and "e2e x @80" in text and "e2e x @160" in text and "cpu clock" in text
+    with pytest.raises(ValueError, match="needs threads=1"):
+        run_prompt_bench(clock="cpu", threads=2, out=str(tmp_path / "x"), model=model, tokenizer=tok)
     with pytest.raises(ValueError, match="lengths must be whole numbers of tokens >= 50"):
         run_prompt_bench(target_tokens=[30], out=str(tmp_path / "x"), model=model, tokenizer=tok)

@@ -52,17 +52,19 @@ class PromptBenchConfig:
     peer_keeps: Sequence[float] = (0.5,)
     out: str = "results/prompt"
     smoke: bool = False
+    clock: str = "wall"  # "cpu": process CPU seconds (one thread), robust on a shared machine
 
 
-def _answer(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> tuple[str, float]:
+def _answer(model: Any, tok: Any, prompt: str, max_new_tokens: int, tick: Any = time.perf_counter
+            ) -> tuple[str, float]:
     from ..models.gemma import greedy_continuation
 
-    t0 = time.perf_counter()
+    t0 = tick()
     g = greedy_continuation(model, tok, prompt, max_new_tokens=max_new_tokens)
-    return g, time.perf_counter() - t0
+    return g, tick() - t0
 
 
-def _forward(model: Any, tok: Any, text: str) -> float:
+def _forward(model: Any, tok: Any, text: str, tick: Any = time.perf_counter) -> float:
     """Seconds of one plain forward of the LM (its own dtype and attention) over <bos> + ``text``: the unit
     "one forward of the scorer" that compression latency is compared with."""
     import torch
@@ -70,9 +72,9 @@ def _forward(model: Any, tok: Any, text: str) -> float:
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []  # the smoke tokenizer (WordPiece) has none
     ids = torch.tensor([bos + tok(text, add_special_tokens=False, verbose=False).input_ids])
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = tick()
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        return time.perf_counter() - t0
+        return tick() - t0
 
 
 def _full_prompt(context: str, s: Any) -> str:
@@ -131,23 +133,23 @@ def _warm_up(ctx: PromptContext, samples: list[Any], methods: Sequence[str]) -> 
     _forward(ctx.model, ctx.tok, warm)
 
 
-def _base_row(ctx: PromptContext, i: int, s: Any, max_new_tokens: int) -> dict[str, Any]:
+def _base_row(ctx: PromptContext, i: int, s: Any, max_new_tokens: int, tick: Any) -> dict[str, Any]:
     """The uncompressed prompt answered, with one plain forward's seconds."""
-    tf = _forward(ctx.model, ctx.tok, s.context)
-    g, ta = _answer(ctx.model, ctx.tok, s.prompt, max_new_tokens)
+    tf = _forward(ctx.model, ctx.tok, s.context, tick)
+    g, ta = _answer(ctx.model, ctx.tok, s.prompt, max_new_tokens, tick)
     return {"kind": "sample", "method": "none", "keep": 1.0, "sample": i, "depth": s.depth,
             "n_tokens": ctx.count(s.context), "kept_ratio": 1.0, "passcode_kept": True, "correct": s.correct(g),
             "compress_s": 0.0, "answer_s": ta, "e2e_s": ta, "forward_s": tf, "generated": g}
 
 
-def _method_row(ctx: PromptContext, i: int, s: Any, method: str, keep: float, max_new_tokens: int
+def _method_row(ctx: PromptContext, i: int, s: Any, method: str, keep: float, max_new_tokens: int, tick: Any
                 ) -> dict[str, Any]:
     import tokenreduce as tr
 
-    t0 = time.perf_counter()
+    t0 = tick()
     res = tr.compress(s.context, method=method, keep=keep, lm=ctx.model, tokenizer=ctx.tok, question=s.question)
-    tc = time.perf_counter() - t0
-    g, ta = _answer(ctx.model, ctx.tok, _full_prompt(res.text, s), max_new_tokens)
+    tc = tick() - t0
+    g, ta = _answer(ctx.model, ctx.tok, _full_prompt(res.text, s), max_new_tokens, tick)
     return {"kind": "sample", "method": method, "keep": keep, "sample": i, "depth": s.depth,
             "n_tokens": res.n_tokens, "kept_ratio": res.kept_ratio, "passcode_kept": s.answer in res.text,
             "correct": s.correct(g), "compress_s": tc, "score_s": res.timings.get("score", 0.0),
@@ -155,13 +157,13 @@ def _method_row(ctx: PromptContext, i: int, s: Any, method: str, keep: float, ma
 
 
 def _peer_row(ctx: PromptContext, i: int, s: Any, peer_method: str, keep: float, po: dict[str, Any],
-              max_new_tokens: int) -> dict[str, Any]:
+              max_new_tokens: int, tick: Any) -> dict[str, Any]:
     """A peer package's compressed text (compressed in the peer's process) answered here like ours."""
     name = f"{peer_method} (package)"
     if po.get("error"):
         return {"kind": "sample", "method": name, "keep": keep, "sample": i, "error": po["error"]}
     text = po["text"]
-    g, ta = _answer(ctx.model, ctx.tok, _full_prompt(text, s), max_new_tokens)
+    g, ta = _answer(ctx.model, ctx.tok, _full_prompt(text, s), max_new_tokens, tick)
     n = ctx.count(s.context)
     return {"kind": "sample", "method": name, "keep": keep, "sample": i, "depth": s.depth, "n_tokens": n,
             "kept_ratio": ctx.count(text) / n, "passcode_kept": s.answer in text, "correct": s.correct(g),
@@ -174,10 +176,11 @@ def run_prompt_cell(ctx: PromptContext, cell: Any) -> list[dict[str, Any]]:
     the method's, then one summary row per (method, keep). A method's cell answers the uncompressed prompts
     too (not written): its summary's ratios are paired per prompt within its own cell."""
     from .sweep import budget_tuple
-    from .timing import fixed_threads
+    from .timing import CLOCKS, fixed_threads
 
     s = dict(cell.settings)
-    length, mnt = s["target_tokens"], s["max_new_tokens"]
+    length, mnt, clock = s["target_tokens"], s["max_new_tokens"], s.get("clock", "wall")
+    tick = CLOCKS[clock]
     samples = ctx.samples(s["n_samples"], length, cell.seed)
     keeps = budget_tuple(cell.keep)
     rows: list[dict[str, Any]] = []
@@ -188,14 +191,14 @@ def run_prompt_cell(ctx: PromptContext, cell: Any) -> list[dict[str, Any]]:
         if cell.method == "peers":
             from .prompt_peers import run_peers
 
-            peer_out = run_peers(s["peers"], samples, keeps, s["peer_methods"], s["threads"])
+            peer_out = run_peers(s["peers"], samples, keeps, s["peer_methods"], s["threads"], clock)
         for i, smp in enumerate(samples):
-            base.append(_base_row(ctx, i, smp, mnt))
+            base.append(_base_row(ctx, i, smp, mnt, tick))
             if cell.method == "peers":
-                rows += [_peer_row(ctx, i, smp, pm, k, po, mnt) for (pm, k, j), po in sorted(peer_out.items())
+                rows += [_peer_row(ctx, i, smp, pm, k, po, mnt, tick) for (pm, k, j), po in sorted(peer_out.items())
                          if j == i]
             elif cell.method != "none":
-                rows += [_method_row(ctx, i, smp, cell.method, k, mnt) for k in keeps]
+                rows += [_method_row(ctx, i, smp, cell.method, k, mnt, tick) for k in keeps]
     if cell.method == "none":
         return [*base, {"kind": "summary", **prompt_summary("none", 1.0, length, base, base)}]
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
@@ -215,6 +218,8 @@ def prompt_sweep(cfg: PromptBenchConfig, model: Any = None, tokenizer: Any = Non
     for length in cfg.lengths:
         s = {"n_samples": cfg.n_samples, "target_tokens": length, "max_new_tokens": cfg.max_new_tokens,
              "threads": cfg.threads, "warm_methods": list(cfg.methods), "device": "cpu"}
+        if cfg.clock != "wall":  # (wall-clock cells keep the ids they had before the option existed)
+            s["clock"] = cfg.clock
         cells.append(Cell("prompt", name, "none", 1.0, s, seed=cfg.seed, timing=True))
         cells += [Cell("prompt", name, m, k, s, seed=cfg.seed, timing=True) for m in cfg.methods for k in cfg.keeps]
         if cfg.peers:
@@ -231,13 +236,16 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
                      peer_methods: Sequence[str] = ("llmlingua", "longllmlingua", "selective-context"),
                      peer_keeps: Sequence[float] = (0.5,), model: Any = None, tokenizer: Any = None,
                      progress: bool = True, smoke: bool = False, executor: str = "local",
-                     address: str | None = None, resume: bool = True) -> list[dict[str, Any]]:
+                     address: str | None = None, resume: bool = True, clock: str = "wall"
+                     ) -> list[dict[str, Any]]:
     """Run the prompt benchmark; returns the summary rows (per-sample rows go to ``out/results.jsonl``).
     ``target_tokens``: one context length or several (then also the break-even table: from which length each
     method's whole request beats the uncompressed one). ``smoke``: a tiny random-weight Gemma 3 and
     :data:`SMOKE`'s settings; ``executor``, ``address``, ``resume``: as in ``bench vit`` (docs/sweeps.md).
+    ``clock``: "wall" (elapsed) or "cpu" (process CPU seconds, also in the peer process; needs ``threads=1``).
     CPU only (the scorer runs on the LM's device)."""
-    from .args import check_methods, parse_keeps
+    from .args import check_choice, check_methods, parse_keeps
+    from .kv.timing import check_clock
     from .prompt_report import write_prompt_report
     from .sweep import run_sweep, without_metadata
 
@@ -258,7 +266,10 @@ def run_prompt_bench(methods: Sequence[str] = DEFAULT_METHODS, keeps: Sequence[f
         check_peer_python(peers, "prompt", script_imports(PEER_SCRIPT))  # one interpreter start, no imports
     cfg = PromptBenchConfig(methods=list(methods), keeps=list(keeps), n_samples=n_samples, lengths=list(lengths),
                             max_new_tokens=max_new_tokens, threads=threads, seed=seed, peers=peers,
-                            peer_methods=list(peer_methods), peer_keeps=list(peer_keeps), out=out, smoke=smoke)
+                            peer_methods=list(peer_methods), peer_keeps=list(peer_keeps), out=out, smoke=smoke,
+                            clock=clock)
+    check_choice(clock, ("wall", "cpu"), "clock")
+    check_clock(cfg)
     if model is None and not smoke:
         from ..models.gemma import gemma_cache_dir, gemma_cache_ready
         from ..models.gemma.cache import missing_cache_message
@@ -296,6 +307,7 @@ def register_cli(bench_app: Any) -> None:
                                              ".venv-peers-prompt/bin/python)"),
         peer_methods: str = typer.Option("llmlingua,longllmlingua,selective-context", help="peer methods to run"),
         peer_keep: str = typer.Option("0.5", help="comma-separated keep values for the peers"),
+        clock: str = typer.Option("wall", help="wall (elapsed) or cpu (process CPU time; needs --threads 1)"),
         executor: str = o.executor, address: str = o.address, resume: bool = o.resume, smoke: bool = o.smoke,
     ) -> None:
         """Prompt compression on passcode retrieval with Gemma 3 270M: ratio, accuracy, end-to-end latency,
@@ -309,4 +321,4 @@ def register_cli(bench_app: Any) -> None:
         run_prompt_bench(methods=split_list(methods), keeps=parse_keeps(keep), n_samples=n, target_tokens=lengths,
                          out=out, threads=threads, peers=peers,
                          peer_methods=split_list(peer_methods), peer_keeps=parse_keeps(peer_keep, "--peer-keep"),
-                         smoke=smoke, executor=executor, address=address, resume=resume)
+                         smoke=smoke, executor=executor, address=address, resume=resume, clock=clock)

@@ -98,7 +98,8 @@ def write_prompt_report(rows: Sequence[Mapping[str, Any]], config: Mapping[str, 
     summary = [_display(r) for r in rows]
     lengths = sorted({int(r["tokens"]) for r in rows if r.get("tokens")})
     title = (f"passcode retrieval, Gemma 3 270M, {config['n_samples']} prompts per length of ~"
-             f"{', '.join(map(str, lengths))} tokens ({config['threads']} threads; seconds are medians over prompts; "
+             f"{', '.join(map(str, lengths))} tokens ({config['threads']} thread(s), {config.get('clock', 'wall')} clock; "
+             f"seconds are medians over prompts; "
              f"e2e = compression + answer; e2e_speedup = median of per-prompt uncompressed/compressed request "
              f"seconds [min, max])")
     tables = [("summary", summary)]
