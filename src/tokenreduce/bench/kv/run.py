@@ -75,7 +75,7 @@ def run_kv_bench(cfg: KVBenchConfig, smoke: bool = False, executor: str = "local
     if sweep.cells:
         run_sweep(sweep, out / "kv.jsonl", executor=executor, address=address, resume=resume, progress=progress)
     if compare:  # kvpress's passcode accuracies / kept positions on the same prompts (.venv)
-        run_compare_in_kvpress_venv(cfg, out / "kvpress_prompts.json")
+        run_compare_in_kvpress_venv(cfg, out / "kvpress_prompts.json", resume)
     if venv_parts:  # ours and kvpress's presses in the same rounds, in kvpress's venv (.venv)
         run_timing_in_kvpress_venv(dataclasses.replace(cfg, parts=venv_parts), sweep.load(sweep_model_name(smoke))[1])
     return build_report(out)

@@ -90,10 +90,18 @@ def kvpress_compare_command(cfg: KVBenchConfig, prompts: Path, out: Path) -> lis
     return cmd
 
 
-def run_compare_in_kvpress_venv(cfg: KVBenchConfig, prompts: Path) -> None:
+def run_compare_in_kvpress_venv(cfg: KVBenchConfig, prompts: Path, resume: bool = True) -> None:
     """kvpress's passcode accuracies and kept positions into ``<out>/kvpress.jsonl`` (``prompts``: the export
-    part's JSON)."""
+    part's JSON). ``resume``: skipped when that file already holds rows of every part asked for (delete it to
+    run kvpress's side again)."""
+    from .runs import latest_runs
+
     check_kvpress_python(cfg)
+    path = Path(cfg.out) / "kvpress.jsonl"
+    wanted = {p for part, p in (("passcode", "kvpress_passcode"), ("agreement", "kvpress_kept")) if part in cfg.parts}
+    if resume and path.exists() and wanted <= set(latest_runs(path)):
+        print(f"kvpress's passcode/agreement side already in {path} (delete it to run it again)")
+        return
     _run(kvpress_compare_command(cfg, prompts.resolve(), (Path(cfg.out) / "kvpress.jsonl").resolve()),
          "kvpress_compare.py")
 
