@@ -241,3 +241,23 @@ def test_same_rounds_table_pairs_ours_and_kvpress_with_the_same_none(tmp_path):
     assert "1.250 [1.250, 1.250]" in lines["tokenreduce snapkv-q-max9"]
     assert "global" in lines["kvpress SnapKVPress"] and "1.050 [1.050, 1.050]" in lines["kvpress SnapKVPress"]
     assert "[1.500, 1.700]" in lines["tokenreduce snapkv-q-max9"]  # prefill+decode [min, max]
+
+
+def test_kvpress_side_resumes_from_its_results_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tokenreduce.bench.kv import venv
+
+    ran = []
+    monkeypatch.setattr(venv, "check_kvpress_python", lambda cfg: cfg.kvpress_python)
+    monkeypatch.setattr(venv, "_run", lambda cmd, what: ran.append(what))
+    cfg = B.KVBenchConfig(parts=["passcode", "agreement"], kvpress_python="/v/bin/python", out=str(tmp_path))
+    venv.run_compare_in_kvpress_venv(cfg, Path("/p.json"))
+    assert ran == ["kvpress_compare.py"]
+    _write_run(tmp_path / "kvpress.jsonl", [{"part": "kvpress_passcode", "press": "SnapKVPress", "layers": "all",
+                                             "keep": 0.5}])
+    venv.run_compare_in_kvpress_venv(cfg, Path("/p.json"))  # the kept positions are still missing: runs
+    assert len(ran) == 2
+    venv.run_compare_in_kvpress_venv(B.KVBenchConfig(parts=["passcode"], kvpress_python="/v/bin/python",
+                                                     out=str(tmp_path)), Path("/p.json"))
+    assert len(ran) == 2  # every part asked for is there: skipped
