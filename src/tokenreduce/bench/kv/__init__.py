@@ -22,8 +22,10 @@ What runs is declared in :mod:`.config`, the prompts come from :mod:`.data`. Res
 run per invocation, with metadata), ``<out>/*.png`` and ``<out>/report.html`` (:mod:`.report`). Parts run
 separately (other venvs, prompt ranges, lengths) are combined with ``--merge a.jsonl,b.jsonl@part`` (appended to
 ``<out>/kv.jsonl``, :mod:`.runs`; the report keeps the latest run per configuration). The same-process kvpress
-timing, with tokenreduce installed in kvpress's venv by ``pip install -e . --no-deps`` (``make peers`` builds
-that venv as ``.venv-kvpress``); run the timing parts while nothing else loads the machine::
+timing, with tokenreduce installed in kvpress's venv without its dependencies (``make peers`` builds that venv
+as ``.venv-kvpress``), is one command with ``--kvpress-python .venv-kvpress/bin/python`` (:mod:`.venv`: it also
+runs ``scripts/kvpress_compare.py`` there for the passcode/agreement parts; the README's "Peers" section has the
+command), or by hand::
 
     tokenreduce bench kv --parts export,timing --timing-lengths 4096 --threads 1 --clock cpu --out results/kv/t
     .venv-kvpress/bin/python -m tokenreduce.bench.kv --parts timing \\

@@ -15,10 +15,11 @@ from .run import run_kv_bench
 from .runs import merge_results
 from .sweep import SMOKE
 
-__all__ = ["register_cli"]
+__all__ = ["parse_lengths", "register_cli"]
 
 
-def _ints(s: str, option: str) -> list[int]:
+def parse_lengths(s: str, option: str) -> list[int]:
+    """Comma-separated token counts (``--lengths 1024,4096``; also ``bench prompt --tokens``)."""
     try:
         return [int(x) for x in _split(s)]
     except ValueError:
@@ -56,6 +57,8 @@ def register_cli(bench_app: Any) -> None:
         timing_kvpress: str = typer.Option("", help="kvpress presses timed in the same rounds, e.g. "
                                            "SnapKVPress@0.25,StreamingLLMPress@0.25/global,none (needs kvpress)"),
         timing_prompts: str = typer.Option("", help="timing prompts from this JSON (written by --parts export)"),
+        kvpress_python: str = typer.Option("", help="kvpress's venv python (make peers: .venv-kvpress/bin/python): "
+                                           "the timing part runs there, ours and --timing-kvpress in the same rounds"),
         timing_label: str = typer.Option("main", help="name of this timing run (one report table per name)"),
         clock: str = typer.Option("wall", help="wall (elapsed) or cpu (process CPU time; needs --threads 1)"),
         repeats: int = typer.Option(3, help="timed rounds (interleaved)"),
@@ -79,12 +82,13 @@ def register_cli(bench_app: Any) -> None:
             print(build_report(out))
             return
         cfg = KVBenchConfig(parts=_split(parts), variants=_split(variants), keeps=parse_keeps(keeps, "--keeps"),
-                            lengths=_ints(lengths, "--lengths"), n_prompts=n_prompts, ppl_tokens=ppl_tokens,
+                            lengths=parse_lengths(lengths, "--lengths"), n_prompts=n_prompts, ppl_tokens=ppl_tokens,
                             ppl_budget=ppl_budget, ppl_streams=ppl_streams, ppl_chunk=ppl_chunk,
-                            timing_lengths=_ints(timing_lengths, "--timing-lengths"),
+                            timing_lengths=parse_lengths(timing_lengths, "--timing-lengths"),
                             timing_new_tokens=timing_new_tokens, timing_candidates=_split(timing_candidates),
                             timing_memory=timing_memory, timing_kvpress=_split(timing_kvpress),
-                            timing_prompts=timing_prompts or None, clock=clock,
+                            timing_prompts=timing_prompts or None, kvpress_python=kvpress_python or None,
+                            clock=clock,
                             timing_label=timing_label,
                             repeats=repeats, threads=threads, dtype=dtype,
                             attn=attn, out=out, baseline=baseline, replay=replay, check_replay=check_replay,

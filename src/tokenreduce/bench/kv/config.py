@@ -51,6 +51,9 @@ TIMING_CANDIDATES: dict[str, tuple[str | None, float | None, int | None, dict[st
     "none + chunked prefill": (None, None, 512, {}),
     "snapkv-q-max9@0.25": ("snapkv", 0.25, None, {"preset": "question-max9"}),
     "knorm@0.25": ("knorm", 0.25, None, {}),
+    # compressed once after the whole prompt, like kvpress's StreamingLLMPress / TOVAPress (same-rounds table)
+    "streaming-llm@0.25": ("streaming-llm", 0.25, None, {}),
+    "tova@0.25": ("tova", 0.25, None, {}),
     "streaming-llm@0.25 + chunked": ("streaming-llm", 0.25, 512, {}),
     "tova@0.25 + chunked": ("tova", 0.25, 512, {}),
     "h2o@0.25 + chunked": ("h2o", 0.25, 512, {}),
@@ -94,6 +97,7 @@ class KVBenchConfig:
     timing_kvpress: Sequence[str] = ()  # kvpress presses timed in the same rounds ("SnapKVPress@0.25[/global]")
     timing_prompts: str | None = None  # JSON with "timing" prompts (export part): venvs without the text data
     timing_label: str = "main"  # names a timing run (the report shows one table per label, e.g. "kvpress venv")
+    kvpress_python: str | None = None  # kvpress's venv python: the timing part runs there (ours + kvpress, .venv)
     clock: str = "wall"  # "cpu": process CPU time (one thread), immune to time slices lost on a shared machine
     repeats: int = 3
     agreement_keeps: Sequence[float] = (0.5, 0.25)

@@ -210,7 +210,41 @@ def _timing_tables(tm: list[dict[str, Any]], memory: list[dict[str, Any]]) -> li
             row.update({k: r.get(k) for k in ("peak_mem_bytes", "kv_fraction", "kv_bytes", "kv_bytes_end")})
             rows.append(row)
         tables.append((cap, rows))
+        if any(r["candidate"].startswith("kvpress:") for r in sub) and any("speedup_pd" in r for r in sub):
+            tables.append(_same_rounds_table(label, sub, cap))
     return tables
+
+
+def _same_rounds_table(label: str, sub: list[dict[str, Any]], cap: str) -> Table:
+    """Ours and kvpress's presses timed in the same rounds: prefill + decode seconds (the request without its
+    setup) per candidate, median [min, max], and the median of per-round ratios to the same unreduced 'none'."""
+    from .config import TIMING_CANDIDATES
+    from .kvpress import parse_kvpress_candidate
+
+    rows = []
+    for r in sorted(sub, key=lambda r: (r["length"], r["candidate"].startswith("kvpress:"))):
+        c = r["candidate"]
+        if c.startswith("kvpress:"):
+            press, keep, mode = parse_kvpress_candidate(c)
+            side, what, layers = "kvpress", press or "none (its pipeline)", mode
+        else:
+            name, keep, chunk, _ = TIMING_CANDIDATES.get(c, (c, None, None, {}))
+            side, what = "tokenreduce", c.split("@")[0] if name else "none"
+            layers = "all" + (f", prefill chunks of {chunk}" if chunk else "")
+        row = {"side": side, "method / press": what, "keep": keep if keep is not None else 1.0, "layers": layers,
+               "tokens": r.get("tokens"), "prefill+decode_s": r.get("pd_s"), "iqr_s": r.get("pd_iqr"),
+               "range_s": f"[{r['pd_min']:.3f}, {r['pd_max']:.3f}]" if r.get("pd_min") is not None else None}
+        for prefix, ref in (("", "none"), ("vs_kvpress_none_", "kvpress:none")):
+            k = f"{prefix}speedup_pd"
+            if k in r:
+                row[f"ratio vs {ref} [q1, q3]"] = f"{r[k]:.3f} [{r[k + '_q1']:.3f}, {r[k + '_q3']:.3f}]"
+        row["kv_bytes"] = r.get("kv_bytes")
+        rows.append(row)
+    head = cap.split(" vs the unreduced model ", 1)[-1]
+    title = (f"Timing '{label}': tokenreduce and kvpress in the same rounds against the same unreduced 'none' "
+             f"({head.split('; speedups')[0].lstrip('(')}; prefill+decode = the timed request without setup, median "
+             f"and [min, max] over rounds; ratio = median of per-round paired ratios, > 1: faster)")
+    return title, rows
 
 
 def _kvpress_tables(kp: dict[str, list[dict[str, Any]]], pc: list[dict[str, Any]],

@@ -3,6 +3,7 @@ run, with metadata; cells already there are skipped) and rebuild the report."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..args import check_choice, parse_keeps
@@ -12,6 +13,7 @@ from .data import export_for_kvpress
 from .report import build_report
 from .sweep import kv_sweep, sweep_model_name
 from .timing import check_clock, timing_labels
+from .venv import check_kvpress_here, check_kvpress_python, run_compare_in_kvpress_venv, run_timing_in_kvpress_venv
 
 __all__ = ["check_config", "run_kv_bench"]
 
@@ -29,6 +31,14 @@ def check_config(cfg: KVBenchConfig) -> None:
         raise ValueError(f"clock must be 'wall' or 'cpu', got {cfg.clock!r}")
     check_clock(cfg)
     timing_labels(cfg)  # parses the kvpress candidates
+    timed_here = any(p in cfg.parts for p in ("timing", "memory")) and not cfg.kvpress_python
+    if cfg.timing_kvpress and timed_here:
+        check_kvpress_here()
+    if cfg.kvpress_python and not cfg.timing_kvpress and any(p in cfg.parts for p in ("timing", "memory")):
+        raise ValueError("--kvpress-python runs the timing part in kvpress's venv with its presses: give them with "
+                         "--timing-kvpress, e.g. none,SnapKVPress@0.25")
+    if cfg.kvpress_python:
+        check_kvpress_python(cfg)
     bad = [p for p in cfg.parts if p not in PARTS]
     if bad:
         raise ValueError(f"unknown parts {bad}; accepted: {', '.join(PARTS)}")
@@ -47,6 +57,8 @@ def run_kv_bench(cfg: KVBenchConfig, smoke: bool = False, executor: str = "local
     and build the report; returns the HTML report's path. ``smoke``: a tiny random-weight Gemma 3 (the
     settings of ``cfg``, e.g. :data:`.sweep.SMOKE`)."""
     check_config(cfg)  # before anything is created, loaded or written
+    if cfg.kvpress_python and smoke:
+        raise ValueError("--kvpress-python times the real Gemma 3 270M in kvpress's venv; it has no --smoke model")
     if not smoke:
         from ...models.gemma import gemma_cache_dir, gemma_cache_ready
         from ...models.gemma.cache import missing_cache_message
@@ -54,10 +66,16 @@ def run_kv_bench(cfg: KVBenchConfig, smoke: bool = False, executor: str = "local
         if not gemma_cache_ready():
             raise FileNotFoundError(missing_cache_message(gemma_cache_dir()))
     out = Path(cfg.out)
-    sweep = kv_sweep(cfg, smoke)
-    if "export" in cfg.parts:
+    venv_parts = [p for p in ("timing", "memory") if p in cfg.parts] if cfg.kvpress_python else []
+    compare = bool(cfg.kvpress_python) and any(p in cfg.parts for p in ("passcode", "agreement"))
+    sweep = kv_sweep(dataclasses.replace(cfg, parts=[p for p in cfg.parts if p not in venv_parts]), smoke)
+    if "export" in cfg.parts or compare:
         out.mkdir(parents=True, exist_ok=True)
         export_for_kvpress(sweep.load(sweep_model_name(smoke))[1], cfg, out / "kvpress_prompts.json")
     if sweep.cells:
         run_sweep(sweep, out / "kv.jsonl", executor=executor, address=address, resume=resume, progress=progress)
+    if compare:  # kvpress's passcode accuracies / kept positions on the same prompts (.venv)
+        run_compare_in_kvpress_venv(cfg, out / "kvpress_prompts.json", resume)
+    if venv_parts:  # ours and kvpress's presses in the same rounds, in kvpress's venv (.venv)
+        run_timing_in_kvpress_venv(dataclasses.replace(cfg, parts=venv_parts), sweep.load(sweep_model_name(smoke))[1])
     return build_report(out)

@@ -141,20 +141,23 @@ def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
             tot = res[label]
             pre = [s[0] for s in split[label]]
             dec = [s[1] for s in split[label]]
-            tp, td = Timing(pre), Timing(dec)
+            pd = [a + b for a, b in split[label]]  # the request without setup: prefill + decode
+            tp, td, tpd = Timing(pre), Timing(dec), Timing(pd)
             row = {"part": "timing", "timing_label": cfg.timing_label, "candidate": label, "length": length,
                    "tokens": ids.shape[1], "transformers": _transformers_version(),
                    "new_tokens": T, "clock": cfg.clock, "threads": cfg.threads, "rounds": cfg.repeats,
                    "loadavg_before": list(load_before), "loadavg_after": list(load_after), "part_wall_s": wall,
                    "prefill_s": tp.median, "prefill_iqr": tp.iqr, "decode_s": td.median, "decode_iqr": td.iqr,
-                   "decode_tok_s": T / td.median, "total_s": tot.median, "total_iqr": tot.iqr}
+                   "decode_tok_s": T / td.median, "pd_s": tpd.median, "pd_iqr": tpd.iqr, "pd_min": min(pd),
+                   "pd_max": max(pd), "total_s": tot.median, "total_iqr": tot.iqr}
             for prefix, ref in refs.items():
                 if ref not in cands:
                     continue
                 rpre = [s[0] for s in split[ref]]
                 rdec = [s[1] for s in split[ref]]
+                rpd = [a + b for a, b in split[ref]]
                 for what, a, b in (("total", res[ref].times, tot.times), ("prefill", rpre, pre),
-                                   ("decode", rdec, dec)):
+                                   ("decode", rdec, dec), ("pd", rpd, pd)):
                     st = paired_stats(a, b)
                     row[f"{prefix}speedup_{what}"] = st["ratio"]
                     for k in ("q1", "q3", "min", "max"):
@@ -164,7 +167,7 @@ def run_timing(model: Any, tok: Any, cfg: KVBenchConfig, writer: Any) -> list[di
                 row["speedup_total_low"], row["speedup_total_high"] = row["speedup_total_q1"], row["speedup_total_q3"]
             mem = peak_memory(make(label, record=False)) if cfg.timing_memory else None
             row.update(peak_mem_bytes=mem, **info.get(label, {}), total_times=tot.times, prefill_times=pre,
-                       decode_times=dec)
+                       decode_times=dec, pd_times=pd)
             rows.append(writer.write(row))
     return rows
 
