@@ -29,25 +29,13 @@ import torch
 
 from ...core.budget import Keep, validate_fraction
 from ...core.diffusion import merged_count, stride_partition
+from ...core.errors import check_int
 
-__all__ = ["DIFFUSION", "DiffusionMethod", "KeepSchedule", "MergeMethod", "SiteCall", "StrideMethod", "check_int",
-           "check_keep"]
+__all__ = ["DIFFUSION", "DiffusionMethod", "KeepSchedule", "MergeMethod", "SiteCall", "StrideMethod"]
 
 DIFFUSION = "diffusion"
 
 KeepSchedule = float | Sequence[float] | Callable[[float], float]
-
-
-def check_keep(keep: object, name: str = "keep") -> float:
-    """One keep value: a float in (0, 1]; an int (a token count) or anything else is an error."""
-    return validate_fraction(keep, name)
-
-
-def check_int(name: str, value: object, minimum: int = 1, meaning: str = "") -> int:
-    """An int >= ``minimum`` (bools rejected), or a ValueError naming the value and what is accepted."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is invalid: an int >= {minimum}{f' ({meaning})' if meaning else ''}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -98,12 +86,12 @@ class DiffusionMethod:
         elif isinstance(k, (list, tuple)):
             if not k:
                 raise ValueError("a keep schedule must have one value per sampling step, got an empty list")
-            self.keep = tuple(check_keep(v, f"keep[{i}]") for i, v in enumerate(k))
+            self.keep = tuple(validate_fraction(v, f"keep[{i}]") for i, v in enumerate(k))
             if self.scheduler is None:
                 raise ValueError("a per-step keep list needs scheduler= (a diffusers scheduler whose timesteps give "
                                  "the step index); or pass a callable keep(t) of the timestep")
         else:
-            check_keep(k)
+            validate_fraction(k)
         check_int("max_downsample", self.max_downsample, 1, "1, 2, 4, 8: the coarsest token grid reduced")
 
     @property
@@ -120,7 +108,7 @@ class DiffusionMethod:
                                  f"{step} of the scheduler's timesteps; give one keep per sampling step")
             return k[step]
         if callable(k):
-            return check_keep(k(t), f"keep({t})")
+            return validate_fraction(k(t), f"keep({t})")
         return k
 
     def min_keep(self) -> float:

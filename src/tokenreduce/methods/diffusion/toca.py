@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from ...core.diffusion import window_bonus
+from ...core.errors import check_int
 from ...registry import register
-from .base import DIFFUSION, DiffusionMethod, check_int
+from .base import DIFFUSION, DiffusionMethod
 
 __all__ = ["ToCa"]
 

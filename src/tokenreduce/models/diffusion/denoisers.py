@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...methods.diffusion.base import check_int
+from ...core.errors import check_int
 from ..checkpoint import short_hash
 from .data import IMAGE_SIZE, NUM_CLASSES, data_version
 

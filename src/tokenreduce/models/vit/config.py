@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from tokenreduce._paths import cache_dir
 from tokenreduce.data.digits import DATASET_VERSION, ClutteredDigitsConfig
 
+from ...core.errors import check_int
 from ..checkpoint import JsonFields, StoredConfig, short_hash
 
 __all__ = ["MODEL_VERSION", "STEMS", "TrainConfig", "checkpoint_dir"]
@@ -105,9 +106,7 @@ class TrainConfig(StoredConfig):
 def check_positive_ints(c: Any, names: tuple[str, ...]) -> None:
     """Raise ``ValueError`` naming the first field of ``c`` in ``names`` that is not an int >= 1."""
     for name in names:
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+        check_int(name, getattr(c, name))
 
 
 def _validate_train_config(c: TrainConfig) -> None:
