@@ -23,3 +23,7 @@ def test_demo_writes_its_three_tables_and_a_report(tmp_path):
     assert parts == {"kv-cache", "prompt", "encoder"}
     kv = [r for r in rows if r.get("part") == "kv-cache" and r["method"] != "none"]
     assert all(abs(r["kv_kept"] - 0.25) < 0.05 for r in kv)  # a quarter of the KV bytes, as asked
+    prompt = [r for r in rows if r.get("part") == "prompt"]
+    for r in prompt:  # the whole request beside the compression time (issue 25)
+        assert r["request_seconds"] >= r["answer_seconds"] > 0 and r["request_speedup"] > 0
+    assert next(r for r in prompt if r["method"] == "none")["request_speedup"] == 1.0
