@@ -721,3 +721,39 @@ def test_training_loop_end_to_end(tmp_path, monkeypatch):
     assert info["config"] == c and model.config.text_config.hidden_size == 32
     r = evaluate_vqa(model, tok, eval_set("test", c))
     assert r["acc_by_type"] == m["test_acc_by_type"]  # the recorded test accuracy is the saved model's
+
+
+def test_existence_questions_train_in_the_warm_restart_only():
+    """POPE-style existence turns (``is there the digit 7 ?``): yes only for a digit in the scene, no only for
+    one that is not, both answers drawn; the config trains them in the warm restart (the parent is the default
+    model's parent) and is absent from the hash when off, so the default model keeps its cache folder."""
+    import numpy as np
+
+    from tokenreduce.data.existence import existence_question as reexported
+    from tokenreduce.data.vqa import existence_question, generate_scenes, questions_for
+    from tokenreduce.models.vlm import VLMTrainConfig
+    from tokenreduce.models.vlm.batches import training_batch
+    from tokenreduce.models.vlm.model import build_tokenizer
+    from tokenreduce.models.vlm.targets import LOSS_TYPES
+
+    assert reexported is existence_question and existence_question(7) == "is there the digit 7 ?"
+    _, scenes, _ = generate_scenes("train", 60, seed=3)
+    rng = np.random.default_rng(0)
+    answers = []
+    for i, s in enumerate(scenes):
+        (qa,) = questions_for(s, i, rng, ("existence",))
+        digit = int(qa.question.split()[-2])
+        assert qa.qtype == "existence" and qa.answer == ("yes" if digit in s.present else "no")
+        assert all(w in VOCAB for w in qa.question.split())
+        answers.append(qa.answer)
+    assert 15 < answers.count("yes") < 45
+    e = VLMTrainConfig(existence=True)
+    assert VLMTrainConfig().config_hash() == "0e4ba3681b" and e.config_hash() != "0e4ba3681b"
+    assert e.parent() == VLMTrainConfig().parent() and VLMTrainConfig(existence=True, restart_steps=0).parent() is None
+    small = {"vision_dim": 32, "vision_layers": 1, "text_dim": 32, "text_layers": 2, "route_layers": (0,),
+             "text_heads": 2, "text_kv_heads": 1, "batch_size": 8}
+    tok = build_tokenizer()
+    ex = LOSS_TYPES.index("existence")
+    with_ex = training_batch(VLMTrainConfig(**small, existence=True), 0, tok)
+    without = training_batch(VLMTrainConfig(**small), 0, tok)
+    assert (with_ex["answer_types"] == ex).any() and not (without["answer_types"] == ex).any()

@@ -44,8 +44,12 @@ def test_missing_models_name_the_command_that_builds_them(monkeypatch, tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenreduce convert gemma"):
         run_study("distraction", out=tmp_path)
     monkeypatch.setenv("TOKENREDUCE_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="tokenreduce train vlm"):
+    with pytest.raises(FileNotFoundError, match="tokenreduce train vlm`"):
         run_study("hallucination", out=tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenreduce train vlm --existence"):
+        run_study("hallucination", out=tmp_path, overrides={"model": "existence"})
+    with pytest.raises(ValueError, match="model"):
+        run_study("hallucination", out=tmp_path, overrides={"model": "pope"})
     assert not list(tmp_path.glob("*.jsonl"))
 
 

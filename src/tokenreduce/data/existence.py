@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .vqa import Scene
+from .vqa import Scene, existence_question
 
 __all__ = ["LOOK_ALIKE", "POPE_SETTINGS", "Probe", "chair_scores", "existence_question", "pope_probes"]
 
@@ -42,14 +42,6 @@ class Probe(NamedTuple):
         return existence_question(self.digit)
 
 
-def existence_question(digit: int) -> str:
-    return f"is there the digit {digit} ?"
-
-
-def _present(s: Scene) -> set[int]:
-    return {v for v in s.digits if v >= 0}
-
-
 def pope_probes(scenes: Sequence[Scene], setting: str, per_scene: int = 2, seed: int = 0) -> list[Probe]:
     """Balanced probes of one ``setting`` (:data:`POPE_SETTINGS`): per scene, ``per_scene`` present digits and
     as many absent ones (fewer when the scene has fewer of either)."""
@@ -58,10 +50,10 @@ def pope_probes(scenes: Sequence[Scene], setting: str, per_scene: int = 2, seed:
     if per_scene < 1:
         raise ValueError(f"per_scene must be >= 1, got {per_scene}")
     rng = np.random.default_rng([seed, POPE_SETTINGS.index(setting)])
-    freq = Counter(v for s in scenes for v in _present(s))
+    freq = Counter(v for s in scenes for v in s.present)
     out: list[Probe] = []
     for i, s in enumerate(scenes):
-        present = sorted(_present(s))
+        present = sorted(s.present)
         absent = [d for d in range(10) if d not in present]
         k = min(per_scene, len(present), len(absent))
         if setting == "random":
@@ -82,6 +74,6 @@ def chair_scores(words: Sequence[str], scene: Scene) -> dict[str, int]:
     (named digits not in the scene), ``named_present`` (distinct present digits named), ``present``."""
     words = list(words[: words.index("</s>")] if "</s>" in words else words)
     named = [int(w) for w in words if w.isdigit() and len(w) == 1]
-    present = _present(scene)
+    present = scene.present
     return {"mentions": len(named), "hallucinated": sum(d not in present for d in named),
             "named_present": len(present & set(named)), "present": len(present)}

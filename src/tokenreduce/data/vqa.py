@@ -64,6 +64,7 @@ __all__ = [
     "SceneConfig",
     "VQASet",
     "cell_of_patch",
+    "existence_question",
     "generate_scenes",
     "make_vqa_set",
     "questions_for",
@@ -73,7 +74,9 @@ __all__ = [
 #: Bump when the generator changes in a way that changes scenes or questions.
 VQA_VERSION = 2
 QUESTION_TYPES: tuple[str, ...] = ("identity", "counting", "spatial", "comparison", "detail")
-TRAIN_ONLY_TYPES: tuple[str, ...] = ("describe",)
+#: types only trained (``describe``), or trained by a model that asks for them (``existence``: POPE-style
+#: ``is there the digit 7 ?``, ``VLMTrainConfig(existence=True)``); neither is in the VQA benchmark
+TRAIN_ONLY_TYPES: tuple[str, ...] = ("describe", "existence")
 POSITION_NAMES: tuple[str, ...] = ("top left", "top", "top right", "left", "center", "right",
                                    "bottom left", "bottom", "bottom right")
 _RELATIONS = ("left of", "right of", "above", "below")
@@ -156,6 +159,11 @@ class Scene(NamedTuple):
     @property
     def count(self) -> int:
         return sum(v >= 0 for v in self.digits)
+
+    @property
+    def present(self) -> set[int]:
+        """The digit values in the scene (regular and small)."""
+        return {v for v in self.digits if v >= 0}
 
 
 class QA(NamedTuple):
@@ -316,6 +324,11 @@ def _spatial_question(a: str, b: str, rel: str, holds: bool, spatial: str) -> tu
     return f"is the {a} above or below the {b} ?", true
 
 
+def existence_question(digit: int) -> str:
+    """POPE's question (Li et al. 2023) in this vocabulary: ``is there the digit 7 ?``."""
+    return f"is there the digit {digit} ?"
+
+
 def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple[str, ...] = QUESTION_TYPES,
                   spatial: str = "yesno") -> list[QA]:
     """One question of each type in ``types`` that the scene supports (``detail`` needs a small digit,
@@ -353,6 +366,13 @@ def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple
             if scene.small_cell >= 0:
                 words += f" , small {d[scene.small_cell]}"
             out.append(QA(idx, t, "describe the image .", words))
+        elif t == "existence":  # a present digit or, as often, an absent one drawn uniformly
+            present = sorted(scene.present)
+            if present and rng.random() < 0.5:
+                out.append(QA(idx, t, existence_question(int(rng.choice(present))), "yes"))
+            else:
+                absent = [v for v in range(10) if v not in present]
+                out.append(QA(idx, t, existence_question(int(rng.choice(absent))), "no"))
     return out
 
 

@@ -18,10 +18,12 @@ condition. Reported beside it: CHAIR_i (per mention, bootstrap CI) and recall (d
 that "says less" is not mistaken for "hallucinates less".
 
 **POPE** (Li et al. 2023): existence questions ``is there the digit 7 ?`` with absent digits drawn at random, by
-frequency and adversarially (look-alike digits): accuracy, precision and yes-rate. The cached small VLM was never
+frequency and adversarially (look-alike digits): accuracy, precision and yes-rate. The default small VLM was never
 trained on existence questions (its question types: identity, counting, spatial, comparison, detail, describe), so
-by default (``pope="diagnostic"``) only the unreduced model is asked, to show what it answers; ``--set pope=all``
-runs every condition (what ``--smoke`` does) once a model trained on the type exists.
+by default (``pope="diagnostic"``) only the unreduced model is asked, to show what it answers. ``--set
+model=existence`` uses the VLM whose warm restart also trained them (``tokenreduce train vlm --existence``; absent
+digits drawn uniformly in training, never the look-alike or frequency draws of the probes), and ``--set pope=all``
+runs every condition (what ``--smoke`` does); the same hypothesis and test apply to POPE accuracy per setting.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ CLUTTER: dict[str, dict[str, Any]] = {
     "high": {"n_digits": (6, 8), "background_amplitude": (0.15, 0.25), "background_level": (0.2, 0.45)},
 }
 POPE_MODES = ("diagnostic", "all", "off")
+#: which cached small VLM answers: the default, or the one whose warm restart also trained existence questions
+VLM_MODELS = ("default", "existence")
 DESCRIBE = "describe the image ."
 
 
@@ -62,14 +66,23 @@ class HallucinationConfig:
     describe_tokens: int = 40
     pope: str = "diagnostic"
     pope_per_scene: int = 2
+    model: str = "default"
     batch: int = 50
     threads: int = 1
     seed: int = 4242
     max_halfwidth: float = 0.15
 
 
+def vlm_config(model: str) -> Any:
+    """The training configuration of the cached small VLM ``model`` (:data:`VLM_MODELS`)."""
+    from ..models.vlm import VLMTrainConfig
+
+    return VLMTrainConfig(existence=model == "existence")
+
+
 def load_vlm(name: str) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, scene config): the cached small VLM, or the smoke VLM (``"smoke"``)."""
+    """(model, tokenizer, scene config): the cached small VLM ``small-vlm/<checkpoint>[:<model>]`` (no suffix:
+    the default), or the smoke VLM (``"smoke"``)."""
     from ..bench.smoke import SMOKE_MODEL, smoke_vlm, smoke_vlm_config
 
     if name == SMOKE_MODEL:
@@ -77,7 +90,7 @@ def load_vlm(name: str) -> tuple[Any, Any, Any]:
         return model, tok, smoke_vlm_config().scene
     from ..models.vlm import load_small_vlm
 
-    model, tok, info = load_small_vlm()
+    model, tok, info = load_small_vlm(config=vlm_config(name.split(":", 1)[1] if ":" in name else "default"))
     return model.eval(), tok, info["config"].scene
 
 
@@ -177,10 +190,13 @@ class HallucinationStudy(Study):
              "n_scenes": 4, "describe_tokens": 8, "pope": "all", "pope_per_scene": 1, "batch": 4}
 
     def missing_models(self, cfg: HallucinationConfig) -> list[str]:
-        from ..models.vlm import VLMTrainConfig, checkpoint_dir
+        from ..bench.args import check_choice
+        from ..models.vlm import checkpoint_dir
 
-        path = checkpoint_dir(VLMTrainConfig()) / "model.pt"
-        return [] if path.is_file() else [f"the small VLM is not cached ({path}): build it with `tokenreduce train vlm`"]
+        check_choice(cfg.model, VLM_MODELS, "model")
+        path = checkpoint_dir(vlm_config(cfg.model)) / "model.pt"
+        cmd = "tokenreduce train vlm" + (" --existence" if cfg.model == "existence" else "")
+        return [] if path.is_file() else [f"the small VLM is not cached ({path}): build it with `{cmd}`"]
 
     def sweep(self, cfg: HallucinationConfig, smoke: bool) -> Sweep:
         from ..bench.args import check_choice, check_methods, parse_keeps
@@ -189,17 +205,19 @@ class HallucinationStudy(Study):
         check_methods(cfg.methods, "vlm-visual", "methods")
         parse_keeps(cfg.keeps, "keeps")
         check_choice(cfg.pope, POPE_MODES, "pope")
+        check_choice(cfg.model, VLM_MODELS, "model")
         for c in cfg.clutter:
             check_choice(c, tuple(CLUTTER), "clutter")
 
         def real() -> str:
-            from ..models.vlm import VLMTrainConfig, checkpoint_dir
+            from ..models.vlm import checkpoint_dir
 
-            return f"small-vlm/{checkpoint_dir(VLMTrainConfig()).name}"
+            suffix = "" if cfg.model == "default" else f":{cfg.model}"  # the default's cell ids predate the choice
+            return f"small-vlm/{checkpoint_dir(vlm_config(cfg.model)).name}{suffix}"
 
         name = cell_model(smoke, False, real)
         conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "keeps", "clutter",
-                                                                               "max_halfwidth")}
+                                                                               "max_halfwidth", "model")}
         cells: list[Cell] = []
         for c in cfg.clutter:
             cells += method_cells("study/hallucination", name, cfg.methods, lambda m: [tuple(cfg.keeps)], "accuracy",

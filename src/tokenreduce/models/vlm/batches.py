@@ -64,6 +64,7 @@ def training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> d
     drng = np.random.default_rng([c.seed, step, 7])
     image_id = VOCAB.index(SPECIAL_TOKENS["image"])
     eos = VOCAB.index(SPECIAL_TOKENS["eos"])
+    types = QUESTION_TYPES + (("existence",) if c.existence else ())
     seqs, labs, tys, poss, plans = [], [], [], [], []
     #: (sample, first visual position, query position, cells, patch of each visual token)
     routes: list[tuple[int, int, int, tuple[int, ...], list[int]]] = []
@@ -73,7 +74,7 @@ def training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> d
         ids_img = [image_id] * len(src)
         qas, seen = [], set()
         for _ in range(-(-c.qa_per_image // 3)):  # several draws: other cells / pairs / relations each time
-            for qa in questions_for(s, i, rng, QUESTION_TYPES, c.spatial_form):
+            for qa in questions_for(s, i, rng, types, c.spatial_form):
                 if qa.question not in seen:
                     seen.add(qa.question)
                     qas.append(qa)

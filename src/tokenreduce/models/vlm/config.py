@@ -39,7 +39,7 @@ _DROP_FIELDS = ("restart_drop", "drop_min", "drop_merge", "drop_keep_positions")
 _ROUTE_FIELDS = ("route_weight", "route_layers", "route_head")
 #: options absent from the hash when off (false or 0), so models trained before they existed keep their hash
 _OPTIONAL_FIELDS = ("rationale", "rationale_axis", "relation_loss", "text_relation", "visual_position",
-                    "spatial_choice", "lookup_loss", "ground_weight")
+                    "spatial_choice", "lookup_loss", "ground_weight", "existence")
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,11 @@ class VLMRecipe:
     route_weight: float = 0.03
     route_layers: tuple[int, ...] = (2, 4)
     route_head: int = 0
+    #: the last joint phase (the warm restart, when there is one) also trains POPE-style existence questions
+    #: (``is there the digit 7 ?`` -> ``yes``/``no``, the absent digit drawn uniformly: the ``existence`` type
+    #: of :func:`~tokenreduce.data.vqa.questions_for`), so the parent is the default model's parent (absent from
+    #: the hash when off)
+    existence: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.ink_threshold < 1:
@@ -221,7 +226,9 @@ class VLMTrainConfig(VLMRecipe, StoredConfig):
 
     def parent(self) -> VLMTrainConfig | None:
         """The configuration this one continues from (a warm restart of the joint phase), if any."""
-        return dataclasses.replace(self, restart_steps=0) if self.restart_steps > 0 else None
+        if self.restart_steps == 0:
+            return None
+        return dataclasses.replace(self, restart_steps=0, existence=False)  # existence: the restart's alone
 
     def without_drop(self) -> VLMTrainConfig:
         """The same training without the token-reduction augmentation (model v3 ``v3-42c6df0141`` for the

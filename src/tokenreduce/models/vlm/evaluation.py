@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tokenreduce.data.vqa import QA, SPECIAL_TOKENS, VOCAB, make_vqa_set
+from tokenreduce.data.vqa import QA, QUESTION_TYPES, SPECIAL_TOKENS, VOCAB, make_vqa_set
 
 from .config import PROMPT_FORMATS, VLMTrainConfig
 from .targets import RATIONALE_NEW_TOKENS
@@ -45,13 +45,16 @@ def encode_prompts(tokenizer, questions: Sequence[str], images: torch.Tensor | N
     return out
 
 
-def eval_set(split: str, config: VLMTrainConfig | None = None, per_type: int | None = None):
-    """The exact held-out set behind the reported accuracies (``split`` = "val" or "test")."""
+def eval_set(split: str, config: VLMTrainConfig | None = None, per_type: int | None = None,
+             types: tuple[str, ...] = QUESTION_TYPES):
+    """The exact held-out set behind the reported accuracies (``split`` = "val" or "test"; ``types``: the
+    benchmark's question types, or e.g. ``("existence",)`` for a model trained on that type)."""
     c = config or VLMTrainConfig()
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r} is invalid: must be 'val' or 'test'")
     n = per_type or (c.val_per_type if split == "val" else c.test_per_type)
-    return make_vqa_set(split, 10 * n, seed=c.eval_seed, config=c.scene, per_type=n, spatial=c.spatial_form)
+    return make_vqa_set(split, 10 * n, seed=c.eval_seed, config=c.scene, types=types, per_type=n,
+                        spatial=c.spatial_form)
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ RATIONALE_NEW_TOKENS = 10
 #: question types of the training turns (index = ``answer_types`` in a training batch); ``relation`` tags
 #: the scored answer word written after a rationale (the yes/no of a spatial turn), ``text`` the other
 #: trained words of text-only turns (``text_relation``)
-LOSS_TYPES: tuple[str, ...] = QUESTION_TYPES + ("describe", "relation", "text", "lookup")
+LOSS_TYPES: tuple[str, ...] = QUESTION_TYPES + ("describe", "relation", "text", "lookup", "existence")
 RELATION = LOSS_TYPES.index("relation")
 #: ``lookup`` tags the place words of a spatial rationale (``left``, ``top``, ``center`` ...)
 LOOKUP = LOSS_TYPES.index("lookup")

@@ -235,6 +235,10 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
         }
+        if c.existence:  # POPE-style questions on held-out scenes (balanced yes/no, absent digits uniform)
+            ex = eval_set("test", c, types=("existence",))
+            metrics["existence_test_acc"] = evaluate_vqa(model, tok, ex, generate=True)["acc"]
+            metrics["existence_chance"] = chance_by_type(ex)["existence"]
         model.eval()
         atomic_write(out_dir / "config.json", lambda p: p.write_text(json.dumps(c.to_dict(), indent=2)))
         atomic_write(out_dir / "model.pt", lambda p: torch.save(model.state_dict(), p))
