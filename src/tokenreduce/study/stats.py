@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Z95", "bootstrap_ci", "count_spikes", "holm", "mcnemar_exact", "min_n_for_halfwidth", "paired_bootstrap",
-           "seed_spread", "spike_ratios", "trailing_mean", "wilson"]
+           "column_spread", "seed_spread", "spike_ratios", "trailing_mean", "wilson"]
 
 #: the two-sided 95% normal quantile (1.959964...)
 Z95 = NormalDist().inv_cdf(0.975)
@@ -191,5 +191,10 @@ def seed_spread(curves: Sequence[Sequence[float]], window: int) -> float:
     n = min(len(c) for c in curves)
     if n < 1:
         raise ValueError("seed_spread needs non-empty curves")
-    smooth = np.stack([trailing_mean(list(c)[:n], window) for c in curves])
-    return float(smooth.std(axis=0, ddof=1).mean())
+    return column_spread(np.stack([trailing_mean(list(c)[:n], window) for c in curves]))
+
+
+def column_spread(a: np.ndarray) -> float:
+    """The standard deviation over the rows (ddof=1) of every column of ``a``, averaged over the columns (rows:
+    seeds, columns: steps; the statistic :func:`seed_spread` bootstraps over seeds)."""
+    return float(np.asarray(a, dtype=float).std(axis=0, ddof=1).mean())

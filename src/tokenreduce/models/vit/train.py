@@ -11,6 +11,7 @@ model) and training from scratch with reduction (``tokenreduce study train-reduc
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import platform
 import time
@@ -35,6 +36,8 @@ __all__ = ["TrainLog", "TrainRun", "init_model", "load_reference_vit", "make_opt
            "train_or_load_metrics", "train_reference_vit", "train_step", "train_steps"]
 
 _TRAIN_HINT = "build it once with `tokenreduce train vit`"
+#: training images are generated in chunks of this many batches
+_CHUNK_BATCHES = 16
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -63,7 +66,7 @@ def _train_chunks(config: TrainConfig, epoch: int, chunk_size: int):
 def train_batches(config: TrainConfig, epoch: int, batch_size: int):
     """Yield the ``(images, labels)`` training batches of one epoch of ``config`` (fresh images, generated
     in chunks of 16 batches)."""
-    for xs, ys in _train_chunks(config, epoch, batch_size * 16):
+    for xs, ys in _train_chunks(config, epoch, batch_size * _CHUNK_BATCHES):
         for i in range(0, xs.shape[0], batch_size):
             yield xs[i : i + batch_size], ys[i : i + batch_size]
 
@@ -144,7 +147,9 @@ class TrainRun:
     cosine decay to ``lr * min_lr_ratio``; ``method`` (a registered vision method, None: the full model)
     active at ``keep`` with ``method_kw`` in every forward pass. ``fresh_draws``: a stochastic method (one with
     a ``seed``, e.g. ``random``) draws anew at every step (seed ``data.seed * 1_000_003 + step``) instead of
-    dropping the same positions all run long."""
+    dropping the same positions all run long. ``same_prefix``: images generated in whole chunks of 16 batches,
+    so that runs of one seed share their first batches whatever their length (otherwise the last, partial chunk
+    is drawn at its own size)."""
 
     data: TrainConfig
     steps: int
@@ -157,11 +162,14 @@ class TrainRun:
     keep: float = 1.0
     method_kw: dict[str, Any] = field(default_factory=dict)
     fresh_draws: bool = False
+    same_prefix: bool = False
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The run's ``steps`` batches (same ``data.seed``: same images in the same order)."""
-        data = dataclasses.replace(self.data, samples_per_epoch=self.steps * self.batch_size)
-        return train_batches(data, self.epoch, self.batch_size)
+        chunk = _CHUNK_BATCHES if self.same_prefix else 1
+        n = -(-self.steps // chunk) * chunk * self.batch_size
+        data = dataclasses.replace(self.data, samples_per_epoch=n)
+        return itertools.islice(train_batches(data, self.epoch, self.batch_size), self.steps)
 
 
 def init_model(config: TrainConfig) -> torch.nn.Module:
