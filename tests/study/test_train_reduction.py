@@ -11,9 +11,16 @@ import pytest
 import torch
 
 import tokenreduce as tr
-from tokenreduce.models.vit.train import TrainRun, init_model, make_optimizer, run_steps, train_steps
+from tokenreduce.models.vit.train import init_model, make_optimizer, run_steps, train_steps
 from tokenreduce.study import get_study
-from tokenreduce.study.stats import count_spikes, seed_spread, spike_ratios, trailing_mean
+from tokenreduce.study.stats import (
+    bootstrap_ci,
+    column_spread,
+    count_spikes,
+    seed_spread,
+    spike_ratios,
+    trailing_mean,
+)
 from tokenreduce.study.train_reduction import TrainReductionConfig, TrainReductionStudy
 
 STUDY = get_study("train-reduction")
@@ -104,6 +111,8 @@ def test_trailing_mean_and_seed_spread():
     assert math.isclose(seed_spread([a, b + [9.0] * 4], 3), seed_spread([a, b], 3))  # common steps only
     with pytest.raises(ValueError, match="at least 2 seeds"):
         seed_spread([a], 2)
+    curves = np.random.default_rng(0).random((5, 30))
+    assert bootstrap_ci(curves, column_spread) == bootstrap_ci(curves, lambda c: column_spread(c))  # batched = loop
 
 
 def _runs(shift: dict[str, float], spikes: dict[str, int] | None = None, seeds: int = 5) -> list[dict]:

@@ -23,8 +23,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Z95", "bootstrap_ci", "count_spikes", "holm", "mcnemar_exact", "min_n_for_halfwidth", "paired_bootstrap",
-           "column_spread", "seed_spread", "spike_ratios", "trailing_mean", "wilson"]
+__all__ = [
+    "Z95",
+    "bootstrap_ci",
+    "column_spread",
+    "count_spikes",
+    "holm",
+    "mcnemar_exact",
+    "min_n_for_halfwidth",
+    "paired_bootstrap",
+    "seed_spread",
+    "spike_ratios",
+    "trailing_mean",
+    "wilson",
+]
 
 #: the two-sided 95% normal quantile (1.959964...)
 Z95 = NormalDist().inv_cdf(0.975)
@@ -74,9 +86,12 @@ def _mean(v: np.ndarray) -> float:
 
 
 def _resampled(a: np.ndarray, idx: np.ndarray, stat: Callable[[np.ndarray], float]) -> np.ndarray:
-    """``stat`` of every resample (rows ``idx``): vectorised for the mean."""
+    """``stat`` of every resample (rows ``idx``): vectorised for the mean and for a ``batched`` stat (one that
+    takes the stacked resamples, shape ``(n_boot, *a.shape)``)."""
     if stat is _mean and a.ndim == 1:
         return a[idx].mean(axis=1)
+    if getattr(stat, "batched", False):
+        return np.asarray(stat(a[idx]))
     return np.array([stat(a[i]) for i in idx])
 
 
@@ -194,7 +209,12 @@ def seed_spread(curves: Sequence[Sequence[float]], window: int) -> float:
     return column_spread(np.stack([trailing_mean(list(c)[:n], window) for c in curves]))
 
 
-def column_spread(a: np.ndarray) -> float:
+def column_spread(a: np.ndarray) -> Any:
     """The standard deviation over the rows (ddof=1) of every column of ``a``, averaged over the columns (rows:
-    seeds, columns: steps; the statistic :func:`seed_spread` bootstraps over seeds)."""
-    return float(np.asarray(a, dtype=float).std(axis=0, ddof=1).mean())
+    seeds, columns: steps); a stack of such arrays gives one value each (``batched``: bootstraps vectorise)."""
+    a = np.asarray(a, dtype=float)
+    out = a.std(axis=-2, ddof=1).mean(axis=-1)
+    return float(out) if a.ndim == 2 else out
+
+
+column_spread.batched = True  # type: ignore[attr-defined]

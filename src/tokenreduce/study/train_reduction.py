@@ -230,7 +230,7 @@ _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainReductionConfig) 
 
 def _no_context(model_name: str) -> None:
     """Every cell builds its own model from scratch: no shared context."""
-    return None
+    return
 
 
 class TrainReductionStudy(Study):
@@ -238,8 +238,8 @@ class TrainReductionStudy(Study):
     name = "train-reduction"
     config = TrainReductionConfig
     smoke: ClassVar[dict[str, Any]] = {
-        "seeds": 2, "embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "stem_channels": 8, "steps": 8,
-        "batch_size": 8, "test_samples": 32, "calib_rounds": 2, "calib_steps": 1, "spike_window": 3, "smooth": 2}
+        "seeds": 2, "embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "stem_channels": 8, "steps": 6,
+        "batch_size": 4, "test_samples": 16, "calib_rounds": 2, "calib_steps": 1, "spike_window": 3, "smooth": 2}
 
     def sweep(self, cfg: TrainReductionConfig, smoke: bool) -> Sweep:
         import tokenreduce as tr
@@ -284,15 +284,15 @@ class TrainReductionStudy(Study):
             items = [r for b in cfg.budgets for r in _budget_runs(runs, b)]
             table = compare(items, hyp.metric, strata=("budget",), item="seed")
             parts.append(Part(f"{what} spikes", hyp, table, decide(table, hyp, ("budget",)), ("budget",)))
+        spread = (f"loss spread across seeds: per-step std over seeds of the {cfg.smooth}-step trailing mean of the "
+                  "loss, averaged over the steps (95% bootstrap CI over seeds)")
+        posthoc = ("the full model with the methods applied after training (not trained with them), against the "
+                   "models trained with them at equal steps (evaluated with the method on)")
         tables = [("training cost (process CPU seconds of the steps, mean over seeds; ratio paired by seed)",
-                   _cost_table(runs, cfg)),
-                  (f"loss spread across seeds: per-step std over seeds of the {cfg.smooth}-step trailing mean of the "
-                   "loss, averaged over the steps (95% bootstrap CI over seeds)", _spread_table(runs, cfg)),
-                  ("the full model with the methods applied after training (not trained with them), against the "
-                   "models trained with them at equal steps (evaluated with the method on)", _posthoc_table(runs, cfg)),
+                   _cost_table(runs, cfg)), (spread, _spread_table(runs, cfg)), (posthoc, _posthoc_table(runs, cfg)),
                   ("every run", _run_table(runs))]
-        notes = [f"{len(failed)} run(s) failed and are left out, e.g. {failed[0].get('method')}: "
-                 f"{failed[0].get('error')}"] if failed else []
+        notes = [(f"{len(failed)} run(s) failed and are left out, e.g. {failed[0].get('method')}: "
+                 f"{failed[0].get('error')}")] if failed else []
         return StudyResult(parts, tables, notes)
 
 
