@@ -8,7 +8,10 @@
   under H0 the discordant pairs split 50/50, ``p = min(1, 2 * P(Bin(b + c, 1/2) <= min(b, c)))``;
 * :func:`holm` -- Holm's step-down adjustment of p-values for a family of tests (Holm 1979);
 * :func:`min_n_for_halfwidth` -- the least n whose worst-case (p = 1/2) Wilson half-width is at most ``h``:
-  a study refuses a verdict below it.
+  a study refuses a verdict below it;
+* training curves: :func:`spike_ratios` / :func:`count_spikes` -- a step is a spike when its value exceeds
+  ``k`` times the median of the ``window`` steps before it; :func:`trailing_mean` (the smoothed curve) and
+  :func:`seed_spread` -- the per-step standard deviation across seeds of smoothed curves, averaged over steps.
 """
 
 from __future__ import annotations
@@ -20,7 +23,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Z95", "bootstrap_ci", "holm", "mcnemar_exact", "min_n_for_halfwidth", "paired_bootstrap", "wilson"]
+__all__ = [
+    "Z95",
+    "bootstrap_ci",
+    "column_spread",
+    "count_spikes",
+    "holm",
+    "mcnemar_exact",
+    "min_n_for_halfwidth",
+    "paired_bootstrap",
+    "seed_spread",
+    "spike_ratios",
+    "trailing_mean",
+    "wilson",
+]
 
 #: the two-sided 95% normal quantile (1.959964...)
 Z95 = NormalDist().inv_cdf(0.975)
@@ -70,9 +86,12 @@ def _mean(v: np.ndarray) -> float:
 
 
 def _resampled(a: np.ndarray, idx: np.ndarray, stat: Callable[[np.ndarray], float]) -> np.ndarray:
-    """``stat`` of every resample (rows ``idx``): vectorised for the mean."""
+    """``stat`` of every resample (rows ``idx``): vectorised for the mean and for a ``batched`` stat (one that
+    takes the stacked resamples, shape ``(n_boot, *a.shape)``)."""
     if stat is _mean and a.ndim == 1:
         return a[idx].mean(axis=1)
+    if getattr(stat, "batched", False):
+        return np.asarray(stat(a[idx]))
     return np.array([stat(a[i]) for i in idx])
 
 
@@ -138,3 +157,64 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p))
         out[i] = running
     return out
+
+
+def _series(x: Sequence[float], window: int, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=float)
+    if a.ndim != 1:
+        raise ValueError(f"{name} needs a 1-d series, got shape {a.shape}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} is invalid: must be an int >= 1")
+    return a
+
+
+def spike_ratios(x: Sequence[float], window: int) -> np.ndarray:
+    """``x[t] / median(x[t - window : t])`` for every step ``t >= window`` (the running median of the steps
+    before ``t``, not including it): how far each step sits above its recent level."""
+    a = _series(x, window, "spike_ratios")
+    if len(a) <= window:
+        return np.zeros(0)
+    past = np.lib.stride_tricks.sliding_window_view(a[:-1], window)
+    med = np.median(past, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return a[window:] / med
+
+
+def count_spikes(x: Sequence[float], k: float, window: int) -> int:
+    """The number of steps ``t >= window`` with ``x[t] > k * median(x[t - window : t])`` (a loss or gradient-norm
+    spike; ``k > 1`` fixed before the run)."""
+    if not k > 1.0:
+        raise ValueError(f"k={k!r} is invalid: a spike is k times the running median, k must be > 1")
+    return int(np.sum(spike_ratios(x, window) > k))
+
+
+def trailing_mean(x: Sequence[float], window: int) -> np.ndarray:
+    """The mean of the last ``window`` values at every step (fewer at the start): a smoothed training curve of
+    the same length, using no future step."""
+    a = _series(x, window, "trailing_mean")
+    c = np.concatenate([[0.0], np.cumsum(a)])
+    idx = np.arange(1, len(a) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def seed_spread(curves: Sequence[Sequence[float]], window: int) -> float:
+    """Variance of a training curve across seeds: the standard deviation over seeds (ddof=1) of the
+    trailing-mean-smoothed curves at each step, averaged over the steps all curves have (rows: seeds)."""
+    if len(curves) < 2:
+        raise ValueError(f"seed_spread needs curves of at least 2 seeds, got {len(curves)}")
+    n = min(len(c) for c in curves)
+    if n < 1:
+        raise ValueError("seed_spread needs non-empty curves")
+    return column_spread(np.stack([trailing_mean(list(c)[:n], window) for c in curves]))
+
+
+def column_spread(a: np.ndarray) -> Any:
+    """The standard deviation over the rows (ddof=1) of every column of ``a``, averaged over the columns (rows:
+    seeds, columns: steps); a stack of such arrays gives one value each (``batched``: bootstraps vectorise)."""
+    a = np.asarray(a, dtype=float)
+    out = a.std(axis=-2, ddof=1).mean(axis=-1)
+    return float(out) if a.ndim == 2 else out
+
+
+column_spread.batched = True  # type: ignore[attr-defined]

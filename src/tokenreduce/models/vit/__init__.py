@@ -20,7 +20,8 @@ threads, partly shared): val 0.980, held-out test 0.9775 (2,000 images; 0.979 on
 Design measurements: ``docs/experiments/reference_vit.md``.
 
 Modules: :mod:`~tokenreduce.models.vit.config` (:class:`TrainConfig`, checkpoint address),
-:mod:`~tokenreduce.models.vit.model` (the network), :mod:`~tokenreduce.models.vit.train` (training, loading),
+:mod:`~tokenreduce.models.vit.model` (the network), :mod:`~tokenreduce.models.vit.train` (training, loading; the
+one training loop, also for runs from scratch with a method active: ``TrainRun``, ``train_steps``),
 :mod:`~tokenreduce.models.vit.evaluation` (held-out sets, accuracy), :mod:`~tokenreduce.models.vit.cli`
 (``tokenreduce train vit``), :mod:`~tokenreduce.models.vit.finetune` (fine-tuning with a vision method active:
 ``tokenreduce train vit --reduce METHOD --keep K``, :func:`load_finetuned_vit`).

@@ -27,10 +27,10 @@ from ..training import ensure_trained, load_checkpoint, torch_threads
 from .config import MODEL_VERSION, TrainConfig, check_positive_ints
 from .evaluation import evaluate, reference_eval_set
 from .model import build_reference_vit
-from .train import _save, load_reference_vit, make_optimizer, train_batches, train_step
+from .train import TrainLog, TrainRun, _save, load_reference_vit, train_steps
 
-__all__ = ["FINETUNE_VERSION", "FinetuneConfig", "finetune_dir", "finetune_reference_vit", "load_finetuned_vit",
-           "parse_finetune_spec"]
+__all__ = ["FINETUNE_VERSION", "FinetuneConfig", "checked_train_steps", "finetune_dir", "finetune_reference_vit",
+           "load_finetuned_vit", "parse_finetune_spec"]
 
 #: Bump when the fine-tuning code changes in a way that changes the weights.
 FINETUNE_VERSION = 1
@@ -101,6 +101,11 @@ class FinetuneConfig(StoredConfig):
         return dataclasses.replace(self.base, seed=self.seed, samples_per_epoch=self.steps * self.batch_size,
                                    num_threads=self.num_threads)
 
+    def train_run(self) -> TrainRun:
+        """The run of :func:`~.train.train_steps` this fine-tuning is (images from epoch 500 on)."""
+        return TrainRun(self.train_config(), self.steps, self.batch_size, self.lr, self.warmup_fraction,
+                        self.min_lr_ratio, _EPOCH_OFFSET, self.method, self.keep, dict(self.method_kw))
+
 
 def finetune_dir(config: FinetuneConfig) -> Path:
     """Cache directory of the fine-tuned checkpoint of ``config`` (not created: fine-tuning creates it)."""
@@ -119,14 +124,15 @@ def parse_finetune_spec(spec: str, **overrides: Any) -> FinetuneConfig:
     return FinetuneConfig(method=parts[1], keep=keep, **overrides)
 
 
-def _checked_step(model: torch.nn.Module, config: FinetuneConfig, *args: Any) -> torch.Tensor:
-    """:func:`~.train.train_step`, with an error naming the method if its forward pass is not differentiable."""
+def checked_train_steps(model: torch.nn.Module, run: TrainRun, progress: bool = False,
+                        desc: str = "train") -> TrainLog:
+    """:func:`~.train.train_steps`, with an error naming the method if its forward pass is not differentiable."""
     try:
-        return train_step(model, *args)
+        return train_steps(model, run, progress, desc)
     except RuntimeError as e:
         if "grad" not in str(e) and "in-place" not in str(e) and "inplace" not in str(e):
             raise
-        raise RuntimeError(f"method {config.method!r} cannot be fine-tuned: its forward pass is not "
+        raise RuntimeError(f"method {run.method!r} cannot be fine-tuned (nor trained with): its forward pass is not "
                            f"differentiable ({e})") from e
 
 
@@ -138,8 +144,6 @@ def finetune_reference_vit(config: FinetuneConfig | None = None, progress: bool 
     ``model``: start from this model instead of loading the cached base (tests). Raises ``FileNotFoundError``
     if the base model is not cached, ``RuntimeError`` naming the method if it cannot be differentiated.
     """
-    from tqdm.auto import tqdm
-
     import tokenreduce as tr
 
     config = config or FinetuneConfig()
@@ -148,26 +152,15 @@ def finetune_reference_vit(config: FinetuneConfig | None = None, progress: bool 
         if model is None:
             model, _ = load_reference_vit(config=config.base)
         torch.manual_seed(config.seed)
-        data = config.train_config()
-        opt, sched = make_optimizer(model, config.lr, data.weight_decay, config.steps, config.warmup_fraction,
-                                    config.min_lr_ratio)
         val_x, val_y = reference_eval_set("val", config.base)
         test_x, test_y = reference_eval_set("test", config.base)
-        losses: list[float] = []
-        bar = tqdm(total=config.steps, desc=f"fine-tune reference ViT ({config.method}@{config.keep})",
-                   disable=not progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        losses = checked_train_steps(model, config.train_run(), progress,
+                                     f"fine-tune reference ViT ({config.method}@{config.keep})").losses
+        train_time = time.perf_counter() - t0
         with tr.apply(model, config.method, keep=config.keep, **config.method_kw):
-            model.train()
-            t0 = time.perf_counter()
-            for x, y in train_batches(data, _EPOCH_OFFSET, config.batch_size):
-                loss = _checked_step(model, config, opt, sched, x, y, data.label_smoothing, data.grad_clip)
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-            train_time = time.perf_counter() - t0
             val, test = evaluate(model, val_x, val_y, config.eval_batch_size), evaluate(
                 model, test_x, test_y, config.eval_batch_size)
-        bar.close()
         out = finetune_dir(config)
         out.mkdir(parents=True, exist_ok=True)
         window = max(1, len(losses) // 10)

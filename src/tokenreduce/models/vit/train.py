@@ -1,11 +1,22 @@
 """Training the reference ViT (AdamW, warm-up + cosine schedule, freshly generated images every epoch) and
-loading the cached result."""
+loading the cached result.
+
+One loop serves every trainer: :func:`run_steps` (a batch stream -> optimizer steps, logging each step's loss,
+global gradient norm and CPU time in a :class:`TrainLog`). :func:`train_reference_vit` runs it once per epoch;
+:func:`train_steps` runs one :class:`TrainRun` -- a number of steps on fresh images with a registered vision
+method optionally active in every forward pass -- and serves fine-tuning (:mod:`.finetune`: from the cached
+model) and training from scratch with reduction (``tokenreduce study train-reduction``: from :func:`init_model`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import platform
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +32,12 @@ from .config import TrainConfig, checkpoint_dir
 from .evaluation import evaluate, reference_eval_set
 from .model import build_reference_vit
 
-__all__ = ["load_reference_vit", "make_optimizer", "train_batches", "train_or_load_metrics", "train_reference_vit",
-           "train_step"]
+__all__ = ["TrainLog", "TrainRun", "init_model", "load_reference_vit", "make_optimizer", "run_steps", "train_batches",
+           "train_or_load_metrics", "train_reference_vit", "train_step", "train_steps"]
 
 _TRAIN_HINT = "build it once with `tokenreduce train vit`"
+#: training images are generated in chunks of this many batches
+_CHUNK_BATCHES = 16
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -53,7 +66,7 @@ def _train_chunks(config: TrainConfig, epoch: int, chunk_size: int):
 def train_batches(config: TrainConfig, epoch: int, batch_size: int):
     """Yield the ``(images, labels)`` training batches of one epoch of ``config`` (fresh images, generated
     in chunks of 16 batches)."""
-    for xs, ys in _train_chunks(config, epoch, batch_size * 16):
+    for xs, ys in _train_chunks(config, epoch, batch_size * _CHUNK_BATCHES):
         for i in range(0, xs.shape[0], batch_size):
             yield xs[i : i + batch_size], ys[i : i + batch_size]
 
@@ -67,17 +80,127 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total
     return opt, sched
 
 
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
+          label_smoothing: float, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return loss.detach(), norm.detach()
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
                label_smoothing: float, grad_clip: float) -> torch.Tensor:
     """One optimisation step on ``(x, y)`` (label-smoothed cross-entropy, gradient clipping); returns the
     loss (detached)."""
-    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    sched.step()
-    return loss.detach()
+    return _step(model, opt, sched, x, y, label_smoothing, grad_clip)[0]
+
+
+@dataclass
+class TrainLog:
+    """Per optimizer step: the loss, the global gradient norm (L2 over all parameters, before clipping) and the
+    process CPU seconds of the step (forward, backward, update; data generation excluded); ``wall_s``: the
+    steps' wall-clock seconds."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    step_cpu_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.step_cpu_s)
+
+    def mean_loss(self, start: int = 0, stop: int | None = None) -> float:
+        part = self.losses[start:stop]
+        return sum(part) / max(1, len(part))
+
+
+def run_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+              batches: Iterable[tuple[torch.Tensor, torch.Tensor]], label_smoothing: float, grad_clip: float,
+              log: TrainLog | None = None, bar: Any = None, before_step: Callable[[int], None] | None = None) -> TrainLog:
+    """One optimizer step (:func:`train_step`) per batch, appended to ``log`` (a new :class:`TrainLog` if None);
+    ``before_step(i)`` runs before step ``i`` (counted in ``log``); ``bar``: a tqdm bar updated every step."""
+    log = log if log is not None else TrainLog()
+    for x, y in batches:
+        if before_step is not None:
+            before_step(len(log.losses))
+        c0, w0 = time.process_time(), time.perf_counter()
+        loss, norm = _step(model, opt, sched, x, y, label_smoothing, grad_clip)
+        log.losses.append(loss.item())
+        log.grad_norms.append(norm.item())
+        log.step_cpu_s.append(time.process_time() - c0)
+        log.wall_s += time.perf_counter() - w0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{log.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+    return log
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """``steps`` AdamW steps of ``batch_size`` fresh images of ``data`` (its generator, seed, weight decay,
+    label smoothing and gradient clipping; images from epoch ``epoch`` on, so a fine-tuning run never repeats
+    the base model's), learning rate ``lr`` with linear warm-up over ``warmup_fraction`` of the steps then
+    cosine decay to ``lr * min_lr_ratio``; ``method`` (a registered vision method, None: the full model)
+    active at ``keep`` with ``method_kw`` in every forward pass. ``fresh_draws``: a stochastic method (one with
+    a ``seed``, e.g. ``random``) draws anew at every step (seed ``data.seed * 1_000_003 + step``) instead of
+    dropping the same positions all run long. ``same_prefix``: images generated in whole chunks of 16 batches,
+    so that runs of one seed share their first batches whatever their length (otherwise the last, partial chunk
+    is drawn at its own size)."""
+
+    data: TrainConfig
+    steps: int
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.01
+    epoch: int = 0
+    method: str | None = None
+    keep: float = 1.0
+    method_kw: dict[str, Any] = field(default_factory=dict)
+    fresh_draws: bool = False
+    same_prefix: bool = False
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The run's ``steps`` batches (same ``data.seed``: same images in the same order)."""
+        chunk = _CHUNK_BATCHES if self.same_prefix else 1
+        n = -(-self.steps // chunk) * chunk * self.batch_size
+        data = dataclasses.replace(self.data, samples_per_epoch=n)
+        return itertools.islice(train_batches(data, self.epoch, self.batch_size), self.steps)
+
+
+def init_model(config: TrainConfig) -> torch.nn.Module:
+    """The reference ViT of ``config`` at its random initialisation (``torch.manual_seed(config.seed)``)."""
+    torch.manual_seed(config.seed)
+    return build_reference_vit(**config.model_kwargs())
+
+
+def train_steps(model: torch.nn.Module, run: TrainRun, progress: bool = False, desc: str = "train") -> TrainLog:
+    """Train ``model`` (in place, train mode) for ``run``; returns the :class:`TrainLog`. The method, if any, is
+    applied for the run and removed afterwards (the model comes back unpatched)."""
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    import tokenreduce as tr
+
+    opt, sched = make_optimizer(model, run.lr, run.data.weight_decay, run.steps, run.warmup_fraction,
+                                run.min_lr_ratio)
+    bar = tqdm(total=run.steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    handle = tr.apply(model, run.method, keep=run.keep, **run.method_kw) if run.method else nullcontext()
+    before = None
+    if run.fresh_draws and run.method and hasattr(handle.method, "seed"):
+        def before(i: int) -> None:
+            handle.method.seed = run.data.seed * 1_000_003 + i
+    with handle:
+        model.train()
+        log = run_steps(model, opt, sched, run.batches(), run.data.label_smoothing, run.data.grad_clip, bar=bar,
+                        before_step=before)
+    bar.close()
+    return log
 
 
 def _save(out: Path, model: torch.nn.Module, config: Any, metrics: dict[str, Any]) -> None:
@@ -106,8 +229,7 @@ def train_reference_vit(config: TrainConfig | None = None, progress: bool = True
     config = config or TrainConfig()
     with torch_threads(config.num_threads):
         t_start = time.perf_counter()
-        torch.manual_seed(config.seed)
-        model = build_reference_vit(**config.model_kwargs())
+        model = init_model(config)
         steps_per_epoch = -(-config.samples_per_epoch // config.batch_size)
         total_steps = config.epochs * steps_per_epoch
         opt, sched = make_optimizer(model, config.lr, config.weight_decay, total_steps, config.warmup_fraction,
@@ -119,21 +241,17 @@ def train_reference_vit(config: TrainConfig | None = None, progress: bool = True
         for epoch in range(config.epochs):
             t0 = time.perf_counter()
             model.train()
-            loss_sum, n_seen = 0.0, 0
-            for x, y in train_batches(config, epoch, config.batch_size):
-                loss = train_step(model, opt, sched, x, y, config.label_smoothing, config.grad_clip)
-                loss_sum += loss.item() * x.shape[0]
-                n_seen += x.shape[0]
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            epoch_log = run_steps(model, opt, sched, train_batches(config, epoch, config.batch_size),
+                                  config.label_smoothing, config.grad_clip, bar=bar)
+            train_loss = epoch_log.mean_loss()
             train_time += time.perf_counter() - t0
             val = evaluate(model, val_x, val_y, config.eval_batch_size)
-            history.append({"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "val_acc": val["acc"],
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val["acc"],
                             "val_loss": val["loss"], "train_time_s": train_time})
-            bar.set_postfix(epoch=epoch + 1, train_loss=f"{loss_sum / n_seen:.3f}", val_acc=f"{val['acc']:.4f}")
+            bar.set_postfix(epoch=epoch + 1, train_loss=f"{train_loss:.3f}", val_acc=f"{val['acc']:.4f}")
             if not progress:
                 continue
-            bar.write(f"epoch {epoch + 1}/{config.epochs}: train_loss={loss_sum / n_seen:.4f} "
+            bar.write(f"epoch {epoch + 1}/{config.epochs}: train_loss={train_loss:.4f} "
                       f"val_acc={val['acc']:.4f} ({train_time:.0f}s)")
         bar.close()
         test_x, test_y = reference_eval_set("test", config)
