@@ -127,7 +127,7 @@ def test_errors_name_the_training_command_and_ranges(trained, method):
     with pytest.raises(FileNotFoundError, match=rf"train it with `tokenreduce train vit --reduce {method} --keep 0.6`"):
         tr.apply(model, method, keep=0.6)  # trained at 0.5 only
     other = timm_vit(classes=5)  # other weights: nothing trained for them
-    with pytest.raises(FileNotFoundError, match=f"no trained .* for this model"):
+    with pytest.raises(FileNotFoundError, match="no trained .* for this model"):
         tr.apply(other, method, keep=0.5)
     assert "forward" not in other.blocks[0].__dict__  # nothing left patched
     with pytest.raises(ValueError, match=r"keep=1.5 is out of range.*\(0, 1\]"):
@@ -177,3 +177,16 @@ def test_reference_vit_learned_at_half_keep(method):
     with tr.apply(model, method, keep=0.5) as h:
         acc = (model(x).argmax(-1) == y).float().mean().item()
     assert h.stats.keep_achieved < 0.75 and acc > base - 0.10, (acc, base, h.stats.keep_achieved)
+
+
+def test_bench_vit_runs_the_learned_methods(trained, tmp_path):
+    from tokenreduce.bench.vit import run_vit_bench
+
+    model, _ = trained
+    g = torch.Generator().manual_seed(2)
+    images, labels = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 7, (8,), generator=g)
+    rows = run_vit_bench(methods=list(METHODS), keeps=[0.5], out=str(tmp_path), n_images=8, repeats=1, warmup=0,
+                         time_batch=4, threads=1, model=model, images=images, labels=labels, progress=False,
+                         malloc="default")
+    assert [r["method"] for r in rows] == ["none", *METHODS]
+    assert all(r["final_tokens"] < 65 and r["speedup"] > 0 for r in rows[1:])
