@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"_paths"},
     "accounting": set(),
     "registry": {"core"},
-    "methods": {"core", "registry"},
+    "methods": {"core", "registry", "_paths"},  # _paths: learned methods load their trained parts
     "adapters": {"core", "registry", "methods", "accounting"},
     "api": {"core", "registry", "methods", "adapters", "accounting"},
     "compress": {"core", "registry", "methods", "adapters", "accounting"},

@@ -80,6 +80,7 @@ class MethodSpec:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # named settings (may include keep)
     budget_knobs: tuple[str, ...] = ()  # keywords that set a budget themselves (ToMe's r): keep may be left out
     keep_doc: str = ""  # where a method's keep is a fraction of something else than the integration point's
+    trained_by: str = ""  # a learned method: the command that trains its parts (applying it needs them)
 
     def build(self, keep: Any = None, preset: str | None = None, **kw: Any) -> Any:
         """The method object for ``keep`` and keywords (over the preset's settings, over the defaults).
@@ -161,13 +162,14 @@ def _dataclass_factory(name: str, cls: type) -> Callable[..., Any]:
 
 def register(name: str, *, modality: str, integration: str, paper: str, equation: str = "",
              presets: dict[str, dict[str, Any]] | None = None, budget_knobs: tuple[str, ...] = (),
-             keep_meaning: str = "", **defaults: Any) -> Callable[[T], T]:
+             keep_meaning: str = "", trained_by: str = "", **defaults: Any) -> Callable[[T], T]:
     """Decorator registering a method dataclass (or a factory function) under ``name`` at ``integration``.
 
     ``presets``: named settings users reach with ``tr.apply(..., preset=name)`` (documented in
     ``tokenreduce list NAME``; a preset may include ``keep``). ``budget_knobs``: keywords that set a budget
     themselves, so ``keep`` may be left out when one is given. ``keep_meaning``: only for a method whose keep
-    cannot be the integration point's (say what it is a fraction of instead). The same class may be registered
+    cannot be the integration point's (say what it is a fraction of instead). ``trained_by``: for a learned
+    method, the command that trains the parts it loads (``tr.methods()`` shows it). The same class may be registered
     at several integration points (stack the decorators)."""
     if integration not in INTEGRATIONS:
         raise ValueError(f"register({name!r}): unknown integration point {integration!r}; accepted: "
@@ -183,7 +185,7 @@ def register(name: str, *, modality: str, integration: str, paper: str, equation
         factory = _dataclass_factory(name, obj) if is_cls else obj
         METHODS[f"{name}@{integration}"] = MethodSpec(name, factory, modality, integration, paper, equation, defaults,
                                                       obj if is_cls else None, dict(presets or {}),
-                                                      tuple(budget_knobs), keep_meaning)
+                                                      tuple(budget_knobs), keep_meaning, trained_by)
         return obj
 
     return deco
@@ -216,7 +218,7 @@ def methods(integration: str | None = None) -> list[dict[str, Any]]:
     rows = [
         {"name": s.name, "modality": s.modality, "integration": s.integration, "paper": s.paper,
          "equation": s.equation, "keep": s.keep_meaning(), "knobs": s.knobs(), "presets": dict(s.presets),
-         "doc": s.doc}
+         "trained_by": s.trained_by, "doc": s.doc}
         for s in METHODS.values()
         if integration is None or s.integration == integration
     ]

@@ -48,17 +48,19 @@ def block_flops(
     * ``proj`` = 2 * n_q * dim * dim
     * ``mlp``  = 2 * 2 * n_mlp * dim * mlp_hidden (fc1 and fc2)
 
-    plus ``total``. Token counts may be fractional (means over a batch).
+    plus ``total``. Token counts may be fractional (means over a batch), or 0-d tensors (the FLOPs stay
+    differentiable in them: DiffRate's FLOPs loss).
     """
-    n_q = float(n_attn)
-    kv = n_q if n_kv is None else float(n_kv)
-    if min(n_q, kv, float(n_mlp)) < 0 or dim <= 0 or mlp_hidden <= 0:
+    n_q = n_attn * 1.0
+    kv = n_q if n_kv is None else n_kv * 1.0
+    n_m = n_mlp * 1.0
+    if min(n_q, kv, n_m) < 0 or dim <= 0 or mlp_hidden <= 0:
         raise ValueError("token counts must be >= 0 and dims > 0")
     parts = {
         "qkv": 2.0 * dim * dim * (n_q + 2.0 * kv),
         "attn": 4.0 * n_q * kv * dim,
         "proj": 2.0 * n_q * dim * dim,
-        "mlp": 4.0 * float(n_mlp) * dim * mlp_hidden,
+        "mlp": 4.0 * n_m * dim * mlp_hidden,
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -237,6 +237,8 @@ def attach_blocks(model: nn.Module, method: Any, method_name: str, family: Block
                         f"{type(model).__name__} has none (no prefix token); use a method that needs no [CLS]: "
                         f"tome, cluster, pool, random")
     method.label = method_name  # the registered name, for messages
+    if hasattr(method, "bind"):  # a learned method loads what was trained for this model (methods/vit/learned.py)
+        method.bind(model)
     method.setup(len(blocks))
     run = BlockRun(method, method_name, family, blocks, family.protected(model), grid)
     run.dims = dims

@@ -31,11 +31,13 @@ __all__ = [
     "dpc_knn_centers",
     "get_strategy",
     "grid_for_count",
+    "importance_merge",
     "kmeans_assign",
     "merge_by_assignment",
     "pool",
     "pool1d",
     "prune",
+    "prune_merge",
     "prune_package",
     "strategy",
     "topk_mask",
@@ -212,6 +214,45 @@ def bipartite_merge(state: TokenState, metric: Tensor, counts: Tensor) -> TokenS
     r = state.reducible_counts() - counts
     return merge_by_assignment(state, bipartite_assignment(state, metric, r))
 
+
+
+def importance_merge(state: TokenState, scores: Tensor, metric: Tensor, counts: Tensor) -> TokenState:
+    """DiffRate's merge (Chen et al., ICCV 2023, Sec. 3.1, its ``get_merge_func``): the ``counts`` most
+    important reducible tokens by ``scores`` stay; each other reducible token merges into its most similar
+    kept one (cosine of ``metric``; protected tokens are never destinations), size-weighted as in ToMe. A
+    bipartite matching whose two sets are split by importance instead of by position."""
+    counts = check_counts(state, counts)
+    red = state.reducible()
+    dst_mask = topk_mask(state, scores, counts)
+    src_mask = red & ~dst_mask
+    if not bool(src_mask.any()):
+        return state
+    src_index, src_valid = compact(src_mask)
+    dst_index, dst_valid = compact(dst_mask)
+    m = metric * metric.norm(dim=-1, keepdim=True).clamp(min=1e-12).reciprocal()
+    sim = batched_index_select(m, src_index) @ batched_index_select(m, dst_index).transpose(1, 2)  # (B, R, M)
+    sim = sim.float().masked_fill(~dst_valid.unsqueeze(1), NEG)
+    partner = dst_index.gather(1, sim.argmax(-1))  # (B, R)
+    partner = torch.where(dst_valid.any(1, keepdim=True), partner, -1)  # no destination: the source is pruned
+    B, N = state.mask.shape
+    dst = torch.arange(N, device=scores.device).expand(B, N).clone()
+    dst.scatter_(1, torch.where(src_valid, src_index, 0), torch.where(src_valid, partner, dst.gather(1, src_index)))
+    return merge_by_assignment(state, torch.where(state.mask, dst, torch.full_like(dst, -1)))
+
+
+def prune_merge(state: TokenState, scores: Tensor, metric: Tensor, prune_counts: Tensor,
+                merge_counts: Tensor) -> TokenState:
+    """DiffRate's compression of one block (Chen et al., ICCV 2023, Sec. 3.1): keep the ``prune_counts``
+    highest-``scores`` reducible tokens (the rest are pruned), then merge all but the ``merge_counts`` most
+    important of those into their most similar important token (:func:`importance_merge`)."""
+    merge_counts = check_counts(state, merge_counts)
+    if bool((merge_counts > check_counts(state, prune_counts)).any()):
+        raise ValueError(f"merge counts {merge_counts.tolist()} must not exceed prune counts {prune_counts.tolist()}")
+    keep = _protected_and(topk_mask(state, scores, prune_counts), state)
+    index, valid = compact(keep)
+    kept = state.select(index, valid)
+    return importance_merge(kept, scores.gather(1, index).masked_fill(~valid, NEG),
+                            batched_index_select(metric, index), merge_counts)
 
 def _pairwise_sqdist(a: Tensor, b: Tensor) -> Tensor:
     """Squared euclidean distances (B, N, M) divided by the feature dim (TCFormer's d_ij / sqrt(C), squared).
@@ -551,6 +592,7 @@ strategy("cluster", ("metric",))(cluster_merge)
 strategy("pool", ())(pool)
 strategy("pool1d", ())(pool1d)
 strategy("transform", ("metric", "scores"))(transform)
+strategy("importance-merge", ("scores", "metric"))(importance_merge)
 
 
 def get_strategy(spec: str | Callable[..., TokenState]) -> Callable[..., TokenState]:

@@ -17,6 +17,9 @@ def register_cli(train_app: Any) -> None:
     import typer
 
     from .finetune import FinetuneConfig
+    from .learned import LEARNED, LearnedConfig, train_learned_reference
+
+    learned_lrs = ", ".join(f"{m} {lr:g}" for m, (_, lr) in LEARNED.items())
 
     @train_app.command("vit")
     def train_vit(
@@ -26,11 +29,15 @@ def register_cli(train_app: Any) -> None:
         reduce: str = typer.Option(None, help="Fine-tune the cached reference ViT with this vision method active "
                                    "(tokenreduce list --integration vit)"),
         keep: float = typer.Option(None, help="With --reduce: the method's keep, a fraction in (0, 1]"),
-        steps: int = typer.Option(FinetuneConfig.steps, help="With --reduce: fine-tuning steps"),
-        lr: float = typer.Option(FinetuneConfig.lr, help="With --reduce: peak learning rate"),
+        steps: int = typer.Option(None, help=f"With --reduce: training steps (default: fine-tuning "
+                                  f"{FinetuneConfig.steps}, learned methods {LearnedConfig.steps})"),
+        lr: float = typer.Option(None, help=f"With --reduce: peak learning rate (default: fine-tuning "
+                                 f"{FinetuneConfig.lr}, learned methods their paper's: {learned_lrs})"),
     ) -> None:
         """Train the reference ViT on cluttered digits (cached in ~/.cache/tokenreduce/reference_vit), or
-        fine-tune it with --reduce METHOD --keep K (cached in reference_vit/finetune-<hash>)."""
+        fine-tune it with --reduce METHOD --keep K (cached in reference_vit/finetune-<hash>), or, for a learned
+        method (dynamicvit, diffrate), train its parts on the frozen reference ViT (cached in learned/, where
+        tr.apply(model, METHOD, keep=K) loads them)."""
         if reduce is None:
             if keep is not None:
                 raise ValueError("--keep needs --reduce METHOD (the vision method to fine-tune with)")
@@ -39,8 +46,13 @@ def register_cli(train_app: Any) -> None:
             return
         if keep is None:
             raise ValueError(f"--reduce {reduce} needs --keep K, a fraction in (0, 1]")
-        typer.echo(json.dumps(_finetune(FinetuneConfig(method=reduce, keep=keep, steps=steps, lr=lr,
-                                                       num_threads=threads), force, progress), indent=2))
+        given = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
+        if reduce in LEARNED:
+            config = LearnedConfig(method=reduce, keep=keep, num_threads=threads, **given)
+            typer.echo(json.dumps(train_learned_reference(config, force=force, progress=progress), indent=2))
+            return
+        typer.echo(json.dumps(_finetune(FinetuneConfig(method=reduce, keep=keep, num_threads=threads, **given),
+                                        force, progress), indent=2))
 
 
 def _finetune(config: Any, force: bool, progress: bool) -> dict[str, Any]:

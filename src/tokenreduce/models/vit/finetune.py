@@ -43,7 +43,7 @@ _SPEC_HELP = "finetune:<method>:<keep>, e.g. finetune:tome:0.4"
 def _vision_methods() -> list[str]:
     import tokenreduce as tr
 
-    return [r["name"] for r in tr.methods("vit-layers")]
+    return [r["name"] for r in tr.methods("vit-layers") if not r["trained_by"]]  # learned ones: models/vit/learned
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,12 @@ class FinetuneConfig(StoredConfig):
 
     def __post_init__(self) -> None:
         methods = _vision_methods()
+        from .learned import LEARNED
+
+        if self.method in LEARNED:
+            raise ValueError(f"method={self.method!r} is a learned method: its parts train on the frozen model with "
+                             f"`tokenreduce train vit --reduce {self.method} --keep K` (models/vit/learned), not by "
+                             f"fine-tuning the model")
         if self.method not in methods:
             raise ValueError(f"method={self.method!r} cannot fine-tune the reference ViT: must be a vision "
                              f"(vit-layers) method, one of {methods}")
