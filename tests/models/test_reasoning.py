@@ -109,3 +109,12 @@ def test_checkpoint_addresses_and_the_missing_model_error(tmp_path, monkeypatch)
         TokenSkipConfig(base=ReasonerConfig(chain=False))
     with pytest.raises(ValueError, match="max_positions=40 is too short"):
         ReasonerConfig(max_positions=40)
+
+
+def test_kept_by_role_shares_follow_the_ratio():
+    from tokenreduce.models.reasoning.compress import kept_by_role
+
+    base = build_model(TINY, seed=0)
+    shares = kept_by_role(base, make_problems("val", 6), (1.0, 0.5), "random", seed=0)
+    assert shares["1"] == {"restated": 1.0, "result": 1.0, "syntax": 1.0}
+    assert 0.3 < np.mean(list(shares["0.5"].values())) < 0.7

@@ -37,8 +37,8 @@ class ChainTaskConfig:
     """``min_ops``..``max_ops`` operations per problem (uniform), operands and start in ``0..modulus-1``,
     operations drawn uniformly from ``ops``. ``modulus`` <= 10 keeps every number one character."""
 
-    min_ops: int = 6
-    max_ops: int = 10
+    min_ops: int = 4
+    max_ops: int = 8
     modulus: int = 10
     ops: str = "+-*"
 

@@ -46,13 +46,14 @@ SMOKE = "smoke"
 
 @dataclass
 class ReasoningLengthConfig:
-    """Defaults: 400 held-out problems, gamma 1.0/0.8/0.6/0.4, 3 timed rounds per item; ``max_new_tokens`` 0:
-    room for the longest full chain."""
+    """Defaults: 400 held-out problems, gamma 1.0/0.8/0.6/0.4; every ``time_every``-th item timed in 3
+    interleaved rounds (after one warm-up round); ``max_new_tokens`` 0: room for the longest full chain."""
 
     n_items: int = 400
     gammas: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
     items_per_cell: int = 50
     repeats: int = 3
+    time_every: int = 3
     clock: str = "wall"
     max_new_tokens: int = 0
     margin: float = 0.02
@@ -96,10 +97,13 @@ def _conditions(gammas: tuple[float, ...]) -> list[tuple[str, float, float | Non
 
 
 def run_reasoning_cell(ctx: tuple[Any, Any, Any, Any], cell: Cell) -> list[dict[str, Any]]:
-    """Every condition on the cell's items: the scored greedy answer, then ``repeats`` interleaved timed rounds."""
+    """Every condition on the cell's items: the scored greedy answers (batched per condition), then on every
+    ``time_every``-th item the single-item generations of all conditions timed interleaved (``repeats`` rounds,
+    rotated)."""
     from ..bench.timing import fixed_threads, interleaved
     from ..data.chains import make_problems
     from ..models.reasoning import greedy, parse_completion, prompt_text
+    from ..models.reasoning.tokenizer import ANSWER_MARK
     from ..models.reasoning.train import max_new_tokens
 
     base, ts, tok, model_cfg = ctx
@@ -108,23 +112,29 @@ def run_reasoning_cell(ctx: tuple[Any, Any, Any, Any], cell: Cell) -> list[dict[
     lo = cell.shard * cfg.items_per_cell
     problems = make_problems("test", cfg.n_items, cfg.seed, model_cfg.task)[lo: lo + cfg.items_per_cell]
     limit = cfg.max_new_tokens or max_new_tokens(model_cfg)
+    conds = _conditions(cfg.gammas)
+    mark = tok.convert_tokens_to_ids(ANSWER_MARK)
     rows = []
     with fixed_threads(cfg.threads):
+        outs = {(m, k): greedy(base if m == BASELINE else ts, [prompt_text(p.question, g) for p in problems], limit)
+                for m, k, g in conds}
         for j, p in enumerate(problems):
-            conds = _conditions(cfg.gammas)
-            calls = {f"{m}@{k:g}": (lambda mdl=(base if m == BASELINE else ts), q=prompt_text(p.question, g):
-                                    greedy(mdl, [q], limit)) for m, k, g in conds}
-            outs = {name: fn()[0] for name, fn in calls.items()}
-            times = interleaved(calls, warmup=0, repeats=cfg.repeats, rotate=True, clock=cfg.clock)
-            for m, k, g in conds:
-                name = f"{m}@{k:g}"
-                text = tok.decode(outs[name], skip_special_tokens=True)
-                chain, answer = parse_completion(text)
+            times = {}
+            if (lo + j) % cfg.time_every == 0:
+                calls = {(m, k): (lambda mdl=(base if m == BASELINE else ts), q=prompt_text(p.question, g):
+                                  greedy(mdl, [q], limit)) for m, k, g in conds}
+                times = interleaved(calls, warmup=1, repeats=cfg.repeats, rotate=True, clock=cfg.clock)
+            for m, k, _ in conds:
+                out = outs[(m, k)][j]
+                text = tok.decode(out, skip_special_tokens=True)
+                answer = parse_completion(text)[1]
+                n_chain = out.index(mark) if mark in out else len(out) - (out[-1:] == [tok.eos_token_id])
+                t = times.get((m, k))
                 rows.append({"part": "item", "item": lo + j, "method": m, "keep": k, "ops": len(p.steps),
                              "correct": answer == p.answer, "answered": answer is not None,
-                             "gen_tokens": len(outs[name]), "chain_tokens": len(chain),
-                             "reference_chain_tokens": len(p.chain), "seconds": times[name].median,
-                             "seconds_iqr": times[name].iqr, "output": text})
+                             "gen_tokens": len(out), "chain_tokens": n_chain,
+                             "reference_chain_tokens": len(p.chain), "seconds": t.median if t else None,
+                             "seconds_iqr": t.iqr if t else None, "output": text})
     return rows
 
 
@@ -148,28 +158,34 @@ def _paired(items: list[dict[str, Any]]) -> dict[float, tuple[list[dict[str, Any
 
 
 def length_table(items: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """Per gamma: generated tokens, chain tokens and seconds per item (median, IQR over items) and the ratios to
-    the full-chain model (ratio of means, paired-bootstrap 95% CI; median of the per-item time ratios)."""
-    out = []
+    """Per gamma: generated and chain tokens per item (means) and seconds per timed item (median, IQR over
+    items), and the ratios to the full-chain model on the same items (ratios of means with paired-bootstrap 95%
+    CIs; the median of the per-item time ratios)."""
+    out: list[dict[str, Any]] = []
     pairs = _paired(items)
     if not pairs:
         return out
     first = next(iter(pairs.values()))[0]
-    for label, k, rows, base in [("none", 1.0, first, first)] + [(METHOD, k, b, a) for k, (a, b) in pairs.items()]:
+    for label, k, rows, base in [(BASELINE, 1.0, first, first)] + [(METHOD, k, b, a) for k, (a, b) in pairs.items()]:
         if not rows:
             continue
-        sec = np.array([r["seconds"] for r in rows])
-        row = {"method": label, "keep": k, "n": len(rows),
-               "gen_tokens": float(np.mean([r["gen_tokens"] for r in rows])),
-               "chain_tokens": float(np.mean([r["chain_tokens"] for r in rows])),
-               "seconds_median": float(np.median(sec)),
-               "seconds_iqr": float(np.quantile(sec, 0.75) - np.quantile(sec, 0.25))}
+        timed = [(r, b) for r, b in zip(rows, base) if r["seconds"] is not None and b["seconds"] is not None]
+        sec = np.array([r["seconds"] for r, _ in timed])
+        row: dict[str, Any] = {"method": label, "keep": k, "n": len(rows),
+                               "gen_tokens": float(np.mean([r["gen_tokens"] for r in rows])),
+                               "chain_tokens": float(np.mean([r["chain_tokens"] for r in rows])),
+                               "n_timed": len(timed)}
+        if timed:
+            row.update(seconds_median=float(np.median(sec)),
+                       seconds_iqr=float(np.quantile(sec, 0.75) - np.quantile(sec, 0.25)))
         if label != BASELINE:
-            for field, name in (("gen_tokens", "token_ratio"), ("chain_tokens", "chain_ratio"),
-                                ("seconds", "time_ratio")):
-                m, lo, hi = _ratio(base, rows, field, seed)
-                row.update({name: m, f"{name}_low": lo, f"{name}_high": hi})
-            row["time_ratio_item_median"] = float(np.median([r["seconds"] / b["seconds"] for r, b in zip(rows, base)]))
+            for field, name, a, b in (("gen_tokens", "token_ratio", base, rows), ("chain_tokens", "chain_ratio", base,
+                                      rows), ("seconds", "time_ratio", [t[1] for t in timed], [t[0] for t in timed])):
+                if a:
+                    m, lo, hi = _ratio(a, b, field, seed)
+                    row.update({name: m, f"{name}_low": lo, f"{name}_high": hi})
+            if timed:
+                row["time_ratio_item_median"] = float(np.median([r["seconds"] / b["seconds"] for r, b in timed]))
         out.append(row)
     return out
 
@@ -217,7 +233,7 @@ class ReasoningLengthStudy(Study):
     __doc__ = __doc__
     name = "reasoning-length"
     config = ReasoningLengthConfig
-    smoke: ClassVar[dict[str, Any]] = {"n_items": 4, "items_per_cell": 2, "gammas": (1.0, 0.6), "repeats": 1,
+    smoke: ClassVar[dict[str, Any]] = {"n_items": 4, "items_per_cell": 2, "gammas": (1.0, 0.6), "repeats": 1, "time_every": 2,
                                        "max_new_tokens": 12}
 
     def missing_models(self, cfg: ReasoningLengthConfig) -> list[str]:
@@ -240,7 +256,7 @@ class ReasoningLengthStudy(Study):
             gamma_token(g)
         if cfg.clock not in CLOCKS:
             raise ValueError(f"clock={cfg.clock!r} is invalid: one of {', '.join(CLOCKS)}")
-        for name in ("n_items", "items_per_cell", "repeats", "threads"):
+        for name in ("n_items", "items_per_cell", "repeats", "time_every", "threads"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name}={getattr(cfg, name)!r} is invalid: an int >= 1")
         trained = TokenSkipConfig().gammas
@@ -248,7 +264,8 @@ class ReasoningLengthStudy(Study):
         if unseen and not smoke:
             raise ValueError(f"gammas {unseen} were not in the TokenSkip fine-tune's mixture {trained}")
         model = SMOKE if smoke else tokenskip_dir(TokenSkipConfig()).name
-        fields = ("n_items", "gammas", "items_per_cell", "repeats", "clock", "max_new_tokens", "threads", "seed")
+        fields = ("n_items", "gammas", "items_per_cell", "repeats", "time_every", "clock", "max_new_tokens", "threads",
+                  "seed")
         settings = {"config": {k: getattr(cfg, k) for k in fields}}
         n_cells = -(-cfg.n_items // cfg.items_per_cell)
         cells = [Cell("study/reasoning-length", model, METHOD, tuple(cfg.gammas), settings, shard=i, timing=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 __all__ = ["register_cli"]
 
-_SUMMARY = ("val_acc", "val_gen_tokens", "val", "train_chain_tokens", "n_val", "num_params", "train_time_s",
+_SUMMARY = ("val_acc", "val_gen_tokens", "val", "train_chain_tokens", "kept_by_role", "n_val", "num_params", "train_time_s",
             "total_time_s", "num_threads", "checkpoint", "cached")
 
 

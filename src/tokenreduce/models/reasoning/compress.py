@@ -31,7 +31,7 @@ from ...core.text import fill_budget
 from .config import CRITERIA
 from .tokenizer import build_tokenizer, prompt_text
 
-__all__ = ["chain_importance", "compress_chain", "compressed_chains"]
+__all__ = ["ROLES", "chain_importance", "compress_chain", "compressed_chains", "keep_mask", "kept_by_role"]
 
 
 def chain_importance(model: Any, problems: Sequence[ChainProblem], criterion: str = "self-information",
@@ -52,19 +52,44 @@ def chain_importance(model: Any, problems: Sequence[ChainProblem], criterion: st
     return [-np.asarray(lp, dtype=np.float64) for lp in scorer.logprobs(seqs, spans)]
 
 
+def keep_mask(scores: np.ndarray, gamma: float) -> np.ndarray:
+    """Which of ``len(scores)`` chain tokens survive at ratio ``gamma`` in (0, 1]: the ``round(gamma n)`` (at
+    least one) highest-scoring ones, ties to the earlier token."""
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma={gamma!r} is out of range: must be in (0, 1]")
+    n = len(scores)
+    target = max(1, round(gamma * n))
+    if target >= n:
+        return np.ones(n, dtype=bool)
+    return fill_budget(np.arange(n), np.ones(n, dtype=np.int64), np.asarray(scores, dtype=np.float64), target)
+
+
 def compress_chain(chain: str, scores: np.ndarray, gamma: float) -> str:
     """The ``round(gamma n)`` highest-scoring tokens of ``chain`` (one character each; at least one) in their
     order; ``gamma`` in (0, 1], 1.0 returns the chain unchanged."""
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma={gamma!r} is out of range: must be in (0, 1]")
-    n = len(chain)
-    if len(scores) != n:
-        raise ValueError(f"{len(scores)} scores for a chain of {n} tokens")
-    target = max(1, round(gamma * n))
-    if target >= n:
-        return chain
-    keep = fill_budget(np.arange(n), np.ones(n, dtype=np.int64), np.asarray(scores, dtype=np.float64), target)
-    return "".join(c for c, k in zip(chain, keep) if k)
+    if len(scores) != len(chain):
+        raise ValueError(f"{len(scores)} scores for a chain of {len(chain)} tokens")
+    return "".join(c for c, k in zip(chain, keep_mask(scores, gamma)) if k)
+
+
+#: the role of each character of a chain step ``a op b = c ;``
+ROLES = ("restated", "restated", "restated", "syntax", "result", "syntax")
+
+
+def kept_by_role(model: Any, problems: Sequence[ChainProblem], gammas: Sequence[float],
+                 criterion: str = "self-information", seed: int = 0) -> dict[str, dict[str, float]]:
+    """What compression keeps: per gamma, the share of the chains' results, restated operands (``a op b``) and
+    syntax (``=``, ``;``) that survive (a diagnostic of the criterion)."""
+    scores = chain_importance(model, problems, criterion, seed)
+    out = {}
+    for g in gammas:
+        kept = {r: [0, 0] for r in set(ROLES)}
+        for s in scores:
+            for i, k in enumerate(keep_mask(s, g)):
+                kept[ROLES[i % 6]][0] += int(k)
+                kept[ROLES[i % 6]][1] += 1
+        out[f"{g:g}"] = {r: a / b for r, (a, b) in sorted(kept.items())}
+    return out
 
 
 def compressed_chains(model: Any, problems: Sequence[ChainProblem], gammas: Sequence[float],

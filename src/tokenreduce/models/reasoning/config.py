@@ -46,7 +46,7 @@ class ReasonerConfig(StoredConfig):
     heads: int = 4
     mlp: int = 384
     max_positions: int = 128
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -98,9 +98,9 @@ class TokenSkipConfig(StoredConfig):
     base: ReasonerConfig = field(default_factory=ReasonerConfig)
     gammas: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
     criterion: str = "self-information"
-    n_problems: int = 20_000
-    steps: int = 1500
-    batch_size: int = 64
+    n_problems: int = 8000
+    steps: int = 600
+    batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_fraction: float = 0.03

@@ -18,7 +18,7 @@ from typing import Any
 from tokenreduce.data.chains import make_problems
 
 from ..training import ensure_trained, load_checkpoint, torch_threads
-from .compress import compressed_chains
+from .compress import compressed_chains, kept_by_role
 from .config import TokenSkipConfig, tokenskip_dir
 from .tokenizer import build_tokenizer, completion_text, prompt_text
 from .train import Batch, accuracy, build_model, fit, load_reasoner, save_checkpoint
@@ -75,6 +75,7 @@ def finetune_tokenskip(config: TokenSkipConfig | None = None, progress: bool = T
                        for c, gg in zip(completions, gammas) if gg == g] for g in config.gammas}
         out = tokenskip_dir(config)
         metrics = {"val": {f"{g:g}": accuracy(model, val, config.base, gamma=g) for g in config.gammas},
+                   "kept_by_role": kept_by_role(base, val[:200], config.gammas, config.criterion, config.seed),
                    "train_chain_tokens": {f"{g:g}": sum(v) / max(1, len(v)) for g, v in n_chain.items()},
                    "data_time_s": t_data, "train_time_s": train_time, "total_time_s": time.perf_counter() - t0,
                    "num_threads": config.num_threads, "history": history, "config_hash": config.config_hash(),
