@@ -289,9 +289,10 @@ class ReasoningLengthStudy(Study):
         table = compare(items, hyp.metric, seed=cfg.seed)
         lengths = length_table(items, cfg.seed)
         verdict = _verdict(table, lengths, decide(table, hyp), cfg)
-        tables = [("generated tokens, chain tokens and generation time per item vs the full-chain model "
-                   f"(ratios of means with paired-bootstrap 95% CIs; time: {cfg.clock} clock, median of "
-                   f"{cfg.repeats} interleaved rounds per item)", lengths)]
+        caption = ("generated tokens, chain tokens and generation time per item vs the full-chain model (ratios of "
+                   f"means with paired-bootstrap 95% CIs; time: {cfg.clock} clock, median of {cfg.repeats} "
+                   f"interleaved rounds per timed item)")
+        tables = [(caption, lengths)]
         by_ops = compare(items, hyp.metric, strata=("ops",), seed=cfg.seed)
         tables.append(("accuracy per number of operations", [{k: r.get(k) for k in (
             "ops", "method", "keep", "n", "accuracy", "ci_low", "ci_high", "diff", "p")} for r in by_ops]))

@@ -28,9 +28,9 @@ def register_cli(train_app: Any) -> None:
     ) -> None:
         """Train the small reasoning LM (Llama, character vocabulary) on multi-step modular arithmetic with
         chain of thought (cached in ~/.cache/tokenreduce/reasoner; one thread, about 15 minutes)."""
+        from .config import checkpoint_dir, tokenskip_dir
         from .tokenskip import finetune_tokenskip
         from .train import train_or_load_metrics, train_reasoner
-        from .config import checkpoint_dir, tokenskip_dir
 
         if tokenskip and no_chain:
             raise ValueError("--tokenskip compresses chains of thought: it cannot go with --no-chain")
