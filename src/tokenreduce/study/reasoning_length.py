@@ -228,7 +228,7 @@ def _verdict(acc_table: list[dict[str, Any]], lengths: list[dict[str, Any]], acc
     why = ("accuracy holds at some gamma and tokens fall proportionally at another, never both"
            if label == "mixed" else "accuracy never within the margin" if not acc_any
            else "tokens never fall proportionally")
-    return Verdict(label, f"{label} ({why}); smallest gamma {effect(worst)}", worst)
+    return Verdict(label, f"{label} ({why}); at the smallest {effect(worst)}", worst)
 
 
 class ReasoningLengthStudy(Study):
@@ -295,7 +295,7 @@ class ReasoningLengthStudy(Study):
                    f"means with paired-bootstrap 95% CIs; time: {cfg.clock} clock, median of {cfg.repeats} "
                    f"interleaved rounds per timed item)")
         tables = [(caption, lengths)]
-        by_ops = compare(items, hyp.metric, strata=("ops",), seed=cfg.seed)
+        by_ops = sorted(compare(items, hyp.metric, strata=("ops",), seed=cfg.seed), key=lambda r: r["ops"])
         tables.append(("accuracy per number of operations", [{k: r.get(k) for k in (
             "ops", "method", "keep", "n", "accuracy", "ci_low", "ci_high", "diff", "p")} for r in by_ops]))
         notes = []
