@@ -12,13 +12,13 @@ from tokenreduce.study.hallucination import HallucinationConfig
 def test_unknown_study_suggests_close_names():
     with pytest.raises(ValueError, match="did you mean 'distraction'"):
         get_study("distraktion")
-    with pytest.raises(ValueError, match="not implemented yet"):
-        get_study("reasoning-length")
+    with pytest.raises(ValueError, match="did you mean 'reasoning-length'"):
+        get_study("reasoning_length")
     assert get_study("hallucination").name == "hallucination"
 
 
 def test_every_study_states_hypothesis_and_test_in_its_docstring():
-    for name in ("distraction", "hallucination"):
+    for name in ("distraction", "hallucination", "reasoning-length"):
         doc = get_study(name).doc
         assert "**Hypothesis**" in doc and "**Test.**" in doc
 
@@ -50,6 +50,8 @@ def test_missing_models_name_the_command_that_builds_them(monkeypatch, tmp_path)
         run_study("hallucination", out=tmp_path, overrides={"model": "existence"})
     with pytest.raises(ValueError, match="model"):
         run_study("hallucination", out=tmp_path, overrides={"model": "pope"})
+    with pytest.raises(FileNotFoundError, match=r"tokenreduce train reasoner`.*tokenreduce train reasoner --tokenskip"):
+        run_study("reasoning-length", out=tmp_path)
     assert not list(tmp_path.glob("*.jsonl"))
 
 

@@ -25,11 +25,10 @@ STUDIES: dict[str, str] = {
     "distraction": "tokenreduce.study.distraction",
     "hallucination": "tokenreduce.study.hallucination",
     "train-reduction": "tokenreduce.study.train_reduction",
+    "reasoning-length": "tokenreduce.study.reasoning_length",
 }
 #: studies the issue asks for that are not built yet -> why
-PLANNED: dict[str, str] = {
-    "reasoning-length": "part 3 of issue 19 (TokenSkip on a decoder trained here) is not implemented yet",
-}
+PLANNED: dict[str, str] = {}
 
 
 @dataclass
