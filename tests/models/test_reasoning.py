@@ -86,6 +86,23 @@ def test_importance_is_one_score_per_chain_token():
         chain_importance(base, problems, "entropy")
 
 
+def test_forced_characters_survive_every_ratio_within_its_budget():
+    """TokenSkip's force_tokens: the step markers are kept first, the rest of the budget by score, in order."""
+    from tokenreduce.models.reasoning.compress import compressed_chains
+
+    base = build_model(TINY, seed=0)
+    problems = make_problems("val", 6)
+    for gamma in (0.8, 0.6, 0.4):
+        plain = compressed_chains(base, problems, [gamma] * 6)
+        forced = compressed_chains(base, problems, [gamma] * 6, force_keep=";=")
+        for p, a, b in zip(problems, plain, forced):
+            assert len(a) == len(b) == max(1, round(gamma * len(p.chain))) and _is_subsequence(b, p.chain)
+            n_marks = sum(c in ";=" for c in p.chain)
+            assert sum(c in ";=" for c in b) == min(n_marks, len(b))
+    assert TokenSkipConfig(force_keep="").config_hash() == TokenSkipConfig().config_hash()
+    assert TokenSkipConfig(force_keep=";=").config_hash() != TokenSkipConfig().config_hash()
+
+
 def test_training_a_tiny_model_lowers_the_loss_and_it_generates():
     model = build_model(TINY, seed=0)
     problems = make_problems("train", 16, seed=0, config=TINY.task)

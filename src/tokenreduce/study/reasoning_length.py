@@ -28,6 +28,7 @@ anything at full length?), outside the hypothesis.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -63,6 +64,9 @@ class ReasoningLengthConfig:
     threads: int = 1
     seed: int = 0
     max_halfwidth: float = 0.15
+    #: the TokenSkip fine-tune to ask: ``TokenSkipConfig(force_keep=...)`` (``""``: the first one; ``";="``:
+    #: the step markers always kept, as TokenSkip's ``force_tokens``)
+    force_keep: str = ""
 
 
 def _smoke_reasoners() -> tuple[Any, Any, Any, Any]:
@@ -81,13 +85,13 @@ def _smoke_reasoners() -> tuple[Any, Any, Any, Any]:
     return base.eval(), ts.eval(), build_tokenizer(), base_cfg
 
 
-def load_reasoners(name: str) -> tuple[Any, Any, Any, Any]:
+def load_reasoners(name: str, force_keep: str = "") -> tuple[Any, Any, Any, Any]:
     """(full-chain model, TokenSkip model, tokenizer, ReasonerConfig): the cached ones, or the smoke pair."""
     if name == SMOKE:
         return _smoke_reasoners()
     from ..models.reasoning import TokenSkipConfig, load_reasoner, load_tokenskip
 
-    cfg = TokenSkipConfig()
+    cfg = TokenSkipConfig(force_keep=force_keep)
     base, tok, _ = load_reasoner(cfg.base)
     ts, _, _ = load_tokenskip(cfg)
     return base, ts, tok, cfg.base
@@ -241,13 +245,14 @@ class ReasoningLengthStudy(Study):
     def missing_models(self, cfg: ReasoningLengthConfig) -> list[str]:
         from ..models.reasoning import TokenSkipConfig, checkpoint_dir, tokenskip_dir
 
-        ts = TokenSkipConfig()
+        ts = TokenSkipConfig(force_keep=cfg.force_keep)
         out = []
         if not (checkpoint_dir(ts.base) / "model.pt").is_file():
             out.append("the reasoning LM is not cached: build it with `tokenreduce train reasoner`")
         if not (tokenskip_dir(ts) / "model.pt").is_file():
+            force = f" --force-keep '{cfg.force_keep}'" if cfg.force_keep else ""
             out.append("its TokenSkip fine-tune is not cached: build it with `tokenreduce train reasoner "
-                       "--tokenskip` (after `tokenreduce train reasoner`)")
+                       f"--tokenskip{force}` (after `tokenreduce train reasoner`)")
         return out
 
     def sweep(self, cfg: ReasoningLengthConfig, smoke: bool) -> Sweep:
@@ -261,18 +266,19 @@ class ReasoningLengthStudy(Study):
         for name in ("n_items", "items_per_cell", "repeats", "time_every", "threads"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name}={getattr(cfg, name)!r} is invalid: an int >= 1")
-        trained = TokenSkipConfig().gammas
+        trained = TokenSkipConfig(force_keep=cfg.force_keep).gammas
         unseen = [g for g in cfg.gammas if g not in trained]
         if unseen and not smoke:
             raise ValueError(f"gammas {unseen} were not in the TokenSkip fine-tune's mixture {trained}")
-        model = SMOKE if smoke else tokenskip_dir(TokenSkipConfig()).name
+        model = SMOKE if smoke else tokenskip_dir(TokenSkipConfig(force_keep=cfg.force_keep)).name
         fields = ("n_items", "gammas", "items_per_cell", "repeats", "time_every", "clock", "max_new_tokens", "threads",
                   "seed")
         settings = {"config": {k: getattr(cfg, k) for k in fields}}
         n_cells = -(-cfg.n_items // cfg.items_per_cell)
         cells = [Cell("study/reasoning-length", model, METHOD, tuple(cfg.gammas), settings, shard=i, timing=True)
                  for i in range(n_cells)]
-        return Sweep("study/reasoning-length", cells, CachedLoader(load_reasoners), run_reasoning_cell,
+        load = CachedLoader(functools.partial(load_reasoners, force_keep=cfg.force_keep))
+        return Sweep("study/reasoning-length", cells, load, run_reasoning_cell,
                      meta={"bench": "study/reasoning-length", "study": self.name}, cpus_per_cell=float(cfg.threads))
 
     def analyse(self, rows: list[dict[str, Any]], cfg: ReasoningLengthConfig) -> StudyResult:

@@ -22,6 +22,8 @@ def register_cli(train_app: Any) -> None:
         tokenskip: bool = typer.Option(False, help="Fine-tune the cached full-chain model with TokenSkip (chains "
                                        "compressed to gamma 1.0/0.8/0.6/0.4, gamma in the prompt)"),
         no_chain: bool = typer.Option(False, help="Train the control that answers without a chain of thought"),
+        force_keep: str = typer.Option("", help="With --tokenskip: characters every compressed chain keeps (e.g. "
+                                       "';=', the step markers, as TokenSkip's force_tokens=['Step', ':'])"),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
         threads: int = typer.Option(1, help="torch threads (speed only; not part of the checkpoint hash)"),
         progress: bool = typer.Option(True, help="Show a progress bar"),
@@ -35,7 +37,7 @@ def register_cli(train_app: Any) -> None:
         if tokenskip and no_chain:
             raise ValueError("--tokenskip compresses chains of thought: it cannot go with --no-chain")
         if tokenskip:
-            ts = TokenSkipConfig(base=ReasonerConfig(num_threads=threads), num_threads=threads)
+            ts = TokenSkipConfig(base=ReasonerConfig(num_threads=threads), num_threads=threads, force_keep=force_keep)
             path = tokenskip_dir(ts) / "model.pt"
             metrics = train_or_load_metrics(path, lambda: finetune_tokenskip(ts, progress), force)
         else:

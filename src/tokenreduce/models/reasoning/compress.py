@@ -35,9 +35,21 @@ __all__ = ["ROLES", "chain_importance", "compress_chain", "compressed_chains", "
 
 
 def chain_importance(model: Any, problems: Sequence[ChainProblem], criterion: str = "self-information",
-                     seed: int = 0) -> list[np.ndarray]:
+                     seed: int = 0, force_keep: str = "") -> list[np.ndarray]:
     """One score per chain token of each problem (higher = keep first): ``-log p(token | <bos> question ?
-    chain so far)`` under ``model`` (``"self-information"``) or seeded uniform scores (``"random"``)."""
+    chain so far)`` under ``model`` (``"self-information"``) or seeded uniform scores (``"random"``); the
+    characters of ``force_keep`` rank above every other token (LLMLingua's ``force_tokens``)."""
+    scores = _scores(model, problems, criterion, seed)
+    if not force_keep:
+        return scores
+    return [s + FORCED * np.isin(np.array(list(p.chain)), list(force_keep)) for p, s in zip(problems, scores)]
+
+
+#: the score bonus of a forced token (self-information is a few nats; uniform scores are < 1)
+FORCED = 1e6
+
+
+def _scores(model: Any, problems: Sequence[ChainProblem], criterion: str, seed: int) -> list[np.ndarray]:
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is invalid: one of {', '.join(CRITERIA)}")
     tok = build_tokenizer()
@@ -77,10 +89,10 @@ ROLES = ("restated", "restated", "restated", "syntax", "result", "syntax")
 
 
 def kept_by_role(model: Any, problems: Sequence[ChainProblem], gammas: Sequence[float],
-                 criterion: str = "self-information", seed: int = 0) -> dict[str, dict[str, float]]:
+                 criterion: str = "self-information", seed: int = 0, force_keep: str = "") -> dict[str, dict[str, float]]:
     """What compression keeps: per gamma, the share of the chains' results, restated operands (``a op b``) and
     syntax (``=``, ``;``) that survive (a diagnostic of the criterion)."""
-    scores = chain_importance(model, problems, criterion, seed)
+    scores = chain_importance(model, problems, criterion, seed, force_keep)
     out = {}
     for g in gammas:
         kept = {r: [0, 0] for r in set(ROLES)}
@@ -93,9 +105,9 @@ def kept_by_role(model: Any, problems: Sequence[ChainProblem], gammas: Sequence[
 
 
 def compressed_chains(model: Any, problems: Sequence[ChainProblem], gammas: Sequence[float],
-                      criterion: str = "self-information", seed: int = 0) -> list[str]:
+                      criterion: str = "self-information", seed: int = 0, force_keep: str = "") -> list[str]:
     """The chain of ``problems[i]`` compressed to ``gammas[i]`` (one scoring pass for all of them)."""
     if len(gammas) != len(problems):
         raise ValueError(f"{len(gammas)} ratios for {len(problems)} problems")
-    scores = chain_importance(model, problems, criterion, seed)
+    scores = chain_importance(model, problems, criterion, seed, force_keep)
     return [compress_chain(p.chain, s, g) for p, s, g in zip(problems, scores, gammas)]

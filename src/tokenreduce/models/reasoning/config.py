@@ -106,6 +106,10 @@ class TokenSkipConfig(StoredConfig):
     warmup_fraction: float = 0.03
     seed: int = 1
     num_threads: int = 1
+    #: characters always kept in a compressed chain (inside its budget): TokenSkip's Llama-3 recipe passes
+    #: ``force_tokens=['Step', ':']`` to LLMLingua-2; here the step separator ``;`` and ``=`` play that part
+    #: (``""``: none, the first fine-tune; absent from the hash when empty)
+    force_keep: str = ""
 
     _HASH_EXCLUDED: ClassVar[frozenset[str]] = frozenset({"num_threads"})
     _JSON_FIELDS: ClassVar[JsonFields] = {"base": (dict, ReasonerConfig.from_dict), "gammas": (list, tuple)}
@@ -129,6 +133,8 @@ class TokenSkipConfig(StoredConfig):
     def config_hash(self) -> str:
         payload = self.hash_payload()
         payload["base"] = self.base.config_hash()
+        if not self.force_keep:
+            payload.pop("force_keep")
         return short_hash({**payload, "_version": MODEL_VERSION}, compact=True)
 
 

@@ -35,7 +35,7 @@ def tokenskip_data(base: Any, config: TokenSkipConfig) -> tuple[list[str], list[
     problems = make_problems("train", config.n_problems, 1000 + config.seed, config.base.task)
     rng = random.Random(config.seed)
     gammas = [rng.choice(config.gammas) for _ in problems]
-    chains = compressed_chains(base, problems, gammas, config.criterion, config.seed)
+    chains = compressed_chains(base, problems, gammas, config.criterion, config.seed, config.force_keep)
     prompts = [prompt_text(p.question, g) for p, g in zip(problems, gammas)]
     return prompts, [completion_text(c, p.answer) for c, p in zip(chains, problems)], gammas
 
@@ -75,7 +75,8 @@ def finetune_tokenskip(config: TokenSkipConfig | None = None, progress: bool = T
                        for c, gg in zip(completions, gammas) if gg == g] for g in config.gammas}
         out = tokenskip_dir(config)
         metrics = {"val": {f"{g:g}": accuracy(model, val, config.base, gamma=g) for g in config.gammas},
-                   "kept_by_role": kept_by_role(base, val[:200], config.gammas, config.criterion, config.seed),
+                   "kept_by_role": kept_by_role(base, val[:200], config.gammas, config.criterion, config.seed,
+                                                 config.force_keep),
                    "train_chain_tokens": {f"{g:g}": sum(v) / max(1, len(v)) for g, v in n_chain.items()},
                    "data_time_s": t_data, "train_time_s": train_time, "total_time_s": time.perf_counter() - t0,
                    "num_threads": config.num_threads, "history": history, "config_hash": config.config_hash(),
