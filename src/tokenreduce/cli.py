@@ -32,6 +32,7 @@ _PLUGINS = {
     "tokenreduce.bench.diffusion": bench_app,
     "tokenreduce.models.vit.cli": train_app,
     "tokenreduce.models.vlm.cli": train_app,
+    "tokenreduce.models.lm.cli": train_app,
     "tokenreduce.models.gemma.cli": convert_app,
     "tokenreduce.models.diffusion": train_app,
     "tokenreduce.study.cli": app,

@@ -24,6 +24,7 @@ __all__ = ["PLANNED", "STUDIES", "Part", "Study", "StudyResult", "get_study", "p
 STUDIES: dict[str, str] = {
     "distraction": "tokenreduce.study.distraction",
     "hallucination": "tokenreduce.study.hallucination",
+    "rho1": "tokenreduce.study.rho1",
 }
 #: studies the issue asks for that are not built yet -> why
 PLANNED: dict[str, str] = {

@@ -8,7 +8,9 @@
   under H0 the discordant pairs split 50/50, ``p = min(1, 2 * P(Bin(b + c, 1/2) <= min(b, c)))``;
 * :func:`holm` -- Holm's step-down adjustment of p-values for a family of tests (Holm 1979);
 * :func:`min_n_for_halfwidth` -- the least n whose worst-case (p = 1/2) Wilson half-width is at most ``h``:
-  a study refuses a verdict below it.
+  a study refuses a verdict below it;
+* :func:`spike_flags` -- which steps of a training curve (loss, gradient norm) are spikes: above ``factor``
+  times the median of the ``window`` steps before.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Z95", "bootstrap_ci", "holm", "mcnemar_exact", "min_n_for_halfwidth", "paired_bootstrap", "wilson"]
+__all__ = ["Z95", "bootstrap_ci", "holm", "mcnemar_exact", "min_n_for_halfwidth", "paired_bootstrap", "spike_flags",
+           "wilson"]
 
 #: the two-sided 95% normal quantile (1.959964...)
 Z95 = NormalDist().inv_cdf(0.975)
@@ -138,3 +141,14 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p))
         out[i] = running
     return out
+
+
+def spike_flags(values: Sequence[float], window: int, factor: float) -> list[bool]:
+    """For each step ``t >= window`` of a training curve: whether ``values[t] > factor * median(values[t - window:
+    t])`` (a loss or gradient-norm spike against the recent level; NaN is a spike). ``len(values) - window``
+    flags (none for a shorter curve)."""
+    if not (isinstance(window, int) and window >= 1) or not factor > 0:
+        raise ValueError(f"spike_flags needs an int window >= 1 and a factor > 0, got window={window!r}, "
+                         f"factor={factor!r}")
+    v = np.asarray(values, dtype=float)
+    return [bool(not v[t] <= factor * np.median(v[t - window : t])) for t in range(window, len(v))]
