@@ -11,6 +11,7 @@ from .adapters.encoder import mean_pool
 from .api import apply, methods  # `tr.methods` is the function; the package stays tokenreduce.methods
 from .compress import compress  # `tr.compress` is the function; the module stays tokenreduce.compress
 from .core import Keep, Reducer, TokenState, criteria, strategies
+from .core.loss import rho1_loss  # selective language modelling (Rho-1): token selection in the training loss
 from .pipelines import generate_with_question, question_length  # kv-cache QA: count / keep the question
 
 __version__ = "0.1.0"
@@ -29,5 +30,6 @@ __all__ = [
     "mean_pool",
     "methods",
     "question_length",
+    "rho1_loss",
     "strategies",
 ]

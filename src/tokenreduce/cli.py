@@ -33,6 +33,7 @@ _PLUGINS = {
     "tokenreduce.models.vit.cli": train_app,
     "tokenreduce.models.vlm.cli": train_app,
     "tokenreduce.models.reasoning.cli": train_app,
+    "tokenreduce.models.lm.cli": train_app,
     "tokenreduce.models.gemma.cli": convert_app,
     "tokenreduce.models.diffusion": train_app,
     "tokenreduce.study.cli": app,

@@ -17,7 +17,7 @@ def _cli(args, monkeypatch):
     cli.main()
 
 
-@pytest.mark.parametrize("name", ["distraction", "hallucination", "train-reduction", "reasoning-length"])
+@pytest.mark.parametrize("name", ["distraction", "hallucination", "train-reduction", "reasoning-length", "rho1"])
 def test_smoke_study_end_to_end_and_resumes(name, tmp_path, monkeypatch, capsys):
     out = tmp_path / name
     _cli(["study", name, "--smoke", "--out", str(out)], monkeypatch)

@@ -1,5 +1,5 @@
-"""What the trainers of :mod:`tokenreduce.models` share: the warm-up + cosine learning-rate schedule, a
-temporary torch thread count and loading a checkpoint's weights and metrics."""
+"""What the trainers of :mod:`tokenreduce.models` share: AdamW with the warm-up + cosine learning-rate schedule,
+a temporary torch thread count and loading a checkpoint's weights and metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ensure_trained", "load_checkpoint", "torch_threads", "warmup_cosine"]
+__all__ = ["ensure_trained", "load_checkpoint", "make_optimizer", "torch_threads", "warmup_cosine"]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -55,3 +55,25 @@ def ensure_trained(path: Path, train_if_missing: bool, train: Callable[[], objec
     if not train_if_missing:
         raise FileNotFoundError(missing)
     train()
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on 1-d params (norms, biases), pos_embed, cls_token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in ("pos_embed", "cls_token") or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
+                   warmup_fraction: float, min_lr_ratio: float):
+    """AdamW (no decay on norms, biases, position embedding, CLS token) and its warm-up + cosine schedule."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, min_lr_ratio))
+    return opt, sched

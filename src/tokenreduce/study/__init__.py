@@ -13,7 +13,7 @@ from .analysis import BASELINE, Hypothesis, Metric, Verdict, compare, decide
 from .cli import register_cli
 from .registry import PLANNED, STUDIES, Part, Study, StudyResult, get_study, parse_overrides
 from .run import StudyRun, run_study
-from .stats import bootstrap_ci, holm, mcnemar_exact, min_n_for_halfwidth, paired_bootstrap, wilson
+from .stats import bootstrap_ci, holm, mcnemar_exact, min_n_for_halfwidth, paired_bootstrap, spike_flags, wilson
 
 __all__ = [
     "BASELINE",
@@ -37,5 +37,6 @@ __all__ = [
     "parse_overrides",
     "register_cli",
     "run_study",
+    "spike_flags",
     "wilson",
 ]

@@ -16,7 +16,7 @@ def register_cli(app: Any) -> None:
 
     @app.command("study")
     def study(
-        name: str = typer.Argument(..., help="distraction | hallucination | train-reduction | reasoning-length"),
+        name: str = typer.Argument(..., help="distraction | hallucination | train-reduction | reasoning-length | rho1"),
         smoke: bool = o.smoke,
         out: str = typer.Option(None, help="output directory (default results/study/<name>[/smoke])"),
         set_: list[str] = typer.Option([], "--set", help="override a configuration field, e.g. --set "

@@ -26,6 +26,7 @@ STUDIES: dict[str, str] = {
     "hallucination": "tokenreduce.study.hallucination",
     "train-reduction": "tokenreduce.study.train_reduction",
     "reasoning-length": "tokenreduce.study.reasoning_length",
+    "rho1": "tokenreduce.study.rho1",
 }
 #: studies the issue asks for that are not built yet -> why
 PLANNED: dict[str, str] = {}

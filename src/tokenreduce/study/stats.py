@@ -10,7 +10,7 @@
 * :func:`min_n_for_halfwidth` -- the least n whose worst-case (p = 1/2) Wilson half-width is at most ``h``:
   a study refuses a verdict below it;
 * training curves: :func:`spike_ratios` / :func:`count_spikes` -- a step is a spike when its value exceeds
-  ``k`` times the median of the ``window`` steps before it; :func:`trailing_mean` (the smoothed curve) and
+  ``k`` times the median of the ``window`` steps before it (a NaN step is a spike), :func:`spike_flags` the same rule per step; :func:`trailing_mean` (the smoothed curve) and
   :func:`seed_spread` -- the per-step standard deviation across seeds of smoothed curves, averaged over steps.
 """
 
@@ -33,6 +33,7 @@ __all__ = [
     "min_n_for_halfwidth",
     "paired_bootstrap",
     "seed_spread",
+    "spike_flags",
     "spike_ratios",
     "trailing_mean",
     "wilson",
@@ -183,9 +184,15 @@ def spike_ratios(x: Sequence[float], window: int) -> np.ndarray:
 def count_spikes(x: Sequence[float], k: float, window: int) -> int:
     """The number of steps ``t >= window`` with ``x[t] > k * median(x[t - window : t])`` (a loss or gradient-norm
     spike; ``k > 1`` fixed before the run)."""
+    return int(np.sum(spike_flags(x, window, k)))
+
+
+def spike_flags(x: Sequence[float], window: int, k: float) -> list[bool]:
+    """For each step ``t >= window``: whether ``x[t] > k * median(x[t - window : t])`` (NaN counts as a spike);
+    ``len(x) - window`` flags (none for a shorter curve)."""
     if not k > 1.0:
         raise ValueError(f"k={k!r} is invalid: a spike is k times the running median, k must be > 1")
-    return int(np.sum(spike_ratios(x, window) > k))
+    return (~(spike_ratios(x, window) <= k)).tolist()
 
 
 def trailing_mean(x: Sequence[float], window: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from tokenreduce.data.digits import generate_cluttered_digits
 
 from ..checkpoint import atomic_write
-from ..training import ensure_trained, load_checkpoint, torch_threads, warmup_cosine
+from ..training import ensure_trained, load_checkpoint, make_optimizer, torch_threads
 from .config import TrainConfig, checkpoint_dir
 from .evaluation import evaluate, reference_eval_set
 from .model import build_reference_vit
@@ -38,19 +38,6 @@ __all__ = ["TrainLog", "TrainRun", "init_model", "load_reference_vit", "make_opt
 _TRAIN_HINT = "build it once with `tokenreduce train vit`"
 #: training images are generated in chunks of this many batches
 _CHUNK_BATCHES = 16
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on 1-d params (norms, biases), pos_embed, cls_token."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name in ("pos_embed", "cls_token") or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _train_chunks(config: TrainConfig, epoch: int, chunk_size: int):
@@ -69,15 +56,6 @@ def train_batches(config: TrainConfig, epoch: int, batch_size: int):
     for xs, ys in _train_chunks(config, epoch, batch_size * _CHUNK_BATCHES):
         for i in range(0, xs.shape[0], batch_size):
             yield xs[i : i + batch_size], ys[i : i + batch_size]
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
-                   warmup_fraction: float, min_lr_ratio: float):
-    """AdamW (no decay on norms, biases, position embedding, CLS token) and its warm-up + cosine schedule."""
-    warmup = max(1, round(warmup_fraction * total_steps))
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup, min_lr_ratio))
-    return opt, sched
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
