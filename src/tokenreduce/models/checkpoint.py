@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["JsonFields", "StoredConfig", "atomic_write", "short_hash"]
+__all__ = ["JsonFields", "StoredConfig", "atomic_write", "save_checkpoint", "short_hash"]
 
 #: field -> (the JSON type its value has in ``config.json``, how to rebuild the field's value from it)
 JsonFields = dict[str, tuple[type, Callable[[Any], Any]]]
@@ -64,3 +64,14 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, config: StoredConfig, metrics: dict[str, Any], model: Any = None) -> None:
+    """``config.json`` and ``metrics.json`` into ``out``, then, given ``model``, its state dict as ``model.pt``
+    (last: the file a cache check looks for), each atomically."""
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    if model is not None:
+        import torch
+
+        atomic_write(out / "model.pt", lambda p: torch.save(model.state_dict(), p))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ensure_trained", "load_checkpoint", "make_optimizer", "torch_threads", "warmup_cosine"]
+__all__ = ["cached_metrics", "ensure_trained", "load_checkpoint", "make_optimizer", "torch_threads", "warmup_cosine"]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -45,6 +45,15 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> dict[str, Any]:
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     metrics_path = path.with_name("metrics.json")
     return json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+
+
+def cached_metrics(path: Path, train: Callable[[], dict[str, Any]], force: bool = False) -> dict[str, Any]:
+    """The ``metrics.json`` beside the checkpoint ``path`` (``model.pt``) with ``cached=True``, or, when either file
+    is missing or ``force``, the metrics ``train()`` returns with ``cached=False`` (a ``train`` command's summary)."""
+    metrics_path = path.with_name("metrics.json")
+    if path.is_file() and metrics_path.is_file() and not force:
+        return {**json.loads(metrics_path.read_text()), "cached": True}
+    return {**train(), "cached": False}
 
 
 def ensure_trained(path: Path, train_if_missing: bool, train: Callable[[], object], missing: str) -> None:

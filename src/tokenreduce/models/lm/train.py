@@ -4,7 +4,6 @@ token ids, a pluggable loss such as :func:`tokenreduce.rho1_loss`) and the small
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -15,8 +14,8 @@ from typing import Any
 import torch
 
 from ...core.loss import token_cross_entropy
-from ..checkpoint import atomic_write
-from ..training import ensure_trained, load_checkpoint, make_optimizer, torch_threads
+from ..checkpoint import atomic_write, save_checkpoint
+from ..training import cached_metrics, ensure_trained, load_checkpoint, make_optimizer, torch_threads
 from .config import LMConfig, OptimConfig, checkpoint_dir
 from .data import Batch, corpus_splits, encode_documents, eval_windows, random_window_batches
 from .evaluation import perplexity
@@ -101,10 +100,8 @@ def train_causal_lm(model: torch.nn.Module, batches: Iterable[Batch], steps: int
 
 
 def _save(out: Path, model: torch.nn.Module, tokenizer: Any, config: LMConfig, metrics: dict[str, Any]) -> None:
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
     atomic_write(out / "tokenizer.json", lambda p: tokenizer.backend_tokenizer.save(str(p)))
-    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
-    atomic_write(out / "model.pt", lambda p: torch.save(model.state_dict(), p))
+    save_checkpoint(out, config, metrics, model)
 
 
 def train_small_lm(config: LMConfig | None = None, progress: bool = True) -> dict[str, Any]:
@@ -172,11 +169,8 @@ def load_small_lm(train_if_missing: bool = False, config: LMConfig | None = None
 def train_or_load_metrics(config: LMConfig | None = None, force: bool = False, progress: bool = True) -> dict:
     """Metrics summary of the cached small LM of ``config``, training it first if missing or ``force``."""
     config = config or LMConfig()
-    out = checkpoint_dir(config)
-    if (out / "model.pt").is_file() and (out / "metrics.json").is_file() and not force:
-        metrics = {**json.loads((out / "metrics.json").read_text()), "cached": True}
-    else:
-        metrics = {**train_small_lm(config, progress=progress), "cached": False}
+    metrics = cached_metrics(checkpoint_dir(config) / "model.pt", lambda: train_small_lm(config, progress=progress),
+                             force)
     keys = ("test_ppl", "val_ppl", "test_tokens", "split_tokens", "epochs", "num_params", "train_time_s",
             "total_time_s", "num_threads", "checkpoint", "cached")
     return {k: metrics.get(k) for k in keys}

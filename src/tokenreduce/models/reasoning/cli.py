@@ -30,18 +30,19 @@ def register_cli(train_app: Any) -> None:
     ) -> None:
         """Train the small reasoning LM (Llama, character vocabulary) on multi-step modular arithmetic with
         chain of thought (cached in ~/.cache/tokenreduce/reasoner; one thread, about 15 minutes)."""
+        from ..training import cached_metrics
         from .config import checkpoint_dir, tokenskip_dir
         from .tokenskip import finetune_tokenskip
-        from .train import train_or_load_metrics, train_reasoner
+        from .train import train_reasoner
 
         if tokenskip and no_chain:
             raise ValueError("--tokenskip compresses chains of thought: it cannot go with --no-chain")
         if tokenskip:
             ts = TokenSkipConfig(base=ReasonerConfig(num_threads=threads), num_threads=threads, force_keep=force_keep)
             path = tokenskip_dir(ts) / "model.pt"
-            metrics = train_or_load_metrics(path, lambda: finetune_tokenskip(ts, progress), force)
+            metrics = cached_metrics(path, lambda: finetune_tokenskip(ts, progress), force)
         else:
             cfg = ReasonerConfig(chain=not no_chain, num_threads=threads)
             path = checkpoint_dir(cfg) / "model.pt"
-            metrics = train_or_load_metrics(path, lambda: train_reasoner(cfg, progress), force)
+            metrics = cached_metrics(path, lambda: train_reasoner(cfg, progress), force)
         typer.echo(json.dumps({k: metrics[k] for k in _SUMMARY if k in metrics}, indent=2))

@@ -17,11 +17,12 @@ from typing import Any
 
 from tokenreduce.data.chains import make_problems
 
+from ..checkpoint import save_checkpoint
 from ..training import ensure_trained, load_checkpoint, torch_threads
 from .compress import compressed_chains, kept_by_role
 from .config import TokenSkipConfig, tokenskip_dir
 from .tokenizer import build_tokenizer, completion_text, prompt_text
-from .train import Batch, accuracy, build_model, fit, load_reasoner, save_checkpoint
+from .train import Batch, accuracy, build_model, fit, load_reasoner
 
 __all__ = ["finetune_tokenskip", "load_tokenskip", "tokenskip_data"]
 
@@ -82,7 +83,7 @@ def finetune_tokenskip(config: TokenSkipConfig | None = None, progress: bool = T
                    "num_threads": config.num_threads, "history": history, "config_hash": config.config_hash(),
                    "base": config.base.config_hash(), "checkpoint": str(out / "model.pt"),
                    "examples": [{"prompt": p, "completion": c} for p, c in list(zip(prompts, completions))[:8]]}
-        save_checkpoint(out, model, config, metrics)
+        save_checkpoint(out, config, metrics, model)
         return metrics
 
 

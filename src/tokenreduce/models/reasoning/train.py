@@ -5,23 +5,20 @@ the full-chain model and the TokenSkip fine-tune (:mod:`.tokenskip`) both run it
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from tokenreduce.data.chains import ChainProblem, make_problems
 
-from ..checkpoint import atomic_write
+from ..checkpoint import save_checkpoint
 from ..training import ensure_trained, load_checkpoint, torch_threads, warmup_cosine
 from .config import ReasonerConfig, checkpoint_dir
 from .tokenizer import build_tokenizer, completion_text, parse_completion, prompt_text
 
-__all__ = ["Batch", "accuracy", "build_model", "encode", "fit", "greedy", "load_reasoner", "save_checkpoint",
-           "train_or_load_metrics", "train_reasoner"]
+__all__ = ["Batch", "accuracy", "build_model", "encode", "fit", "greedy", "load_reasoner", "train_reasoner"]
 
 #: (prompts, completions) of one training step, as text
 Batch = tuple[list[str], list[str]]
@@ -146,13 +143,6 @@ def problem_batches(problems: Sequence[ChainProblem], batch_size: int, chain: bo
                [completion_text(p.chain if chain else "", p.answer) for p in ps])
 
 
-def save_checkpoint(out: Path, model: Any, config: Any, metrics: dict[str, Any]) -> None:
-    """``config.json``, ``metrics.json`` and ``model.pt`` (the state dict) into ``out``, each atomically."""
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
-    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
-    atomic_write(out / "model.pt", lambda p: torch.save(model.state_dict(), p))
-
-
 def train_reasoner(config: ReasonerConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the model of ``config`` on ``steps x batch_size`` fresh problems, measure it on the validation
     problems (accuracy, generated tokens), cache it; returns the metrics."""
@@ -171,7 +161,7 @@ def train_reasoner(config: ReasonerConfig | None = None, progress: bool = True) 
                    "train_time_s": train_time, "total_time_s": time.perf_counter() - t0,
                    "num_params": sum(p.numel() for p in model.parameters()), "num_threads": config.num_threads,
                    "history": history, "config_hash": config.config_hash(), "checkpoint": str(out / "model.pt")}
-        save_checkpoint(out, model, config, metrics)
+        save_checkpoint(out, config, metrics, model)
         return metrics
 
 
@@ -187,10 +177,3 @@ def load_reasoner(config: ReasonerConfig | None = None, train_if_missing: bool =
     model = build_model(config)
     metrics = load_checkpoint(model, path)
     return model.eval(), build_tokenizer(), {"config": config, "metrics": metrics, "path": path}
-
-
-def train_or_load_metrics(path: Path, train: Callable[[], dict[str, Any]], force: bool) -> dict[str, Any]:
-    """The metrics cached beside ``path`` (``model.pt``), training first (``train()``) when missing or ``force``."""
-    if path.is_file() and path.with_name("metrics.json").is_file() and not force:
-        return {**json.loads(path.with_name("metrics.json").read_text()), "cached": True}
-    return {**train(), "cached": False}

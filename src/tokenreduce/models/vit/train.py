@@ -27,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from tokenreduce.data.digits import generate_cluttered_digits
 
 from ..checkpoint import atomic_write
-from ..training import ensure_trained, load_checkpoint, make_optimizer, torch_threads
+from ..training import cached_metrics, ensure_trained, load_checkpoint, make_optimizer, torch_threads
 from .config import TrainConfig, checkpoint_dir
 from .evaluation import evaluate, reference_eval_set
 from .model import build_reference_vit
@@ -286,13 +286,8 @@ def load_reference_vit(
 def train_or_load_metrics(config: TrainConfig | None = None, force: bool = False, progress: bool = True) -> dict:
     """Metrics summary of the cached checkpoint of ``config``, training it first if missing or ``force``."""
     config = config or TrainConfig()
-    out = checkpoint_dir(config)
-    if (out / "model.pt").is_file() and (out / "metrics.json").is_file() and not force:
-        metrics = json.loads((out / "metrics.json").read_text())
-        metrics["cached"] = True
-    else:
-        metrics = train_reference_vit(config, progress=progress)
-        metrics["cached"] = False
+    metrics = cached_metrics(checkpoint_dir(config) / "model.pt", lambda: train_reference_vit(config, progress=progress),
+                             force)
     keys = ("val_acc", "test_acc", "n_val", "n_test", "train_time_s", "total_time_s", "num_threads", "checkpoint",
             "cached")
     return {k: metrics.get(k) for k in keys}

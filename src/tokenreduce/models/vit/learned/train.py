@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...checkpoint import JsonFields, StoredConfig, atomic_write, short_hash
+from ...checkpoint import JsonFields, StoredConfig, atomic_write, save_checkpoint, short_hash
 from ...training import torch_threads, warmup_cosine
 from ..config import TrainConfig, check_positive_ints
 from .diffrate import DiffRateTrainer
@@ -178,8 +178,7 @@ def train_learned(model: nn.Module, config: LearnedConfig, batches: Iterable[tup
         if evaluate is not None:
             metrics.update(evaluate())
         metrics["total_time_s"] = time.perf_counter() - t_start
-        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config.to_dict(), indent=2)))
-        atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        save_checkpoint(out, config, metrics)
         return metrics
 
 
