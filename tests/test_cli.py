@@ -101,3 +101,19 @@ def test_bench_errors_are_one_line_and_come_before_any_work(capsys, tmp_path):
 def test_help_shows_defaults():
     res = CliRunner().invoke(_app(), ["bench", "vit", "--help"])
     assert "[default: tome,evit" in " ".join(res.output.split()).replace("│ ", "")
+
+
+def test_every_command_help_renders():
+    """Every command and sub-command prints its help (help texts hold brackets that rich markup would parse)."""
+    import typer.main
+
+    group = typer.main.get_command(_app())
+    paths = [[]]
+    for name, cmd in group.commands.items():
+        paths.append([name])
+        paths += [[name, sub] for sub in getattr(cmd, "commands", {})]
+    assert len(paths) > 15
+    for path in paths:
+        res = CliRunner().invoke(_app(), [*path, "--help"])
+        assert res.exit_code == 0, (path, res.output, res.exception)
+        assert "Usage:" in res.output, path

@@ -11,10 +11,11 @@ import importlib.util
 
 import typer
 
+# Help texts are plain text: they hold brackets ("[0, 1]", "<name>[/smoke]") that rich markup would parse.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  context_settings={"show_default": True},
+                  context_settings={"show_default": True}, rich_markup_mode=None,
                   help="Token reduction for vision, language and multimodal transformers.")
-_SUB = {"no_args_is_help": True, "context_settings": {"show_default": True}}
+_SUB = {"no_args_is_help": True, "context_settings": {"show_default": True}, "rich_markup_mode": None}
 bench_app = typer.Typer(help="Run a benchmark (JSONL + plots + HTML report).", **_SUB)
 train_app = typer.Typer(help="Train a reference model (cached in ~/.cache/tokenreduce).", **_SUB)
 convert_app = typer.Typer(help="Convert a packaged pretrained model to a cached checkpoint.", **_SUB)
