@@ -176,3 +176,21 @@ def test_config_errors_name_the_bad_value(kw, needle):
 def test_unknown_method_is_refused_before_anything_runs():
     with pytest.raises(ValueError, match="not vision .* methods; accepted: .*tome"):
         STUDY.sweep(_cfg(methods=("tome", "snapkv")), smoke=True)
+
+
+def test_cost_table_uses_the_interleaved_timing_not_separate_runs():
+    """Separate runs' CPU seconds depend on the machine's load when each ran; the cost ratio comes from the
+    equal-compute run's interleaved timing: steps x (method s/step / full s/step) / the full run's steps."""
+    cfg = dataclasses.replace(TrainReductionConfig(), methods=("tome",), steps=60)
+    rows = _runs({"tome": 0.0})
+    for r in rows:
+        if r["method"] == "tome" and r["budget"] == "compute":
+            r.update(steps=90, calibration={"median": {"none": 0.2, "tome": 0.1}})
+    cost = dict(TrainReductionStudy().analyse(rows, cfg).tables)
+    table = next(t for c, t in cost.items() if c.startswith("training cost"))
+    steps_row = next(r for r in table if r["method"] == "tome" and r["budget"] == "steps")
+    compute_row = next(r for r in table if r["method"] == "tome" and r["budget"] == "compute")
+    assert math.isclose(steps_row["s/step vs full (interleaved)"], 0.5)
+    assert math.isclose(steps_row["compute vs full (interleaved)"], 0.5)
+    assert math.isclose(compute_row["compute vs full (interleaved)"], 90 * 0.5 / 60)
+    assert math.isclose(compute_row["CPU vs full (separate runs)"], 1.0)  # the synthetic runs all say 10 s
