@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import compact, masked_topk
+from .ops import NEG, compact, masked_topk
 
 __all__ = [
     "hiprune_keep",
@@ -26,7 +26,6 @@ __all__ = [
     "visual_work",
 ]
 
-NEG = float("-inf")
 
 
 # ---------------------------------------------------------------------------- VisionZip
