@@ -101,6 +101,7 @@ def test_forced_characters_survive_every_ratio_within_its_budget():
             assert sum(c in ";=" for c in b) == min(n_marks, len(b))
     assert TokenSkipConfig(force_keep="").config_hash() == TokenSkipConfig().config_hash()
     assert TokenSkipConfig(force_keep=";=").config_hash() != TokenSkipConfig().config_hash()
+    assert TokenSkipConfig(lr=1e-4).config_hash() != TokenSkipConfig().config_hash()
 
 
 def test_training_a_tiny_model_lowers_the_loss_and_it_generates():

@@ -52,6 +52,8 @@ def test_missing_models_name_the_command_that_builds_them(monkeypatch, tmp_path)
         run_study("hallucination", out=tmp_path, overrides={"model": "pope"})
     with pytest.raises(FileNotFoundError, match=r"tokenreduce train reasoner`.*tokenreduce train reasoner --tokenskip"):
         run_study("reasoning-length", out=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"--tokenskip --force-keep ';=' --lr 0.0001`"):
+        run_study("reasoning-length", out=tmp_path, overrides={"force_keep": ";=", "tokenskip_lr": 1e-4})
     assert not list(tmp_path.glob("*.jsonl"))
 
 

@@ -67,6 +67,14 @@ class ReasoningLengthConfig:
     #: the TokenSkip fine-tune to ask: ``TokenSkipConfig(force_keep=...)`` (``""``: the first one; ``";="``:
     #: the step markers always kept, as TokenSkip's ``force_tokens``)
     force_keep: str = ""
+    #: its learning rate (TokenSkipConfig.lr; 1e-3: the first fine-tunes)
+    tokenskip_lr: float = 1e-3
+
+    def tokenskip(self) -> Any:
+        """The :class:`~tokenreduce.models.reasoning.TokenSkipConfig` of the fine-tune this study asks."""
+        from ..models.reasoning import TokenSkipConfig
+
+        return TokenSkipConfig(force_keep=self.force_keep, lr=self.tokenskip_lr)
 
 
 def _smoke_reasoners() -> tuple[Any, Any, Any, Any]:
@@ -85,13 +93,14 @@ def _smoke_reasoners() -> tuple[Any, Any, Any, Any]:
     return base.eval(), ts.eval(), build_tokenizer(), base_cfg
 
 
-def load_reasoners(name: str, force_keep: str = "") -> tuple[Any, Any, Any, Any]:
-    """(full-chain model, TokenSkip model, tokenizer, ReasonerConfig): the cached ones, or the smoke pair."""
+def load_reasoners(name: str, cfg: Any = None) -> tuple[Any, Any, Any, Any]:
+    """(full-chain model, TokenSkip model, tokenizer, ReasonerConfig): the cached ones (``cfg``: the
+    TokenSkipConfig, default the first fine-tune), or the smoke pair."""
     if name == SMOKE:
         return _smoke_reasoners()
     from ..models.reasoning import TokenSkipConfig, load_reasoner, load_tokenskip
 
-    cfg = TokenSkipConfig(force_keep=force_keep)
+    cfg = cfg or TokenSkipConfig()
     base, tok, _ = load_reasoner(cfg.base)
     ts, _, _ = load_tokenskip(cfg)
     return base, ts, tok, cfg.base
@@ -243,21 +252,22 @@ class ReasoningLengthStudy(Study):
                                        "max_new_tokens": 12}
 
     def missing_models(self, cfg: ReasoningLengthConfig) -> list[str]:
-        from ..models.reasoning import TokenSkipConfig, checkpoint_dir, tokenskip_dir
+        from ..models.reasoning import checkpoint_dir, tokenskip_dir
 
-        ts = TokenSkipConfig(force_keep=cfg.force_keep)
+        ts = cfg.tokenskip()
         out = []
         if not (checkpoint_dir(ts.base) / "model.pt").is_file():
             out.append("the reasoning LM is not cached: build it with `tokenreduce train reasoner`")
         if not (tokenskip_dir(ts) / "model.pt").is_file():
-            force = f" --force-keep '{cfg.force_keep}'" if cfg.force_keep else ""
+            force = (f" --force-keep '{cfg.force_keep}'" if cfg.force_keep else "") + (
+                f" --lr {cfg.tokenskip_lr:g}" if ts.lr != type(ts)().lr else "")
             out.append("its TokenSkip fine-tune is not cached: build it with `tokenreduce train reasoner "
                        f"--tokenskip{force}` (after `tokenreduce train reasoner`)")
         return out
 
     def sweep(self, cfg: ReasoningLengthConfig, smoke: bool) -> Sweep:
         from ..bench.timing import CLOCKS
-        from ..models.reasoning import TokenSkipConfig, gamma_token, tokenskip_dir
+        from ..models.reasoning import gamma_token, tokenskip_dir
 
         for g in cfg.gammas:
             gamma_token(g)
@@ -266,18 +276,18 @@ class ReasoningLengthStudy(Study):
         for name in ("n_items", "items_per_cell", "repeats", "time_every", "threads"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name}={getattr(cfg, name)!r} is invalid: an int >= 1")
-        trained = TokenSkipConfig(force_keep=cfg.force_keep).gammas
+        trained = cfg.tokenskip().gammas
         unseen = [g for g in cfg.gammas if g not in trained]
         if unseen and not smoke:
             raise ValueError(f"gammas {unseen} were not in the TokenSkip fine-tune's mixture {trained}")
-        model = SMOKE if smoke else tokenskip_dir(TokenSkipConfig(force_keep=cfg.force_keep)).name
+        model = SMOKE if smoke else tokenskip_dir(cfg.tokenskip()).name
         fields = ("n_items", "gammas", "items_per_cell", "repeats", "time_every", "clock", "max_new_tokens", "threads",
                   "seed")
         settings = {"config": {k: getattr(cfg, k) for k in fields}}
         n_cells = -(-cfg.n_items // cfg.items_per_cell)
         cells = [Cell("study/reasoning-length", model, METHOD, tuple(cfg.gammas), settings, shard=i, timing=True)
                  for i in range(n_cells)]
-        load = CachedLoader(functools.partial(load_reasoners, force_keep=cfg.force_keep))
+        load = CachedLoader(functools.partial(load_reasoners, cfg=cfg.tokenskip()))
         return Sweep("study/reasoning-length", cells, load, run_reasoning_cell,
                      meta={"bench": "study/reasoning-length", "study": self.name}, cpus_per_cell=float(cfg.threads))
 

@@ -24,6 +24,7 @@ def register_cli(train_app: Any) -> None:
         no_chain: bool = typer.Option(False, help="Train the control that answers without a chain of thought"),
         force_keep: str = typer.Option("", help="With --tokenskip: characters every compressed chain keeps (e.g. "
                                        "';=', the step markers, as TokenSkip's force_tokens=['Step', ':'])"),
+        lr: float = typer.Option(TokenSkipConfig.lr, help="With --tokenskip: the fine-tune's peak learning rate"),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
         threads: int = typer.Option(1, help="torch threads (speed only; not part of the checkpoint hash)"),
         progress: bool = typer.Option(True, help="Show a progress bar"),
@@ -35,10 +36,13 @@ def register_cli(train_app: Any) -> None:
         from .tokenskip import finetune_tokenskip
         from .train import train_reasoner
 
+        if lr != TokenSkipConfig.lr and not tokenskip:
+            raise ValueError(f"--lr {lr:g} sets the TokenSkip fine-tune's learning rate: it needs --tokenskip")
         if tokenskip and no_chain:
             raise ValueError("--tokenskip compresses chains of thought: it cannot go with --no-chain")
         if tokenskip:
-            ts = TokenSkipConfig(base=ReasonerConfig(num_threads=threads), num_threads=threads, force_keep=force_keep)
+            ts = TokenSkipConfig(base=ReasonerConfig(num_threads=threads), num_threads=threads, force_keep=force_keep,
+                                 lr=lr)
             path = tokenskip_dir(ts) / "model.pt"
             metrics = cached_metrics(path, lambda: finetune_tokenskip(ts, progress), force)
         else:
