@@ -28,6 +28,7 @@ __all__ = ["train_forward", "training_batch"]
 
 #: the words a spatial rationale names a place with (tagged ``lookup``)
 _PLACE_WORDS = frozenset(w for name in POSITION_NAMES for w in name.split())
+_DESCRIBE = LOSS_TYPES.index("describe")
 
 
 def _reduce_plan(c: VLMTrainConfig, rng) -> tuple[str | None, Any, list[int], bool]:
@@ -91,15 +92,21 @@ def training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> d
                     tok("answer :", add_special_tokens=False)["input_ids"]
             else:
                 q = (ids_img if j == 0 else []) + tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
-            target = training_target(qa, c.rationale, c.rationale_axis)
+            if qa.qtype == "existence":  # its rationale is the description: in the describe task's order
+                qa = ordered_description(qa, s, c.describe_order)
+            target = training_target(qa, c.rationale, c.rationale_axis, c.existence_rationale)
             a = tok(target, add_special_tokens=False)["input_ids"] + [eos]
             if c.route_weight and kind != "pool":  # a pooled token has no single cell
                 first = len(ids) + len(q)  # position of the first answer token
-                route += [(first + k, cells) for k, cells in routing_targets(qa, s, c.rationale, c.rationale_axis)]
+                route += [(first + k, cells) for k, cells in
+                          routing_targets(qa, s, c.rationale, c.rationale_axis, c.existence_rationale)]
             ids += q + a
             lab += [-100] * len(q) + a
             ty += [-1] * len(q) + [LOSS_TYPES.index(qa.qtype)] * len(a)
-            if target != qa.answer:
+            if target != qa.answer and qa.qtype == "existence":
+                # the rationale is a description, trained as one; the type's own term is the yes/no + </s>
+                ty[len(ty) - len(a): len(ty) - 2] = [_DESCRIBE] * (len(a) - 2)
+            elif target != qa.answer:
                 ty[-2] = RELATION  # the scored answer after a rationale (the relation step): own tag
                 for k, t in enumerate(a[:-2]):  # the rationale's place words (the look-up): own tag
                     if VOCAB[t] in _PLACE_WORDS:
