@@ -46,6 +46,10 @@ def test_config_hash_unchanged_when_off():
     assert e.parent() == VLMTrainConfig().parent()
     with pytest.raises(ValueError, match="existence_rationale=True needs existence=True"):
         VLMTrainConfig(existence_rationale=True)
+    t = VLMTrainConfig(existence=True, existence_rationale=True, existence_text=8)
+    assert t.config_hash() != e.config_hash() and t.parent() == e.parent()
+    with pytest.raises(ValueError, match="existence_text=8 needs existence_rationale=True"):
+        VLMTrainConfig(existence=True, existence_text=8)
 
 
 def test_batch_tags_the_rationale_as_a_description():
@@ -102,8 +106,30 @@ def test_evaluation_scores_only_the_final_answer(flag):
 def test_study_accepts_the_model():
     from tokenreduce.study.hallucination import VLM_MODELS, vlm_config
 
-    assert VLM_MODELS == ("default", "existence", "existence-rationale")
+    assert VLM_MODELS == ("default", "existence", "existence-rationale", "existence-rationale-text")
     assert vlm_config("existence-rationale") == VLMTrainConfig(existence=True, existence_rationale=True)
     assert vlm_config("existence").config_hash() == "0478aeed2d"
     with pytest.raises(ValueError, match="accepted: default, existence, existence-rationale"):
         vlm_config("pope")
+
+
+def test_text_only_existence_turns():
+    """existence_text: text-only sequences of existence turns, the description given (not trained), only the
+    yes/no and </s> after it trained, the yes/no right for the description it follows."""
+    from tokenreduce.models.vlm.batches import training_batch
+
+    c = VLMTrainConfig(**{**TINY, "batch_size": 2}, existence=True, existence_rationale=True, existence_text=3)
+    b = training_batch(c, 0, build_tokenizer())
+    assert b["input_ids"].shape[0] == 5 and b["pixel_values"].shape[0] == 2
+    text = LOSS_TYPES.index("text")
+    for ids, lab, ty in zip(*(b[k][2:].tolist() for k in ("input_ids", "labels", "answer_types"))):
+        assert VOCAB.index("<image>") not in ids and set(ty) <= {-1, text}
+        trained = [VOCAB[t] for t in lab if t != -100]
+        assert trained[1::2] == ["</s>"] * c.qa_per_image and set(trained[::2]) <= {"yes", "no"}
+        assert sum(k == text for k in ty) == 2 * c.qa_per_image
+        words = [VOCAB[t] for t in ids if VOCAB[t] != "<pad>"]
+        for turn in " ".join(words).split(" </s>")[:-1]:
+            question, target = turn.strip().split(" answer : ")
+            *desc, answer = target.split(" , ")
+            digits = {p.split()[0] for p in desc}
+            assert answer == ("yes" if question.split()[-2] in digits else "no")

@@ -24,7 +24,8 @@ by default (``pope="diagnostic"``) only the unreduced model is asked, to show wh
 model=existence`` uses the VLM whose warm restart also trained them (``tokenreduce train vlm --existence``; absent
 digits drawn uniformly in training, never the look-alike or frequency draws of the probes); ``--set
 model=existence-rationale`` the one trained to write the scene's description before the yes/no (``tokenreduce
-train vlm --existence --existence-rationale``; only the final yes/no is scored). ``--set pope=all`` runs every
+train vlm --existence --existence-rationale``; only the final yes/no is scored), ``existence-rationale-text`` the
+same with text-only existence turns in every batch (``... --existence-text 8``). ``--set pope=all`` runs every
 condition (what ``--smoke`` does); the same hypothesis and test apply to POPE accuracy per setting.
 """
 
@@ -53,11 +54,14 @@ CLUTTER: dict[str, dict[str, Any]] = {
 POPE_MODES = ("diagnostic", "all", "off")
 #: which cached small VLM answers -> (its VLMTrainConfig overrides, the flags of `tokenreduce train vlm` that
 #: build it): the default; the one whose warm restart also trained existence questions; the same with the
-#: scene's description as their rationale (``3 top left , 7 center , yes``)
-_VLM_VARIANTS: dict[str, tuple[dict[str, bool], str]] = {
+#: scene's description as their rationale (``3 top left , 7 center , yes``); and with 8 text-only sequences of
+#: such turns per batch (the match step without the image)
+_VLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "default": ({}, ""),
     "existence": ({"existence": True}, " --existence"),
     "existence-rationale": ({"existence": True, "existence_rationale": True}, " --existence --existence-rationale"),
+    "existence-rationale-text": ({"existence": True, "existence_rationale": True, "existence_text": 8},
+                                 " --existence --existence-rationale --existence-text 8"),
 }
 VLM_MODELS = tuple(_VLM_VARIANTS)
 DESCRIBE = "describe the image ."
