@@ -34,12 +34,10 @@ def register_cli(train_app) -> None:
         existence: bool = typer.Option(VLMTrainConfig.existence,
                                        help="The warm restart also trains POPE-style existence questions "
                                             "('is there the digit 7 ?'; the hallucination study's POPE part)"),
-        existence_rationale: bool = typer.Option(VLMTrainConfig.existence_rationale,
-                                                 help="With --existence: train its answers with the scene's "
-                                                      "description first ('3 top left , 7 center , yes')"),
-        existence_text: int = typer.Option(VLMTrainConfig.existence_text,
-                                           help="With --existence-rationale: text-only sequences per batch of "
-                                                "existence turns (description given, the yes/no trained); 0 = off"),
+        existence_rationale: bool = typer.Option(VLMTrainConfig.existence_rationale, help=(
+            "With --existence: the scene's description before its answers ('3 top left , 7 center , yes')")),
+        existence_text: int = typer.Option(VLMTrainConfig.existence_text, help=(
+            "With --existence-rationale: text-only sequences of existence turns per batch; 0 = off")),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
     ) -> None:
         """Train the small LLaVA-style VLM on digit-scene VQA (cached in ~/.cache/tokenreduce/small_vlm)."""
