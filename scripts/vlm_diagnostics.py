@@ -10,7 +10,10 @@
 3. Oracle selection (identity): accuracy when the LLM gets all 144 visual tokens, only the asked cell's 16
    (original position ids), the asked cell's and one other occupied cell's, or 16 random tokens. It tells
    reading (a digit seen alone) from finding (a cell among 144 tokens) apart.
-4. Look-up probes (``--probe``): a one-head attention probe trained on the model's fixed projected visual
+4. Existence rationales (models trained with ``existence_rationale=True``): for held-out existence
+   questions, the generated description (exactly the scene's?) and whether the final yes/no agrees with it
+   (the asked digit named in it <-> ``yes``): which of the two steps the errors come from.
+5. Look-up probes (``--probe``): a one-head attention probe trained on the model's fixed projected visual
    tokens (the LLM's input), its query a learned vector per digit value (value -> cell: which cell holds
    the 3?) or per cell (cell -> value: which digit is at the top left?); held-out accuracy. It tells whether
    the tokens let one attention step find a digit by its content *and* read back where it is.
@@ -88,6 +91,43 @@ def rationale_scores(model, tok, data, n: int, batch: int = 50) -> dict[str, flo
         out.update(named_cells_occupied=occupied / max(1, named),
                    random_occupied_cell=float(np.mean([1 / len(data.scenes[q.scene].regular_cells) for q in qs])))
     return out
+
+
+@torch.no_grad()
+def existence_scores(model, tok, config, n: int, batch: int = 50) -> dict[str, float]:
+    """Held-out existence questions answered after a generated description: accuracy, yes-rate, the share of
+    exact descriptions (the scene's, in the trained order), the share of answers that agree with the model's
+    own description, and the accuracy on the questions whose description was exact / not exact."""
+    from tokenreduce.data.vqa import describe_answer
+    from tokenreduce.models.vlm.targets import EXISTENCE_NEW_TOKENS, ordered_description
+
+    data = eval_set("test", config, per_type=n, types=("existence",))
+    qs = data.qas
+    eos = SPECIAL_TOKENS["eos"]
+    right, yes, exact, agree, right_exact = [], [], [], [], []
+    for i in range(0, len(qs), batch):
+        chunk = qs[i: i + batch]
+        b = _batch(model, tok, data, chunk)
+        gen = model.generate(**b, max_new_tokens=EXISTENCE_NEW_TOKENS, do_sample=False)
+        for q, row in zip(chunk, gen[:, b["input_ids"].shape[1]:].tolist()):
+            words = [VOCAB[t] for t in row]
+            words = words[: words.index(eos)] if eos in words else words
+            answer = parse_answer(words)
+            desc = " ".join(words[: len(words) - 2]) if len(words) >= 2 and words[-2] == "," else None
+            s = data.scenes[q.scene]
+            true = ordered_description(q._replace(rationale=describe_answer(s)), s, config.describe_order).rationale
+            named = desc is not None and q.question.split()[-2] in desc.split()
+            right.append(answer == q.answer)
+            yes.append(answer == "yes")
+            exact.append(desc == true)
+            agree.append(answer == ("yes" if named else "no"))
+            if desc == true:
+                right_exact.append(answer == q.answer)
+    wrong_desc = [r for r, e in zip(right, exact) if not e]
+    return {"n": len(qs), "accuracy": float(np.mean(right)), "yes_rate": float(np.mean(yes)),
+            "description_exact": float(np.mean(exact)), "answer_agrees_with_description": float(np.mean(agree)),
+            "accuracy_exact_description": float(np.mean(right_exact)) if right_exact else float("nan"),
+            "accuracy_other_description": float(np.mean(wrong_desc)) if wrong_desc else float("nan")}
 
 
 def _asked_cell(q) -> int:
@@ -221,6 +261,8 @@ def main() -> None:
     print("oracle selection (identity accuracy):", oracle_selection(model, tok, data, args.n))
     if getattr(model.config, "vqa_rationale", False):
         print("rationales:", rationale_scores(model, tok, data, args.n))
+    if getattr(model.config, "vqa_existence_rationale", False):
+        print("existence rationales:", existence_scores(model, tok, info["config"], args.n))
     model.set_attn_implementation("eager")
     for qtype in ("identity", "detail"):
         print(f"routing ({qtype}): share of visual attention on the needed cell per layer:",

@@ -25,7 +25,9 @@ detail          ``what is the small digit ?``                     the small digi
 
 ``describe`` (``describe the image .`` -> ``3 top left , 7 center``) is a dense training-only task.
 A ``spatial`` question also carries its rationale (:attr:`QA.rationale`: where each named digit is), which a
-model may be trained to write before the answer (``3 top left , 7 center , no``); the answer alone is scored.
+model may be trained to write before the answer (``3 top left , 7 center , no``); an ``existence`` question's
+rationale is the scene's description (``3 top left , 7 center , yes`` for ``is there the digit 7 ?``); the answer
+alone is scored.
 
 The small digit (8 px, exactly one 8-px patch when aligned) is resolvable at the small VLM's patch size: a
 linear probe on the frozen conv-stem CLIP tower's patch features of the v2 model read its value right on
@@ -64,6 +66,7 @@ __all__ = [
     "SceneConfig",
     "VQASet",
     "cell_of_patch",
+    "describe_answer",
     "existence_question",
     "generate_scenes",
     "make_vqa_set",
@@ -172,7 +175,8 @@ class QA(NamedTuple):
     question: str
     answer: str
     #: the evidence a model may be trained to write before the answer (``spatial``: where each named digit
-    #: is, ``3 top left , 7 center``); empty for the other types. Evaluation reads only the answer.
+    #: is, ``3 top left , 7 center``; ``existence``: the scene's description, :func:`describe_answer`);
+    #: empty for the other types. Evaluation reads only the answer.
     rationale: str = ""
 
 
@@ -329,6 +333,16 @@ def existence_question(digit: int) -> str:
     return f"is there the digit {digit} ?"
 
 
+def describe_answer(scene: Scene) -> str:
+    """The ``describe`` task's answer: each regular digit with its cell, by cell, then the small digit
+    (``3 top left , 7 center , small 5``); also an ``existence`` question's rationale."""
+    d = scene.digits
+    words = " , ".join(f"{d[c]} {POSITION_NAMES[c]}" for c in scene.regular_cells)
+    if scene.small_cell >= 0:
+        words += f" , small {d[scene.small_cell]}"
+    return words
+
+
 def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple[str, ...] = QUESTION_TYPES,
                   spatial: str = "yesno") -> list[QA]:
     """One question of each type in ``types`` that the scene supports (``detail`` needs a small digit,
@@ -362,17 +376,14 @@ def questions_for(scene: Scene, idx: int, rng: np.random.Generator, types: tuple
         elif t == "detail" and scene.small_cell >= 0:
             out.append(QA(idx, t, "what is the small digit ?", str(d[scene.small_cell])))
         elif t == "describe":
-            words = " , ".join(f"{d[c]} {POSITION_NAMES[c]}" for c in reg)
-            if scene.small_cell >= 0:
-                words += f" , small {d[scene.small_cell]}"
-            out.append(QA(idx, t, "describe the image .", words))
+            out.append(QA(idx, t, "describe the image .", describe_answer(scene)))
         elif t == "existence":  # a present digit or, as often, an absent one drawn uniformly
             present = sorted(scene.present)
             if present and rng.random() < 0.5:
-                out.append(QA(idx, t, existence_question(int(rng.choice(present))), "yes"))
+                out.append(QA(idx, t, existence_question(int(rng.choice(present))), "yes", describe_answer(scene)))
             else:
                 absent = [v for v in range(10) if v not in present]
-                out.append(QA(idx, t, existence_question(int(rng.choice(absent))), "no"))
+                out.append(QA(idx, t, existence_question(int(rng.choice(absent))), "no", describe_answer(scene)))
     return out
 
 

@@ -22,8 +22,11 @@ frequency and adversarially (look-alike digits): accuracy, precision and yes-rat
 trained on existence questions (its question types: identity, counting, spatial, comparison, detail, describe), so
 by default (``pope="diagnostic"``) only the unreduced model is asked, to show what it answers. ``--set
 model=existence`` uses the VLM whose warm restart also trained them (``tokenreduce train vlm --existence``; absent
-digits drawn uniformly in training, never the look-alike or frequency draws of the probes), and ``--set pope=all``
-runs every condition (what ``--smoke`` does); the same hypothesis and test apply to POPE accuracy per setting.
+digits drawn uniformly in training, never the look-alike or frequency draws of the probes); ``--set
+model=existence-rationale`` the one trained to write the scene's description before the yes/no (``tokenreduce
+train vlm --existence --existence-rationale``; only the final yes/no is scored), ``existence-rationale-text`` the
+same with text-only existence turns in every batch (``... --existence-text 8``). ``--set pope=all`` runs every
+condition (what ``--smoke`` does); the same hypothesis and test apply to POPE accuracy per setting.
 """
 
 from __future__ import annotations
@@ -49,8 +52,18 @@ CLUTTER: dict[str, dict[str, Any]] = {
     "high": {"n_digits": (6, 8), "background_amplitude": (0.15, 0.25), "background_level": (0.2, 0.45)},
 }
 POPE_MODES = ("diagnostic", "all", "off")
-#: which cached small VLM answers: the default, or the one whose warm restart also trained existence questions
-VLM_MODELS = ("default", "existence")
+#: which cached small VLM answers -> (its VLMTrainConfig overrides, the flags of `tokenreduce train vlm` that
+#: build it): the default; the one whose warm restart also trained existence questions; the same with the
+#: scene's description as their rationale (``3 top left , 7 center , yes``); and with 8 text-only sequences of
+#: such turns per batch (the match step without the image)
+_VLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "default": ({}, ""),
+    "existence": ({"existence": True}, " --existence"),
+    "existence-rationale": ({"existence": True, "existence_rationale": True}, " --existence --existence-rationale"),
+    "existence-rationale-text": ({"existence": True, "existence_rationale": True, "existence_text": 8},
+                                 " --existence --existence-rationale --existence-text 8"),
+}
+VLM_MODELS = tuple(_VLM_VARIANTS)
 DESCRIBE = "describe the image ."
 
 
@@ -75,9 +88,11 @@ class HallucinationConfig:
 
 def vlm_config(model: str) -> Any:
     """The training configuration of the cached small VLM ``model`` (:data:`VLM_MODELS`)."""
+    from ..bench.args import check_choice
     from ..models.vlm import VLMTrainConfig
 
-    return VLMTrainConfig(existence=model == "existence")
+    check_choice(model, VLM_MODELS, "model")
+    return VLMTrainConfig(**_VLM_VARIANTS[model][0])
 
 
 def load_vlm(name: str) -> tuple[Any, Any, Any]:
@@ -195,7 +210,7 @@ class HallucinationStudy(Study):
 
         check_choice(cfg.model, VLM_MODELS, "model")
         path = checkpoint_dir(vlm_config(cfg.model)) / "model.pt"
-        cmd = "tokenreduce train vlm" + (" --existence" if cfg.model == "existence" else "")
+        cmd = "tokenreduce train vlm" + _VLM_VARIANTS[cfg.model][1]
         return [] if path.is_file() else [f"the small VLM is not cached ({path}): build it with `{cmd}`"]
 
     def sweep(self, cfg: HallucinationConfig, smoke: bool) -> Sweep:

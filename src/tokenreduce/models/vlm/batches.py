@@ -28,6 +28,7 @@ __all__ = ["train_forward", "training_batch"]
 
 #: the words a spatial rationale names a place with (tagged ``lookup``)
 _PLACE_WORDS = frozenset(w for name in POSITION_NAMES for w in name.split())
+_DESCRIBE = LOSS_TYPES.index("describe")
 
 
 def _reduce_plan(c: VLMTrainConfig, rng) -> tuple[str | None, Any, list[int], bool]:
@@ -91,15 +92,21 @@ def training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> d
                     tok("answer :", add_special_tokens=False)["input_ids"]
             else:
                 q = (ids_img if j == 0 else []) + tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
-            target = training_target(qa, c.rationale, c.rationale_axis)
+            if qa.qtype == "existence":  # its rationale is the description: in the describe task's order
+                qa = ordered_description(qa, s, c.describe_order)
+            target = training_target(qa, c.rationale, c.rationale_axis, c.existence_rationale)
             a = tok(target, add_special_tokens=False)["input_ids"] + [eos]
             if c.route_weight and kind != "pool":  # a pooled token has no single cell
                 first = len(ids) + len(q)  # position of the first answer token
-                route += [(first + k, cells) for k, cells in routing_targets(qa, s, c.rationale, c.rationale_axis)]
+                route += [(first + k, cells) for k, cells in
+                          routing_targets(qa, s, c.rationale, c.rationale_axis, c.existence_rationale)]
             ids += q + a
             lab += [-100] * len(q) + a
             ty += [-1] * len(q) + [LOSS_TYPES.index(qa.qtype)] * len(a)
-            if target != qa.answer:
+            if target != qa.answer and qa.qtype == "existence":
+                # the rationale is a description, trained as one; the type's own term is the yes/no + </s>
+                ty[len(ty) - len(a): len(ty) - 2] = [_DESCRIBE] * (len(a) - 2)
+            elif target != qa.answer:
                 ty[-2] = RELATION  # the scored answer after a rationale (the relation step): own tag
                 for k, t in enumerate(a[:-2]):  # the rationale's place words (the look-up): own tag
                     if VOCAB[t] in _PLACE_WORDS:
@@ -117,12 +124,14 @@ def training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> d
         tys.append(ty)
         poss.append(pos)
     trng = np.random.default_rng([c.seed, step, 13])
-    for _ in range(c.text_relation):
-        ids, lab, ty = _text_relation_sequence(c, trng, tok)
-        seqs.append(ids)
-        labs.append(lab)
-        tys.append(ty)
-        poss.append(list(range(len(ids))))
+    erng = np.random.default_rng([c.seed, step, 17])
+    for qtype, n, r in (("spatial", c.text_relation, trng), ("existence", c.existence_text, erng)):
+        for _ in range(n):
+            ids, lab, ty = _text_sequence(c, r, tok, qtype)
+            seqs.append(ids)
+            labs.append(lab)
+            tys.append(ty)
+            poss.append(list(range(len(ids))))
     L = max(map(len, seqs))
     pad = VOCAB.index(SPECIAL_TOKENS["pad"])
     input_ids = torch.full((len(seqs), L), pad)
@@ -160,10 +169,13 @@ def training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> d
 _TEXT_ONLY_WORDS = frozenset([str(i) for i in range(10)] + [",", "yes", "no", SPECIAL_TOKENS["eos"]])
 
 
-def _text_relation_sequence(c: VLMTrainConfig, rng, tok) -> tuple[list[int], list[int], list[int]]:
-    """One text-only training sequence (``text_relation``): ``qa_per_image`` spatial turns, each about a
-    fresh random arrangement of 2-4 digits (no image), labels on the words text alone determines
-    (:data:`_TEXT_ONLY_WORDS`); ``(input ids, labels, answer types)``."""
+def _text_sequence(c: VLMTrainConfig, rng, tok, qtype: str) -> tuple[list[int], list[int], list[int]]:
+    """One text-only training sequence: ``qa_per_image`` turns of ``qtype``, each about a fresh random
+    arrangement of 2-4 digits (no image), labels on the words text alone determines; ``(input ids, labels,
+    answer types)``. ``spatial`` (``text_relation``): the digits the rationale copies from the question, its
+    commas and the yes/no after it (:data:`_TEXT_ONLY_WORDS`; the yes/no tagged ``relation``); ``existence``
+    (``existence_text``): the teacher-forced description is given, only the yes/no and ``</s>`` after it are
+    trained (tagged ``text``): the match of the question's digit against the description alone."""
     ids: list[int] = []
     lab: list[int] = []
     ty: list[int] = []
@@ -174,17 +186,22 @@ def _text_relation_sequence(c: VLMTrainConfig, rng, tok) -> tuple[list[int], lis
         digits = [-1] * 9
         for cell, v in zip(rng.permutation(9)[:k].tolist(), rng.permutation(10)[:k].tolist()):
             digits[cell] = v
-        qas = questions_for(Scene(tuple(digits), -1, ((0, 0, 0),) * 9), 0, rng, ("spatial",))
+        qas = questions_for(Scene(tuple(digits), -1, ((0, 0, 0),) * 9), 0, rng, (qtype,))
         if not qas:
             continue
         qa = qas[0]
         q = tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
-        a = tok(training_target(qa, c.rationale, c.rationale_axis), add_special_tokens=False)["input_ids"] + [eos]
-        trained = [VOCAB[t] in _TEXT_ONLY_WORDS for t in a]
+        target = training_target(qa, c.rationale, c.rationale_axis, c.existence_rationale)
+        a = tok(target, add_special_tokens=False)["input_ids"] + [eos]
+        if qtype == "spatial":
+            trained = [VOCAB[t] in _TEXT_ONLY_WORDS for t in a]
+        else:
+            trained = [k >= len(a) - 2 for k in range(len(a))]
         ids += q + a
         lab += [-100] * len(q) + [t if ok else -100 for t, ok in zip(a, trained)]
         ty += [-1] * len(q) + [text if ok else -1 for ok in trained]
-        ty[-2] = RELATION
+        if qtype == "spatial":
+            ty[-2] = RELATION
         turns += 1
     return ids, lab, ty
 

@@ -34,18 +34,24 @@ def register_cli(train_app) -> None:
         existence: bool = typer.Option(VLMTrainConfig.existence,
                                        help="The warm restart also trains POPE-style existence questions "
                                             "('is there the digit 7 ?'; the hallucination study's POPE part)"),
+        existence_rationale: bool = typer.Option(VLMTrainConfig.existence_rationale, help=(
+            "With --existence: the scene's description before its answers ('3 top left , 7 center , yes')")),
+        existence_text: int = typer.Option(VLMTrainConfig.existence_text, help=(
+            "With --existence-rationale: text-only sequences of existence turns per batch; 0 = off")),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
     ) -> None:
         """Train the small LLaVA-style VLM on digit-scene VQA (cached in ~/.cache/tokenreduce/small_vlm)."""
         c = VLMTrainConfig(steps=steps, batch_size=batch_size, num_threads=threads, restart_steps=restart_steps,
                            restart_lr=restart_lr, restart_drop=restart_drop, rationale=rationale,
-                           route_weight=route_weight, ground_weight=ground_weight, existence=existence)
+                           route_weight=route_weight, ground_weight=ground_weight, existence=existence,
+                           existence_rationale=existence_rationale, existence_text=existence_text)
         path = checkpoint_dir(c) / "model.pt"
         if path.is_file() and not force:
             m = json.loads(path.with_name("metrics.json").read_text())
             typer.echo(f"cached: {path}\ntest acc {m['test_acc']:.3f} by type {m['test_acc_by_type']}"
-                       + (f"\nexistence {m['existence_test_acc']:.3f}" if "existence_test_acc" in m else ""))
+                       + (f"\nexistence {m['existence_test_acc']:.3f} yes-rate {m.get('existence_yes_rate', float('nan')):.3f}"
+                          if "existence_test_acc" in m else ""))
             return
         m = train_small_vlm(c)
         typer.echo(json.dumps({k: m[k] for k in ("test_acc", "test_acc_by_type", "chance_by_type", "train_time_s",
-                                                   "checkpoint", "existence_test_acc") if k in m}, indent=2))
+                                                   "checkpoint", "existence_test_acc", "existence_yes_rate") if k in m}, indent=2))

@@ -39,7 +39,8 @@ _DROP_FIELDS = ("restart_drop", "drop_min", "drop_merge", "drop_keep_positions")
 _ROUTE_FIELDS = ("route_weight", "route_layers", "route_head")
 #: options absent from the hash when off (false or 0), so models trained before they existed keep their hash
 _OPTIONAL_FIELDS = ("rationale", "rationale_axis", "relation_loss", "text_relation", "visual_position",
-                    "spatial_choice", "lookup_loss", "ground_weight", "existence")
+                    "spatial_choice", "lookup_loss", "ground_weight", "existence", "existence_rationale",
+                    "existence_text")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,15 @@ class VLMRecipe:
     #: of :func:`~tokenreduce.data.vqa.questions_for`), so the parent is the default model's parent (absent from
     #: the hash when off)
     existence: bool = False
+    #: with ``existence``: its answers are trained with a rationale first, the scene's description
+    #: (``is there the digit 7 ?`` -> ``3 top left , 7 center , yes``; QA.rationale), so the yes/no is a match
+    #: of the question's digit against words the model wrote, and evaluation generates the description before
+    #: scoring the final word (absent from the hash when off)
+    existence_rationale: bool = False
+    #: with ``existence_rationale``: text-only sequences per batch of ``qa_per_image`` existence turns about
+    #: random digit arrangements (no image), the description given, only the yes/no after it trained: the
+    #: match step without the image, as ``text_relation`` does for spatial turns (0 = off, absent from the hash)
+    existence_text: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.ink_threshold < 1:
@@ -142,6 +152,10 @@ class VLMRecipe:
             raise ValueError(f"describe_order={self.describe_order!r} is invalid: accepted {DESCRIBE_ORDERS}")
         if not 0 <= self.ground_weight <= 100:
             raise ValueError(f"ground_weight={self.ground_weight!r} must be in [0, 100] (0 = off)")
+        if self.existence_rationale and not self.existence:
+            raise ValueError("existence_rationale=True needs existence=True (it trains the existence type's target)")
+        if self.existence_text and not self.existence_rationale:
+            raise ValueError(f"existence_text={self.existence_text!r} needs existence_rationale=True")
         if self.route_weight < 0:
             raise ValueError(f"route_weight={self.route_weight!r} must be >= 0")
 
@@ -228,7 +242,8 @@ class VLMTrainConfig(VLMRecipe, StoredConfig):
         """The configuration this one continues from (a warm restart of the joint phase), if any."""
         if self.restart_steps == 0:
             return None
-        return dataclasses.replace(self, restart_steps=0, existence=False)  # existence: the restart's alone
+        # existence: the restart's alone
+        return dataclasses.replace(self, restart_steps=0, existence=False, existence_rationale=False, existence_text=0)
 
     def without_drop(self) -> VLMTrainConfig:
         """The same training without the token-reduction augmentation (model v3 ``v3-42c6df0141`` for the

@@ -12,7 +12,7 @@ import torch
 from tokenreduce.data.vqa import QA, QUESTION_TYPES, SPECIAL_TOKENS, VOCAB, make_vqa_set
 
 from .config import PROMPT_FORMATS, VLMTrainConfig
-from .targets import RATIONALE_NEW_TOKENS
+from .targets import rationale_tokens
 
 __all__ = ["answer_questions", "chance_by_type", "encode_prompts", "eval_set", "evaluate_vqa", "parse_answer",
            "prompt_format"]
@@ -78,20 +78,22 @@ def answer_questions(model, tok, images: torch.Tensor, qas: Sequence[QA], batch_
                      generate: bool = False, max_new_tokens: int = 2) -> list[str]:
     """Each question's answer word (greedy, :func:`parse_answer`): by ``generate`` or, equivalently for
     one-word answers, the argmax of the prefill logits at the last prompt position (faster). A model trained
-    with rationales (``config.vqa_rationale``) writes one before a spatial answer, so questions that have
-    one are always answered by ``generate`` with at least :data:`RATIONALE_NEW_TOKENS` new tokens."""
+    with rationales writes one before the answer -- spatial questions with ``config.vqa_rationale``,
+    existence questions with ``config.vqa_existence_rationale`` -- so those are always answered by
+    ``generate`` with enough new tokens for the rationale (:func:`~.targets.rationale_tokens`); the word
+    after it is the answer."""
     model.eval()
     n_img = model.config.image_seq_length
-    rationale = bool(getattr(model.config, "vqa_rationale", False))
+    spatial = bool(getattr(model.config, "vqa_rationale", False))
+    existence = bool(getattr(model.config, "vqa_existence_rationale", False))
     out: list[str] = []
     for i in range(0, len(qas), batch_size):
         chunk = qas[i : i + batch_size]
         batch = encode_prompts(tok, [q.question for q in chunk], images[[q.scene for q in chunk]], n_img,
                                prompt=prompt_format(model))
-        long = rationale and any(q.rationale for q in chunk)
+        long = max(rationale_tokens(q, spatial, existence) for q in chunk)
         if generate or long:
-            n_new = max(max_new_tokens, RATIONALE_NEW_TOKENS) if long else max_new_tokens
-            gen = model.generate(**batch, max_new_tokens=n_new, do_sample=False)
+            gen = model.generate(**batch, max_new_tokens=max(max_new_tokens, long), do_sample=False)
             new = gen[:, batch["input_ids"].shape[1]:].tolist()
             out += [parse_answer([VOCAB[t] for t in row]) for row in new]
         else:

@@ -11,9 +11,9 @@ from tokenreduce.data.vqa import POSITION_NAMES, QA, QUESTION_TYPES, cell_of_pat
 
 from .config import VLMTrainConfig
 
-__all__ = ["LOOKUP", "LOSS_TYPES", "N_AUX", "N_WHAT", "RATIONALE_NEW_TOKENS", "RELATION", "axis_rationale",
-           "ordered_description", "patch_class", "patch_labels", "patch_value", "routing_targets",
-           "training_target"]
+__all__ = ["EXISTENCE_NEW_TOKENS", "LOOKUP", "LOSS_TYPES", "N_AUX", "N_WHAT", "RATIONALE_NEW_TOKENS", "RELATION",
+           "axis_rationale", "ordered_description", "patch_class", "patch_labels", "patch_value",
+           "rationale_tokens", "routing_targets", "training_target"]
 
 
 #: per-patch class: 0 background, 1 + 10 * cell + d regular digit d in scene cell ``cell`` (what and where
@@ -60,9 +60,12 @@ def axis_rationale(qa: QA) -> str:
     return " , ".join(out)
 
 
-def training_target(qa: QA, rationale: bool, axis: bool = False) -> str:
-    """The text a model learns to write for ``qa`` (before ``</s>``): the answer, or with ``rationale`` and
-    a question that has one, ``<rationale> , <answer>`` (``axis``: :func:`axis_rationale`)."""
+def training_target(qa: QA, rationale: bool, axis: bool = False, existence: bool = False) -> str:
+    """The text a model learns to write for ``qa`` (before ``</s>``): the answer, or with a rationale first,
+    ``<rationale> , <answer>``: a spatial question with ``rationale`` (``axis``: :func:`axis_rationale`), an
+    existence question with ``existence`` (its rationale is the scene's description)."""
+    if qa.qtype == "existence":
+        return f"{qa.rationale} , {qa.answer}" if existence and qa.rationale else qa.answer
     if not (rationale and qa.rationale):
         return qa.answer
     return f"{axis_rationale(qa) if axis else qa.rationale} , {qa.answer}"
@@ -70,6 +73,17 @@ def training_target(qa: QA, rationale: bool, axis: bool = False) -> str:
 
 #: new tokens that hold the longest trained answer (``3 bottom right , 7 bottom left , yes`` + ``</s>``)
 RATIONALE_NEW_TOKENS = 10
+#: new tokens that hold an existence answer after the description of a full 3x3 grid (9 items of at most 3
+#: words, 8 commas, ``, yes``, ``</s>``)
+EXISTENCE_NEW_TOKENS = 38
+
+
+def rationale_tokens(qa: QA, spatial: bool, existence: bool) -> int:
+    """New tokens a model writes a rationale and the answer of ``qa`` in (0: it answers directly), for a
+    model trained with spatial rationales (``spatial``) and/or existence rationales (``existence``)."""
+    if qa.qtype == "existence":
+        return EXISTENCE_NEW_TOKENS if existence else 0
+    return RATIONALE_NEW_TOKENS if spatial and qa.rationale else 0
 
 
 #: question types of the training turns (index = ``answer_types`` in a training batch); ``relation`` tags
@@ -81,7 +95,8 @@ RELATION = LOSS_TYPES.index("relation")
 LOOKUP = LOSS_TYPES.index("lookup")
 
 
-def routing_targets(qa: QA, scene, rationale: bool, axis: bool = False) -> list[tuple[int, tuple[int, ...]]]:
+def routing_targets(qa: QA, scene, rationale: bool, axis: bool = False, existence: bool = False
+                    ) -> list[tuple[int, tuple[int, ...]]]:
     """Where a turn must look (:func:`~tokenreduce.models.vlm.losses.routing_loss`): ``(i, cells)`` pairs,
     ``i`` = -1 for the last prompt token (``:``, which predicts the first answer word) or the index of the
     answer word (= token: the tokenizer is word-level) whose next word needs the digits in ``cells``:
@@ -90,9 +105,10 @@ def routing_targets(qa: QA, scene, rationale: bool, axis: bool = False) -> list[
     - spatial with a rationale (``3 top left , 7 center , no``): each digit word -> its cell (the next words
       name it); without a rationale ``:`` -> both digits' cells;
     - describe (``3 top left , 7 center , small 5``): each regular digit word -> its cell, ``:`` and every
-      ``,`` -> the cell described next, ``small`` -> the small digit's cell.
+      ``,`` -> the cell described next, ``small`` -> the small digit's cell; likewise an existence
+      question's rationale (``existence``: the description before the yes/no, which needs no look-up).
     Counting has none."""
-    d, words = scene.digits, training_target(qa, rationale, axis).split()
+    d, words = scene.digits, training_target(qa, rationale, axis, existence).split()
     if qa.qtype == "identity":
         return [(-1, (POSITION_NAMES.index(qa.question[len("what digit is at the "):-2]),))]
     if qa.qtype == "comparison":
@@ -106,30 +122,39 @@ def routing_targets(qa: QA, scene, rationale: bool, axis: bool = False) -> list[
             return [(-1, cells)]
         return [(i, (d.index(int(w)),)) for i, w in enumerate(words) if w.isdigit() and i < len(words) - 1]
     if qa.qtype == "describe":
-        out: list[tuple[int, tuple[int, ...]]] = []
-        prev = -1  # the word before the next item (``:`` for the first)
-        i = 0
-        while i < len(words):
-            if words[i] == "small":
-                out += [(prev, (scene.small_cell,)), (i, (scene.small_cell,))]
-                i += 2
-            else:
-                cell = d.index(int(words[i]))
-                out += [(prev, (cell,)), (i, (cell,))]
-                i += 1 + len(POSITION_NAMES[cell].split())
-            prev = i  # the ``,``
-            i += 1
-        return out
+        return _description_routes(words, scene)
+    if qa.qtype == "existence" and existence and qa.rationale:
+        return _description_routes(words[:-2], scene)  # the description; not its ``, yes``
     return []
 
 
+def _description_routes(words: list[str], scene) -> list[tuple[int, tuple[int, ...]]]:
+    """:func:`routing_targets` of a description's words (``3 top left , 7 center , small 5``)."""
+    d = scene.digits
+    out: list[tuple[int, tuple[int, ...]]] = []
+    prev = -1  # the word before the next item (``:`` for the first)
+    i = 0
+    while i < len(words):
+        if words[i] == "small":
+            out += [(prev, (scene.small_cell,)), (i, (scene.small_cell,))]
+            i += 2
+        else:
+            cell = d.index(int(words[i]))
+            out += [(prev, (cell,)), (i, (cell,))]
+            i += 1 + len(POSITION_NAMES[cell].split())
+        prev = i  # the ``,``
+        i += 1
+    return out
+
+
 def ordered_description(qa: QA, scene, order: str) -> QA:
-    """A ``describe`` turn with its regular digits in ``order``
-    (:data:`~tokenreduce.models.vlm.config.DESCRIBE_ORDERS`; the generator writes them by cell); the small
-    digit stays last."""
+    """A ``describe`` turn (or an ``existence`` turn's rationale, the same description) with its regular
+    digits in ``order`` (:data:`~tokenreduce.models.vlm.config.DESCRIBE_ORDERS`; the generator writes them by
+    cell); the small digit stays last."""
     if order == "cell":
         return qa
-    parts = qa.answer.split(" , ")
+    field = "rationale" if qa.qtype == "existence" else "answer"
+    parts = getattr(qa, field).split(" , ")
     small = [p for p in parts if p.startswith("small ")]
     regular = sorted((p for p in parts if not p.startswith("small ")), key=lambda p: int(p.split()[0]))
-    return qa._replace(answer=" , ".join(regular + small))
+    return qa._replace(**{field: " , ".join(regular + small)})

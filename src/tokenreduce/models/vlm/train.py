@@ -237,7 +237,9 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
         }
         if c.existence:  # POPE-style questions on held-out scenes (balanced yes/no, absent digits uniform)
             ex = eval_set("test", c, types=("existence",))
-            metrics["existence_test_acc"] = evaluate_vqa(model, tok, ex, generate=True)["acc"]
+            er = evaluate_vqa(model, tok, ex, generate=True)
+            metrics["existence_test_acc"] = er["acc"]
+            metrics["existence_yes_rate"] = er["predictions"].count("yes") / len(er["predictions"])
             metrics["existence_chance"] = chance_by_type(ex)["existence"]
         model.eval()
         atomic_write(out_dir / "config.json", lambda p: p.write_text(json.dumps(c.to_dict(), indent=2)))
