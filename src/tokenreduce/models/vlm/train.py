@@ -32,7 +32,7 @@ import torch
 
 from tokenreduce.data.vqa import cell_of_patch, generate_scenes
 
-from ..checkpoint import atomic_write
+from ..checkpoint import save_checkpoint
 from ..training import torch_threads, warmup_cosine
 from .batches import train_forward, training_batch
 from .config import VLMTrainConfig, checkpoint_dir
@@ -242,9 +242,7 @@ def train_small_vlm(config: VLMTrainConfig | None = None, progress: bool = True)
             metrics["existence_yes_rate"] = er["predictions"].count("yes") / len(er["predictions"])
             metrics["existence_chance"] = chance_by_type(ex)["existence"]
         model.eval()
-        atomic_write(out_dir / "config.json", lambda p: p.write_text(json.dumps(c.to_dict(), indent=2)))
-        atomic_write(out_dir / "model.pt", lambda p: torch.save(model.state_dict(), p))
-        atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        save_checkpoint(out_dir, c, metrics, model)
         return metrics
 
 
