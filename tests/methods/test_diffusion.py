@@ -83,7 +83,8 @@ def _loop(model: torch.nn.Module, kind: str, sched, batch: int = 2, seed: int = 
 
 
 def _hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__) for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
+               + ("get_attention_scores" in m.__dict__) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------- identity and restore
@@ -288,3 +289,37 @@ def test_toca_full_steps_caches_and_two_calls_per_step():
     assert pattern[1][1] == [0.0, 0.0] and pattern[1][2] == [32.0, 32.0]  # attention cached, MLP on 32 of 64
     assert pattern[0][1] == [64.0, 64.0]
     torch.testing.assert_close(torch.stack(split), torch.stack(batched), atol=1e-5, rtol=1e-5)
+
+
+def test_toca_scores_come_from_the_full_steps_attention(monkeypatch):
+    """ToCa's score s1 is the attention each token received at the last full step (column sums of
+    softmax(q k^T * scale), averaged over heads, L2-normalised): read from the probabilities of the full step's
+    own attention call, it equals that map computed from the step's q and k; the full step's output is the
+    unreduced one."""
+    from tokenreduce.methods.diffusion import ToCa
+
+    model, sched = MODELS["dit"], _scheduler(6)
+    attn = model.transformer_blocks[0].attn1
+    qk = {}
+    hooks = [attn.to_q.register_forward_hook(lambda m, a, out: qk.__setitem__("q", out)),
+             attn.to_k.register_forward_hook(lambda m, a, out: qk.__setitem__("k", out))]
+    seen = []
+    select = ToCa.select
+    monkeypatch.setattr(ToCa, "select", lambda self, s1, *a: seen.append(s1) or select(self, s1, *a))
+    steps = [_inputs("dit", 2, 1, int(t)) for t in sched.timesteps[:2]]
+    base = _run(model, steps[0])
+    try:
+        with tr.apply(model, "toca", keep=0.5, scheduler=sched, interval=3) as h:
+            full = _run(model, steps[0])
+            q, k = qk["q"], qk["k"]
+            _run(model, steps[1])
+            assert h.stats.full_step is False
+    finally:
+        for hk in hooks:
+            hk.remove()
+    torch.testing.assert_close(full, base, atol=1e-5, rtol=1e-5)  # explicit attention at full steps = SDPA
+    B, N, D = q.shape
+    qh, kh = (t.view(B, N, attn.heads, D // attn.heads).transpose(1, 2) for t in (q, k))
+    ref = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, -1).sum(-2).mean(1)
+    torch.testing.assert_close(seen[0], torch.nn.functional.normalize(ref, dim=-1))
+    assert _hooks(model) == 0 and attn.processor.__class__.__name__ == "AttnProcessor2_0"

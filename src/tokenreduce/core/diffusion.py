@@ -2,8 +2,8 @@
 back, so the feature map keeps its shape (merge before attention, unmerge after: Bolya & Hoffman 2023).
 
 Pure tensor functions, no model knowledge. A :class:`MergeMap` sends the N tokens of a (h, w) grid to K
-slots: ``unm`` tokens keep a slot of their own, every ``dst`` token keeps one and absorbs the ``src`` tokens
-assigned to it (``slot``). :meth:`MergeMap.merge` (B, N, C) -> (B, K, C), :meth:`MergeMap.unmerge`
+slots (one slot index per token): unmerged tokens keep a slot of their own, every destination keeps one and
+absorbs the sources merged into it. :meth:`MergeMap.merge` (B, N, C) -> (B, K, C), :meth:`MergeMap.unmerge`
 (B, K, C) -> (B, N, C): every token reads its slot's output. The builders:
 
 * :func:`stride_partition` + :func:`bipartite_map`: ToMe for SD's matching, one destination per sx x sy
@@ -15,22 +15,23 @@ assigned to it (``slot``). :meth:`MergeMap.merge` (B, N, C) -> (B, K, C), :meth:
 Why not ``strategies.bipartite_merge``/``merge_by_assignment``: those carry a :class:`TokenState` (sizes,
 sources, positions, origins, padding, protected tokens) across layers; here a map lives for one operation
 of one block, the partition is a 2D stride grid rather than even/odd tokens, and the cost of every extra pass
-counts against the attention it saves (a merge here is a few gathers and one ``index_add``, the unmerge
-one gather).
+counts against the attention it saves (a merge here is one ``index_add`` and one multiply, the unmerge
+one gather; the matching one similarity product, a vectorised argmax and a selection instead of a sort).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .ops import attention_probs
-from .state import batched_index_add, batched_index_select
+from .state import batched_index_select
 
-__all__ = ["MERGE_MODES", "IndexMap", "MergeMap", "SliceMap", "attention_received", "bipartite_map", "downsample_index",
+__all__ = ["MERGE_MODES", "IndexMap", "MergeMap", "SliceMap", "bipartite_map", "downsample_index",
            "grid_shape", "merged_count", "pool_map", "stride_partition", "window_bonus", "window_map"]
 
 #: ``mean``: the slot is the mean of its tokens (ToMe); ``prune``: sources are dropped, the destination keeps
@@ -56,87 +57,106 @@ def stride_partition(h: int, w: int, sx: int, sy: int, choice: Tensor | None = N
     """``(src, dst)`` token indices of a ``h x w`` grid with one destination per ``sy x sx`` window (ToMe for
     SD, Sec. 3 "a 2D stride"): window (i, j)'s destination is its cell ``choice[i, j]`` (row-major in the
     window; ``None``: the top-left cell). ``src`` ascending, ``dst`` in row-major window order. Cells outside
-    the last whole window are sources."""
+    the last whole window are sources. Index bookkeeping in numpy (see :func:`bipartite_map`)."""
+    corner, offset = _windows(h, w, sx, sy)
+    dst = corner.copy() if choice is None else corner + offset[choice.cpu().numpy().ravel()]
+    is_dst = np.zeros(h * w, dtype=bool)
+    is_dst[dst] = True
+    return torch.from_numpy(np.flatnonzero(~is_dst)).to(device), torch.from_numpy(dst).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(h: int, w: int, sx: int, sy: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-left token of every whole ``sy x sx`` window (row-major) and the token offset of each cell of
+    a window from its top-left one (row-major in the window): per grid, computed once (read-only)."""
     hs, ws = h // sy, w // sx
     if hs < 1 or ws < 1:
         raise ValueError(f"a {h}x{w} token grid has no whole {sy}x{sx} stride window")
-    c = torch.zeros(hs, ws, dtype=torch.long, device=device) if choice is None else choice.to(device)
-    rows = torch.arange(hs, device=device)[:, None] * sy + c // sx
-    cols = torch.arange(ws, device=device)[None, :] * sx + c % sx
-    dst = (rows * w + cols).flatten()
-    is_dst = torch.zeros(h * w, dtype=torch.bool, device=device)
-    is_dst[dst] = True
-    return (~is_dst).nonzero().flatten(), dst
+    corner = (np.arange(hs)[:, None] * (sy * w) + np.arange(ws)[None, :] * sx).ravel()
+    cell = np.arange(sx * sy)
+    offset = (cell // sx) * w + cell % sx
+    corner.flags.writeable = offset.flags.writeable = False
+    return corner, offset
 
 
 @dataclass
 class MergeMap:
-    """N tokens -> K = U + D slots: ``unm`` (B|1, U) token indices with a slot each (slots 0..U-1), ``dst``
-    (D,) token indices (slots U..U+D-1), ``src`` (B|1, R) tokens absorbed by destination ``slot`` (B|1, R)
-    (0..D-1). ``mode`` in :data:`MERGE_MODES`."""
+    """N tokens -> K slots by ``slot`` (B|1, N), the slot of every token: a slot holds one token of its own
+    (an unmerged token or a destination) and the sources merged into it. ``mode`` in :data:`MERGE_MODES`;
+    ``rep`` (B|1, K), the token each slot keeps, is needed by ``prune`` only.
+
+    Merge (``mean``): one ``index_add_`` of all N tokens into their slots and one multiply by 1/count
+    (counts cached per batch size): fewer passes than gathering the kept tokens and adding the sources.
+    Unmerge: one gather, every token reads its slot."""
 
     n: int
-    unm: Tensor
-    dst: Tensor
-    src: Tensor
     slot: Tensor
+    kept: int
     mode: str = "mean"
+    rep: Tensor | None = None
+    _flat: Tensor | None = field(default=None, repr=False)
     _inv: Tensor | None = field(default=None, repr=False)
-    _token_slot: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MERGE_MODES:
             raise ValueError(f"mode={self.mode!r} is invalid: accepted {MERGE_MODES}")
+        if self.mode == "prune" and self.rep is None:
+            raise ValueError("a prune map needs rep= (the token each slot keeps)")
 
-    @property
-    def kept(self) -> int:
-        return self.unm.shape[1] + self.dst.shape[0]
+    @classmethod
+    def from_parts(cls, n: int, unm: Tensor, dst: Tensor, src: Tensor, slot: Tensor, mode: str = "mean") -> MergeMap:
+        """From ``unm`` (B|1, U) tokens with a slot each (slots 0..U-1), ``dst`` (D,) tokens (slots U..U+D-1)
+        and ``src`` (B|1, R) tokens merged into destination ``slot`` (B|1, R) (0..D-1)."""
+        B, U, D = max(unm.shape[0], src.shape[0]), unm.shape[1], dst.shape[0]
+        out = torch.empty(B, n, dtype=torch.long, device=dst.device)
+        out[:, dst] = torch.arange(U, U + D, device=dst.device)
+        if U:
+            out.scatter_(1, unm.expand(B, -1), torch.arange(U, device=dst.device).expand(B, U))
+        if src.shape[1]:
+            out.scatter_(1, src.expand(B, -1), slot.expand(B, -1) + U)
+        rep = torch.cat([unm.expand(B, -1), dst.expand(B, D)], 1) if mode == "prune" else None
+        return cls(n, out, U + D, mode, rep)
+
+    def token_slot(self, batch: int) -> Tensor:
+        """(B, N) slot of every token."""
+        return self.slot.expand(batch, -1)
+
+    def _flat_slot(self, batch: int) -> Tensor:
+        """(B * N,) slot of every token in the flattened (B * K) slots, and the reciprocal token count of
+        every slot (B * K, 1) (float32): cached per batch size, computed in numpy."""
+        if self._flat is None or self._flat.shape[0] != batch * self.n:
+            slot = self.slot.cpu().numpy()
+            flat = (slot + np.arange(batch)[:, None] * self.kept).ravel()
+            inv = (1.0 / np.bincount(flat, minlength=batch * self.kept)).astype(np.float32)[:, None]
+            self._flat = torch.from_numpy(flat).to(self.slot.device)
+            self._inv = torch.from_numpy(inv).to(self.slot.device)
+        return self._flat
 
     def _counts(self, batch: int) -> Tensor:
-        """(B, D, 1) reciprocal of 1 + sources per destination (float32)."""
-        if self._inv is None or self._inv.shape[0] != batch:
-            s = self.slot.expand(batch, -1)
-            cnt = torch.ones(batch, self.dst.shape[0], device=s.device).scatter_add_(
-                1, s, torch.ones(s.shape, device=s.device))
-            self._inv = cnt.reciprocal_().unsqueeze(-1)
+        """(B * K, 1) reciprocal of the tokens per slot (float32, cached)."""
+        self._flat_slot(batch)
         return self._inv
 
     def merge(self, x: Tensor) -> Tensor:
-        """(B, N, C) -> (B, K, C): [unmerged tokens, destinations with their sources merged in]."""
-        B = x.shape[0]
-        dst = x.index_select(1, self.dst)
-        if self.src.shape[1] and self.mode != "prune":
-            src = batched_index_select(x, self.src.expand(B, -1))
-            slot = self.slot.expand(B, -1)
-            if self.mode == "mlerp":
-                peak = dst.norm(dim=-1).float().scatter_reduce(1, slot, src.norm(dim=-1).float(), "amax")
-            batched_index_add(src, slot, dst.shape[1], out=dst)
-            inv = self._counts(B)
-            dst.mul_(inv.to(dst.dtype))
-            if self.mode == "mlerp":  # MLERP: mean direction, largest norm of the merged tokens
-                scale = peak / dst.norm(dim=-1).float().clamp(min=torch.finfo(torch.float32).tiny)
-                dst.mul_(torch.where(inv[..., 0] < 1, scale, 1.0).unsqueeze(-1).to(dst.dtype))
-        if not self.unm.shape[1]:
-            return dst
-        return torch.cat([batched_index_select(x, self.unm.expand(B, -1)), dst], 1)
-
-    def token_slot(self, batch: int) -> Tensor:
-        """(B, N) slot of every token (cached)."""
-        if self._token_slot is None or self._token_slot.shape[0] != batch:
-            U = self.unm.shape[1]
-            out = torch.empty(batch, self.n, dtype=torch.long, device=self.dst.device)
-            ar = torch.arange(U, U + self.dst.shape[0], device=out.device)
-            out[:, self.dst] = ar
-            if U:
-                out.scatter_(1, self.unm.expand(batch, -1), torch.arange(U, device=out.device).expand(batch, U))
-            if self.src.shape[1]:
-                out.scatter_(1, self.src.expand(batch, -1), self.slot.expand(batch, -1) + U)
-            self._token_slot = out
-        return self._token_slot
+        """(B, N, C) -> (B, K, C): each slot the mean (``mlerp``: rescaled mean; ``prune``: its own token)."""
+        B, N, C = x.shape
+        if self.mode == "prune":
+            return batched_index_select(x, self.rep.expand(B, -1))
+        flat, xf = self._flat_slot(B), x.reshape(B * N, C)
+        out = x.new_zeros(B * self.kept, C).index_add_(0, flat, xf)
+        inv = self._counts(B)
+        out.mul_(inv.to(out.dtype))
+        if self.mode == "mlerp":  # MLERP: the mean's direction, the largest norm of the merged tokens
+            peak = xf.norm(dim=-1).float()
+            peak = peak.new_zeros(B * self.kept).scatter_reduce_(0, flat, peak, "amax", include_self=False)
+            scale = peak / out.norm(dim=-1).float().clamp(min=torch.finfo(torch.float32).tiny)
+            out.mul_(torch.where(inv[:, 0] < 1, scale, 1.0).unsqueeze(-1).to(out.dtype))
+        return out.view(B, self.kept, C)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """(B, K, C) -> (B, N, C): every token reads its slot."""
-        return batched_index_select(y, self.token_slot(y.shape[0]))
+        B, K, C = y.shape
+        return y.reshape(B * K, C).index_select(0, self._flat_slot(B)).view(B, self.n, C)
 
 
 @dataclass
@@ -176,18 +196,56 @@ class SliceMap:
 def bipartite_map(metric: Tensor, src: Tensor, dst: Tensor, r: int, mode: str = "mean") -> MergeMap:
     """ToMe's bipartite soft matching on a fixed partition (Bolya & Hoffman 2023, Sec. 3; Bolya et al. 2023,
     Sec. 3): each source's best destination by cosine similarity of ``metric`` (B, N, C); the ``r`` sources
-    with the most similar best destination are merged into it, the rest keep their slot (ties: lower index)."""
-    if not 0 <= r <= src.shape[0]:
-        raise ValueError(f"r={r} out of range: a partition with {src.shape[0]} sources merges 0..{src.shape[0]}")
-    metric = metric.contiguous()  # UNet blocks hand over a transposed (B, C, N) layout
-    a, b = metric.index_select(1, src), metric.index_select(1, dst)
-    b = b * b.norm(dim=-1, keepdim=True).reciprocal()
-    # a source's best destination does not depend on its own norm: divide only the best score by it
-    best, partner = (a @ b.transpose(1, 2)).max(-1)  # values + indices in one pass (argmax: ~3x slower on CPU)
-    best = best * a.norm(dim=-1).reciprocal()  # cosine similarity of each source to its best destination
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    merged = order[:, :r]
-    return MergeMap(metric.shape[1], src[order[:, r:]], dst, src[merged], partner.gather(1, merged), mode)
+    with the most similar best destination are merged into it, the rest keep their slot (ties: lower index).
+    Slots: the unmerged sources in ascending token order, then the destinations in ``dst`` order.
+
+    The similarities are one batched product in torch; the rest is index bookkeeping on (B, N) arrays, done in
+    numpy: inside a denoiser forward every torch call runs with cold caches (~20-30 us each, measured in the
+    sampling loop) against ~1-3 us for a numpy call, and numpy's ``argmax`` is vectorised where torch's CPU
+    ``max`` with indices is not (~3x slower here). Off the CPU the small index arrays make one round trip."""
+    S, D = src.shape[0], dst.shape[0]
+    if not 0 <= r <= S:
+        raise ValueError(f"r={r} out of range: a partition with {S} sources merges 0..{S}")
+    N = metric.shape[1]
+    U = S - r
+    src_np, dst_np = src.cpu().numpy(), dst.cpu().numpy()
+    if r:
+        metric = metric.contiguous()  # UNet blocks hand over a transposed (B, C, N) layout
+        ab = metric.index_select(1, torch.from_numpy(np.concatenate([src_np, dst_np])).to(metric.device))
+        sim = (ab[:, :S] @ ab[:, S:].transpose(1, 2)).float().cpu().numpy()  # (B, S, D) dot products
+        norm = torch.linalg.vector_norm(ab.float(), dim=-1).cpu().numpy()  # (B, S + D)
+        sim /= norm[:, None, S:]  # over the destination's norm: a source's best destination by cosine
+        partner = sim.argmax(-1)  # first index on ties, like torch's max
+        # a source's best destination does not depend on its own norm: divide only the best score by it
+        best = np.take_along_axis(sim, partner[..., None], -1)[..., 0] / norm[:, :S]
+        merged = _top_mask(best, r)
+        # merged sources: their destination's slot; the others: their rank among the unmerged
+        src_slot = np.where(merged, partner + U, np.cumsum(~merged, -1) - 1)
+    else:  # nothing to merge: no matching
+        merged = np.zeros((1, S), dtype=bool)
+        src_slot = np.arange(S)[None]
+    slot = np.empty((src_slot.shape[0], N), dtype=np.int64)
+    slot[:, src_np] = src_slot
+    slot[:, dst_np] = np.arange(U, U + D)
+    rep = None
+    if mode == "prune":
+        unm = np.broadcast_to(src_np, merged.shape)[~merged].reshape(-1, U)
+        kept = np.concatenate([unm, np.broadcast_to(dst_np, (unm.shape[0], D))], 1)
+        rep = torch.from_numpy(kept).to(metric.device)
+    return MergeMap(N, torch.from_numpy(slot).to(metric.device), U + D, mode, rep)
+
+
+def _top_mask(score: np.ndarray, r: int) -> np.ndarray:
+    """(B, S) bool: the ``r`` highest scores of each row, ties to the lower index (a selection, not a sort:
+    the r-th largest by ``np.partition``; rows with ties at it, or NaN, take a stable sort's first r)."""
+    S = score.shape[-1]
+    thr = np.partition(score, S - r, axis=-1)[:, S - r: S - r + 1]
+    mask = score >= thr
+    if (mask.sum(-1) != r).any():
+        order = np.argsort(-score, axis=-1, kind="stable")
+        mask = np.zeros_like(mask)
+        np.put_along_axis(mask, order[:, :r], True, -1)
+    return mask
 
 
 def window_map(h: int, w: int, sx: int, sy: int, src: Tensor, dst: Tensor, merged: Tensor,
@@ -203,23 +261,17 @@ def window_map(h: int, w: int, sx: int, sy: int, src: Tensor, dst: Tensor, merge
     unm = keep.unsqueeze(0).expand(merged.shape[0], -1).clone()
     unm.scatter_(1, merged, False)
     U = src.shape[0] - merged.shape[1]
-    return MergeMap(h * w, unm.nonzero()[:, 1].view(merged.shape[0], U), dst, merged, slot, mode)
+    return MergeMap.from_parts(h * w, unm.nonzero()[:, 1].view(merged.shape[0], U), dst, merged, slot, mode)
 
 
 def pool_map(h: int, w: int, keep: float, device: torch.device | None = None) -> MergeMap:
     """Average pooling of a ``h x w`` grid to about ``keep`` of its tokens: an ``h' x w'`` grid (each side
-    scaled by sqrt(keep), rounded), token (i, j) in cell (floor(i h'/h), floor(j w'/w)); each cell's first
-    token is its destination, the others its sources."""
+    scaled by sqrt(keep), rounded), token (i, j) in cell (floor(i h'/h), floor(j w'/w)) (every cell holds at
+    least one token: h' <= h, w' <= w)."""
     hp, wp = max(1, round(h * math.sqrt(keep))), max(1, round(w * math.sqrt(keep)))
     ci = torch.arange(h, device=device) * hp // h
     cj = torch.arange(w, device=device) * wp // w
-    cell = (ci[:, None] * wp + cj[None, :]).flatten()
-    first = torch.full((hp * wp,), h * w, dtype=torch.long, device=device)
-    first.scatter_reduce_(0, cell, torch.arange(h * w, device=device), "amin")
-    is_dst = torch.zeros(h * w, dtype=torch.bool, device=device)
-    is_dst[first] = True
-    src = (~is_dst).nonzero().flatten()
-    return MergeMap(h * w, src[:0].unsqueeze(0), first, src.unsqueeze(0), cell[src].unsqueeze(0), "mean")
+    return MergeMap(h * w, (ci[:, None] * wp + cj[None, :]).flatten().unsqueeze(0), hp * wp, "mean")
 
 
 def downsample_index(h: int, w: int, keep: float, device: torch.device | None = None) -> Tensor:
@@ -230,20 +282,6 @@ def downsample_index(h: int, w: int, keep: float, device: torch.device | None = 
     rows = ((torch.arange(hp, device=device) + 0.5) * (h / hp)).floor().long().clamp(max=h - 1)
     cols = ((torch.arange(wp, device=device) + 0.5) * (w / wp)).floor().long().clamp(max=w - 1)
     return (rows[:, None] * w + cols[None, :]).flatten()
-
-
-def attention_received(q: Tensor, k: Tensor, heads: int, scaling: float, chunk: int = 8) -> Tensor:
-    """(B, N) attention each token receives, sum_i softmax(q_i k^T * scaling)_j averaged over heads, from
-    projected queries/keys (B, N, heads * d); computed ``chunk`` samples at a time (the maps are N x N)."""
-    B, N, D = q.shape
-    out = []
-    for i in range(0, B, chunk):
-        qq = q[i: i + chunk].view(-1, N, heads, D // heads).transpose(1, 2)
-        kk = k[i: i + chunk].view(-1, N, heads, D // heads).transpose(1, 2)
-        allowed = torch.ones(1, 1, 1, N, dtype=torch.bool, device=q.device)
-        p = attention_probs(qq, kk, scaling, allowed)  # (b, H, 1, N, N)
-        out.append(p.sum(-2).mean((1, 2)))
-    return torch.cat(out)
 
 
 def window_bonus(score: Tensor, h: int, w: int, bonus: float, size: int = 2) -> Tensor:

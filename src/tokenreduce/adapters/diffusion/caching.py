@@ -2,8 +2,11 @@
 the cached self-attention output and recompute the feed-forward for the selected tokens only.
 
 The block's own forward runs unchanged; the self-attention and feed-forward modules get an instance
-``forward`` that calls their class's forward (on all tokens, or the selected ones) or returns the cache, and
-at full steps hooks on ``to_q``/``to_k`` capture the projections for the attention-received score.
+``forward`` that calls their class's forward (on all tokens, or the selected ones) or returns the cache. At
+full steps the self-attention of a caching block runs with diffusers' explicit ``AttnProcessor`` (softmax(q k^T)
+then v: the same attention as SDPA) and an instance ``get_attention_scores`` reads the attention each token
+receives from the probabilities it already computed (ToCa's reference takes its score from the attention map of
+the full step the same way), instead of computing the N x N map a second time.
 Caches are kept per call of a step (a classifier-free-guidance run that calls the model twice per step,
 conditional and unconditional, gets two caches).
 """
@@ -16,8 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core.diffusion import attention_received, grid_shape
-from ...core.state import batched_index_select
+from ...core.diffusion import grid_shape
 from ...methods.diffusion.toca import ToCa
 from ..base import Patcher
 from .runtime import Clock, Timer
@@ -31,7 +33,7 @@ class _Cache:
     attn: Tensor | None = None
     mlp: Tensor | None = None
     stale: Tensor | None = None  # (B, N) steps since each token's MLP output was computed
-    received: Tensor | None = None  # (B, N) attention received at the last full step
+    influence: Tensor | None = None  # (B, N) ToCa's s1 from the attention received at the last full step
 
 
 class CacheRuntime:
@@ -45,7 +47,8 @@ class CacheRuntime:
         self.caches: dict[int, list[_Cache]] = {}
         self._last_step: int | None = None
         self._call = 0
-        self._qk: dict[str, Tensor] = {}
+        self._influence: Tensor | None = None
+        self._explicit: Any = None
         self._grids: list[tuple[int, int] | None] = [None] * len(sites)
 
     def install(self, p: Patcher, model: nn.Module) -> None:
@@ -53,8 +56,8 @@ class CacheRuntime:
         for i, s in enumerate(self.sites):
             p.set_method(s.attn, "forward", self._attn_forward(i))
             p.set_method(s.ff, "forward", self._ff_forward(i))
-            p.hook(s.attn.to_q.register_forward_hook(self._capture("q")))
-            p.hook(s.attn.to_k.register_forward_hook(self._capture("k")))
+            if self.method.uses_attention:
+                p.set_method(s.attn, "get_attention_scores", self._scores)
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """After the clock's pre-hook: is this a full step, and which call of the step is it."""
@@ -75,14 +78,31 @@ class CacheRuntime:
         d, h, w = grid_shape(n, c.n0, c.h0, c.w0)
         return (h, w) if d <= self.method.max_downsample and h * w == n else None
 
-    def _capture(self, key: str) -> Any:
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            if self._capturing:
-                self._qk[key] = out
-
-        return hook
+    def _scores(self, attn: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The class's ``get_attention_scores`` (probabilities (B * heads, N, N), diffusers' head-major batch);
+        while capturing, also the attention each token receives, summed over queries and averaged over heads."""
+        probs = type(attn).get_attention_scores(attn, query, key, attention_mask)
+        if self._capturing:
+            with self.timer:
+                received = probs.view(-1, attn.heads, probs.shape[-2], probs.shape[-1]).float().sum(-2).mean(1)
+                self._influence = self.method.influence(received)
+        return probs
 
     _capturing = False
+
+    def _full_attention(self, attn: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The class's forward with diffusers' explicit ``AttnProcessor`` (its probabilities give the score),
+        the attention's own processor restored after."""
+        if self._explicit is None:
+            from diffusers.models.attention_processor import AttnProcessor
+
+            self._explicit = AttnProcessor()
+        own, attn.processor = attn.processor, self._explicit
+        self._capturing = True
+        try:
+            return type(attn).forward(attn, hidden_states, *args, **kwargs)
+        finally:
+            attn.processor, self._capturing = own, False
 
     def _attn_forward(self, i: int) -> Any:
         site = self.sites[i]
@@ -94,17 +114,14 @@ class CacheRuntime:
             stats.site_tokens[i] = n
             stats.tokens_attn[i] = stats.tokens_kv[i] = float(n)
             if grid is None or self.full or cache.attn is None:
-                self._capturing = grid is not None and self.method.uses_attention
-                try:
+                if grid is not None and self.method.uses_attention:
+                    self._influence = None
+                    out = self._full_attention(attn, hidden_states, *args, **kwargs)
+                    cache.influence, self._influence = self._influence, None
+                else:
                     out = type(attn).forward(attn, hidden_states, *args, **kwargs)
-                finally:
-                    self._capturing = False
                 if grid is not None:
                     cache.attn = out
-                    if self.method.uses_attention:
-                        with self.timer:
-                            q, k = self._qk.pop("q"), self._qk.pop("k")
-                            cache.received = attention_received(q, k, attn.heads, attn.scale)
                 return out
             if cache.attn.shape != (hidden_states.shape[0], n, cache.attn.shape[-1]):
                 raise RuntimeError(f"{site.name}: cached attention output {tuple(cache.attn.shape)} does not match "
@@ -129,17 +146,18 @@ class CacheRuntime:
             c = self.clock
             k = self.method.fresh_count(c.keep, n, i, len(self.sites), c.step, c.steps)
             with self.timer:
-                idx = self.method.select(cache.received, cache.stale, grid, k)
+                idx = self.method.select(cache.influence, cache.stale, grid, k)
             stats.tokens_mlp[i] = float(k)
             if idx is None:  # the zero-overhead reference: the first k tokens, no scores, no gathers
                 cache.mlp[:, :k] = type(ff).forward(ff, x[:, :k], *args, **kwargs)
                 return cache.mlp
-            with self.timer:
-                sel = batched_index_select(x, idx)
+            with self.timer:  # one flat index for the gather and the write-back
+                flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * n).view(-1)
+                sel = x.reshape(B * n, C).index_select(0, flat).view(B, k, C)
             out = type(ff).forward(ff, sel, *args, **kwargs)
             with self.timer:
-                flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * n).reshape(-1)
-                cache.mlp.view(B * n, C).index_copy_(0, flat, out.reshape(-1, C).to(cache.mlp.dtype))
+                co = cache.mlp.shape[-1]
+                cache.mlp.view(B * n, co).index_copy_(0, flat, out.reshape(B * k, co).to(cache.mlp.dtype))
                 cache.stale.add_(1).scatter_(1, idx, 0)
             return cache.mlp
 

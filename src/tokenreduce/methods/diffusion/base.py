@@ -22,7 +22,7 @@ token grid (ToMe for SD's ``max_downsample``; 1 = the full-resolution blocks onl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +36,9 @@ __all__ = ["DIFFUSION", "DiffusionMethod", "KeepSchedule", "MergeMethod", "SiteC
 DIFFUSION = "diffusion"
 
 KeepSchedule = float | Sequence[float] | Callable[[float], float]
+
+#: stride partitions a merging method keeps (one per block and timestep: 4096 covers 200 steps x 20 blocks)
+PARTITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class StrideMethod(MergeMethod):
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
+    _partitions: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -160,11 +164,21 @@ class StrideMethod(MergeMethod):
         return 1.0 / (self.sx * self.sy)
 
     def partition(self, site: SiteCall, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = site.grid
-        choice = None
-        if self.use_rand:
-            choice = torch.randint(self.sx * self.sy, (h // self.sy, w // self.sx), generator=site.generator(self.seed))
-        return stride_partition(h, w, self.sx, self.sy, choice, device)
+        """``(src, dst)`` of the block at this step. A function of (seed, block, timestep) only, so it is kept
+        (up to ``PARTITIONS`` of them): sampling again at the same timesteps reuses it."""
+        key = (self.seed, self.sx, self.sy, self.use_rand, site.grid, device,
+               (site.index, round(site.t * 1000)) if self.use_rand else None)
+        part = self._partitions.get(key)
+        if part is None:
+            h, w = site.grid
+            choice = None
+            if self.use_rand:
+                choice = torch.randint(self.sx * self.sy, (h // self.sy, w // self.sx),
+                                       generator=site.generator(self.seed))
+            if len(self._partitions) >= PARTITIONS:
+                self._partitions.clear()
+            part = self._partitions[key] = stride_partition(h, w, self.sx, self.sy, choice, device)
+        return part
 
     def merged(self, site: SiteCall, keep: float, sources: int) -> int:
         """Tokens to merge away at ``keep`` (ToMe for SD's ``int(N * ratio)``), or a ValueError if that leaves

@@ -49,5 +49,5 @@ class SliceCache(ToCa):
 
     uses_attention: ClassVar[bool] = False
 
-    def select(self, received: Tensor | None, stale: Tensor, grid: tuple[int, int], k: int) -> None:
+    def select(self, influence: Tensor | None, stale: Tensor, grid: tuple[int, int], k: int) -> None:
         return None

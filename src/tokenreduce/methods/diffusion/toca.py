@@ -40,7 +40,7 @@ class ToCa(DiffusionMethod):
     frequency_weight: float = 0.25
     local_bonus: float = 0.6
     caches: ClassVar[bool] = True
-    uses_attention: ClassVar[bool] = True  # the runtime captures q/k at full steps for ``received``
+    uses_attention: ClassVar[bool] = True  # full steps read ``received`` from their attention probabilities
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,13 +61,18 @@ class ToCa(DiffusionMethod):
             f *= (1.8 - 1.6 * layer / max(layers - 1, 1)) * (0.6 + 0.8 * (step + 1) / steps)
         return max(1, min(n, round(f * n)))
 
-    def select(self, received: Tensor | None, stale: Tensor, grid: tuple[int, int], k: int) -> Tensor | None:
-        """(B, k) indices of the fresh tokens (None: the first k, the benchmark's zero-overhead reference)."""
-        return self.scores(received, stale, grid).topk(k, dim=-1).indices
+    def influence(self, received: Tensor) -> Tensor:
+        """s1 of every token from the (B, N) attention it received at a full step: L2-normalised over the
+        tokens (computed once per full step; the steps until the next one reuse it)."""
+        return torch.nn.functional.normalize(received.float(), dim=-1)
 
-    def scores(self, received: Tensor | None, stale: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(B, N) fresh-token scores from the attention received at the last full step and staleness."""
+    def select(self, influence: Tensor | None, stale: Tensor, grid: tuple[int, int], k: int) -> Tensor | None:
+        """(B, k) indices of the fresh tokens (None: the first k, the benchmark's zero-overhead reference)."""
+        return self.scores(influence, stale, grid).topk(k, dim=-1).indices
+
+    def scores(self, influence: Tensor | None, stale: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, N) fresh-token scores s1 + w * s3 from :meth:`influence` and the staleness (+ window bonus)."""
         s = stale.float() * (self.frequency_weight / self.interval)
-        if received is not None:
-            s = s + torch.nn.functional.normalize(received.float(), dim=-1)
+        if influence is not None:
+            s = s + influence
         return window_bonus(s, *grid, self.local_bonus) if self.local_bonus else s
