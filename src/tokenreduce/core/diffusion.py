@@ -121,30 +121,24 @@ class MergeMap:
         """(B, N) slot of every token."""
         return self.slot.expand(batch, -1)
 
-    def _flat_slot(self, batch: int) -> Tensor:
-        """(B * N,) slot of every token in the flattened (B * K) slots, and the reciprocal token count of
-        every slot (B * K, 1) (float32): cached per batch size, computed in numpy."""
+    def _index(self, batch: int) -> tuple[Tensor, Tensor]:
+        """``(flat, inv)``: the slot of every token in the flattened (B * K) slots (B * N,) and the reciprocal
+        token count of every slot (B * K, 1) (float32); computed in numpy, cached per batch size."""
         if self._flat is None or self._flat.shape[0] != batch * self.n:
             slot = self.slot.cpu().numpy()
             flat = (slot + np.arange(batch)[:, None] * self.kept).ravel()
             inv = (1.0 / np.bincount(flat, minlength=batch * self.kept)).astype(np.float32)[:, None]
             self._flat = torch.from_numpy(flat).to(self.slot.device)
             self._inv = torch.from_numpy(inv).to(self.slot.device)
-        return self._flat
-
-    def _counts(self, batch: int) -> Tensor:
-        """(B * K, 1) reciprocal of the tokens per slot (float32, cached)."""
-        self._flat_slot(batch)
-        return self._inv
+        return self._flat, self._inv
 
     def merge(self, x: Tensor) -> Tensor:
         """(B, N, C) -> (B, K, C): each slot the mean (``mlerp``: rescaled mean; ``prune``: its own token)."""
         B, N, C = x.shape
         if self.mode == "prune":
             return batched_index_select(x, self.rep.expand(B, -1))
-        flat, xf = self._flat_slot(B), x.reshape(B * N, C)
+        (flat, inv), xf = self._index(B), x.reshape(B * N, C)
         out = x.new_zeros(B * self.kept, C).index_add_(0, flat, xf)
-        inv = self._counts(B)
         out.mul_(inv.to(out.dtype))
         if self.mode == "mlerp":  # MLERP: the mean's direction, the largest norm of the merged tokens
             peak = xf.norm(dim=-1).float()
@@ -156,7 +150,7 @@ class MergeMap:
     def unmerge(self, y: Tensor) -> Tensor:
         """(B, K, C) -> (B, N, C): every token reads its slot."""
         B, K, C = y.shape
-        return y.reshape(B * K, C).index_select(0, self._flat_slot(B)).view(B, self.n, C)
+        return y.reshape(B * K, C).index_select(0, self._index(B)[0]).view(B, self.n, C)
 
 
 @dataclass
