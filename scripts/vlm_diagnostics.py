@@ -98,7 +98,6 @@ def existence_scores(model, tok, config, n: int, batch: int = 50) -> dict[str, f
     """Held-out existence questions answered after a generated description: accuracy, yes-rate, the share of
     exact descriptions (the scene's, in the trained order), the share of answers that agree with the model's
     own description, and the accuracy on the questions whose description was exact / not exact."""
-    from tokenreduce.data.vqa import describe_answer
     from tokenreduce.models.vlm.targets import EXISTENCE_NEW_TOKENS, ordered_description
 
     data = eval_set("test", config, per_type=n, types=("existence",))
@@ -115,7 +114,7 @@ def existence_scores(model, tok, config, n: int, batch: int = 50) -> dict[str, f
             answer = parse_answer(words)
             desc = " ".join(words[: len(words) - 2]) if len(words) >= 2 and words[-2] == "," else None
             s = data.scenes[q.scene]
-            true = ordered_description(q._replace(rationale=describe_answer(s)), s, config.describe_order).rationale
+            true = ordered_description(q, s, config.describe_order).rationale  # q.rationale: the scene's
             named = desc is not None and q.question.split()[-2] in desc.split()
             right.append(answer == q.answer)
             yes.append(answer == "yes")

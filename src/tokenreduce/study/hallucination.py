@@ -52,16 +52,15 @@ CLUTTER: dict[str, dict[str, Any]] = {
     "high": {"n_digits": (6, 8), "background_amplitude": (0.15, 0.25), "background_level": (0.2, 0.45)},
 }
 POPE_MODES = ("diagnostic", "all", "off")
-#: which cached small VLM answers -> (its VLMTrainConfig overrides, the flags of `tokenreduce train vlm` that
-#: build it): the default; the one whose warm restart also trained existence questions; the same with the
+#: which cached small VLM answers -> its VLMTrainConfig overrides (each one a `tokenreduce train vlm` flag of
+#: the same name): the default; the one whose warm restart also trained existence questions; the same with the
 #: scene's description as their rationale (``3 top left , 7 center , yes``); and with 8 text-only sequences of
 #: such turns per batch (the match step without the image)
-_VLM_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
-    "default": ({}, ""),
-    "existence": ({"existence": True}, " --existence"),
-    "existence-rationale": ({"existence": True, "existence_rationale": True}, " --existence --existence-rationale"),
-    "existence-rationale-text": ({"existence": True, "existence_rationale": True, "existence_text": 8},
-                                 " --existence --existence-rationale --existence-text 8"),
+_VLM_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "existence": {"existence": True},
+    "existence-rationale": {"existence": True, "existence_rationale": True},
+    "existence-rationale-text": {"existence": True, "existence_rationale": True, "existence_text": 8},
 }
 VLM_MODELS = tuple(_VLM_VARIANTS)
 DESCRIBE = "describe the image ."
@@ -92,7 +91,7 @@ def vlm_config(model: str) -> Any:
     from ..models.vlm import VLMTrainConfig
 
     check_choice(model, VLM_MODELS, "model")
-    return VLMTrainConfig(**_VLM_VARIANTS[model][0])
+    return VLMTrainConfig(**_VLM_VARIANTS[model])
 
 
 def load_vlm(name: str) -> tuple[Any, Any, Any]:
@@ -210,7 +209,8 @@ class HallucinationStudy(Study):
 
         check_choice(cfg.model, VLM_MODELS, "model")
         path = checkpoint_dir(vlm_config(cfg.model)) / "model.pt"
-        cmd = "tokenreduce train vlm" + _VLM_VARIANTS[cfg.model][1]
+        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in _VLM_VARIANTS[cfg.model].items()]
+        cmd = " ".join(["tokenreduce train vlm", *flags])
         return [] if path.is_file() else [f"the small VLM is not cached ({path}): build it with `{cmd}`"]
 
     def sweep(self, cfg: HallucinationConfig, smoke: bool) -> Sweep:

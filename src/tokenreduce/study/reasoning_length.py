@@ -260,7 +260,7 @@ class ReasoningLengthStudy(Study):
             out.append("the reasoning LM is not cached: build it with `tokenreduce train reasoner`")
         if not (tokenskip_dir(ts) / "model.pt").is_file():
             force = (f" --force-keep '{cfg.force_keep}'" if cfg.force_keep else "") + (
-                f" --lr {cfg.tokenskip_lr:g}" if ts.lr != type(ts)().lr else "")
+                f" --lr {cfg.tokenskip_lr:g}" if ts.lr != type(ts).lr else "")
             out.append("its TokenSkip fine-tune is not cached: build it with `tokenreduce train reasoner "
                        f"--tokenskip{force}` (after `tokenreduce train reasoner`)")
         return out
