@@ -260,7 +260,7 @@ def main() -> None:
     print("oracle selection (identity accuracy):", oracle_selection(model, tok, data, args.n))
     if getattr(model.config, "vqa_rationale", False):
         print("rationales:", rationale_scores(model, tok, data, args.n))
-    if getattr(model.config, "vqa_existence_rationale", False):
+    if getattr(model.config, "vqa_existence", "answer") == "description":
         print("existence rationales:", existence_scores(model, tok, info["config"], args.n))
     model.set_attn_implementation("eager")
     for qtype in ("identity", "detail"):

@@ -54,13 +54,15 @@ CLUTTER: dict[str, dict[str, Any]] = {
 POPE_MODES = ("diagnostic", "all", "off")
 #: which cached small VLM answers -> its VLMTrainConfig overrides (each one a `tokenreduce train vlm` flag of
 #: the same name): the default; the one whose warm restart also trained existence questions; the same with the
-#: scene's description as their rationale (``3 top left , 7 center , yes``); and with 8 text-only sequences of
-#: such turns per batch (the match step without the image)
+#: scene's description as their rationale (``3 top left , 7 center , yes``); with 8 text-only sequences of
+#: such turns per batch (the match step without the image); and with the asked digit's place as the rationale
+#: (``7 center , yes``, absent ``7 , no``)
 _VLM_VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "existence": {"existence": True},
     "existence-rationale": {"existence": True, "existence_rationale": True},
     "existence-rationale-text": {"existence": True, "existence_rationale": True, "existence_text": 8},
+    "existence-lookup": {"existence": True, "existence_lookup": True},
 }
 VLM_MODELS = tuple(_VLM_VARIANTS)
 DESCRIBE = "describe the image ."

@@ -94,18 +94,20 @@ def training_batch(c: VLMTrainConfig, step: int, tok, reduce: bool = False) -> d
                 q = (ids_img if j == 0 else []) + tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
             if qa.qtype == "existence":  # its rationale is the description: in the describe task's order
                 qa = ordered_description(qa, s, c.describe_order)
-            target = training_target(qa, c.rationale, c.rationale_axis, c.existence_rationale)
+            target = training_target(qa, c.rationale, c.rationale_axis, c.existence_form)
             a = tok(target, add_special_tokens=False)["input_ids"] + [eos]
             if c.route_weight and kind != "pool":  # a pooled token has no single cell
                 first = len(ids) + len(q)  # position of the first answer token
                 route += [(first + k, cells) for k, cells in
-                          routing_targets(qa, s, c.rationale, c.rationale_axis, c.existence_rationale)]
+                          routing_targets(qa, s, c.rationale, c.rationale_axis, c.existence_form)]
             ids += q + a
             lab += [-100] * len(q) + a
             ty += [-1] * len(q) + [LOSS_TYPES.index(qa.qtype)] * len(a)
-            if target != qa.answer and qa.qtype == "existence":
-                # the rationale is a description, trained as one; the type's own term is the yes/no + </s>
-                ty[len(ty) - len(a): len(ty) - 2] = [_DESCRIBE] * (len(a) - 2)
+            if qa.qtype == "existence":
+                if c.existence_form == "description":
+                    # the rationale is a description, trained as one; the type's own term is the yes/no + </s>
+                    ty[len(ty) - len(a): len(ty) - 2] = [_DESCRIBE] * (len(a) - 2)
+                # a look-up (``7 center , yes``) is the type's own term: its decision is the word after the digit
             elif target != qa.answer:
                 ty[-2] = RELATION  # the scored answer after a rationale (the relation step): own tag
                 for k, t in enumerate(a[:-2]):  # the rationale's place words (the look-up): own tag
@@ -191,7 +193,7 @@ def _text_sequence(c: VLMTrainConfig, rng, tok, qtype: str) -> tuple[list[int], 
             continue
         qa = qas[0]
         q = tok(f"{qa.question} answer :", add_special_tokens=False)["input_ids"]
-        target = training_target(qa, c.rationale, c.rationale_axis, c.existence_rationale)
+        target = training_target(qa, c.rationale, c.rationale_axis, c.existence_form)
         a = tok(target, add_special_tokens=False)["input_ids"] + [eos]
         if qtype == "spatial":
             trained = [VOCAB[t] in _TEXT_ONLY_WORDS for t in a]

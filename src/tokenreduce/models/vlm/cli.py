@@ -38,13 +38,16 @@ def register_cli(train_app) -> None:
             "With --existence: the scene's description before its answers ('3 top left , 7 center , yes')")),
         existence_text: int = typer.Option(VLMTrainConfig.existence_text, help=(
             "With --existence-rationale: text-only sequences of existence turns per batch; 0 = off")),
+        existence_lookup: bool = typer.Option(VLMTrainConfig.existence_lookup, help=(
+            "With --existence: the asked digit's place before its answers ('7 center , yes'; absent: '7 , no')")),
         force: bool = typer.Option(False, help="Retrain even if a cached checkpoint exists"),
     ) -> None:
         """Train the small LLaVA-style VLM on digit-scene VQA (cached in ~/.cache/tokenreduce/small_vlm)."""
         c = VLMTrainConfig(steps=steps, batch_size=batch_size, num_threads=threads, restart_steps=restart_steps,
                            restart_lr=restart_lr, restart_drop=restart_drop, rationale=rationale,
                            route_weight=route_weight, ground_weight=ground_weight, existence=existence,
-                           existence_rationale=existence_rationale, existence_text=existence_text)
+                           existence_rationale=existence_rationale, existence_text=existence_text,
+                           existence_lookup=existence_lookup)
         path = checkpoint_dir(c) / "model.pt"
         if path.is_file() and not force:
             m = json.loads(path.with_name("metrics.json").read_text())

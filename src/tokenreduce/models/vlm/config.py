@@ -40,7 +40,7 @@ _ROUTE_FIELDS = ("route_weight", "route_layers", "route_head")
 #: options absent from the hash when off (false or 0), so models trained before they existed keep their hash
 _OPTIONAL_FIELDS = ("rationale", "rationale_axis", "relation_loss", "text_relation", "visual_position",
                     "spatial_choice", "lookup_loss", "ground_weight", "existence", "existence_rationale",
-                    "existence_text")
+                    "existence_text", "existence_lookup")
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,11 @@ class VLMRecipe:
     #: random digit arrangements (no image), the description given, only the yes/no after it trained: the
     #: match step without the image, as ``text_relation`` does for spatial turns (0 = off, absent from the hash)
     existence_text: int = 0
+    #: with ``existence``: its answers are trained with a look-up first, the asked digit and its place
+    #: (``is there the digit 7 ?`` -> ``7 center , yes``; absent: ``7 , no``): the existence decision is the
+    #: word after the digit (a place or ``,``), where the model looks a digit up as in a spatial rationale
+    #: (absent from the hash when off)
+    existence_lookup: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.ink_threshold < 1:
@@ -154,6 +159,11 @@ class VLMRecipe:
             raise ValueError(f"ground_weight={self.ground_weight!r} must be in [0, 100] (0 = off)")
         if self.existence_rationale and not self.existence:
             raise ValueError("existence_rationale=True needs existence=True (it trains the existence type's target)")
+        if self.existence_lookup and not self.existence:
+            raise ValueError("existence_lookup=True needs existence=True (it trains the existence type's target)")
+        if self.existence_lookup and self.existence_rationale:
+            raise ValueError("existence_lookup and existence_rationale are two forms of the existence answer; "
+                             "set at most one")
         if self.existence_text and not self.existence_rationale:
             raise ValueError(f"existence_text={self.existence_text!r} needs existence_rationale=True")
         if self.route_weight < 0:
@@ -162,6 +172,11 @@ class VLMRecipe:
     @property
     def spatial_form(self) -> str:
         return "choice" if self.spatial_choice else "yesno"
+
+    @property
+    def existence_form(self) -> str:
+        """What the model writes for an existence question (:data:`~.targets.EXISTENCE_FORMS`)."""
+        return "lookup" if self.existence_lookup else "description" if self.existence_rationale else "answer"
 
 
 @dataclass(frozen=True)
@@ -243,7 +258,8 @@ class VLMTrainConfig(VLMRecipe, StoredConfig):
         if self.restart_steps == 0:
             return None
         # existence: the restart's alone
-        return dataclasses.replace(self, restart_steps=0, existence=False, existence_rationale=False, existence_text=0)
+        return dataclasses.replace(self, restart_steps=0, existence=False, existence_rationale=False, existence_text=0,
+                                   existence_lookup=False)
 
     def without_drop(self) -> VLMTrainConfig:
         """The same training without the token-reduction augmentation (model v3 ``v3-42c6df0141`` for the

@@ -79,13 +79,13 @@ def answer_questions(model, tok, images: torch.Tensor, qas: Sequence[QA], batch_
     """Each question's answer word (greedy, :func:`parse_answer`): by ``generate`` or, equivalently for
     one-word answers, the argmax of the prefill logits at the last prompt position (faster). A model trained
     with rationales writes one before the answer -- spatial questions with ``config.vqa_rationale``,
-    existence questions with ``config.vqa_existence_rationale`` -- so those are always answered by
+    existence questions with a ``config.vqa_existence`` form other than ``answer`` -- so those are always answered by
     ``generate`` with enough new tokens for the rationale (:func:`~.targets.rationale_tokens`); the word
     after it is the answer."""
     model.eval()
     n_img = model.config.image_seq_length
     spatial = bool(getattr(model.config, "vqa_rationale", False))
-    existence = bool(getattr(model.config, "vqa_existence_rationale", False))
+    existence = getattr(model.config, "vqa_existence", "answer")
     out: list[str] = []
     for i in range(0, len(qas), batch_size):
         chunk = qas[i : i + batch_size]

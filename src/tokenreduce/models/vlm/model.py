@@ -144,7 +144,7 @@ def build_small_vlm(config: VLMTrainConfig | None = None, attn_implementation: s
     cfg.vqa_prompt = c.prompt  # read back by answer_questions / the benchmark
     cfg.vqa_rationale = c.rationale
     cfg.vqa_rationale_axis = c.rationale_axis
-    cfg.vqa_existence_rationale = c.existence_rationale
+    cfg.vqa_existence = c.existence_form
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
     if c.visual_position:
         model.model.multi_modal_projector = GridPositionProjector(cfg, c.scene.image_size // c.patch_size,

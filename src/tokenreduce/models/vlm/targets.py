@@ -11,8 +11,8 @@ from tokenreduce.data.vqa import POSITION_NAMES, QA, QUESTION_TYPES, cell_of_pat
 
 from .config import VLMTrainConfig
 
-__all__ = ["EXISTENCE_NEW_TOKENS", "LOOKUP", "LOSS_TYPES", "N_AUX", "N_WHAT", "RATIONALE_NEW_TOKENS", "RELATION",
-           "axis_rationale", "ordered_description", "patch_class", "patch_labels", "patch_value",
+__all__ = ["EXISTENCE_FORMS", "EXISTENCE_LOOKUP_TOKENS", "EXISTENCE_NEW_TOKENS", "LOOKUP", "LOSS_TYPES", "N_AUX", "N_WHAT", "RATIONALE_NEW_TOKENS", "RELATION",
+           "axis_rationale", "lookup_rationale", "ordered_description", "patch_class", "patch_labels", "patch_value",
            "rationale_tokens", "routing_targets", "training_target"]
 
 
@@ -60,12 +60,40 @@ def axis_rationale(qa: QA) -> str:
     return " , ".join(out)
 
 
-def training_target(qa: QA, rationale: bool, axis: bool = False, existence: bool = False) -> str:
+#: what a model writes for an existence question (``is there the digit 7 ?``): ``answer`` the yes/no alone;
+#: ``description`` the scene's description first (``3 top left , 7 center , yes``); ``lookup`` the asked
+#: digit's place first (``7 center , yes``; absent: ``7 , no``; the small digit: ``7 small , yes``)
+EXISTENCE_FORMS = ("answer", "description", "lookup")
+
+
+def lookup_rationale(qa: QA) -> str:
+    """An existence question's look-up rationale: the asked digit and its place in the scene, read from the
+    question and the description in ``qa.rationale`` (``is there the digit 7 ?`` over ``3 top left , 7
+    center`` -> ``7 center``; over ``3 top left , small 7`` -> ``7 small``; absent -> ``7``). The word after
+    the digit, a place or ``,``, is the existence decision, made where the model looks the digit up (the
+    value -> cell look-up a spatial rationale trains)."""
+    digit = qa.question.split()[-2]
+    for part in qa.rationale.split(" , "):
+        words = part.split()
+        if words[0] == digit:
+            return " ".join(words)
+        if words[:2] == ["small", digit]:
+            return f"{digit} small"
+    return digit
+
+
+def training_target(qa: QA, rationale: bool, axis: bool = False, existence: str = "answer") -> str:
     """The text a model learns to write for ``qa`` (before ``</s>``): the answer, or with a rationale first,
     ``<rationale> , <answer>``: a spatial question with ``rationale`` (``axis``: :func:`axis_rationale`), an
-    existence question with ``existence`` (its rationale is the scene's description)."""
+    existence question in the form ``existence`` (:data:`EXISTENCE_FORMS`: the scene's description or the
+    asked digit's place, :func:`lookup_rationale`)."""
     if qa.qtype == "existence":
-        return f"{qa.rationale} , {qa.answer}" if existence and qa.rationale else qa.answer
+        if existence not in EXISTENCE_FORMS:
+            raise ValueError(f"existence={existence!r} is invalid: accepted {EXISTENCE_FORMS}")
+        if existence == "answer" or not qa.rationale:
+            return qa.answer
+        why = qa.rationale if existence == "description" else lookup_rationale(qa)
+        return f"{why} , {qa.answer}"
     if not (rationale and qa.rationale):
         return qa.answer
     return f"{axis_rationale(qa) if axis else qa.rationale} , {qa.answer}"
@@ -76,13 +104,16 @@ RATIONALE_NEW_TOKENS = 10
 #: new tokens that hold an existence answer after the description of a full 3x3 grid (9 items of at most 3
 #: words, 8 commas, ``, yes``, ``</s>``)
 EXISTENCE_NEW_TOKENS = 38
+#: new tokens that hold an existence answer after its look-up (``7 bottom right , yes`` + ``</s>``)
+EXISTENCE_LOOKUP_TOKENS = 6
 
 
-def rationale_tokens(qa: QA, spatial: bool, existence: bool) -> int:
+def rationale_tokens(qa: QA, spatial: bool, existence: str = "answer") -> int:
     """New tokens a model writes a rationale and the answer of ``qa`` in (0: it answers directly), for a
-    model trained with spatial rationales (``spatial``) and/or existence rationales (``existence``)."""
+    model trained with spatial rationales (``spatial``) and existence answers in form ``existence``
+    (:data:`EXISTENCE_FORMS`)."""
     if qa.qtype == "existence":
-        return EXISTENCE_NEW_TOKENS if existence else 0
+        return {"description": EXISTENCE_NEW_TOKENS, "lookup": EXISTENCE_LOOKUP_TOKENS}.get(existence, 0)
     return RATIONALE_NEW_TOKENS if spatial and qa.rationale else 0
 
 
@@ -95,7 +126,7 @@ RELATION = LOSS_TYPES.index("relation")
 LOOKUP = LOSS_TYPES.index("lookup")
 
 
-def routing_targets(qa: QA, scene, rationale: bool, axis: bool = False, existence: bool = False
+def routing_targets(qa: QA, scene, rationale: bool, axis: bool = False, existence: str = "answer"
                     ) -> list[tuple[int, tuple[int, ...]]]:
     """Where a turn must look (:func:`~tokenreduce.models.vlm.losses.routing_loss`): ``(i, cells)`` pairs,
     ``i`` = -1 for the last prompt token (``:``, which predicts the first answer word) or the index of the
@@ -106,7 +137,9 @@ def routing_targets(qa: QA, scene, rationale: bool, axis: bool = False, existenc
       name it); without a rationale ``:`` -> both digits' cells;
     - describe (``3 top left , 7 center , small 5``): each regular digit word -> its cell, ``:`` and every
       ``,`` -> the cell described next, ``small`` -> the small digit's cell; likewise an existence
-      question's rationale (``existence``: the description before the yes/no, which needs no look-up).
+      question's description rationale (``existence="description"``; the yes/no after it needs no look-up);
+    - existence with its look-up (``existence="lookup"``, ``7 center , yes``): the digit word -> its cell
+      when the digit is present (an absent one has nowhere to look).
     Counting has none."""
     d, words = scene.digits, training_target(qa, rationale, axis, existence).split()
     if qa.qtype == "identity":
@@ -123,8 +156,10 @@ def routing_targets(qa: QA, scene, rationale: bool, axis: bool = False, existenc
         return [(i, (d.index(int(w)),)) for i, w in enumerate(words) if w.isdigit() and i < len(words) - 1]
     if qa.qtype == "describe":
         return _description_routes(words, scene)
-    if qa.qtype == "existence" and existence and qa.rationale:
+    if qa.qtype == "existence" and existence == "description" and qa.rationale:
         return _description_routes(words[:-2], scene)  # the description; not its ``, yes``
+    if qa.qtype == "existence" and existence == "lookup" and qa.answer == "yes":
+        return [(0, (scene.digits.index(int(words[0])),))]
     return []
 
 
