@@ -50,6 +50,8 @@ def test_missing_models_name_the_command_that_builds_them(monkeypatch, tmp_path)
         run_study("hallucination", out=tmp_path, overrides={"model": "existence"})
     with pytest.raises(FileNotFoundError, match="tokenreduce train vlm --existence --existence-rationale`"):
         run_study("hallucination", out=tmp_path, overrides={"model": "existence-rationale"})
+    with pytest.raises(FileNotFoundError, match="tokenreduce train vlm --existence --existence-lookup`"):
+        run_study("hallucination", out=tmp_path, overrides={"model": "existence-lookup"})
     with pytest.raises(ValueError, match="model"):
         run_study("hallucination", out=tmp_path, overrides={"model": "pope"})
     with pytest.raises(FileNotFoundError, match=r"tokenreduce train reasoner`.*tokenreduce train reasoner --tokenskip"):
