@@ -17,7 +17,7 @@ from tests.tiny import llava, llava_next
 
 METHODS = [r["name"] for r in tr.methods("vlm-visual")]
 INSIDE = ["fastv", "sparsevlm", "pdrop"]
-BEFORE = ["visionzip", "divprune", "hiprune", "pool", "random"]
+BEFORE = ["visionzip", "divprune", "hiprune", "pool", "random", "trim"]
 IMG, PATCH, DEPTH = 32, 8, 6
 NTOK = (IMG // PATCH) ** 2  # 16 visual tokens per image
 IMAGE_ID, PAD = 3, 0
@@ -65,6 +65,28 @@ def _hooks(m) -> dict:
 
 def _kw(name: str) -> dict:
     return {"seed": 3} if name == "random" else {}
+
+
+def _features_under(model, name: str, batch: dict, keep: float, kw: dict):
+    """The image features the LLM gets under a before-the-LLM method (call with its handle active): the
+    projector's output, which the method reduced; for ``trim``, which reads the prompt and so reduces after the
+    projector, its own ``reduce_image`` on those (unreduced) features with each image's prompt text."""
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+        if name != "trim":
+            return feats
+        from tokenreduce.methods.vlm import Trim
+
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        vis = ids == IMAGE_ID
+        owner = torch.repeat_interleave(torch.arange(ids.shape[0]), vis.sum(1) // NTOK)
+        text = am.bool() & ~vis & (ids != PAD)
+        emb = model.get_input_embeddings()(ids)
+        pooled = feats.pooler_output
+        y = pooled if isinstance(pooled, torch.Tensor) else torch.stack(list(pooled))
+        out, _, _ = Trim(keep=keep, **kw).reduce_image(y, {"question": (emb[owner], text[owner])})
+    feats.pooler_output = out if isinstance(pooled, torch.Tensor) else type(pooled)(out)
+    return feats
 
 
 # ---------------------------------------------------------------------------- registry
@@ -208,8 +230,7 @@ def test_before_llm_equals_shorter_prompt(model, name, beams):
     gkw = {"num_beams": beams, "num_return_sequences": beams} if beams > 1 else {}
     with tr.apply(model, name, keep=_stage1_keep(name), **kw):
         out = _gen(model, batch, **gkw)
-        with torch.no_grad():
-            feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+        feats = _features_under(model, name, batch, _stage1_keep(name), kw)
     k = feats.pooler_output[0].shape[0]
     assert k < NTOK
     short = [[t for j, t in enumerate(p) if t != IMAGE_ID or (sum(1 for x in p[:j] if x == IMAGE_ID) % NTOK) < k]
@@ -376,11 +397,11 @@ def test_before_llm_keep_positions(model, name):
     prompts, n_img = RAGGED
     batch = _batch(prompts, n_img)
     kw = {"relevance": 1e-12} if name == "todre" else _kw(name)  # todre: stage 1 alone (see above)
+    kw = {"aggregate": False} if name == "trim" else kw  # the aggregate token has no patch to keep
     with tr.apply(model, name, keep=_stage1_keep(name), positions="keep", **kw) as h:
         out = _gen(model, batch)
         kept = h.stats.kept_patches
-        with torch.no_grad():
-            feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+        feats = _features_under(model, name, batch, _stage1_keep(name), {**kw, "positions": "keep"})
     ids, am = batch["input_ids"], batch["attention_mask"]
     B, L = ids.shape
     pos_full = (am.cumsum(1) - 1).clamp(min=0)
@@ -482,6 +503,8 @@ def test_beam_search_batch_equals_single(model, name, positions):
     batch = _batch(prompts, n_img)
     gkw = {"num_beams": 2, "num_return_sequences": 2, "output_scores": True}
     kw = {**_kw(name), **({"positions": positions} if name in BEFORE + ["todre"] else {})}
+    if name == "trim" and positions == "keep":
+        kw["aggregate"] = False  # the aggregate token has no patch to keep
     with tr.apply(model, name, keep=_stage1_keep(name), **kw):
         out = _gen(model, batch, **gkw)
         starts = [0, 1, 3]
@@ -716,7 +739,7 @@ def test_bench_vlm_checks_methods_keeps_and_presets_before_loading_a_model(monke
         raise AssertionError("a model was loaded before the plan was checked")
 
     monkeypatch.setattr(small_vlm, "load_small_vlm", no_model)
-    names = "divprune, fastv, hiprune, pdrop, pool, random, sparsevlm, todre, visionzip"
+    names = "divprune, fastv, hiprune, pdrop, pool, random, sparsevlm, todre, trim, visionzip"
     for kw, msg in (
         ({"methods": ["fastvv"]}, (rf"^methods: unknown method 'fastvv' \(did you mean 'fastv'\?\) at vlm-visual; "
                                    rf"accepted: {names}$")),

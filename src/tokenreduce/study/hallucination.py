@@ -5,8 +5,10 @@ that are not there?
 rising clutter (more digits, busier photo backgrounds: :data:`CLUTTER`), text-guided reduction -- FastV, SparseVLM
 and PyramidDrop, which rank visual tokens by the text's attention inside the LLM -- lowers the share of
 descriptions that name a digit absent from the scene (CHAIR_s, Rohrbach et al. 2018) against the unreduced model
-at keep 0.5, 0.25 or 0.1; diversity/pooling reduction (DivPrune, average pooling) does not. (The issue also names
-question-aware before-LLM variants: no registered method has such a variant yet.) VisionZip, HiPrune, ToDRE and
+at keep 0.5, 0.25 or 0.1; diversity/pooling reduction (DivPrune, average pooling) does not. The question-aware
+before-LLM variant the issue also names is TRIM (``trim``: the visual tokens most similar to the question's
+embeddings, the rest averaged into one), added to the text-guided group when it was registered (after the first
+CHAIR run on the default model, which therefore has three text-guided methods). VisionZip, HiPrune, ToDRE and
 random are run and reported outside the hypothesis.
 
 **Test.** Per clutter level, every (method, keep) is paired with the unreduced model on the same scenes: CHAIR_s
@@ -46,7 +48,7 @@ from .registry import Part, Study, StudyResult
 
 __all__ = ["CLUTTER", "CONTRAST", "STUDY", "TEXT_GUIDED", "HallucinationConfig", "HallucinationStudy"]
 
-TEXT_GUIDED = ("fastv", "sparsevlm", "pdrop")
+TEXT_GUIDED = ("fastv", "sparsevlm", "pdrop", "trim")
 CONTRAST = ("divprune", "pool")
 #: clutter level -> SceneConfig overrides (the model was trained on "low": 2-4 digits, amplitude 0.03-0.08)
 CLUTTER: dict[str, dict[str, Any]] = {
@@ -75,8 +77,8 @@ DESCRIBE = "describe the image ."
 class HallucinationConfig:
     """Defaults: the full size of the issue (every visual method, keeps 0.5/0.25/0.1, three clutter levels)."""
 
-    methods: tuple[str, ...] = ("fastv", "sparsevlm", "pdrop", "divprune", "pool", "visionzip", "hiprune", "todre",
-                                "random")
+    methods: tuple[str, ...] = ("fastv", "sparsevlm", "pdrop", "trim", "divprune", "pool", "visionzip", "hiprune",
+                                "todre", "random")
     keeps: tuple[float, ...] = (0.5, 0.25, 0.1)
     clutter: tuple[str, ...] = ("low", "medium", "high")
     n_scenes: int = 200
@@ -254,7 +256,7 @@ class HallucinationStudy(Study):
 
         desc = [r for r in rows if r.get("part") == "describe"]
         chair = Hypothesis(
-            "text-guided reduction (FastV, SparseVLM, PyramidDrop) lowers CHAIR_s of the small VLM's scene "
+            "text-guided reduction (FastV, SparseVLM, PyramidDrop, TRIM) lowers CHAIR_s of the small VLM's scene "
             "descriptions against the unreduced model; diversity/pooling (DivPrune, pooling) does not",
             "per clutter level, paired with the unreduced model on the same scenes: Wilson 95% CI, paired-bootstrap "
             "CI of the difference, exact McNemar test, Holm over the text-guided and diversity/pooling conditions",

@@ -52,8 +52,7 @@ class BeforeLlm:
             t0 = time.perf_counter()
             ctx = self.vision.context(method.vision_layers()) if method.vision_layers() else {}
             self.vision.clear()
-            strategy = getattr(self.p.config, "vision_feature_select_strategy", "default")
-            keep_cls = strategy == "full" and self.info.has_cls
+            keep_cls = self._keep_cls()
             cls, body = (x[:, :1], x[:, 1:]) if keep_cls else (None, x)
             src = None
             if method.where == "pre":
@@ -63,24 +62,68 @@ class BeforeLlm:
                 kw = {**kw, "source_patches": _with_cls(src) if keep_cls else src}
             y = orig(torch.cat([cls, body], 1) if keep_cls else body, *a, **kw)
             t0 = time.perf_counter()
-            if method.where == "post":
-                ycls, ybody = (y[:, :1], y[:, 1:]) if keep_cls else (None, y)
-                ybody, src, _ = method.reduce_image(ybody, ctx)
-                y = torch.cat([ycls, ybody], 1) if keep_cls else ybody
-            if src is not None and method.positions == "keep":  # placeholders are filled in patch order
-                order = src.argsort(1)
-                src = src.gather(1, order)
-                if keep_cls:
-                    y = torch.cat([y[:, :1], batched_index_select(y[:, 1:], order)], 1)
-                else:
-                    y = batched_index_select(y, order)
-            if src is not None and keep_cls:
-                src = _with_cls(src)
+            if method.where == "post" and not method.needs_question:  # a question's method: in llava_pre
+                y, src = self._reduce_post(y, src, ctx, keep_cls)
+            elif src is not None:
+                y, src = self._finish(y, src, keep_cls)
             state.image_sources, state.image_out = src, y
             state.pending_reduce = dt + time.perf_counter() - t0
             return y
 
         return forward
+
+    def _keep_cls(self) -> bool:
+        return getattr(self.p.config, "vision_feature_select_strategy", "default") == "full" and self.info.has_cls
+
+    def _reduce_post(self, y: Tensor, src: Tensor | None, ctx: dict[str, Any], keep_cls: bool
+                     ) -> tuple[Tensor, Tensor | None]:
+        """The method's reduction of projected features ``y`` (n_img, [CLS +] N, D), then :meth:`_finish`."""
+        ycls, ybody = (y[:, :1], y[:, 1:]) if keep_cls else (None, y)
+        ybody, src, _ = self.method.reduce_image(ybody, ctx)
+        return self._finish(torch.cat([ycls, ybody], 1) if keep_cls else ybody, src, keep_cls)
+
+    def _finish(self, y: Tensor, src: Tensor | None, keep_cls: bool) -> tuple[Tensor, Tensor | None]:
+        """Kept tokens in patch order when their positions are kept (the placeholders are filled in that
+        order); the CLS token's source (-1) in front."""
+        if src is not None and self.method.positions == "keep":
+            order = src.argsort(1)
+            src = src.gather(1, order)
+            if keep_cls:
+                y = torch.cat([y[:, :1], batched_index_select(y[:, 1:], order)], 1)
+            else:
+                y = batched_index_select(y, order)
+        if src is not None and keep_cls:
+            src = _with_cls(src)
+        return y, src
+
+    def _reduce_for_question(self, module: nn.Module, kw: dict, vis: Tensor) -> None:
+        """A question-aware method before the LLM (``needs_question``): generate encodes the images before
+        the first forward, without the prompt, so the reduction happens here, where ``input_ids`` are: each
+        image's projected features with ``ctx["question"]`` = (embeddings (n_img, L, D), mask (n_img, L)) of
+        its own prompt's text tokens (no placeholders, padding or special tokens)."""
+        t0 = time.perf_counter()
+        mm = kw["mm_encoder_outputs"]
+        feats = mm["image"]
+        pooled = feats.pooler_output
+        y = pooled if isinstance(pooled, Tensor) else torch.stack(list(pooled))
+        ids = kw["input_ids"]
+        am = kw.get("attention_mask")
+        real = torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
+        cfg = self.p.config
+        special = [getattr(c, f"{n}_token_id", None) for c in (cfg, getattr(cfg, "text_config", None)) if c is not None
+                   for n in ("pad", "bos", "eos")]
+        special = torch.tensor(sorted({int(t) for t in special if isinstance(t, int)}), device=ids.device)
+        text = real & ~vis & ~torch.isin(ids, special)
+        owner = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device),
+                                        vis.sum(1) // self.info.tokens_per_image)
+        emb = module.get_input_embeddings()(ids)
+        ctx = {"question": (emb[owner].to(y.dtype), text[owner])}
+        y, src = self._reduce_post(y, None, ctx, self._keep_cls())
+        out = copy.copy(feats)
+        out.pooler_output = y if isinstance(pooled, Tensor) else list(y)
+        kw["mm_encoder_outputs"] = {**mm, "image": out}
+        self.state.image_sources, self.state.image_out = src, y
+        self.state.pending_reduce = (self.state.pending_reduce or 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ top-level / LlavaModel pre-hooks
     def top_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -146,7 +189,9 @@ class BeforeLlm:
                     image_sizes=kw.get("image_sizes"), return_dict=True)
                 kw["pixel_values"] = None
                 kw["mm_encoder_outputs"] = {**mm, "image": feats}
-                mm = kw["mm_encoder_outputs"]
+            if self.method.needs_question:
+                self._reduce_for_question(module, kw, vis)
+            mm = kw["mm_encoder_outputs"]
             lengths = [int(f.shape[0]) for f in mm["image"].pooler_output]
             if len(lengths) != n_img:
                 raise ValueError(f"image count mismatch: {len(lengths)} image feature sets for {n_img} placeholder runs")

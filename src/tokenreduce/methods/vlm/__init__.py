@@ -3,7 +3,7 @@ importing the package registers them. What every method shares is in :mod:`.base
 
 Two places, as in the papers:
 
-* **before the LLM** (``visionzip``, ``divprune``, ``hiprune``, ``pool``, ``random``; stage 1 of ``todre``):
+* **before the LLM** (``visionzip``, ``divprune``, ``hiprune``, ``pool``, ``random``, ``trim``; stage 1 of ``todre``):
   each image's visual tokens are reduced once, on the vision features before LLaVA's projector
   (``where = "pre"``) or on the projected features (``"post"``); the prompt then carries fewer image
   placeholders, so the LLM sees a shorter sequence. ``positions="compact"`` (default): contiguous position
@@ -29,6 +29,8 @@ divprune    keep x N tokens per image                                      keep 
 hiprune     keep x N tokens per image                                      keep = 192/576
 pool        the grid with about keep x N cells per image                   --
 random      keep x N tokens per image                                      --
+trim        keep x N tokens per image (K - 1 most question-similar + 1     --
+            average of the rest); reads the prompt's text
 fastv       f = 1 - R kept from ``layer`` K on, (K + (L-K) f) / L = keep;    Keep([0.5]) (R = 50%)
             keep < K/L unreachable
 sparsevlm   the official 64-token list's shape (66 : 30 : 17) scaled so     Keep((66, 30, 17) / 576)
@@ -56,6 +58,7 @@ from .pool import PoolVLM
 from .random import RandomVLM
 from .sparsevlm import SparseVLM
 from .todre import ToDRE
+from .trim import Trim
 from .visionzip import VisionZip
 
 __all__ = [
@@ -71,6 +74,7 @@ __all__ = [
     "StageDecision",
     "StageView",
     "ToDRE",
+    "Trim",
     "VisionZip",
     "VlmMethod",
 ]

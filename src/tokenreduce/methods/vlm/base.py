@@ -106,6 +106,9 @@ class VlmMethod:
     where: ClassVar[str | None] = None
     positions: ClassVar[str] = "keep"
     needs_vision: ClassVar[frozenset[str]] = frozenset()  # "cls", "mean", "keys"
+    #: a before-the-LLM method that reads the prompt: ``reduce_image`` gets ``ctx["question"]`` = (text token
+    #: embeddings (n_img, L, D) in the LLM's input space, mask (n_img, L)) of each image's own prompt
+    needs_question: ClassVar[bool] = False
     label: ClassVar[str] = "vlm method"  # the registered name, for messages
     takes_count: ClassVar[bool] = True
     own_terms: ClassVar[str] = ""
