@@ -10,8 +10,8 @@ import torch
 
 import tokenreduce as tr
 from tests.methods.test_vlm import NTOK, _batch, _gen, _model, _prompt
+from tokenreduce.core.criteria import question_similarity
 from tokenreduce.methods.vlm import Trim
-from tokenreduce.methods.vlm.trim import question_similarity
 
 
 def test_score_is_softmax_of_cosine_to_the_pooled_question():

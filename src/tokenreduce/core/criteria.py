@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import suggest
-from .ops import cosine_distances
+from .ops import NEG, cosine_distances
 from .state import TokenState
 
 __all__ = [
     "CRITERIA",
+    "QUESTION_POOLS",
     "Attention",
     "Criterion",
     "Diversity",
@@ -39,6 +40,7 @@ __all__ = [
     "get_criterion",
     "masked_scores",
     "mean_attention",
+    "question_similarity",
 ]
 
 
@@ -75,6 +77,29 @@ def mean_attention(attn: Tensor, query_mask: Tensor | None = None) -> Tensor:
         return a.mean(dim=1)
     w = query_mask.float().unsqueeze(-1)
     return (a * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
+
+
+#: how :func:`question_similarity` pools the question's token embeddings
+QUESTION_POOLS = ("mean", "max")
+
+
+def question_similarity(x: Tensor, text: Tensor, mask: Tensor, pool: str = "mean") -> Tensor:
+    """TRIM's score of each visual token (B, N, D) against its question's token embeddings (B, L, D) with
+    ``mask`` (B, L): the softmax over the image's tokens of cos(x_i, t), t the mean of the question's
+    embeddings (``pool="mean"``, TRIM's pooled text feature), or of max_j cos(x_i, t_j) (``"max"``: the
+    best-matching word). A prompt without text tokens scores every token equally."""
+    if pool not in QUESTION_POOLS:
+        raise ValueError(f"pool={pool!r} is invalid: accepted {QUESTION_POOLS}")
+    xn = F.normalize(x.float(), dim=-1)
+    m = mask.to(xn.dtype)[..., None]
+    if pool == "mean":
+        t = (text.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+        sim = torch.einsum("bnd,bd->bn", xn, F.normalize(t, dim=-1))
+    else:
+        cos = torch.einsum("bnd,bld->bnl", xn, F.normalize(text.float(), dim=-1))
+        sim = cos.masked_fill(~mask.bool()[:, None, :], NEG).amax(-1)
+    sim = torch.where(mask.any(1, keepdim=True), sim, torch.zeros_like(sim))
+    return sim.softmax(-1)
 
 
 def divprune_order(metric: Tensor, valid: Tensor, first: Tensor | None = None) -> Tensor:

@@ -6,36 +6,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...core import ops
+from ...core.criteria import QUESTION_POOLS, question_similarity
 from ...registry import register
 from .base import VLM, VlmMethod, select_tokens
 
-__all__ = ["Trim", "question_similarity"]
-
-_POOLS = ("mean", "max")
-
-
-def question_similarity(x: Tensor, text: Tensor, mask: Tensor, pool: str = "mean") -> Tensor:
-    """TRIM's score of each visual token (B, N, D) against its question's token embeddings (B, L, D) with
-    ``mask`` (B, L): the softmax over the image's tokens of cos(x_i, t), t the mean of the question's
-    embeddings (``pool="mean"``, TRIM's pooled text feature), or of max_j cos(x_i, t_j) (``"max"``: the
-    best-matching word). A prompt without text tokens scores every token equally."""
-    if pool not in _POOLS:
-        raise ValueError(f"pool={pool!r} is invalid: accepted {_POOLS}")
-    xn = F.normalize(x.float(), dim=-1)
-    m = mask.to(xn.dtype)[..., None]
-    if pool == "mean":
-        t = (text.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
-        sim = torch.einsum("bnd,bd->bn", xn, F.normalize(t, dim=-1))
-    else:
-        cos = torch.einsum("bnd,bld->bnl", xn, F.normalize(text.float(), dim=-1))
-        sim = cos.masked_fill(~mask.bool()[:, None, :], ops.NEG).amax(-1)
-    sim = torch.where(mask.any(1, keepdim=True), sim, torch.zeros_like(sim))
-    return sim.softmax(-1)
-
+__all__ = ["Trim"]
 
 @register("trim", modality="multimodal", integration=VLM,
           paper="Song et al., Less is More: A Simple yet Effective Token Reduction Method for Efficient "
@@ -65,8 +43,8 @@ class Trim(VlmMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pool not in _POOLS:
-            raise ValueError(f"pool={self.pool!r} is invalid: accepted {_POOLS}")
+        if self.pool not in QUESTION_POOLS:
+            raise ValueError(f"pool={self.pool!r} is invalid: accepted {QUESTION_POOLS}")
         if self.positions == "keep" and self.aggregate:
             raise ValueError("trim: positions='keep' gives every token its patch's position id, and the aggregate "
                              "token has no patch; use positions='compact' or aggregate=False")
