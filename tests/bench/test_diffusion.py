@@ -128,11 +128,36 @@ def test_bench_diffusion_smoke_on_ray_gives_the_local_quality_rows(tmp_path):
     (["--keep", "1,1.5"], "--keep 1.5"),
     (["--device", "cuda"], "--device cuda: bench diffusion runs on the CPU only"),
     (["--parts", "speed"], "--parts: 'speed' is not accepted"),
+    (["--method-kw", "{tomesd"], "--method-kw: '{tomesd' is not JSON"),
+    (["--method-kw", '{"tomesd": true}'], "must be a JSON object mapping method names to objects"),
+    (["--method-kw", '{"tome": {"merge_mlp": true}}'], "--method-kw: unknown method 'tome'"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     res = CliRunner().invoke(_app(), ["bench", "diffusion", "--smoke", *args, "--out", str(tmp_path / "r")])
     assert res.exit_code != 0 and message in str(res.exception), (res.output, res.exception)
     assert not (tmp_path / "r").exists()
+
+
+def test_method_kw_reach_the_method_its_limit_and_the_tomesd_package(tmp_path, monkeypatch):
+    """--method-kw: ToMe for SD's merge_mlp switch merges the feed-forward too (its kept counts in the rows), the
+    zero-overhead limit runs the same operations, and the package beside it gets the same switch."""
+    import tomesd
+
+    from tokenreduce.bench import diffusion_cells
+
+    patched, limits = [], []
+    real_patch, real_limit = tomesd.apply_patch, diffusion_cells._limit
+    monkeypatch.setattr(tomesd, "apply_patch", lambda net, **kw: patched.append(kw) or real_patch(net, **kw))
+    monkeypatch.setattr(diffusion_cells, "_limit", lambda *a: limits.append(real_limit(*a)) or limits[-1])
+    res = CliRunner().invoke(_app(), ["bench", "diffusion", "--smoke", "--models", "unet", "--methods", "tomesd",
+                                      "--method-kw", '{"tomesd": {"merge_mlp": true}}', "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    _, rows = read_results(tmp_path / "results.jsonl")
+    row, = (r for r in rows if r["method"] == "tomesd" and r["keep"] == 0.5)
+    reduced = [i for i, (a, n) in enumerate(zip(row["tokens_attn"], row["site_tokens"], strict=True)) if a < n]
+    assert reduced and all(row["tokens_mlp"][i] == row["tokens_attn"][i] for i in reduced)
+    assert patched and all(kw["merge_mlp"] is True and kw["ratio"] == 0.5 for kw in patched)
+    assert limits and all(lim.merge_mlp and lim.ops == {"attn", "mlp"} for lim in limits)
 
 
 def test_diffusion_commands_are_registered():

@@ -4,13 +4,15 @@ with one readable line; ``tokenreduce`` prints it and exits non-zero."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ..core.budget import validate_fraction
 from ..core.errors import suggest
 from ..registry import METHODS, resolve_integration
 
-__all__ = ["DEVICES", "check_choice", "check_device", "check_methods", "parse_keeps", "split_list"]
+__all__ = ["DEVICES", "check_choice", "check_device", "check_methods", "parse_keeps", "parse_method_kw", "split_list"]
 
 
 def split_list(text: str) -> list[str]:
@@ -33,6 +35,22 @@ def parse_keeps(text: str | Sequence[float], option: str = "--keep") -> list[flo
                              f"e.g. {option} 1,0.5,0.25") from None
         out.append(validate_fraction(value, f"{option} {item}"))
     return out
+
+
+def parse_method_kw(text: str, option: str = "--method-kw") -> dict[str, dict[str, Any]]:
+    """Per-method keyword arguments from JSON, ``'{"tomesd": {"merge_mlp": true}}'`` ("" -> ``{}``): an object
+    of objects keyed by method name (the names are checked with :func:`check_methods` by the caller)."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option}: {text!r} is not JSON ({e.msg}); give an object of objects, e.g. "
+                         f"{option} '{{\"tomesd\": {{\"merge_mlp\": true}}}}'") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f"{option}: {text!r} must be a JSON object mapping method names to objects of keyword "
+                         f"arguments, e.g. {option} '{{\"tomesd\": {{\"merge_mlp\": true}}}}'")
+    return value
 
 
 def check_methods(names: Iterable[str], integration: str, option: str = "--methods",

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .args import check_choice, check_methods, parse_keeps, split_list
+from .args import check_choice, check_methods, parse_keeps, parse_method_kw, split_list
 from .diffusion_cells import PEER, load_diffusion_context, model_kind, run_diffusion_cell
 from .diffusion_report import diffusion_report, sample_grids
 from .smoke import SMOKE_MODEL
@@ -91,6 +91,7 @@ def _check(cfg: DiffusionBenchConfig) -> None:
         check_choice(kind, MODELS, "--models")
     if cfg.methods is not None:
         check_methods(cfg.methods, "diffusion")
+    check_methods(cfg.method_kw, "diffusion", "--method-kw")
     cfg.keeps = parse_keeps(cfg.keeps, "--keep")
     check_choice(cfg.parts, PARTS, "--parts")
     check_choice(cfg.clock, ("cpu", "wall"), "--clock")
@@ -195,12 +196,15 @@ def register_cli(bench_app: Any) -> None:
         parts: str = typer.Option("all", help="all | accuracy (no wall-clock: cells run in parallel) | timing "
                                               "(timing columns for the quality rows in --out; run it alone)"),
         out: str = typer.Option("results/diffusion", help="output directory"),
+        method_kw: str = typer.Option("", help="per-method options as JSON, e.g. '{\"tomesd\": {\"merge_mlp\": true}}' "
+                                                "(the tomesd package beside tomesd gets the options it shares)"),
         executor: str = o.executor, address: str = o.address, resume: bool = o.resume, smoke: bool = o.smoke,
         device: str = o.device,
     ) -> None:
         """Diffusion methods on the DiT and UNet trained here: FID, class accuracy, PSNR/SSIM, speed vs limit."""
         kw: dict[str, Any] = {"models": split_list(models), "guidance": guidance, "threads": threads, "clock": clock,
                               "peers": peers, "parts": parts, "device": device,
+                              "method_kw": parse_method_kw(method_kw),
                               **({"methods": split_list(methods)} if split_list(methods) else {}),
                               **({"keeps": parse_keeps(keep)} if keep else {})}
         if smoke:

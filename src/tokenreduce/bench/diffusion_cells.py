@@ -44,6 +44,8 @@ __all__ = ["PEER", "DiffusionContext", "Sampler", "load_diffusion_context", "mod
 
 #: the ``tomesd`` package's rows (method name)
 PEER = "tomesd-package"
+#: our ``tomesd``'s options that the package takes under the same name (the package runs with the same ones)
+PEER_OPTIONS = ("max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn", "merge_mlp")
 
 
 def model_kind(name: str) -> str:
@@ -148,8 +150,8 @@ class Sampler:
 @contextmanager
 def reduced(model: Any, method: str, keep: float, kw: dict[str, Any], seed: int) -> Iterator[Any]:
     """``model``'s denoiser reduced by ``method`` at ``keep`` (yields the handle), or by the ``tomesd`` package
-    for :data:`PEER` (``ratio = 1 - keep``; its random choice forked from the global generator seeded by
-    ``seed``; yields None)."""
+    for :data:`PEER` (``ratio = 1 - keep`` and our ``tomesd``'s :data:`PEER_OPTIONS` in ``kw``; its random choice
+    forked from the global generator seeded by ``seed``; yields None)."""
     if method != PEER:
         with tr.apply(model.net, method, keep=keep, **kw) as h:
             yield h
@@ -158,11 +160,18 @@ def reduced(model: Any, method: str, keep: float, kw: dict[str, Any], seed: int)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tomesd.apply_patch(model.net, ratio=1.0 - keep)
+        _patch_peer(model.net, keep, kw)
         try:
             yield None
         finally:
             tomesd.remove_patch(model.net)
+
+
+def _patch_peer(net: Any, keep: float, kw: dict[str, Any]) -> None:
+    """The ``tomesd`` package on ``net`` at ``ratio = 1 - keep`` with the options of our ``tomesd`` it shares."""
+    import tomesd
+
+    tomesd.apply_patch(net, ratio=1.0 - keep, **{k: v for k, v in kw.items() if k in PEER_OPTIONS})
 
 
 def _fidelity(images: Tensor, base: Tensor) -> dict[str, float]:
@@ -218,7 +227,7 @@ def _quality(sp: Sampler, method: str, keeps: Sequence[float]) -> list[dict[str,
         except ValueError as e:  # e.g. a keep leaving fewer tokens than one per stride window
             rows.append({"model": sp.ctx.kind, "method": method, "keep": keep, "error": str(e)})
     if sp.s.get("peers") and method == "tomesd":
-        rows += [_reduced_row(sp, PEER, keep, {}) for keep in keeps if keep < 1.0]
+        rows += [_reduced_row(sp, PEER, keep, kw) for keep in keeps if keep < 1.0]
     return rows
 
 
@@ -255,9 +264,7 @@ def _time_group(sp: Sampler, method: str, rows: list[dict[str, Any]]) -> None:
         copied = copy.deepcopy(model)
         group[f"{row['method']}@{keep}"] = _caller(sp, copied)
         if row["method"] == PEER:
-            import tomesd
-
-            tomesd.apply_patch(copied.net, ratio=1.0 - keep)
+            _patch_peer(copied.net, keep, kw)
             continue
         handles.append(tr.apply(copied.net, method, keep=keep, **kw))
         lc = copy.deepcopy(model)
