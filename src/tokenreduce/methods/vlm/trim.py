@@ -15,6 +15,7 @@ from .base import VLM, VlmMethod, select_tokens
 
 __all__ = ["Trim"]
 
+
 @register("trim", modality="multimodal", integration=VLM,
           paper="Song et al., Less is More: A Simple yet Effective Token Reduction Method for Efficient "
                 "Multi-modal LLMs (TRIM), COLING 2025",
