@@ -37,6 +37,11 @@ class BeforeLlm:
                  vision: VisionAttention) -> None:
         self.state, self.method, self.p, self.info, self.vision = state, method, parts, info, vision
         self.image_token = int(parts.config.image_token_id)
+        cfg = parts.config
+        ids = {getattr(c, f"{n}_token_id", None) for c in (cfg, getattr(cfg, "text_config", None)) if c is not None
+               for n in ("pad", "bos", "eos")}
+        #: token ids that are never a question's text (for ``needs_question`` methods)
+        self.special_ids = sorted(int(t) for t in ids if isinstance(t, int))
 
     # ------------------------------------------------------------------ projector
     def projector_forward(self, orig: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
@@ -109,11 +114,7 @@ class BeforeLlm:
         ids = kw["input_ids"]
         am = kw.get("attention_mask")
         real = torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
-        cfg = self.p.config
-        special = [getattr(c, f"{n}_token_id", None) for c in (cfg, getattr(cfg, "text_config", None)) if c is not None
-                   for n in ("pad", "bos", "eos")]
-        special = torch.tensor(sorted({int(t) for t in special if isinstance(t, int)}), device=ids.device)
-        text = real & ~vis & ~torch.isin(ids, special)
+        text = real & ~vis & ~torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype, device=ids.device))
         owner = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device),
                                         vis.sum(1) // self.info.tokens_per_image)
         emb = module.get_input_embeddings()(ids)

@@ -11,9 +11,9 @@ from tokenreduce.data.vqa import POSITION_NAMES, QA, QUESTION_TYPES, cell_of_pat
 
 from .config import VLMTrainConfig
 
-__all__ = ["EXISTENCE_FORMS", "EXISTENCE_LOOKUP_TOKENS", "EXISTENCE_NEW_TOKENS", "LOOKUP", "LOSS_TYPES", "N_AUX", "N_WHAT", "RATIONALE_NEW_TOKENS", "RELATION",
-           "axis_rationale", "lookup_rationale", "ordered_description", "patch_class", "patch_labels", "patch_value",
-           "rationale_tokens", "routing_targets", "training_target"]
+__all__ = ["EXISTENCE_FORMS", "EXISTENCE_LOOKUP_TOKENS", "EXISTENCE_NEW_TOKENS", "LOOKUP", "LOSS_TYPES", "N_AUX",
+           "N_WHAT", "RATIONALE_NEW_TOKENS", "RELATION", "axis_rationale", "lookup_rationale", "ordered_description",
+           "patch_class", "patch_labels", "patch_value", "rationale_tokens", "routing_targets", "training_target"]
 
 
 #: per-patch class: 0 background, 1 + 10 * cell + d regular digit d in scene cell ``cell`` (what and where
