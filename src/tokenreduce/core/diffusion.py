@@ -216,15 +216,18 @@ def bipartite_map(metric: Tensor, src: Tensor, dst: Tensor, r: int, mode: str = 
     src_np, dst_np = src.cpu().numpy(), dst.cpu().numpy()
     if r:
         metric = metric.contiguous()  # UNet blocks hand over a transposed (B, C, N) layout
-        ab = metric.index_select(1, torch.from_numpy(np.concatenate([src_np, dst_np])).to(metric.device))
+        ab = metric.index_select(1, torch.cat([src, dst]).to(metric.device))
         norm = torch.linalg.vector_norm(ab, dim=-1, keepdim=True, dtype=torch.float32)  # (B, S + D, 1)
         # the destinations unit-normed before the product (D rows, not the S x D similarities: on the UNet's
         # 32x32 grid dividing the (B, 768, 256) product cost more than the product itself)
         dst_unit = ab[:, S:] / norm[:, S:].to(ab.dtype)
-        sim = (ab[:, :S] @ dst_unit.transpose(1, 2)).float().cpu().numpy()  # (B, S, D) cos * ||x_src||
+        sim = torch.bmm(ab[:, :S], dst_unit.transpose(1, 2)).float().cpu().numpy()  # (B, S, D) cos * ||x_src||
+        B = sim.shape[0]
         partner = sim.argmax(-1)  # first index on ties, like torch's max
-        # a source's best destination does not depend on its own norm: divide only the best score by it
-        best = np.take_along_axis(sim, partner[..., None], -1)[..., 0] / norm[:, :S, 0].cpu().numpy()
+        # a source's best destination does not depend on its own norm: divide only the best score by it (read
+        # at flat offsets: one take instead of take_along_axis's index broadcasting)
+        best = sim.reshape(-1)[_row_offsets(B * S, D) + partner.ravel()].reshape(B, S)
+        best /= norm.cpu().numpy()[:, :S, 0]
         merged = _top_mask(best, r)
         # merged sources: their destination's slot; the others: their rank among the unmerged
         src_slot = np.where(merged, partner + U, np.cumsum(~merged, -1) - 1)
@@ -240,6 +243,14 @@ def bipartite_map(metric: Tensor, src: Tensor, dst: Tensor, r: int, mode: str = 
         kept = np.concatenate([unm, np.broadcast_to(dst_np, (unm.shape[0], D))], 1)
         rep = torch.from_numpy(kept).to(metric.device)
     return MergeMap(N, torch.from_numpy(slot).to(metric.device), U + D, mode, rep)
+
+
+@functools.lru_cache(maxsize=16)
+def _row_offsets(rows: int, width: int) -> np.ndarray:
+    """Flat offset of the first element of each of ``rows`` rows of ``width`` (read-only, per shape)."""
+    out = np.arange(rows) * width
+    out.flags.writeable = False
+    return out
 
 
 def _top_mask(score: np.ndarray, r: int) -> np.ndarray:
