@@ -13,6 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 import tokenreduce as tr
 from tokenreduce.adapters.diffusion import DiffusionStats  # importing the adapter registers the methods
 from tokenreduce.bench.timing import fixed_threads
+from tokenreduce.registry import get_method
 
 METHODS = [r["name"] for r in tr.methods("diffusion")]
 MERGING = ["tomesd", "tofu", "random", "pool"]
@@ -323,3 +324,75 @@ def test_toca_scores_come_from_the_full_steps_attention(monkeypatch):
     ref = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, -1).sum(-2).mean(1)
     torch.testing.assert_close(seen[0], torch.nn.functional.normalize(ref, dim=-1))
     assert _hooks(model) == 0 and attn.processor.__class__.__name__ == "AttnProcessor2_0"
+
+
+# ---------------------------------------------------------------------------- rematch: token maps reused over steps
+def _spy_maps(monkeypatch, cls, frozen: dict | None = None) -> list:
+    """Record every map ``cls.token_map`` builds as (site index, run, tick, map); with ``frozen`` ((index, tick)
+    -> map) return that map instead of building one."""
+    built, orig = [], cls.token_map
+
+    def token_map(self, site, metric, keep):
+        m = frozen[(site.index, site.tick)] if frozen is not None else orig(self, site, metric, keep)
+        built.append((site.index, site.run, site.tick, m))
+        return m
+
+    monkeypatch.setattr(cls, "token_map", token_map)
+    return built
+
+
+@pytest.mark.parametrize("method", ["tomesd", "tofu", "random"])
+def test_rematch_builds_every_kth_step_of_a_run_and_reuses_the_map_between(method, monkeypatch):
+    """rematch=2 on 5 steps: each block builds its map at steps 0, 2, 4 and reuses that map object at steps 1
+    and 3; a second run (timesteps from the top again) starts with a build. Build steps give the rematch=1
+    outputs exactly (every step here reads fresh inputs); a reuse step equals the rematch=1 method handed the
+    previous build step's map."""
+    cls = get_method(method).cls
+    model, sched = MODELS["dit"], _scheduler(5)
+    with tr.apply(model, method, keep=0.5) as h:
+        every = _spy_maps(monkeypatch, cls)
+        base = _loop(model, "dit", sched)
+        monkeypatch.undo()
+    assert h.stats.forwards == 5
+    maps = {(i, tick): m for i, _, tick, m in every}
+    with tr.apply(model, method, keep=0.5, rematch=2):
+        built = _spy_maps(monkeypatch, cls)
+        out = _loop(model, "dit", sched)
+        second = _loop(model, "dit", sched)
+        monkeypatch.undo()
+    assert [(i, run, tick) for i, run, tick, _ in built] == [
+        (i, run, tick) for run in (0, 1) for tick in (0, 2, 4) for i in (0, 1)]
+    for step in (0, 2, 4):
+        assert torch.equal(out[step], base[step]) and torch.equal(second[step], out[step])
+    prev = {(i, tick): maps[(i, tick - tick % 2)] for i in (0, 1) for tick in range(5)}
+    with tr.apply(model, method, keep=0.5):
+        _spy_maps(monkeypatch, cls, frozen=prev)
+        frozen = _loop(model, "dit", sched)
+    torch.testing.assert_close(out, frozen, atol=0, rtol=0)
+    assert not torch.equal(out[1], base[1])
+
+
+def test_rematch_rebuilds_when_the_batch_or_keep_changes_and_counts_steps_from_timesteps(monkeypatch):
+    """The map of an earlier step is reused only at the same batch size and keep; two forwards at one timestep
+    share a step; a timestep above the last one starts a new run."""
+    cls = get_method("tomesd").cls
+    model = MODELS["dit"]
+    keeps = {900: 0.5, 800: 0.5, 700: 0.5, 600: 0.75, 500: 0.75}
+    with tr.apply(model, "tomesd", keep=lambda t: keeps.get(int(t), 0.5), rematch=4):
+        built = _spy_maps(monkeypatch, cls)
+        calls = [(900, 2), (800, 2), (800, 3), (700, 3), (600, 3), (500, 3), (950, 3), (900, 3)]
+        for t, batch in calls:
+            _run(model, _inputs("dit", batch, 1, t))
+    assert [(run, tick) for i, run, tick, _ in built if i == 0] == [
+        (0, 0),  # 900: the run's first step (800 at batch 2, step 1: reused)
+        (0, 1),  # 800 again at batch 3: the same step, a new batch size (700, step 2: reused)
+        (0, 3),  # 600: keep 0.75 (500, step 4: reused)
+        (1, 0),  # 950: above 500, a new run (900, its step 1: reused)
+    ]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_rematch_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match=rf"rematch={bad!r} is invalid: an int >= 1"):
+        tr.apply(MODELS["dit"], "tomesd", keep=0.5, rematch=bad)
+    assert _hooks(MODELS["dit"]) == 0

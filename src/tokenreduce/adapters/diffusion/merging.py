@@ -98,14 +98,14 @@ class MergeRuntime:
                 raise ValueError(f"{site.name}: token reduction of self-attention with an attention_mask is not "
                                  f"supported")
             stats.reduced[i] = True
-            call = SiteCall(i, len(self.sites), site.name, (h, w), d, clock.t, clock.step)
+            call = SiteCall(i, len(self.sites), site.name, (h, w), d, clock.t, clock.step, clock.run, clock.tick)
             with self.timer:
                 if self.method.kv_only:
                     st.kv_map = self.method.kv_map(call, clock.keep, x.device)
                     stats.tokens_kv[i] = float(st.kv_map.kept)
                     st.pending = set()
                     return
-                st.map = self.method.token_map(call, metric, clock.keep)
+                st.map = self.method.map_for(call, metric, clock.keep)
             k = float(st.map.kept)
             stats.tokens_attn[i] = stats.tokens_kv[i] = k if "attn" in self.ops else float(n)
             if "mlp" in self.ops and site.ff is not None:

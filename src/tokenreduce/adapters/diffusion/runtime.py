@@ -71,6 +71,8 @@ class Clock:
         self._sig = inspect.signature(type(model).forward)
         self.h0 = self.w0 = self.n0 = 0
         self.t, self.step, self.keep = 0.0, None, 1.0
+        self.run, self.tick = 0, 0  # sampling run since install, and its step (a new timestep: next step)
+        self._last_t: float | None = None
         self.stats = self._blank()
         self.last = self.stats
         self._keep_sum, self._forwards = 0.0, 0
@@ -93,9 +95,21 @@ class Clock:
         self.h0, self.w0 = x.shape[-2] // self.patch, x.shape[-1] // self.patch
         self.n0 = self.h0 * self.w0
         self.t, self.step = self._timestep(bound.get("timestep"))
+        self._count_steps()
         self.keep = self.method.keep_at(self.t, self.step)
         self.stats = self._blank()
         self.stats.timestep, self.stats.step = self.t, self.step
+
+    def _count_steps(self) -> None:
+        """Sampling runs and their steps, from the timesteps alone (no scheduler needed): a forward at a new
+        timestep is the run's next step; a timestep above the last one starts a new run (samplers go from
+        high to low noise); forwards at the same timestep (split guidance halves, second-order solvers) share
+        a step."""
+        if self._last_t is None or self.t > self._last_t:
+            self.run, self.tick = self.run + (self._last_t is not None), 0
+        elif self.t != self._last_t:
+            self.tick += 1
+        self._last_t = self.t
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         st = self.stats

@@ -44,7 +44,9 @@ PARTITIONS = 4096
 @dataclass(frozen=True)
 class SiteCall:
     """One reducing block at one forward: its position among the reducing blocks (``index`` of ``count``),
-    name, token grid ``(h, w)``, ``downsample`` level, the model's timestep ``t`` and step index (if known)."""
+    name, token grid ``(h, w)``, ``downsample`` level, the model's timestep ``t`` and step index in the
+    scheduler's timesteps (if known); ``run``/``tick``: the sampling run since ``tr.apply`` and its step,
+    counted from the timesteps alone (a new timestep is the next step, a higher one a new run)."""
 
     index: int
     count: int
@@ -53,6 +55,8 @@ class SiteCall:
     downsample: int
     t: float
     step: int | None
+    run: int = 0
+    tick: int = 0
 
     @property
     def tokens(self) -> int:
@@ -123,11 +127,25 @@ class DiffusionMethod:
 class MergeMethod(DiffusionMethod):
     """A method that maps a block's tokens to fewer slots (:class:`~tokenreduce.core.diffusion.MergeMap`)
     before ``merge_attn`` (self-attention), ``merge_crossattn`` (the queries of cross-attention) and
-    ``merge_mlp`` (the feed-forward), and maps the outputs back (ToMe for SD's three switches and defaults)."""
+    ``merge_mlp`` (the feed-forward), and maps the outputs back (ToMe for SD's three switches and defaults).
+
+    ``rematch`` (int >= 1): build a block's token map at every ``rematch``-th sampling step of a run and reuse
+    it at the steps in between (on that step's tokens: merge and unmerge still read the current features).
+    1, the default, is every paper's own per-step matching. Larger values amortise the matching over steps, the
+    "sequential redundancy (pattern reuse)" of ToMA (Lu et al., ICML 2025), whose release reuses destinations
+    and merge weights across steps and across the blocks of a group (here: across steps only, per block):
+    neighbouring steps' features, and so their best matches, change little. A map is rebuilt whenever the batch size or keep changes, and at the
+    first step of every run."""
 
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    rematch: int = 1
+    _maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("rematch", self.rematch, 1, "build the token maps every rematch-th sampling step (1: every step)")
 
     @property
     def ops(self) -> frozenset[str]:
@@ -136,6 +154,21 @@ class MergeMethod(DiffusionMethod):
 
     def token_map(self, site: SiteCall, metric: torch.Tensor, keep: float) -> Any:
         raise NotImplementedError
+
+    def map_for(self, site: SiteCall, metric: torch.Tensor, keep: float) -> Any:
+        """The token map of this block call: :meth:`token_map`, or with ``rematch > 1`` the block's map of an
+        earlier step of this run (fewer than ``rematch`` steps back, same batch size and keep)."""
+        if self.rematch == 1:
+            return self.token_map(site, metric, keep)
+        batch = metric.shape[0]
+        hit = self._maps.get(site.index)
+        if hit is not None:
+            run, tick, b, k, m = hit
+            if run == site.run and 0 < site.tick - tick < self.rematch and b == batch and k == keep:
+                return m
+        m = self.token_map(site, metric, keep)
+        self._maps[site.index] = (site.run, site.tick, batch, keep, m)
+        return m
 
 
 @dataclass
