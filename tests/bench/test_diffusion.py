@@ -168,3 +168,26 @@ def test_diffusion_commands_are_registered():
     assert res.exit_code == 0, res.output
     for name in ("tomesd", "todo", "tofu", "toca", "random", "pool"):
         assert name in res.output
+
+
+def test_overhead_script_times_method_and_limit_on_a_random_dit(tmp_path, monkeypatch):
+    """scripts/diffusion_overhead.py: one row per method and batch, with the achieved counts the limit ran on
+    and efficiency = speedup / limit; a malformed model name is refused naming the accepted forms."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "scripts" / "diffusion_overhead.py"
+    mod = runpy.run_path(str(script))
+    with pytest.raises(ValueError, match=r"model '12x384': accepted 'trained' or '<depth>x<width>/<heads>'"):
+        mod["build"]("12x384")
+    out = tmp_path / "o.jsonl"
+    monkeypatch.setattr(sys, "argv", ["x", "--models", "2x16/2", "--batches", "1,2", "--steps", "1", "--repeats", "1",
+                                      "--out", str(out)])
+    mod["main"]()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["batch"]) for r in rows] == [("tomesd", 1), ("tofu", 1), ("tomesd", 2), ("tofu", 2)]
+    for r in rows:
+        assert r["kept_tokens"] == [128] and r["model"] == "2x16/2" and r["params"] > 0
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["limit"]) and r["speedup"] > 0
