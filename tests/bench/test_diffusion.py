@@ -21,8 +21,8 @@ from tokenreduce.bench.timing import fixed_threads
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="ray is not installed (pip install 'tokenreduce[ray]')")
 #: fields that differ between two runs of the same cell (wall-clock)
-TIMING_FIELDS = {"speedup", "speedup_low", "speedup_high", "limit_speedup", "efficiency", "time_per_image_ms",
-                 "base_time_per_image_ms"}
+TIMING_FIELDS = {"speedup", "speedup_low", "speedup_high", "limit_speedup", "efficiency", "efficiency_low",
+                 "efficiency_high", "time_per_image_ms", "base_time_per_image_ms"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,6 +60,8 @@ def test_bench_diffusion_smoke(tmp_path):
             assert r["bit_exact"] is True and r["speedup"] == 1.0
         if r["keep"] < 1.0:
             assert r["limit_speedup"] > 0 and 0 < r["ssim"] <= 1 and r["time_per_image_ms"] > 0
+        if r["keep"] < 1.0 and r["method"] != "tomesd-package":
+            assert 0 < r["efficiency_low"] <= r["efficiency_high"]
     for name in ("samples_unet.png", "samples_dit.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 0
 
