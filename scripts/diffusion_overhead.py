@@ -78,10 +78,12 @@ def group(model: ClassConditional, methods: list[str], keep: float, batch: int, 
     for method in methods:
         s = speedup(t["none"], t[method], paired=True)
         lim = speedup(t["none"], t[f"limit:{method}"], paired=True)
+        eff = speedup(t[f"limit:{method}"], t[method], paired=True)  # per round: limit time / method time
         rows.append({"method": method, "keep": keep, "batch": batch, "steps": steps,
                      "ms_per_image_none": t["none"].median / batch * 1e3,
                      "speedup": s.ratio, "speedup_iqr": [s.low, s.high], "limit": lim.ratio,
                      "limit_iqr": [lim.low, lim.high], "efficiency": s.ratio / lim.ratio,
+                     "efficiency_iqr": [eff.low, eff.high],
                      "kept_tokens": sorted(set(counts[method].values()))})
     return rows
 

@@ -193,3 +193,4 @@ def test_overhead_script_times_method_and_limit_on_a_random_dit(tmp_path, monkey
     for r in rows:
         assert r["kept_tokens"] == [128] and r["model"] == "2x16/2" and r["params"] > 0
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["limit"]) and r["speedup"] > 0
+        assert 0 < r["efficiency_iqr"][0] <= r["efficiency_iqr"][1]
