@@ -61,7 +61,7 @@ def test_bench_diffusion_smoke(tmp_path):
         if r["keep"] < 1.0:
             assert r["limit_speedup"] > 0 and 0 < r["ssim"] <= 1 and r["time_per_image_ms"] > 0
         if r["keep"] < 1.0 and r["method"] != "tomesd-package":
-            assert 0 < r["efficiency_low"] <= r["efficiency_high"]
+            assert 0 < r["efficiency_low"] <= r["efficiency"] <= r["efficiency_high"]
     for name in ("samples_unet.png", "samples_dit.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -174,7 +174,8 @@ def test_diffusion_commands_are_registered():
 
 def test_overhead_script_times_method_and_limit_on_a_random_dit(tmp_path, monkeypatch):
     """scripts/diffusion_overhead.py: one row per method and batch, with the achieved counts the limit ran on
-    and efficiency = speedup / limit; a malformed model name is refused naming the accepted forms."""
+    and the efficiency (per-round limit / method time) inside its quartiles; a malformed model name is refused
+    naming the accepted forms."""
     import json
     import runpy
     import sys
@@ -192,5 +193,5 @@ def test_overhead_script_times_method_and_limit_on_a_random_dit(tmp_path, monkey
     assert [(r["method"], r["batch"]) for r in rows] == [("tomesd", 1), ("tofu", 1), ("tomesd", 2), ("tofu", 2)]
     for r in rows:
         assert r["kept_tokens"] == [128] and r["model"] == "2x16/2" and r["params"] > 0
-        assert r["efficiency"] == pytest.approx(r["speedup"] / r["limit"]) and r["speedup"] > 0
-        assert 0 < r["efficiency_iqr"][0] <= r["efficiency_iqr"][1]
+        assert r["speedup"] > 0 and r["limit"] > 0
+        assert 0 < r["efficiency_iqr"][0] <= r["efficiency"] <= r["efficiency_iqr"][1]

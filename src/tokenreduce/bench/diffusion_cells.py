@@ -288,10 +288,10 @@ def _time_group(sp: Sampler, method: str, rows: list[dict[str, Any]]) -> None:
                    time_per_image_ms=timings[name].median / s["time_batch"] * 1e3)
         if f"limit@{keep}" in timings:
             lim = speedup(timings["none"], timings[f"limit@{keep}"], paired=True)
-            # the spread of the efficiency: quartiles of the per-round limit time / method time
+            # efficiency: per round, limit time / method time (paired like the speedup: noise that hits a round
+            # hits both); its median and quartiles
             eff = speedup(timings[f"limit@{keep}"], timings[name], paired=True)
-            row.update(limit_speedup=lim.ratio, efficiency=sp_.ratio / lim.ratio, efficiency_low=eff.low,
-                       efficiency_high=eff.high)
+            row.update(limit_speedup=lim.ratio, efficiency=eff.ratio, efficiency_low=eff.low, efficiency_high=eff.high)
 
 
 def run_diffusion_cell(ctx: DiffusionContext, cell: Cell) -> list[dict[str, Any]]:

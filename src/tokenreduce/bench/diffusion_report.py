@@ -99,8 +99,8 @@ def diffusion_report(rows: list[dict[str, Any]], grids: list[tuple[str, Path]], 
              f"PSNR/SSIM against the unreduced samples of the same seeds. speedup: median of per-round ratios of "
              f"the whole sampling loop on {cfg.time_batch} images, interleaved with the unreduced model and the "
              f"zero-overhead limit in one cell ({cfg.repeats} rounds, {cfg.threads} thread(s), {cfg.clock} clock); "
-             f"efficiency = speedup / limit (efficiency_low/high in the JSONL: quartiles of the per-round limit time / "
-             f"method time). Sample grids: drawn again on the driver, same seeds.")
+             f"efficiency: median of the per-round ratios limit time / method time (about speedup / limit; "
+             f"efficiency_low/high in the JSONL: their quartiles). Sample grids: drawn again on the driver, same seeds.")
     if errors:
         notes += " Not run: " + "; ".join(f"{r.get('model', '?')} {r['method']}@{r['keep']}: {r['error']}"
                                           for r in errors)
