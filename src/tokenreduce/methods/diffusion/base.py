@@ -134,8 +134,8 @@ class MergeMethod(DiffusionMethod):
     1, the default, is every paper's own per-step matching. Larger values amortise the matching over steps, the
     "sequential redundancy (pattern reuse)" of ToMA (Lu et al., ICML 2025), whose release reuses destinations
     and merge weights across steps and across the blocks of a group (here: across steps only, per block):
-    neighbouring steps' features, and so their best matches, change little. A map is rebuilt whenever the batch size or keep changes, and at the
-    first step of every run."""
+    neighbouring steps' features, and so their best matches, change little. A map is rebuilt whenever the
+    batch size or keep changes, and at the first step of every run."""
 
     merge_attn: bool = True
     merge_crossattn: bool = False
