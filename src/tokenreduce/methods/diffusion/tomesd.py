@@ -27,7 +27,8 @@ class ToMeSD(StrideMethod):
     most similar sources into their destination (mean); run self-attention (and, if switched on,
     cross-attention queries / the MLP) on the merged tokens; unmerge: every token takes its slot's output.
     ``keep`` = 1 - tomesd's ``ratio``; the other knobs are tomesd's (``max_downsample``, ``sx``, ``sy``,
-    ``use_rand``, ``merge_attn``, ``merge_crossattn``, ``merge_mlp``).
+    ``use_rand``, ``merge_attn``, ``merge_crossattn``, ``merge_mlp``); ``rematch`` > 1 (not in tomesd) reuses
+    each block's map over that many steps (:class:`~tokenreduce.methods.diffusion.base.MergeMethod`).
     """
 
     def token_map(self, site: SiteCall, metric: Tensor, keep: float) -> MergeMap:
