@@ -32,8 +32,8 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.adapters import find_adapter
+from tokenreduce.bench.diffusion_cells import zero_overhead_limit
 from tokenreduce.bench.timing import fixed_threads, interleaved, retain_freed_memory, speedup
-from tokenreduce.methods.diffusion.limit import SliceMerge
 from tokenreduce.models.diffusion import ClassConditional, DenoiserConfig, ddim_scheduler, load_denoiser, sample
 
 SIZE = re.compile(r"^(\d+)x(\d+)/(\d+)$")
@@ -60,15 +60,18 @@ def group(model: ClassConditional, methods: list[str], keep: float, batch: int, 
     def loop(m: ClassConditional) -> Any:
         return lambda: sample(m, labels, steps=steps, guidance=2.0, seed=0, scheduler=sched, batch_size=batch)
 
-    fns, handles, counts = {"none": loop(model)}, [], {}
+    fns, handles, kept = {"none": loop(model)}, [], {}
     for method in methods:
         red = copy.deepcopy(model)
         h = tr.apply(red.net, method, keep=keep)
         with torch.no_grad():
             sample(red, labels[:1], steps=1, guidance=2.0, seed=0)  # one forward: the achieved counts
-        counts[method] = {i: int(k) for i, k in enumerate(h.stats.tokens_attn)}
+        st = h.stats
+        kept[method] = sorted({int(k) for k in st.tokens_attn})
+        limit = zero_overhead_limit(method, keep, {}, {"tokens_attn": st.tokens_attn, "tokens_kv": st.tokens_kv,
+                                                       "tokens_mlp": st.tokens_mlp})
         lim = copy.deepcopy(model)
-        handles += [h, find_adapter(lim.net).attach(lim.net, SliceMerge(keep=keep, counts=counts[method]), "limit")]
+        handles += [h, find_adapter(lim.net).attach(lim.net, limit, "limit")]
         fns[method], fns[f"limit:{method}"] = loop(red), loop(lim)
     with torch.no_grad():
         t = interleaved(fns, warmup=1, repeats=repeats, rotate=True, clock="cpu")
@@ -83,7 +86,7 @@ def group(model: ClassConditional, methods: list[str], keep: float, batch: int, 
                      "ms_per_image_none": t["none"].median / batch * 1e3,
                      "speedup": s.ratio, "speedup_iqr": [s.low, s.high], "limit": lim.ratio,
                      "limit_iqr": [lim.low, lim.high], "efficiency": eff.ratio, "efficiency_iqr": [eff.low, eff.high],
-                     "kept_tokens": sorted(set(counts[method].values()))})
+                     "kept_tokens": kept[method]})
     return rows
 
 

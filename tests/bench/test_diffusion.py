@@ -148,9 +148,9 @@ def test_method_kw_reach_the_method_its_limit_and_the_tomesd_package(tmp_path, m
     from tokenreduce.bench import diffusion_cells
 
     patched, limits = [], []
-    real_patch, real_limit = tomesd.apply_patch, diffusion_cells._limit
+    real_patch, real_limit = tomesd.apply_patch, diffusion_cells.zero_overhead_limit
     monkeypatch.setattr(tomesd, "apply_patch", lambda net, **kw: patched.append(kw) or real_patch(net, **kw))
-    monkeypatch.setattr(diffusion_cells, "_limit", lambda *a: limits.append(real_limit(*a)) or limits[-1])
+    monkeypatch.setattr(diffusion_cells, "zero_overhead_limit", lambda *a: limits.append(real_limit(*a)) or limits[-1])
     res = CliRunner().invoke(_app(), ["bench", "diffusion", "--smoke", "--models", "unet", "--methods", "tomesd",
                                       "--method-kw", '{"tomesd": {"merge_mlp": true}}', "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output

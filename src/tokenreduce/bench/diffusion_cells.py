@@ -40,7 +40,7 @@ from .sweep import Cell, budget_tuple, without_metadata
 from .timing import fixed_threads, interleaved, retain_freed_memory, speedup, timing_clock
 
 __all__ = ["PEER", "DiffusionContext", "Sampler", "load_diffusion_context", "model_kind", "reduced",
-           "run_diffusion_cell"]
+           "run_diffusion_cell", "zero_overhead_limit"]
 
 #: the ``tomesd`` package's rows (method name)
 PEER = "tomesd-package"
@@ -232,8 +232,10 @@ def _quality(sp: Sampler, method: str, keeps: Sequence[float]) -> list[dict[str,
 
 
 # ---------------------------------------------------------------------------- timing
-def _limit(method: str, keep: float, kw: dict[str, Any], row: dict[str, Any]) -> Any:
-    """The zero-overhead reference of ``method`` at ``keep`` (its kept counts from its quality ``row``)."""
+def zero_overhead_limit(method: str, keep: float, kw: dict[str, Any], row: dict[str, Any]) -> Any:
+    """The zero-overhead reference of ``method`` at ``keep`` with options ``kw``: the same operations on its kept
+    counts, read from ``row``'s ``tokens_attn`` / ``tokens_kv`` / ``tokens_mlp`` (a quality row, or the method's
+    ``Handle.stats``' lists)."""
     if method == "toca":
         return SliceCache(keep=keep, **kw)
     flags = {k: kw[k] for k in ("max_downsample",) if k in kw}
@@ -269,7 +271,7 @@ def _time_group(sp: Sampler, method: str, rows: list[dict[str, Any]]) -> None:
         handles.append(tr.apply(copied.net, method, keep=keep, **kw))
         lc = copy.deepcopy(model)
         group[f"limit@{keep}"] = _caller(sp, lc)
-        handles.append(find_adapter(lc.net).attach(lc.net, _limit(method, keep, kw, row), "limit"))
+        handles.append(find_adapter(lc.net).attach(lc.net, zero_overhead_limit(method, keep, kw, row), "limit"))
     timings = interleaved(group, warmup=s["warmup"], repeats=s["repeats"], rotate=True,
                           clock=timing_clock(s["clock"], s["device"]))
     for h in handles:
